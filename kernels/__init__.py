@@ -1,0 +1,1 @@
+"""Fused Triton kernels of pilot_hpc, installed as the package `pilot_hpc_kernels`."""

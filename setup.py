@@ -1,0 +1,50 @@
+"""pilot_hpc: federated multimodal instruction tuning (Pilot) as an MPI batch-job suite."""
+
+import os
+
+from setuptools import setup
+
+# A range that a cluster's CUDA build of torch satisfies. On the CPU dev machines the
+# Makefile installs torch==2.13.0 first (a wheel on disk); with it present this range
+# pulls nothing more, while an open range alone would download a multi-GB CUDA build.
+TORCH_SPEC = os.environ.get("PILOT_HPC_TORCH_SPEC", "torch>=2.4,<2.15")
+
+setup(
+    name="pilot_hpc",
+    version="0.1.0",
+    description="Pilot (federated multimodal instruction tuning of LLaVA) on HPC clusters: MPI, Slurm, HDF5, Triton",
+    python_requires=">=3.10",
+    # The kernels/ folder ships as `pilot_hpc_kernels`: a top-level `kernels` package
+    # would shadow an unrelated PyPI project of that name.
+    package_dir={"": "src", "pilot_hpc_kernels": "kernels"},
+    packages=[
+        "pilot_hpc",
+        "pilot_hpc.data",
+        "pilot_hpc.model",
+        "pilot_hpc.fl",
+        "pilot_hpc_kernels",
+    ],
+    package_data={"pilot_hpc": ["configs/*.yaml"]},
+    install_requires=[
+        TORCH_SPEC,
+        "transformers>=4.57",
+        "peft>=0.17",
+        "triton>=3.0",
+        "mpi4py>=4.0",
+        "mpich>=4.2",
+        "h5py>=3.10",
+        "datasets>=3.0",
+        "pycocoevalcap>=1.2",
+        "submitit>=1.5",
+        "PyYAML>=6.0",
+        "matplotlib>=3.8",
+        "tokenizers>=0.20",
+        "Pillow>=10.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-benchmark>=4.0"],
+    },
+    entry_points={"console_scripts": ["pilot-hpc=pilot_hpc.main:cli"]},
+)

@@ -1,0 +1,305 @@
+"""Run configuration: dataclass schema <- YAML overlay <- `section.key=value` overrides.
+
+Every rank parses and validates the same config before anything trains, so a bad
+value fails identically everywhere with one message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+TASKS = ("vqa", "caption", "grounding")
+TASK_METRIC = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
+
+
+class ConfigError(ValueError):
+    """A config problem that the user fixes in the YAML file or on the command line."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/smoke"
+    seed: int = 0
+    # CPU threads per rank. 1 keeps 9 ranks on 2 cores from oversubscribing, and makes
+    # the float reductions (and so the results) identical for any world size.
+    threads_per_rank: int = 1
+    device: str = "cpu"  # cpu | cuda | auto
+    # Where the built-in base model and the synthetic data are cached between runs.
+    cache_dir: str = "~/.cache/pilot_hpc"
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.threads_per_rank < 1:
+            raise ConfigError(f"run.threads_per_rank must be >= 1, got {self.threads_per_rank}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"run.device must be cpu, cuda or auto, got {self.device!r}")
+
+
+@dataclass
+class ModelConfig:
+    # Empty: build the tiny LLaVA below and pretrain it once (cached). Otherwise a local
+    # Hugging Face LLaVA folder (e.g. llava-1.5-7b-hf) loaded with from_pretrained.
+    path: str = ""
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    image_size: int = 48
+    patch_size: int = 16
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    ctmoa_impl: str = "auto"  # auto | triton | reference
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.path and self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
+            )
+        if self.ctmoa_impl not in ("auto", "triton", "reference"):
+            raise ConfigError(f"model.ctmoa_impl must be auto, triton or reference, got {self.ctmoa_impl!r}")
+        if self.lora_r < 1:
+            raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
+
+
+@dataclass
+class PretrainConfig:
+    """The built-in base model's warm start (the analogue of the pretrained LLaVA-1.5)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-4
+    samples: int = 3000  # mixed-task samples, drawn with a seed disjoint from the clients'
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | llava_json
+    # llava_json: one train and one eval JSON file per client (LLaVA conversation format)
+    # and the folder their `image` paths are relative to.
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    image_root: str = ""
+    # synthetic: samples per client are drawn between these bounds (so n_k differ).
+    train_min: int = 1200
+    train_max: int = 2000
+    eval_samples: int = 60
+    max_length: int = 64
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "llava_json"):
+            raise ConfigError(f"data.kind must be synthetic or llava_json, got {self.kind!r}")
+        if self.train_min < 1 or self.train_max < self.train_min:
+            raise ConfigError(
+                f"data.train_min ({self.train_min}) must be >= 1 and <= data.train_max ({self.train_max})"
+            )
+
+
+@dataclass
+class FLConfig:
+    strategy: str = "pilot"
+    num_clients: int = 9
+    # The task of each client; its length must equal num_clients.
+    client_tasks: list[str] = field(
+        default_factory=lambda: ["vqa"] * 3 + ["caption"] * 3 + ["grounding"] * 3
+    )
+    rounds: int = 3
+    top_m: int = 6  # M of ATA: the M nearest clients mixed into each client's LoRA
+    ata_eps: float = 1e-12  # guards d_ki = 0 in the inverse-distance weights
+    # true: every rank must host the same number of clients (K divisible by W).
+    require_even_ranks: bool = False
+
+    def __post_init__(self):
+        if self.num_clients < 2:
+            raise ConfigError(f"fl.num_clients must be >= 2, got {self.num_clients}")
+        if self.rounds < 1:
+            raise ConfigError(f"fl.rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    # 0: E full epochs; > 0: at most this many steps per round (a smoke-size cap).
+    max_steps: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr_stage1: float = 5e-4
+    lr_stage2: float = 5e-4
+    weight_decay: float = 0.0
+    lambda_diff: float = 0.1
+    lambda_balance: float = 0.1
+    lambda_z: float = 0.01
+    grad_clip: float = 1.0
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        fl = self.fl
+        if len(fl.client_tasks) != fl.num_clients:
+            raise ConfigError(
+                f"fl.client_tasks has {len(fl.client_tasks)} entries but fl.num_clients is {fl.num_clients}"
+            )
+        unknown = sorted(set(fl.client_tasks) - set(TASKS))
+        if unknown:
+            raise ConfigError(f"fl.client_tasks: unknown task(s) {unknown}; valid tasks: {list(TASKS)}")
+        if fl.top_m >= fl.num_clients or fl.top_m < 1:
+            raise ConfigError(
+                f"fl.top_m (M = {fl.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
+                "ATA mixes each client's LoRA with its M nearest other clients"
+            )
+        if self.data.kind == "llava_json":
+            if not self.model.path:
+                raise ConfigError("data.kind=llava_json needs model.path (a local Hugging Face LLaVA folder)")
+            for key in ("train_files", "eval_files"):
+                got = len(getattr(self.data, key))
+                if got != fl.num_clients:
+                    raise ConfigError(f"data.{key} lists {got} files but fl.num_clients is {fl.num_clients}")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks present, in canonical order (their ids are indices in this list)."""
+        return [t for t in TASKS if t in self.fl.client_tasks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_tasks_have_clients(cfg: Config, tasks: list[str]) -> None:
+    """A scenario's task list must have at least one client for every task."""
+    missing = [t for t in tasks if t not in cfg.fl.client_tasks]
+    if missing:
+        raise ConfigError(f"task(s) {missing} have no client in fl.client_tasks")
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Checks that depend on the MPI world, run on every rank before training."""
+    if world_size > cfg.fl.num_clients:
+        raise ConfigError(
+            f"{world_size} MPI ranks but only {cfg.fl.num_clients} clients: every rank must host a client; "
+            f"start at most {cfg.fl.num_clients} ranks"
+        )
+    if cfg.fl.require_even_ranks and cfg.fl.num_clients % world_size:
+        raise ConfigError(
+            f"fl.require_even_ranks: {cfg.fl.num_clients} clients do not divide over {world_size} ranks"
+        )
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks a YAML/CLI value against the dataclass field type (ints may be floats)."""
+    origin = get_origin(typ)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = get_args(typ)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def _section_fields(cls) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _merge(raw: dict[str, Any], source: str) -> Config:
+    sections = _section_fields(Config)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections {sorted(sections)}")
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r}; valid sections: {sorted(sections)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+        fields = _section_fields(sections[name])
+        for key in value:
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key}; valid keys of {name}: {sorted(fields)}"
+                )
+        built[name] = sections[name](
+            **{k: _coerce(v, fields[k], f"{source}: {name}.{k}") for k, v in value.items()}
+        )
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` with a YAML-parsed value (so 3 is an int, [a, b] a list)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. fl.rounds=2)")
+    dotted, value = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    if parsed is None:
+        parsed = ""
+    return section, key, parsed
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file at `path` <- overrides; validated before returning."""
+    raw: dict[str, Any] = {}
+    source = path or "<defaults>"
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as fh:
+            try:
+                raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {text!r}: section {section!r} is not a mapping")
+        raw[section][key] = value
+    return _merge(raw, source)

@@ -1,0 +1,165 @@
+"""LLaVA instruction records: load (HF `datasets`, json), validate, batch.
+
+The same loader reads the synthetic FedMIT files and real LLaVA-1.5 data: a JSON list
+of records `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}, ...]}` with `image` relative to an image root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import datasets
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    id: str
+    image_path: str
+    turns: list[tuple[str, str]]  # (human text without <image>, gpt answer)
+
+
+def _record_error(path: str, index: int, record_id, message: str) -> ValueError:
+    rid = f" (id {record_id!r})" if record_id is not None else ""
+    return ValueError(f"{path}: record {index}{rid}: {message}")
+
+
+def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample:
+    """Checks one record's structure and turns it into a Sample; errors name the record."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise _record_error(path, index, None, f"expected an object, got {type(record).__name__}")
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise _record_error(path, index, rid, "missing 'image' (a path relative to the image root)")
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2 or len(conv) % 2:
+        raise _record_error(path, index, rid, "'conversations' must be a list of human/gpt turn pairs")
+    turns = []
+    for t in range(0, len(conv), 2):
+        human, gpt = conv[t], conv[t + 1]
+        if not (isinstance(human, dict) and isinstance(gpt, dict)) or \
+                human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise _record_error(path, index, rid, f"turns {t}-{t + 1} must be from 'human' then 'gpt'")
+        q, a = human.get("value"), gpt.get("value")
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise _record_error(path, index, rid, f"turns {t}-{t + 1} need string 'value' fields")
+        if (IMAGE_TOKEN in q) != (t == 0):
+            raise _record_error(path, index, rid, f"{IMAGE_TOKEN} must appear in the first human turn only")
+        turns.append((q.replace(IMAGE_TOKEN, "").strip(), a.strip()))
+    full = image if os.path.isabs(image) else os.path.join(image_root, image)
+    if not os.path.isfile(full):
+        raise _record_error(path, index, rid, f"image file {full} does not exist")
+    return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns)
+
+
+def load_records(path: str, image_root: str | None = None, cache_dir: str | None = None) -> list[Sample]:
+    """Reads a LLaVA-format JSON file through HF datasets and validates every record."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path} does not exist")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir,
+                                   keep_in_memory=True)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise ValueError(f"{path}: not a valid LLaVA JSON file ({type(cause).__name__}: {cause})") from None
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the file holds no records (an empty client shard)")
+    return [parse_record(rec, path, i, root) for i, rec in enumerate(ds)]
+
+
+def load_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image {path} cannot be decoded: {err}") from None
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Samples -> (input_ids, labels, pixel_values); answer tokens are the only labels."""
+
+    def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
+                 max_length: int, cache_pixels: bool = True):
+        self.samples = samples
+        self.tok = tokenizer
+        self.proc = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self._pixels: dict[int, torch.Tensor] | None = {} if cache_pixels else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixels(self, i: int) -> torch.Tensor:
+        if self._pixels is not None and i in self._pixels:
+            return self._pixels[i]
+        img = load_image(self.samples[i].image_path)
+        px = self.proc(images=[img], return_tensors="pt")["pixel_values"][0]  # [3, S, S]
+        if self._pixels is not None:
+            self._pixels[i] = px
+        return px
+
+    def prompt(self, question: str, first: bool) -> str:
+        image = IMAGE_TOKEN * self.num_image_tokens + "\n" if first else ""
+        return f"USER: {image}{question} ASSISTANT:"
+
+    def encode_train(self, i: int) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for t, (q, a) in enumerate(self.samples[i].turns):
+            p = self.tok(self.prompt(q, t == 0), add_special_tokens=(t == 0))["input_ids"]
+            ans = self.tok(" " + a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            ids += p + ans
+            labels += [IGNORE_INDEX] * len(p) + ans
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"sample {self.samples[i].id}: {len(ids)} tokens exceed data.max_length={self.max_length}; "
+                "raise data.max_length"
+            )
+        return ids, labels
+
+    def encode_prompt(self, i: int) -> list[int]:
+        q = self.samples[i].turns[0][0]
+        return self.tok(self.prompt(q, True), add_special_tokens=True)["input_ids"]
+
+    def answer(self, i: int) -> str:
+        return self.samples[i].turns[0][1]
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels = self.encode_train(i)
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(i)}
+
+
+def collate_train(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; padded positions are masked out of attention and loss."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[r, :n] = torch.tensor(b["input_ids"])
+        labels[r, :n] = torch.tensor(b["labels"])
+        mask[r, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+
+
+def collate_prompts(prompts: list[list[int]], pixels: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left padding, so that generation continues every row from its last prompt token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels)}

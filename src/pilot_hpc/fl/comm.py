@@ -1,0 +1,111 @@
+"""The only module that imports mpi4py: it moves bytes, nothing else.
+
+Parameters cross ranks only through buffer methods (Gatherv / Bcast / Scatterv on
+contiguous numpy arrays), never through pickle. Collectives are started
+non-blocking and waited on with short sleeps: MPICH busy-polls in a blocking wait,
+and with 9 ranks on 2 cores the waiting ranks would steal the CPU from the ones
+still training (or from the server while it aggregates).
+
+Every call records (op, tag, bytes sent by this rank, bytes received by this rank)
+in `self.traffic`, so tests can check exactly what crossed ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+
+@dataclass
+class Traffic:
+    op: str
+    tag: str
+    sent: int
+    received: int
+
+
+def block_ranges(num_items: int, world: int) -> list[range]:
+    """Contiguous, balanced blocks: item k lives on the rank whose block holds it."""
+    return [range(r * num_items // world, (r + 1) * num_items // world) for r in range(world)]
+
+
+class Comm:
+    def __init__(self, poll_max_s: float = 0.02):
+        self.world = MPI.COMM_WORLD
+        self.rank = self.world.Get_rank()
+        self.size = self.world.Get_size()
+        self.poll_max_s = poll_max_s
+        self.traffic: list[Traffic] = []
+
+    # ---------------------------------------------------------------- waiting
+    def _wait(self, req) -> None:
+        """Test with growing sleeps instead of a busy Wait (see module docstring)."""
+        pause = 1e-4
+        while not req.Test():
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll_max_s)
+
+    def barrier(self) -> None:
+        self._wait(self.world.Ibarrier())
+
+    def _log(self, op: str, tag: str, sent: int, received: int) -> None:
+        self.traffic.append(Traffic(op, tag, int(sent), int(received)))
+
+    # ---------------------------------------------------------------- collectives
+    def gatherv(self, local: np.ndarray, counts: list[int], tag: str, root: int = 0) -> np.ndarray | None:
+        """Concatenates every rank's 1-D `local` (counts[r] items from rank r) on root."""
+        if local.ndim != 1 or not local.flags.c_contiguous:
+            raise ValueError("gatherv: the local buffer must be a contiguous 1-D array")
+        if local.size != counts[self.rank]:
+            raise ValueError(f"gatherv({tag}): rank {self.rank} holds {local.size} items, counts say {counts[self.rank]}")
+        recv = None
+        if self.rank == root:
+            recv = np.empty(sum(counts), dtype=local.dtype)
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            self._wait(self.world.Igatherv(local, [recv, (list(counts), list(displs))], root=root))
+        else:
+            self._wait(self.world.Igatherv(local, None, root=root))
+        self._log("gatherv", tag, local.nbytes if self.rank != root else 0,
+                  (recv.nbytes - local.nbytes) if recv is not None else 0)
+        return recv
+
+    def bcast(self, buf: np.ndarray, tag: str, root: int = 0) -> np.ndarray:
+        """In-place broadcast of a contiguous array whose shape and dtype every rank knows."""
+        if not buf.flags.c_contiguous:
+            raise ValueError("bcast: the buffer must be contiguous")
+        self._wait(self.world.Ibcast(buf, root=root))
+        self._log("bcast", tag, buf.nbytes * (self.size - 1) if self.rank == root else 0,
+                  buf.nbytes if self.rank != root else 0)
+        return buf
+
+    def scatterv(self, send: np.ndarray | None, counts: list[int], dtype: np.dtype, tag: str,
+                 root: int = 0) -> np.ndarray:
+        """Rank r receives counts[r] items of root's 1-D `send` (blocks in rank order)."""
+        recv = np.empty(counts[self.rank], dtype=dtype)
+        if self.rank == root:
+            if send is None or send.size != sum(counts):
+                raise ValueError(f"scatterv({tag}): root buffer size does not match counts {counts}")
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            self._wait(self.world.Iscatterv([send, (list(counts), list(displs))], recv, root=root))
+        else:
+            self._wait(self.world.Iscatterv(None, recv, root=root))
+        self._log("scatterv", tag, (send.nbytes - recv.nbytes) if self.rank == root else 0,
+                  recv.nbytes if self.rank != root else 0)
+        return recv
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank says ok (used to stop all ranks cleanly on bad input)."""
+        flag = np.array([1 if ok else 0], dtype=np.int32)
+        out = np.empty(1, dtype=np.int32)
+        self._wait(self.world.Iallreduce(flag, out, op=MPI.MIN))
+        return bool(out[0])
+
+    def abort(self, code: int) -> None:
+        """Ends every rank of the job (a rank stuck in a collective would wait forever)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.world.Abort(code)

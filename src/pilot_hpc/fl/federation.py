@@ -1,0 +1,200 @@
+"""The federated round loop: clients on ranks, rank 0 also the server.
+
+Each round reads like the paper's algorithm:
+  local training (stage 1 in round 1, stage 2 after) on every client of this rank
+  -> Gatherv of the flattened updates and sample counts to rank 0
+  -> server aggregation on rank 0's device (the strategy's pure functions)
+  -> Bcast of the shared part (Pilot: the T task adapters), Scatterv of the personal part
+  -> install, evaluate, checkpoint, one progress line.
+K clients may exceed the W ranks: a rank then runs its block of clients one after
+another on one shared model, swapping their personal state in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pilot_hpc import checkpoint
+from pilot_hpc.config import TASK_METRIC, Config
+from pilot_hpc.data.records import InstructionDataset
+from pilot_hpc.fl.comm import Comm, block_ranges
+from pilot_hpc.fl.flat import flatten, from_wire, numel, to_wire, wire_dtype
+from pilot_hpc.fl.strategies import Strategy
+from pilot_hpc.model.llava import PilotModel
+from pilot_hpc.train import evaluate_client, seed_for, train_steps
+
+log = logging.getLogger("pilot_hpc.fl")
+
+# Per-client numbers gathered after each evaluation: metric, then mean losses.
+STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "steps")
+
+
+@dataclass
+class ClientSlot:
+    k: int
+    task: str
+    task_id: int
+    train: InstructionDataset
+    eval: InstructionDataset
+    state: dict[str, torch.Tensor]
+    losses: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.train)
+
+
+class Federation:
+    def __init__(self, cfg: Config, comm: Comm, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
+                 device: torch.device):
+        self.cfg = cfg
+        self.comm = comm
+        self.pm = pm
+        self.strategy = strategy
+        self.slots = slots
+        self.device = device
+        self.num_clients = cfg.fl.num_clients
+        self.num_tasks = len(cfg.tasks)
+        self.blocks = block_ranges(self.num_clients, comm.size)
+        self.t_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ helpers
+    def activate(self, slot: ClientSlot) -> None:
+        self.pm.connector.own_task = slot.task_id
+        self.pm.set_state(slot.state)
+
+    def aux_terms(self) -> dict[str, torch.Tensor]:
+        aux = self.pm.connector.aux
+        t = self.cfg.train
+        weights = {"diff": t.lambda_diff, "balance": t.lambda_balance, "z": t.lambda_z}
+        return {k: weights[k] * v for k, v in aux.items()}
+
+    # ------------------------------------------------------------------ one round
+    def train_clients(self, round_: int, stage: int) -> None:
+        t = self.cfg.train
+        for slot in self.slots:
+            self.activate(slot)
+            self.strategy.begin_round(self.pm, round_)
+            self.pm.set_stage(stage)
+            params = [p for p in self.pm.model.parameters() if p.requires_grad]
+            lr = t.lr_stage1 if stage == 1 else t.lr_stage2
+            res = train_steps(self.pm.model, slot.train, params, lr=lr, batch_size=t.batch_size,
+                              epochs=t.local_epochs, max_steps=t.max_steps,
+                              seed=seed_for(self.cfg.run.seed, slot.k, round_), pad_id=self.pm.tokenizer.pad_token_id,
+                              aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
+                              device=self.device)
+            slot.losses, slot.steps = res.losses, res.steps
+            slot.state = self.pm.get_state()
+
+    def exchange(self, round_: int) -> None:
+        """Gatherv updates -> aggregate on rank 0 -> Bcast shared, Scatterv personal -> install."""
+        comm, pm, strat = self.comm, self.pm, self.strategy
+        dtype = next(pm.model.parameters()).dtype
+        p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
+        width = p_vis + p_txt
+        local = []
+        for slot in self.slots:
+            self.activate(slot)
+            local += [flatten(strat.visual_params(pm)).to(dtype), flatten(strat.text_params(pm)).to(dtype)]
+        sizes = [len(b) for b in self.blocks]
+        gathered = comm.gatherv(to_wire(flatten(local) if local else torch.zeros(0, dtype=dtype)),
+                                [s * width for s in sizes], tag="update")
+        counts = comm.gatherv(np.array([s.n for s in self.slots], dtype=np.int64), sizes, tag="num_samples")
+        shared_rows = strat.shared_rows(self.num_tasks)
+        shared = np.empty(shared_rows * p_vis, dtype=wire_dtype(dtype))
+        personal_wire = None
+        if comm.rank == 0:
+            t0 = time.perf_counter()
+            updates = from_wire(gathered, dtype).view(self.num_clients, width).to(self.device)
+            tasks = torch.tensor([self.cfg.tasks.index(t) for t in self.cfg.fl.client_tasks])
+            result = strat.aggregate(updates[:, :p_vis], updates[:, p_vis:], torch.from_numpy(counts), tasks,
+                                     self.num_tasks)
+            shared[:] = to_wire(result.shared.reshape(-1).cpu())
+            personal_wire = to_wire(result.personal.reshape(-1).cpu())
+            log.debug("round %d: aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
+        comm.bcast(shared, tag="shared")
+        personal = comm.scatterv(personal_wire, [s * p_txt for s in sizes], wire_dtype(dtype), tag="personal")
+        shared_t = from_wire(shared, dtype).view(shared_rows, p_vis)
+        personal_t = from_wire(personal, dtype).view(len(self.slots), p_txt)
+        for i, slot in enumerate(self.slots):
+            self.activate(slot)
+            strat.install(pm, shared_t, personal_t[i], round_)
+            slot.state = pm.get_state()
+
+    def evaluate(self, stage: int) -> list[dict] | None:
+        """Every client on its own held-out split; the table rows land on rank 0."""
+        t = self.cfg.train
+        rows = []
+        for slot in self.slots:
+            self.activate(slot)
+            self.pm.set_stage(stage)
+            value, _ = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, TASK_METRIC[slot.task],
+                                       t.eval_batch_size, t.max_new_tokens, self.device)
+            rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
+        local = np.array(rows, dtype=np.float64).reshape(-1)
+        width = len(STAT_KEYS)
+        got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics")
+        if got is None:
+            return None
+        table = got.reshape(self.num_clients, width)
+        return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": TASK_METRIC[self.cfg.fl.client_tasks[k]],
+                 # Percent, as in the paper's tables (CIDEr x 100 as well).
+                 "value": round(100.0 * float(table[k, 0]), 4),
+                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
+                for k in range(self.num_clients)]
+
+    def save(self, round_: int) -> str:
+        """round_NNN.h5: rank 0 writes the header, then each rank appends its clients in turn."""
+        folder = os.path.join(self.cfg.run.output_dir, "checkpoints")
+        final = os.path.join(folder, f"round_{round_:03d}.h5")
+        tmp = final + ".tmp"
+        if self.comm.rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            checkpoint.create(tmp, self.cfg, round_)
+        for r in range(self.comm.size):
+            self.comm.barrier()
+            if r == self.comm.rank:
+                checkpoint.append_clients(tmp, {s.k: (s.task, s.n, s.state) for s in self.slots})
+        self.comm.barrier()
+        if self.comm.rank == 0:
+            checkpoint.finalize(tmp, final)
+        return final
+
+    # ------------------------------------------------------------------ the run
+    def log_round(self, round_: int, stage: int, rows: list[dict], seconds: float) -> None:
+        by_task: dict[str, list[float]] = {}
+        for row in rows:
+            by_task.setdefault(row["task"], []).append(row["value"])
+        scores = "  ".join(f"{t} {np.mean(v):.1f}" for t, v in by_task.items())
+        losses = "" if round_ == 0 else "  loss " + " ".join(
+            f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z")
+            if not np.all(np.isnan([r[k] for r in rows])))
+        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
+                 time.perf_counter() - self.t_start, losses, scores)
+
+    def run(self) -> list[dict]:
+        """Returns (on rank 0) the per-round history: [{"round": r, "clients": [...]}, ...]."""
+        history = []
+        t0 = time.perf_counter()
+        rows = self.evaluate(stage=0)
+        if rows is not None:
+            history.append({"round": 0, "clients": rows})
+            self.log_round(0, 0, rows, time.perf_counter() - t0)
+        for round_ in range(1, self.cfg.fl.rounds + 1):
+            t0 = time.perf_counter()
+            stage = self.strategy.stage(round_)
+            self.train_clients(round_, stage)
+            self.exchange(round_)
+            rows = self.evaluate(stage)
+            self.save(round_)
+            if rows is not None:
+                history.append({"round": round_, "clients": rows})
+                self.log_round(round_, stage, rows, time.perf_counter() - t0)
+        return history

@@ -1,0 +1,67 @@
+"""The strategy contract and its registry (no if/elif ladder over algorithm names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pilot_hpc.config import ConfigError
+
+REGISTRY: dict[str, type["Strategy"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_strategy(name: str, cfg) -> "Strategy":
+    if name not in REGISTRY:
+        raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
+    return REGISTRY[name](cfg)
+
+
+@dataclass
+class ServerResult:
+    shared: torch.Tensor  # [S, Pv]: broadcast to every client (e.g. the T task adapters)
+    personal: torch.Tensor  # [K, Pt]: row k goes to client k only
+
+
+class Strategy:
+    """What a client sends, how the server mixes it, and how a client installs the result.
+
+    A client's update has two parts that the server treats differently: `visual`
+    (connector adapters) and `text` (LoRA). Both are lists of live parameters in a
+    fixed order, so flattening and installing are slices of one buffer.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def stage(self, round_: int) -> int:
+        raise NotImplementedError
+
+    def visual_params(self, pm) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def text_params(self, pm) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def shared_rows(self, num_tasks: int) -> int:
+        raise NotImplementedError
+
+    def begin_round(self, pm, round_: int) -> None:
+        """Client-side set-up before local training (e.g. entering stage 2)."""
+
+    def aggregate(self, visual: torch.Tensor, text: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor,
+                  num_tasks: int) -> ServerResult:
+        raise NotImplementedError
+
+    def install(self, pm, shared: torch.Tensor, personal: torch.Tensor, round_: int) -> None:
+        raise NotImplementedError

@@ -1,0 +1,43 @@
+"""Pilot: task-aware aggregation of the task adapters, ATA top-M for the LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from pilot_hpc.fl import aggregate
+from pilot_hpc.fl.flat import unflatten_into
+from pilot_hpc.fl.strategies.base import ServerResult, Strategy, register
+
+
+@register("pilot")
+class Pilot(Strategy):
+    def stage(self, round_: int) -> int:
+        return 1 if round_ == 1 else 2
+
+    def visual_params(self, pm) -> list[torch.Tensor]:
+        # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module.
+        return list(pm.connector.task_adapter.parameters())
+
+    def text_params(self, pm) -> list[torch.Tensor]:
+        return [p for _, p in pm.lora_named_parameters()]
+
+    def shared_rows(self, num_tasks: int) -> int:
+        return num_tasks
+
+    def begin_round(self, pm, round_: int) -> None:
+        if round_ == 2:  # stage-2 entry: cross-task adapters from the (aggregated) own adapter
+            pm.connector.init_cross_adapters()
+
+    def aggregate(self, visual, text, n, tasks, num_tasks) -> ServerResult:
+        shared = aggregate.task_aware_average(visual, n, tasks, num_tasks)  # [T, Pv]
+        personal = aggregate.ata_aggregate(text, n, self.cfg.fl.top_m, self.cfg.fl.ata_eps)  # [K, Pl]
+        return ServerResult(shared=shared, personal=personal)
+
+    def install(self, pm, shared, personal, round_) -> None:
+        conn = pm.connector
+        # Task t's adapter goes to the own expert (t = own task) or to foreign expert t.
+        targets = {conn.own_task: conn.task_adapter}
+        targets.update(zip(conn.foreign_tasks(), conn.foreign))
+        for t in range(shared.shape[0]):
+            unflatten_into(shared[t], list(targets[t].parameters()))
+        unflatten_into(personal, self.text_params(pm))

@@ -1,0 +1,169 @@
+"""Entry point: `[mpiexec -n W] python -m pilot_hpc.main --config FILE [section.key=value ...]`.
+
+Exit codes: 0 done; 2 bad input (config, data records, images), reported before any
+rank trains; 1 a failure while running (the whole MPI job is ended through Abort so
+that no rank is left waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import warnings
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+log = logging.getLogger("pilot_hpc")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pilot_hpc.main", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=None, help="YAML config (an overlay on the built-in defaults)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. fl.rounds=2 run.output_dir=runs/x")
+    return ap.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    fmt = "%(asctime)s [pilot_hpc] %(message)s" if rank == 0 else f"%(asctime)s [pilot_hpc rank {rank}] %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    # Library chatter (weight-loading bars, generation notices) buries the round lines.
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # peft calls a transformers property that warns on every model build (per rank).
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def resolve_device(cfg, rank: int):
+    import torch
+
+    want = cfg.run.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def data_files(cfg, comm):
+    """(train files, eval files, image root or None, base model folder). Rank 0 builds caches."""
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.base import ensure_base
+
+    if cfg.data.kind == "llava_json":
+        return cfg.data.train_files, cfg.data.eval_files, cfg.data.image_root or None, cfg.model.path
+    sizes = synthetic.client_train_sizes(cfg.fl.num_clients, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
+    spec = synthetic.SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
+                                   cfg.model.image_size, cfg.run.seed)
+    folder = os.path.join(os.path.expanduser(cfg.run.cache_dir), f"synthetic-{spec.key()}")
+    base = cfg.model.path
+    ok = True
+    if comm.rank == 0:  # one writer; the others wait politely below
+        try:
+            log.info("synthetic FedMIT data: %s", folder)
+            folder = synthetic.ensure(spec, cfg.run.cache_dir)
+            base = base or ensure_base(cfg, folder, spec.key())
+        except (ValueError, OSError) as err:
+            log.error("pilot_hpc: preparing data/base model failed: %s", err)
+            ok = False
+    if not comm.all_ok(ok):
+        raise SystemExit(EXIT_BAD_INPUT)
+    if not base:
+        from pilot_hpc.model.base import base_key
+
+        base = os.path.join(os.path.expanduser(cfg.run.cache_dir), f"base-{base_key(cfg, spec.key())}")
+    train, evals = synthetic.client_files(folder, cfg.fl.num_clients)
+    return train, evals, None, base
+
+
+def run(cfg, comm) -> int:
+    import torch
+
+    from pilot_hpc import report
+    from pilot_hpc.data.records import InstructionDataset, load_records
+    from pilot_hpc.fl.comm import block_ranges
+    from pilot_hpc.fl.federation import ClientSlot, Federation
+    from pilot_hpc.fl.strategies import get_strategy
+    from pilot_hpc.model.llava import build_pilot_model
+
+    torch.set_num_threads(cfg.run.threads_per_rank)
+    device = resolve_device(cfg, comm.rank)
+    strategy = get_strategy(cfg.fl.strategy, cfg)
+    mine = list(block_ranges(cfg.fl.num_clients, comm.size)[comm.rank])
+    log.info("%d clients on %d rank(s), strategy %s, device %s, output %s", cfg.fl.num_clients, comm.size,
+             cfg.fl.strategy, device, cfg.run.output_dir)
+    train_files, eval_files, image_root, base = data_files(cfg, comm)
+
+    # Every rank loads and checks its own clients' data; all ranks then agree to go on
+    # or to stop, so a bad record ends the job before anyone trains.
+    slots, ok = [], True
+    try:
+        pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device)
+        initial = pm.get_state()
+        cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
+        for k in mine:
+            task = cfg.fl.client_tasks[k]
+            sets = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
+                                       pm.num_image_tokens, cfg.data.max_length) for path in (train_files[k], eval_files[k])]
+            for ds in sets:  # surfaces over-long samples and undecodable images now, not mid-round
+                for i in range(len(ds)):
+                    ds.encode_train(i)
+                    ds.pixels(i)
+            slots.append(ClientSlot(k, task, cfg.tasks.index(task), sets[0], sets[1], dict(initial)))
+    except (ValueError, OSError) as err:
+        print(f"pilot_hpc: error: rank {comm.rank} (clients {mine}): {err}", file=sys.stderr, flush=True)
+        ok = False
+    if not comm.all_ok(ok):
+        return EXIT_BAD_INPUT
+
+    history = Federation(cfg, comm, pm, strategy, slots, device).run()
+    if comm.rank == 0:
+        paths = report.write_outputs(history, cfg)
+        print("\n" + report.results_table(history) + "\n", flush=True)
+        log.info("wrote %s, %s, %s", paths["metrics"], paths["results"], paths["plot"])
+    comm.barrier()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from pilot_hpc.fl.comm import Comm
+
+    comm = Comm()
+    setup_logging(comm.rank)
+
+    def abort_on_exception(kind, value, tb):
+        # An uncaught error on one rank must end the whole job, not leave the others
+        # waiting in a collective forever.
+        traceback.print_exception(kind, value, tb)
+        print(f"pilot_hpc: rank {comm.rank}: {kind.__name__}: {value}; aborting the MPI job", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(EXIT_FAILURE)
+
+    sys.excepthook = abort_on_exception
+    from pilot_hpc.config import ConfigError, check_world, load_config
+    from pilot_hpc.fl.strategies import get_strategy
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_world(cfg, comm.size)
+        get_strategy(cfg.fl.strategy, cfg)
+    except ConfigError as err:  # every rank sees the same error: one message, no abort needed
+        if comm.rank == 0:
+            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return run(cfg, comm)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,131 @@
+"""The Pilot connector that replaces LLaVA's projector (METHOD.md, stages 1 and 2).
+
+Stage 0 is the base model as it arrives (only psi_t, which starts as a copy of the
+pretrained projector): the round-0 evaluation. Stage 1 adds a client-specific adapter
+and the difference loss; stage 2 is the cross-task mixture of adapters (CT-MoA).
+Auxiliary losses of the last forward are left in `self.aux` for the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_index, z_loss
+from pilot_hpc.model.ctmoa_dispatch import ctmoa
+
+
+def difference_loss(x_t: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+    """Soft orthogonality of task and client features, in the N x N Gram form.
+
+    x_t, x_s: [B, N, C]. Rows are L2-normalised with detached norms (as in the release)
+    and the mean of the squared entries of x_t^T x_s (C x C) is taken, computed as
+    sum((A A^T) * (B B^T)) / C^2 so that no C x C matrix is formed (at LLaVA sizes
+    C x C per sample is 16M entries; N x N is 0.33M).
+    """
+    a = x_t.float() / (x_t.float().norm(dim=-1, keepdim=True).detach() + 1e-6)  # [B, N, C]
+    b = x_s.float() / (x_s.float().norm(dim=-1, keepdim=True).detach() + 1e-6)
+    gram_a = a @ a.transpose(1, 2)  # [B, N, N]
+    gram_b = b @ b.transpose(1, 2)
+    c = x_t.shape[-1]
+    return ((gram_a * gram_b).sum(dim=(1, 2)) / (c * c)).mean()
+
+
+def adapter_weights(adapter: nn.Module) -> AdapterWeights:
+    return AdapterWeights(adapter.linear_1.weight, adapter.linear_1.bias, adapter.linear_2.weight, adapter.linear_2.bias)
+
+
+class PilotConnector(nn.Module):
+    def __init__(self, projector: nn.Module, num_tasks: int, own_task: int, *, cross_init: str = "task_adapter",
+                 keep_client_adapter: bool = False, ctmoa_impl: str = "auto", seed: int = 0):
+        super().__init__()
+        if not 0 <= own_task < num_tasks:
+            raise ValueError(f"own task id {own_task} out of range for {num_tasks} tasks")
+        self.num_tasks = num_tasks
+        self.own_task = own_task
+        self.cross_init = cross_init
+        self.keep_client_adapter = keep_client_adapter
+        self.ctmoa_impl = ctmoa_impl
+        self.seed = seed
+        # Every adapter starts as the pretrained projector (METHOD.md).
+        self.task_adapter = copy.deepcopy(projector)  # psi_t, expert 1 in stage 2
+        self.client_adapter = copy.deepcopy(projector)  # psi_s
+        self.foreign = nn.ModuleList(copy.deepcopy(projector) for _ in range(num_tasks - 1))  # psi_2..psi_T
+        self.cross = nn.ModuleList(copy.deepcopy(projector) for _ in range(num_tasks - 1))  # psi_c_2..psi_c_T
+        cv = projector.linear_1.in_features
+        self.router = nn.Linear(cv, num_tasks, bias=False)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=gen) * 0.02)
+        self.stage = 0
+        self.aux: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ task ids
+    def foreign_tasks(self) -> list[int]:
+        """Task ids of experts 2..T, in task-id order."""
+        return [t for t in range(self.num_tasks) if t != self.own_task]
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage: int) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
+        self.stage = stage
+        trainable = {
+            0: (),
+            1: ("task_adapter", "client_adapter"),
+            2: ("task_adapter", "cross", "router"),
+        }[stage]
+        for name, module in self.named_children():
+            for p in module.parameters():
+                p.requires_grad_(name in trainable)
+
+    def load_task_adapters(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Installs the server's T aggregated task adapters (indexed by task id)."""
+        if len(states) != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} task adapters, got {len(states)}")
+        with torch.no_grad():
+            self.task_adapter.load_state_dict(states[self.own_task])
+            for module, t in zip(self.foreign, self.foreign_tasks()):
+                module.load_state_dict(states[t])
+
+    def init_cross_adapters(self) -> None:
+        """Stage-2 entry: cross-task adapters from the own task adapter, or at random."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        with torch.no_grad():
+            for module in self.cross:
+                if self.cross_init == "task_adapter":
+                    module.load_state_dict(self.task_adapter.state_dict())
+                else:  # "random": nn.Linear's default init, from a seeded generator
+                    for lin in (module.linear_1, module.linear_2):
+                        bound = 1.0 / lin.in_features ** 0.5
+                        lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
+                        if lin.bias is not None:
+                            lin.bias.copy_(torch.empty_like(lin.bias).uniform_(-bound, bound, generator=gen))
+
+    # ------------------------------------------------------------------ forward
+    def ctmoa_adapters(self) -> list[AdapterWeights]:
+        """psi_1, then (psi_i, psi_c_i) for each foreign task: the order of mlp_expert_index."""
+        mlps = [adapter_weights(self.task_adapter)]
+        for foreign, cross in zip(self.foreign, self.cross):
+            mlps += [adapter_weights(foreign), adapter_weights(cross)]
+        return mlps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
+        if self.stage == 0:
+            self.aux = {}
+            return self.task_adapter(h)
+        if self.stage == 1:
+            x_t = self.task_adapter(h)  # [B, N, C]
+            x_s = self.client_adapter(h)
+            self.aux = {"diff": difference_loss(x_t, x_s)}
+            return x_t + x_s
+        res = ctmoa(h, self.router.weight, self.ctmoa_adapters(), mlp_expert_index(self.num_tasks),
+                    impl=self.ctmoa_impl)
+        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)}
+        out = res.out
+        if self.keep_client_adapter:
+            out = out + self.client_adapter(h)
+        return out

@@ -1,0 +1,128 @@
+"""LLaVA build and load, the Pilot connector in place of the projector, LoRA via peft.
+
+The tiny model and LLaVA-1.5-7B go through the same path: a Hugging Face LLaVA folder
+(tokenizer, image processor, weights) loaded with from_pretrained. For the tiny model
+that folder is made once by pilot_hpc.model.base (built from config and warm-started).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
+
+from pilot_hpc.config import ModelConfig
+from pilot_hpc.model.connector import PilotConnector
+
+log = logging.getLogger("pilot_hpc.model")
+
+# LoRA on every linear layer of the LLM only: CLIP has q/k/v_proj too (FACTS.md).
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llava_config(m: ModelConfig, vocab_size: int, image_token_id: int, pad_id: int) -> LlavaConfig:
+    """Every size given explicitly: the defaults are CLIP-L and a 7B Llama."""
+    vision = CLIPVisionConfig(
+        hidden_size=m.vision_hidden, intermediate_size=4 * m.vision_hidden, num_hidden_layers=m.vision_layers,
+        num_attention_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size,
+        projection_dim=m.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=m.text_hidden, intermediate_size=m.text_intermediate,
+        num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads, num_key_value_heads=m.text_heads,
+        max_position_embeddings=256, pad_token_id=pad_id, bos_token_id=2, eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+    )
+
+
+def num_image_tokens(config: LlavaConfig) -> int:
+    """Placeholders per image: (image/patch)^2, plus the CLS token with the 'full' strategy."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def load_base(path: str, dtype: str):
+    """(model, tokenizer, image processor) from a local HF LLaVA folder."""
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer, image_processor
+
+
+def configure_generation(model, tokenizer) -> None:
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.do_sample = False
+
+
+@dataclass
+class PilotModel:
+    """A LLaVA with the Pilot connector and LoRA, shared by the clients of one rank."""
+
+    model: torch.nn.Module  # the peft model
+    connector: PilotConnector
+    tokenizer: object
+    image_processor: object
+    num_image_tokens: int
+
+    def lora_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if "lora_" in n]
+
+    def set_stage(self, stage: int) -> None:
+        self.connector.set_stage(stage)
+        for _, p in self.lora_named_parameters():
+            p.requires_grad_(stage > 0)
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # A client's personal state: the whole connector and its LoRA. Swapped in and out
+    # when one rank hosts several clients; the frozen base is shared.
+    def get_state(self) -> dict[str, torch.Tensor]:
+        state = {f"connector.{k}": v.detach().clone() for k, v in self.connector.state_dict().items()}
+        state.update({f"lora.{n}": p.detach().clone() for n, p in self.lora_named_parameters()})
+        return state
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.connector.load_state_dict({k[len("connector."):]: v for k, v in state.items()
+                                        if k.startswith("connector.")})
+        params = dict(self.lora_named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("lora."):
+                    params[k[len("lora."):]].copy_(v)
+
+
+def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int,
+                      device: torch.device, cross_init: str = "task_adapter",
+                      keep_client_adapter: bool = False) -> PilotModel:
+    model, tokenizer, image_processor = load_base(base_path, m.dtype)
+    configure_generation(model, tokenizer)
+    llava = model.model
+    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=cross_init,
+                               keep_client_adapter=keep_client_adapter, ctmoa_impl=m.ctmoa_impl, seed=seed)
+    llava.multi_modal_projector = connector
+    # The LoRA init draws random A matrices: seed it so every rank builds the same model.
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                      target_modules=LORA_TARGETS, bias="none")
+    peft_model = get_peft_model(model, lora)
+    peft_model.to(device)
+    pm = PilotModel(peft_model, connector, tokenizer, image_processor, num_image_tokens(model.config))
+    pm.set_stage(0)
+    return pm

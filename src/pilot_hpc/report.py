@@ -1,0 +1,79 @@
+"""Run outputs on rank 0: metrics.json, results.md (the paper's table shape) and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+METRIC_LABEL = {"vqa_accuracy": "VQA acc", "cider": "CIDEr", "iou@0.5": "Acc@IoU0.5"}
+
+
+def metrics_document(history: list[dict], cfg) -> dict:
+    return {"strategy": cfg.fl.strategy, "config_hash": cfg.hash(), "rounds": history,
+            "final": history[-1]["clients"] if history else []}
+
+
+def results_table(history: list[dict]) -> str:
+    """Markdown: one row per client (task, metric, round 0, final), then task averages and the mean."""
+    first, last = history[0], history[-1]
+    lines = [f"| client | task | metric | round 0 | round {last['round']} | change |", "|---|---|---|---|---|---|"]
+    for a, b in zip(first["clients"], last["clients"]):
+        lines.append(f"| {b['client']} | {b['task']} | {METRIC_LABEL.get(b['metric'], b['metric'])} | "
+                     f"{a['value']:.1f} | {b['value']:.1f} | {b['value'] - a['value']:+.1f} |")
+    tasks = list(dict.fromkeys(c["task"] for c in last["clients"]))
+    for task in tasks:
+        a = np.mean([c["value"] for c in first["clients"] if c["task"] == task])
+        b = np.mean([c["value"] for c in last["clients"] if c["task"] == task])
+        lines.append(f"| **avg** | {task} | | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+    a = np.mean([c["value"] for c in first["clients"]])
+    b = np.mean([c["value"] for c in last["clients"]])
+    lines.append(f"| **mean** | all | | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+    return "\n".join(lines)
+
+
+def plot(history: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = history[0]["clients"]
+    tasks = list(dict.fromkeys(c["task"] for c in clients))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    rounds = [h["round"] for h in history]
+    for ax, task in zip(axes[0], tasks):
+        for c in clients:
+            if c["task"] != task:
+                continue
+            values = [h["clients"][c["client"]]["value"] for h in history]
+            ax.plot(rounds, values, marker="o", label=f"client {c['client']}")
+        ax.set_title(f"{task} ({METRIC_LABEL.get(c['metric'], c['metric'])})")
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("score (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(history: list[dict], cfg) -> dict[str, str]:
+    out = cfg.run.output_dir
+    os.makedirs(out, exist_ok=True)
+    paths = {"metrics": os.path.join(out, "metrics.json"), "results": os.path.join(out, "results.md"),
+             "plot": os.path.join(out, "metrics.png")}
+    doc = metrics_document(history, cfg)
+    tmp = paths["metrics"] + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, paths["metrics"])
+    table = results_table(history)
+    with open(paths["results"], "w") as fh:
+        fh.write(f"# {cfg.fl.strategy}: per-client results ({cfg.fl.num_clients} clients, {cfg.fl.rounds} rounds)\n\n")
+        fh.write(table + "\n")
+    plot(history, paths["plot"], f"{cfg.fl.strategy}: per-client metric per round")
+    return paths

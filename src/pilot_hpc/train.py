@@ -1,0 +1,118 @@
+"""Local training and evaluation of one client (and the base model's warm start).
+
+The batch order and dropout come from a generator seeded by (run seed, client,
+round), so a client trains the same way on whichever rank hosts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pilot_hpc.data.records import InstructionDataset, collate_prompts, collate_train
+from pilot_hpc import evaluate
+
+log = logging.getLogger("pilot_hpc.train")
+
+
+def seed_for(run_seed: int, client: int, round_: int) -> int:
+    return (run_seed * 1_000_003 + client * 10_007 + round_ * 101) % (2 ** 31)
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    samples: int = 0
+    losses: dict[str, float] = field(default_factory=dict)  # means over the steps
+    seconds: float = 0.0
+
+
+def batches(n: int, batch_size: int, epochs: int, max_steps: int, gen: torch.Generator):
+    """Index batches over `epochs` shuffled passes, cut at max_steps (if > 0)."""
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for s in range(0, n, batch_size):
+            if max_steps and steps >= max_steps:
+                return
+            yield order[s:s + batch_size]
+            steps += 1
+
+
+def train_steps(model: torch.nn.Module, dataset: InstructionDataset, params: list[torch.nn.Parameter], *,
+                lr: float, batch_size: int, epochs: int, max_steps: int, seed: int, pad_id: int,
+                aux_loss: Callable[[], dict[str, torch.Tensor]] = dict, grad_clip: float = 1.0,
+                weight_decay: float = 0.0, device: torch.device = torch.device("cpu"),
+                progress: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """AdamW over `params` (fresh each call: the optimiser state does not cross rounds).
+
+    aux_loss returns the weighted auxiliary terms of the last forward, added to the
+    cross-entropy on answer tokens.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout in LoRA
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    sums: dict[str, float] = {}
+    result = TrainResult()
+    t0 = time.perf_counter()
+    for idx in batches(len(dataset), batch_size, epochs, max_steps, gen):
+        batch = collate_train([dataset[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        terms = {"ce": out.loss, **aux_loss()}
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {result.steps}: " +
+                               ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        result.steps += 1
+        result.samples += len(idx)
+        if progress is not None:
+            progress(result.steps, terms)
+    result.losses = {k: v / max(result.steps, 1) for k, v in sums.items()}
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result
+
+
+def local_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    steps = epochs * math.ceil(n / batch_size)
+    return min(steps, max_steps) if max_steps else steps
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, dataset: InstructionDataset, batch_size: int, max_new_tokens: int,
+                     device: torch.device) -> list[str]:
+    """Greedy generation of the first answer of every sample; only the new tokens are decoded."""
+    model.eval()
+    answers: list[str] = []
+    for s in range(0, len(dataset), batch_size):
+        idx = range(s, min(s + batch_size, len(dataset)))
+        batch = collate_prompts([dataset.encode_prompt(i) for i in idx], [dataset.pixels(i) for i in idx],
+                                tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate_client(model, tokenizer, dataset: InstructionDataset, metric: str, batch_size: int,
+                    max_new_tokens: int, device: torch.device) -> tuple[float, list[str]]:
+    predictions = generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, device)
+    references = [dataset.answer(i) for i in range(len(dataset))]
+    return evaluate.score(metric, predictions, references), predictions
