@@ -230,6 +230,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)

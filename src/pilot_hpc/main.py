@@ -86,6 +86,17 @@ def data_files(cfg, comm):
     return train, evals, None, base
 
 
+def write_traffic(cfg, comm) -> None:
+    """<output_dir>/traffic/rank_RRR.json: every collective this rank took part in, in bytes."""
+    import dataclasses
+    import json
+
+    folder = os.path.join(cfg.run.output_dir, "traffic")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank_{comm.rank:03d}.json"), "w") as fh:
+        json.dump([dataclasses.asdict(t) for t in comm.traffic], fh)
+
+
 def run(cfg, comm) -> int:
     import torch
 
@@ -127,6 +138,7 @@ def run(cfg, comm) -> int:
         return EXIT_BAD_INPUT
 
     history = Federation(cfg, comm, pm, strategy, slots, device).run()
+    write_traffic(cfg, comm)
     if comm.rank == 0:
         paths = report.write_outputs(history, cfg)
         print("\n" + report.results_table(history) + "\n", flush=True)

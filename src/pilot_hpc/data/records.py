@@ -71,6 +71,8 @@ def load_records(path: str, image_root: str | None = None, cache_dir: str | None
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__ or err
         raise ValueError(f"{path}: not a valid LLaVA JSON file ({type(cause).__name__}: {cause})") from None
+    except ValueError as err:  # datasets' way of saying the file has no rows ("[]")
+        raise ValueError(f"{path}: the file holds no records (an empty client shard): {err}") from None
     if len(ds) == 0:
         raise ValueError(f"{path}: the file holds no records (an empty client shard)")
     return [parse_record(rec, path, i, root) for i, rec in enumerate(ds)]

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small synthetic world and its tiny base model, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import SMOKE, small_overrides
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("pilot_cache"))
+
+
+@pytest.fixture(scope="session")
+def small_world(cache_dir):
+    """(config, synthetic data folder, base model folder) for the small federation."""
+    from pilot_hpc.config import load_config
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.base import ensure_base
+
+    cfg = load_config(SMOKE, small_overrides(cache_dir, os.path.join(cache_dir, "unused")))
+    sizes = synthetic.client_train_sizes(3, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
+    spec = synthetic.SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
+                                   cfg.model.image_size, cfg.run.seed)
+    folder = synthetic.ensure(spec, cache_dir)
+    base = ensure_base(cfg, folder, spec.key())
+    return cfg, folder, base
+

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests (importable: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "configs", "smoke_9client.yaml")
+
+
+def small_overrides(cache_dir: str, output_dir: str) -> list[str]:
+    """A 3-client federation (one client per task) that runs in seconds on a CPU."""
+    return [
+        f"run.cache_dir={cache_dir}", f"run.output_dir={output_dir}",
+        "fl.num_clients=3", "fl.client_tasks=[vqa, caption, grounding]", "fl.top_m=1", "fl.rounds=2",
+        "data.train_min=24", "data.train_max=40", "data.eval_samples=6",
+        "pretrain.steps=10", "pretrain.samples=60",
+        "train.max_steps=3", "train.batch_size=8", "train.eval_batch_size=8", "train.max_new_tokens=12",
+    ]
+
+
+
+def mpiexec() -> str:
+    exe = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(exe):
+        pytest.fail("mpiexec not found: install the project (pip install mpich) first")
+    return exe
+
+
+def run_main(args: list[str], np: int | None = None, timeout: int = 600, cwd: str = REPO,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """python -m pilot_hpc.main as a subprocess, under `mpiexec -n np` when np is given."""
+    cmd = [sys.executable, "-m", "pilot_hpc.main"] + args
+    if np is not None:
+        cmd = [mpiexec(), "-n", str(np)] + cmd
+    full_env = dict(os.environ, MPIEXEC_TIMEOUT=str(timeout), **(env or {}))
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout + 30, env=full_env)
