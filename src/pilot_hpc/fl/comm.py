@@ -102,6 +102,7 @@ class Comm:
         flag = np.array([1 if ok else 0], dtype=np.int32)
         out = np.empty(1, dtype=np.int32)
         self._wait(self.world.Iallreduce(flag, out, op=MPI.MIN))
+        self._log("allreduce", "all_ok", flag.nbytes, out.nbytes)
         return bool(out[0])
 
     def abort(self, code: int) -> None:

@@ -1,0 +1,126 @@
+"""End to end: the same small federation with W = 1 (no mpiexec) and under `mpiexec -n 3`.
+
+Checks: identical `final` metrics for both world sizes, exactly the adapter bytes and
+sample counts crossing ranks, round checkpoints, the outputs, and that bad data stops
+every rank before training.
+"""
+
+import json
+import os
+
+import pytest
+
+from helpers import SMOKE, run_main, small_overrides
+from pilot_hpc import checkpoint
+
+
+@pytest.fixture(scope="module")
+def runs(small_world, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fed")
+    one = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w1")), timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    three = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w3")), np=3, timeout=600)
+    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
+    return out, one, three
+
+
+def load_metrics(folder):
+    with open(os.path.join(folder, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+def test_final_metrics_do_not_depend_on_world_size(runs):
+    out, _, _ = runs
+    a, b = load_metrics(out / "w1"), load_metrics(out / "w3")
+    assert [r["round"] for r in a["rounds"]] == [0, 1, 2]
+    assert len(a["final"]) == 3 and {c["task"] for c in a["final"]} == {"vqa", "caption", "grounding"}
+    assert a["final"] == b["final"]  # bitwise: values and the mean losses
+    assert a["rounds"] == b["rounds"]
+
+
+def test_outputs_and_progress_lines(runs):
+    out, one, three = runs
+    for name in ("metrics.json", "results.md", "metrics.png"):
+        assert (out / "w3" / name).stat().st_size > 0, name
+    assert "| **mean** | all |" in (out / "w3" / "results.md").read_text()
+    for r in (1, 2):
+        assert f"round {r}/2 stage {1 if r == 1 else 2}" in three.stdout
+    assert "| client | task | metric |" in three.stdout
+
+
+def test_round_checkpoints_hold_every_client(runs, small_world):
+    out, _, _ = runs
+    cfg = small_world[0]
+    for r in (1, 2):
+        path = out / "w3" / "checkpoints" / f"round_{r:03d}.h5"
+        attrs, clients = checkpoint.load(str(path))
+        assert attrs["round"] == r
+        assert sorted(clients) == [0, 1, 2]
+        state = clients[2]["state"]
+        assert any(k.startswith("connector.router") for k in state)
+        assert any(k.startswith("connector.cross") for k in state)
+        assert any(".lora_A." in k for k in state)
+        assert not any("vision_tower" in k or "embed_tokens" in k for k in state)  # no frozen base weights
+    assert not list((out / "w3" / "checkpoints").glob("*.tmp"))
+
+
+def expected_sizes(cfg):
+    """Adapter and LoRA sizes from the architecture, independently of the code under test."""
+    m = cfg.model
+    cv, c, inter, r = m.vision_hidden, m.text_hidden, m.text_intermediate, m.lora_r
+    p_vis = cv * c + c + c * c + c  # Linear(Cv, C) + Linear(C, C), with biases
+    per_layer = 4 * r * (c + c) + 2 * r * (c + inter) + r * (inter + c)  # q k v o, gate up, down
+    return p_vis, m.text_layers * per_layer
+
+
+def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
+    out, _, _ = runs
+    cfg = small_world[0]
+    p_vis, p_lora = expected_sizes(cfg)
+    f32, i64, f64 = 4, 8, 8
+    num_tasks, rounds, stats = 3, 2, 6
+    for rank in (0, 1, 2):
+        with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
+            log = json.load(fh)
+        # The only collectives: two go/no-go flags, the round-0 metrics, then per round
+        # update, sample counts, shared task adapters, personal LoRA, metrics.
+        per_round = ["update", "num_samples", "shared", "personal", "metrics"]
+        assert [t["tag"] for t in log] == ["all_ok", "all_ok", "metrics"] + per_round * rounds
+        by_tag = {}
+        for t in log:
+            by_tag.setdefault(t["tag"], []).append(t)
+        for t in by_tag["update"]:
+            if rank == 0:
+                assert (t["sent"], t["received"]) == (0, 2 * (p_vis + p_lora) * f32)
+            else:
+                assert (t["sent"], t["received"]) == ((p_vis + p_lora) * f32, 0)
+        for t in by_tag["num_samples"]:
+            assert (t["sent"], t["received"]) == ((0, 2 * i64) if rank == 0 else (i64, 0))
+        for t in by_tag["shared"]:
+            assert (t["sent"], t["received"]) == ((2 * num_tasks * p_vis * f32, 0) if rank == 0
+                                                  else (0, num_tasks * p_vis * f32))
+        for t in by_tag["personal"]:
+            assert (t["sent"], t["received"]) == ((2 * p_lora * f32, 0) if rank == 0 else (0, p_lora * f32))
+        for t in by_tag["metrics"]:
+            assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
+
+
+def test_bad_record_stops_every_rank_before_training(small_world, tmp_path):
+    cfg, folder, base = small_world
+    from pilot_hpc.data.synthetic import client_files
+
+    train, evals = client_files(folder, 3)
+    with open(train[1]) as fh:
+        records = json.load(fh)
+    records[3]["image"] = "images/missing/000003.png"
+    bad = tmp_path / "client_01_train.json"
+    bad.write_text(json.dumps(records))
+    files = [train[0], str(bad), train[2]]
+    out = tmp_path / "out"
+    args = ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
+        "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
+        f"data.train_files=[{', '.join(files)}]", f"data.eval_files=[{', '.join(evals)}]"]
+    proc = run_main(args, np=3, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "client_01_train.json: record 3" in proc.stderr and "missing/000003.png does not exist" in proc.stderr
+    assert "round 1" not in proc.stdout and not (out / "checkpoints").exists()
