@@ -44,17 +44,17 @@ def plot(history: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     rounds = [h["round"] for h in history]
     for ax, task in zip(axes[0], tasks):
-        for c in clients:
-            if c["task"] != task:
-                continue
+        members = [c for c in clients if c["task"] == task]
+        for c in members:
             values = [h["clients"][c["client"]]["value"] for h in history]
             ax.plot(rounds, values, marker="o", label=f"client {c['client']}")
-        ax.set_title(f"{task} ({METRIC_LABEL.get(c['metric'], c['metric'])})")
+        metric = members[0]["metric"]
+        ax.set_title(f"{task} ({METRIC_LABEL.get(metric, metric)} x100)")
         ax.set_xlabel("round")
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("score (%)")
+    axes[0][0].set_ylabel("score (x100, as in the paper)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
