@@ -105,22 +105,51 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
             assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
 
 
-def test_bad_record_stops_every_rank_before_training(small_world, tmp_path):
+def llava_json_args(small_world, out, train_files):
+    """The real-data path: a local HF LLaVA folder (model.path) and LLaVA JSON files."""
     cfg, folder, base = small_world
     from pilot_hpc.data.synthetic import client_files
 
-    train, evals = client_files(folder, 3)
+    _, evals = client_files(folder, 3)
+    return ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
+        "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
+        f"data.train_files=[{', '.join(train_files)}]", f"data.eval_files=[{', '.join(evals)}]"]
+
+
+def test_real_data_path_reproduces_the_synthetic_run(runs, small_world, tmp_path):
+    """model.path + data.kind=llava_json on the same files runs the same code to the same result."""
+    from pilot_hpc.data.synthetic import client_files
+
+    out, _, _ = runs
+    train, _ = client_files(small_world[1], 3)
+    proc = run_main(llava_json_args(small_world, tmp_path / "real", train), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert load_metrics(tmp_path / "real")["final"] == load_metrics(out / "w1")["final"]
+
+
+@pytest.mark.parametrize("defect,np_,message", [
+    ("missing_image", 3, "client_01_train.json: record 3 (id 'client_01_train-000003'): image file"),
+    ("malformed_json", None, "client_01_train.json: not a valid LLaVA JSON file"),
+    ("wrong_roles", 3, "client_01_train.json: record 0 (id 'client_01_train-000000'): turns 0-1 must be from"),
+])
+def test_bad_data_stops_every_rank_before_training(small_world, tmp_path, defect, np_, message):
+    from pilot_hpc.data.synthetic import client_files
+
+    train, _ = client_files(small_world[1], 3)
     with open(train[1]) as fh:
         records = json.load(fh)
-    records[3]["image"] = "images/missing/000003.png"
     bad = tmp_path / "client_01_train.json"
-    bad.write_text(json.dumps(records))
-    files = [train[0], str(bad), train[2]]
+    if defect == "missing_image":
+        records[3]["image"] = "images/missing/000003.png"
+        bad.write_text(json.dumps(records))
+    elif defect == "malformed_json":
+        bad.write_text(json.dumps(records)[:-40])  # truncated file
+    else:
+        records[0]["conversations"].reverse()
+        bad.write_text(json.dumps(records))
     out = tmp_path / "out"
-    args = ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
-        "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
-        f"data.train_files=[{', '.join(files)}]", f"data.eval_files=[{', '.join(evals)}]"]
-    proc = run_main(args, np=3, timeout=300)
+    proc = run_main(llava_json_args(small_world, out, [train[0], str(bad), train[2]]), np=np_, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "client_01_train.json: record 3" in proc.stderr and "missing/000003.png does not exist" in proc.stderr
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert "round 1" not in proc.stdout and not (out / "checkpoints").exists()
