@@ -10,7 +10,8 @@ from pilot_hpc.config import ConfigError, check_world, load_config
 
 def test_smoke_config_loads_with_overrides():
     cfg = load_config(SMOKE, ["fl.rounds=2", "run.output_dir=/tmp/x", "train.lr_stage1=1e-3",
-                              "fl.client_tasks=[vqa, vqa, caption]", "fl.num_clients=3", "fl.top_m=2"])
+                              "fl.client_tasks=[vqa, vqa, caption]", "fl.num_clients=3", "fl.top_m=2",
+                              "fl.task_metrics={vqa: vqa_accuracy, caption: cider}"])
     assert cfg.fl.rounds == 2 and cfg.run.output_dir == "/tmp/x"
     assert cfg.train.lr_stage1 == pytest.approx(1e-3)
     assert cfg.tasks == ["vqa", "caption"]
@@ -37,6 +38,19 @@ def test_client_tasks_must_match_num_clients_and_known_tasks():
         load_config(SMOKE, ["fl.client_tasks=[vqa, vqa, vqa, caption, caption, caption, grounding, grounding]"])
     with pytest.raises(ConfigError, match="unknown task"):
         load_config(None, ["fl.num_clients=2", "fl.top_m=1", "fl.client_tasks=[vqa, ocr]"])
+
+
+def test_a_task_with_no_client_is_rejected():
+    with pytest.raises(ConfigError, match=r"\['grounding'\] in fl.task_metrics have no client"):
+        load_config(None, ["fl.num_clients=3", "fl.top_m=1", "fl.client_tasks=[vqa, vqa, caption]"])
+
+
+def test_task_metrics_are_checked():
+    with pytest.raises(ConfigError, match="unknown metric"):
+        load_config(None, ["fl.task_metrics={vqa: bleu, caption: cider, grounding: iou@0.5}"])
+    with pytest.raises(ConfigError, match="synthetic draws only the tasks"):
+        load_config(None, ["fl.num_clients=2", "fl.top_m=1", "fl.client_tasks=[gqa, coco]",
+                           "fl.task_metrics={gqa: vqa_accuracy, coco: cider}"])
 
 
 def test_wrong_types_are_named():

@@ -15,8 +15,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-TASKS = ("vqa", "caption", "grounding")
-TASK_METRIC = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
+# The synthetic world's task kinds and their metrics (the default of fl.task_metrics).
+SYNTHETIC_TASKS = ("vqa", "caption", "grounding")
+DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,9 @@ class FLConfig:
     client_tasks: list[str] = field(
         default_factory=lambda: ["vqa"] * 3 + ["caption"] * 3 + ["grounding"] * 3
     )
+    # Task name -> metric; the order of the keys is the task-id order (expert order in
+    # CT-MoA). Real scenarios name datasets here (gqa: vqa_accuracy, coco: cider, ...).
+    task_metrics: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TASK_METRICS))
     rounds: int = 3
     top_m: int = 6  # M of ATA: the M nearest clients mixed into each client's LoRA
     ata_eps: float = 1e-12  # guards d_ki = 0 in the inverse-distance weights
@@ -161,9 +165,22 @@ class Config:
             raise ConfigError(
                 f"fl.client_tasks has {len(fl.client_tasks)} entries but fl.num_clients is {fl.num_clients}"
             )
-        unknown = sorted(set(fl.client_tasks) - set(TASKS))
+        unknown = sorted(set(fl.client_tasks) - set(fl.task_metrics))
         if unknown:
-            raise ConfigError(f"fl.client_tasks: unknown task(s) {unknown}; valid tasks: {list(TASKS)}")
+            raise ConfigError(f"fl.client_tasks: unknown task(s) {unknown}; tasks in fl.task_metrics: "
+                              f"{list(fl.task_metrics)}")
+        from pilot_hpc.evaluate import METRICS
+
+        bad = {t: m for t, m in fl.task_metrics.items() if m not in METRICS}
+        if bad:
+            raise ConfigError(f"fl.task_metrics: unknown metric(s) {bad}; valid metrics: {sorted(METRICS)}")
+        idle = [t for t in fl.task_metrics if t not in fl.client_tasks]
+        if idle:
+            raise ConfigError(f"task(s) {idle} in fl.task_metrics have no client in fl.client_tasks: "
+                              "assign them clients or remove them from fl.task_metrics")
+        if self.data.kind == "synthetic" and not set(fl.client_tasks) <= set(SYNTHETIC_TASKS):
+            raise ConfigError(f"data.kind=synthetic draws only the tasks {list(SYNTHETIC_TASKS)}; "
+                              f"fl.client_tasks has {sorted(set(fl.client_tasks) - set(SYNTHETIC_TASKS))}")
         if fl.top_m >= fl.num_clients or fl.top_m < 1:
             raise ConfigError(
                 f"fl.top_m (M = {fl.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
@@ -180,7 +197,10 @@ class Config:
     @property
     def tasks(self) -> list[str]:
         """The tasks present, in canonical order (their ids are indices in this list)."""
-        return [t for t in TASKS if t in self.fl.client_tasks]
+        return list(self.fl.task_metrics)
+
+    def metric(self, task: str) -> str:
+        return self.fl.task_metrics[task]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,13 +208,6 @@ class Config:
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def check_tasks_have_clients(cfg: Config, tasks: list[str]) -> None:
-    """A scenario's task list must have at least one client for every task."""
-    missing = [t for t in tasks if t not in cfg.fl.client_tasks]
-    if missing:
-        raise ConfigError(f"task(s) {missing} have no client in fl.client_tasks")
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -216,6 +229,11 @@ def check_world(cfg: Config, world_size: int) -> None:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Checks a YAML/CLI value against the dataclass field type (ints may be floats)."""
     origin = get_origin(typ)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = get_args(typ)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")

@@ -182,6 +182,9 @@ def cider(predictions: Sequence, references: Sequence) -> float:
     return float(corpus_score)
 
 
+# Metrics that score a prediction against every reference of its item.
+MULTI_REFERENCE = {"cider"}
+
 METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
     "vqa_accuracy": vqa_exact_match,
     "iou@0.5": grounding_accuracy,

@@ -114,5 +114,8 @@ def generate_answers(model, tokenizer, dataset: InstructionDataset, batch_size: 
 def evaluate_client(model, tokenizer, dataset: InstructionDataset, metric: str, batch_size: int,
                     max_new_tokens: int, device: torch.device) -> tuple[float, list[str]]:
     predictions = generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, device)
-    references = [dataset.answer(i) for i in range(len(dataset))]
+    if metric in evaluate.MULTI_REFERENCE:
+        references = [dataset.references(i) for i in range(len(dataset))]
+    else:
+        references = [dataset.answer(i) for i in range(len(dataset))]
     return evaluate.score(metric, predictions, references), predictions

@@ -23,6 +23,9 @@ class Sample:
     id: str
     image_path: str
     turns: list[tuple[str, str]]  # (human text without <image>, gpt answer)
+    # Evaluation splits may carry every reference answer of the benchmark (e.g. COCO's
+    # five captions) in an optional "references" list; the gpt turn is the first.
+    references: list[str] | None = None
 
 
 def _record_error(path: str, index: int, record_id, message: str) -> ValueError:
@@ -53,10 +56,13 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
         if (IMAGE_TOKEN in q) != (t == 0):
             raise _record_error(path, index, rid, f"{IMAGE_TOKEN} must appear in the first human turn only")
         turns.append((q.replace(IMAGE_TOKEN, "").strip(), a.strip()))
+    refs = record.get("references")
+    if refs is not None and (not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs)):
+        raise _record_error(path, index, rid, "'references' must be a non-empty list of strings")
     full = image if os.path.isabs(image) else os.path.join(image_root, image)
     if not os.path.isfile(full):
         raise _record_error(path, index, rid, f"image file {full} does not exist")
-    return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns)
+    return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs)
 
 
 def load_records(path: str, image_root: str | None = None, cache_dir: str | None = None) -> list[Sample]:
@@ -135,6 +141,9 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def answer(self, i: int) -> str:
         return self.samples[i].turns[0][1]
+
+    def references(self, i: int) -> list[str]:
+        return self.samples[i].references or [self.answer(i)]
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encode_train(i)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pilot_hpc import checkpoint
-from pilot_hpc.config import TASK_METRIC, Config
+from pilot_hpc.config import Config
 from pilot_hpc.data.records import InstructionDataset
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, from_wire, numel, to_wire, wire_dtype
@@ -135,7 +135,7 @@ class Federation:
         for slot in self.slots:
             self.activate(slot)
             self.pm.set_stage(stage)
-            value, _ = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, TASK_METRIC[slot.task],
+            value, _ = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, self.cfg.metric(slot.task),
                                        t.eval_batch_size, t.max_new_tokens, self.device)
             rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
         local = np.array(rows, dtype=np.float64).reshape(-1)
@@ -144,7 +144,7 @@ class Federation:
         if got is None:
             return None
         table = got.reshape(self.num_clients, width)
-        return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": TASK_METRIC[self.cfg.fl.client_tasks[k]],
+        return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
