@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import SMOKE, small_overrides
+from helpers import SMOKE, run_main, small_overrides
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,14 @@ def small_world(cache_dir):
     base = ensure_base(cfg, folder, spec.key())
     return cfg, folder, base
 
+
+
+@pytest.fixture(scope="session")
+def runs(small_world, cache_dir, tmp_path_factory):
+    """The small federation run uninterrupted, once with W = 1 and once under mpiexec -n 3."""
+    out = tmp_path_factory.mktemp("fed")
+    one = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w1")), timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    three = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w3")), np=3, timeout=600)
+    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
+    return out, one, three

@@ -40,3 +40,10 @@ def run_main(args: list[str], np: int | None = None, timeout: int = 600, cwd: st
         cmd = [mpiexec(), "-n", str(np)] + cmd
     full_env = dict(os.environ, MPIEXEC_TIMEOUT=str(timeout), **(env or {}))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout + 30, env=full_env)
+
+
+def load_metrics(folder) -> dict:
+    import json
+
+    with open(os.path.join(str(folder), "metrics.json")) as fh:
+        return json.load(fh)

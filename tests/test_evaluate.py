@@ -2,8 +2,8 @@
 
 import pytest
 
-from pilot_hpc.evaluate import (METRICS, box_iou, cider, grounding_accuracy, normalize_answer, parse_box, score,
-                                vqa_exact_match)
+from pilot_hpc.evaluate import (METRICS, box_iou, cider, grounding_accuracy, mc_accuracy, normalize_answer, parse_box,
+                                parse_choice, score, vqa_exact_match)
 
 
 @pytest.mark.parametrize("raw,norm", [
@@ -124,9 +124,42 @@ def test_cider_is_quiet_and_checks_its_inputs(capfd, monkeypatch):
 
 
 def test_score_dispatch(perfect):
-    assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider"}
+    assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider", "mc_accuracy"}
     assert score("vqa_accuracy", ["2", "no"], ["two", "yes"]) == 0.5
     assert score("iou@0.5", ["[0, 0, 1, 0.5]"], ["[0, 0, 1, 1]"]) == 1.0
     assert score("cider", CAPTIONS, CAPTIONS) == pytest.approx(perfect)
-    with pytest.raises(ValueError, match=r"valid metrics: \['cider', 'iou@0.5', 'vqa_accuracy'\]"):
+    assert score("mc_accuracy", ["(B)", "The answer is C."], ["B", "D"]) == 0.5
+    with pytest.raises(ValueError, match=r"valid metrics: \['cider', 'iou@0.5', 'mc_accuracy', 'vqa_accuracy'\]"):
         score("bogus", [], [])
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), (" b ", "B"), ("The answer is B.", "B"), ("b) dog", "B"),
+    ("C. a red fox", "C"), ("(d) the moon", "D"), ("Answer: (e)", "E"), ("answer: C", "C"),
+    ("A or B", "A"),  # a hedge scores by the first option named
+    ("I think C is right", "C"),  # "I" is not an option letter
+    ("Option D, because E is false", "D"),
+    ("The answer is a dog, so E", "E"),  # the article "a" after "answer is" names nothing
+    ("F", None), ("The answer is F.", None),  # outside A-E
+    ("a dog on a sofa", None),  # lower-case "a" in running text is the article
+    ("", None), ("...", None), (None, None), (3, None), ("AB", None), ("E's", None),
+])
+def test_parse_choice(text, letter):
+    assert parse_choice(text) == letter
+
+
+def test_mc_accuracy_hand_computed():
+    preds = ["B", "(C)", "The answer is A.", "d) seven", "A or B", "F", None, "banana"]
+    refs = ["B", "C", "A", "D", "B", "E", "A", "A"]
+    # Right: B, (C), "answer is A", "d)"; "A or B" reads A (ref B); F, None, banana wrong.
+    assert mc_accuracy(preds, refs) == pytest.approx(4 / 8)
+    assert mc_accuracy(["b"], [" b "]) == 1.0  # references are trimmed and upper-cased
+    assert mc_accuracy([], []) == 0.0
+
+
+@pytest.mark.parametrize("bad", ["F", "AB", "", None, 1])
+def test_mc_accuracy_rejects_bad_references(bad):
+    with pytest.raises(ValueError, match="reference 1 is not an option letter"):
+        mc_accuracy(["A", "A"], ["A", bad])
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        mc_accuracy(["A"], ["A", "B"])

@@ -10,23 +10,8 @@ import os
 
 import pytest
 
-from helpers import SMOKE, run_main, small_overrides
+from helpers import SMOKE, load_metrics, run_main, small_overrides
 from pilot_hpc import checkpoint
-
-
-@pytest.fixture(scope="module")
-def runs(small_world, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fed")
-    one = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w1")), timeout=600)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    three = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w3")), np=3, timeout=600)
-    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
-    return out, one, three
-
-
-def load_metrics(folder):
-    with open(os.path.join(folder, "metrics.json")) as fh:
-        return json.load(fh)
 
 
 def test_final_metrics_do_not_depend_on_world_size(runs):
@@ -53,10 +38,11 @@ def test_round_checkpoints_hold_every_client(runs, small_world):
     cfg = small_world[0]
     for r in (1, 2):
         path = out / "w3" / "checkpoints" / f"round_{r:03d}.h5"
-        attrs, clients = checkpoint.load(str(path))
-        assert attrs["round"] == r
-        assert sorted(clients) == [0, 1, 2]
-        state = clients[2]["state"]
+        ck = checkpoint.read(str(path))
+        assert ck.round == r and ck.complete
+        assert sorted(ck.clients) == [0, 1, 2]
+        assert [row["round"] for row in ck.history] == list(range(r + 1))
+        state = ck.clients[2].state
         assert any(k.startswith("connector.router") for k in state)
         assert any(k.startswith("connector.cross") for k in state)
         assert any(".lora_A." in k for k in state)
@@ -82,10 +68,11 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     for rank in (0, 1, 2):
         with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
             log = json.load(fh)
-        # The only collectives: two go/no-go flags, the round-0 metrics, then per round
-        # update, sample counts, shared task adapters, personal LoRA, metrics.
-        per_round = ["update", "num_samples", "shared", "personal", "metrics"]
-        assert [t["tag"] for t in log] == ["all_ok", "all_ok", "metrics"] + per_round * rounds
+        # The only collectives: two go/no-go flags, the resume choice, the round-0 metrics,
+        # then per round: the stop vote, update, sample counts, shared task adapters,
+        # personal LoRA, metrics.
+        per_round = ["stop", "update", "num_samples", "shared", "personal", "metrics"]
+        assert [t["tag"] for t in log] == ["all_ok", "all_ok", "resume", "metrics"] + per_round * rounds
         by_tag = {}
         for t in log:
             by_tag.setdefault(t["tag"], []).append(t)

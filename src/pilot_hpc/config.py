@@ -35,10 +35,14 @@ class RunConfig:
     # Where the built-in base model and the synthetic data are cached between runs.
     cache_dir: str = "~/.cache/pilot_hpc"
     log_every: int = 50
+    # auto: continue from the newest valid checkpoint in output_dir/checkpoints; never: start over.
+    resume: str = "auto"
 
     def __post_init__(self):
         if self.threads_per_rank < 1:
             raise ConfigError(f"run.threads_per_rank must be >= 1, got {self.threads_per_rank}")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"run.resume must be auto or never, got {self.resume!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"run.device must be cpu, cuda or auto, got {self.device!r}")
 
@@ -208,6 +212,27 @@ class Config:
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def result_hash(self) -> str:
+        """Hash of the fields that change results (a resume with another one is refused)."""
+        blob = json.dumps(result_fields(self.to_dict()), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Fields that never change what a run computes: where it writes, how it logs, whether
+# it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
+NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds"}
+
+
+def result_fields(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+    return {k: v for k, v in flat.items() if k not in NON_RESULT_FIELDS}
+
+
+def result_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every result-changing field that differs."""
+    a, b = result_fields(old), result_fields(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def check_world(cfg: Config, world_size: int) -> None:

@@ -1,4 +1,5 @@
-"""Metrics on generated answers: VQA accuracy, Acc@IoU>=0.5 for boxes, CIDEr for captions.
+"""Metrics on generated answers: VQA accuracy, Acc@IoU>=0.5 for boxes, CIDEr for captions,
+multiple-choice accuracy (ScienceQA option letters).
 
 Pure functions of (predictions, references), each in its natural scale (accuracies in
 [0, 1], CIDEr as pycocoevalcap reports it); tables multiply by 100. A malformed
@@ -118,6 +119,65 @@ def grounding_accuracy(predictions: Sequence, references: Sequence[str], thresho
     return hits / len(references)
 
 
+# Multiple choice (ScienceQA): the references are option letters. ScienceQA has at most
+# five choices, so A-E are the letters a prediction may name.
+MC_LETTERS = "ABCDE"
+# The whole answer is one letter, maybe bracketed or followed by punctuation: "B", "b.", "(B)".
+_MC_ALONE = re.compile(r"^\W*([A-Za-z])\W*$")
+# The answer starts with an option marker: "b) dog", "B. dog", "(C) dog", "D: dog".
+_MC_LEADING = re.compile(r"^\s*\(?([A-Za-z])\s*[).:]")
+# "The answer is B", "answer: (c)", "Option D", "choice E". A bare lower-case letter is
+# not taken ("the answer is a dog" names no option), a bracketed one is.
+_MC_PHRASE = re.compile(r"\b(?i:answer|option|choice)\s*(?i:is\s*)?:?\s*(?:\(([A-Za-z])\)|([A-Z])(?![\w']))")
+# A standalone capital letter anywhere; lower case is left out here so that the article
+# "a" in running text does not read as option A.
+_MC_STANDALONE = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
+
+
+def parse_choice(text, letters: str = MC_LETTERS) -> str | None:
+    """The option letter a free-text answer names, or None.
+
+    Tried in order, the first rule giving a letter in `letters` wins: the whole text is
+    one letter ("B", "(b)", "B."); the text starts with an option marker ("b) dog",
+    "B. dog"); a phrase "answer is X" / "option X"; else the first standalone capital
+    letter that is a valid option, so a hedge "A or B" reads as A (the first one named)
+    and "I think C" as C ("I" is no option). A sentence opening with the article "A"
+    therefore reads as option A; the prompt asks for the letter alone, which keeps that
+    rare. Letters outside `letters` ("F") are never an answer.
+    """
+    if not isinstance(text, str):
+        return None
+    for pattern in (_MC_ALONE, _MC_LEADING):
+        m = pattern.match(text)
+        if m and m.group(1).upper() in letters:
+            return m.group(1).upper()
+    for m in _MC_PHRASE.finditer(text):
+        letter = (m.group(1) or m.group(2)).upper()
+        if letter in letters:
+            return letter
+    for m in _MC_STANDALONE.finditer(text):
+        if m.group(1) in letters:
+            return m.group(1)
+    return None
+
+
+def mc_accuracy(predictions: Sequence, references: Sequence[str]) -> float:
+    """Fraction of predictions naming their reference option letter (see parse_choice).
+
+    A prediction naming no valid letter is wrong (LLaVA's ScienceQA script would draw a
+    random option instead; a metric here must be deterministic).
+    """
+    _check_lengths(predictions, references)
+    if len(references) == 0:
+        return 0.0
+    hits = 0
+    for i, (p, r) in enumerate(zip(predictions, references)):
+        if not isinstance(r, str) or len(r.strip()) != 1 or r.strip().upper() not in MC_LETTERS:
+            raise ValueError(f"multiple-choice reference {i} is not an option letter {list(MC_LETTERS)}: {r!r}")
+        hits += parse_choice(p) == r.strip().upper()
+    return hits / len(references)
+
+
 # Hypothesis that came out empty after PTB tokenisation ("", "...", None). pycocoevalcap
 # gives "" a 0 today, but Cider asserts on hypotheses it cannot pair, so an empty one gets
 # this token instead. PTB is run with -lowerCase, so an upper-case token matches no
@@ -189,6 +249,7 @@ METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
     "vqa_accuracy": vqa_exact_match,
     "iou@0.5": grounding_accuracy,
     "cider": cider,
+    "mc_accuracy": mc_accuracy,
 }
 
 

@@ -1,8 +1,10 @@
 """Entry point: `[mpiexec -n W] python -m pilot_hpc.main --config FILE [section.key=value ...]`.
 
-Exit codes: 0 done; 2 bad input (config, data records, images), reported before any
-rank trains; 1 a failure while running (the whole MPI job is ended through Abort so
-that no rank is left waiting in a collective).
+Exit codes: 0 done; 2 bad input (config, data records, images, a resume refused),
+reported before any rank trains; 75 preempted (SIGTERM/SIGUSR2: every rank stopped at
+its next local step and a checkpoint was written; rerun the same command to resume);
+1 a failure while running (the whole MPI job is ended through MPI_Abort so that no
+rank is left waiting in a collective).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resumes from the checkpoint just written)
 
 log = logging.getLogger("pilot_hpc")
 
@@ -103,7 +107,9 @@ def run(cfg, comm) -> int:
     from pilot_hpc import report
     from pilot_hpc.data.records import InstructionDataset, load_records
     from pilot_hpc.fl.comm import block_ranges
-    from pilot_hpc.fl.federation import ClientSlot, Federation
+    from pilot_hpc.config import ConfigError
+    from pilot_hpc.fl import resume
+    from pilot_hpc.fl.federation import ClientSlot, Federation, Preempted
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.model.llava import build_pilot_model
 
@@ -137,13 +143,28 @@ def run(cfg, comm) -> int:
     if not comm.all_ok(ok):
         return EXIT_BAD_INPUT
 
-    history = Federation(cfg, comm, pm, strategy, slots, device).run()
+    fed = Federation(cfg, comm, pm, strategy, slots, device)
+    try:
+        start = resume.locate(fed, {k: tuple(v.shape) for k, v in initial.items()})
+    except ConfigError as err:
+        if comm.rank == 0:
+            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    try:
+        history = fed.run(start)
+    except Preempted as stop:
+        write_traffic(cfg, comm)
+        comm.close()
+        if comm.rank == 0:
+            log.info("%s (exit code %d)", stop, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     write_traffic(cfg, comm)
     if comm.rank == 0:
         paths = report.write_outputs(history, cfg)
         print("\n" + report.results_table(history) + "\n", flush=True)
         log.info("wrote %s, %s, %s", paths["metrics"], paths["results"], paths["plot"])
     comm.barrier()
+    comm.close()
     return 0
 
 
@@ -157,12 +178,26 @@ def cli(argv: list[str] | None = None) -> int:
     def abort_on_exception(kind, value, tb):
         # An uncaught error on one rank must end the whole job, not leave the others
         # waiting in a collective forever.
+        from pilot_hpc.fl import federation
+
         traceback.print_exception(kind, value, tb)
-        print(f"pilot_hpc: rank {comm.rank}: {kind.__name__}: {value}; aborting the MPI job", file=sys.stderr, flush=True)
+        client = federation.current_client
+        where = f"rank {comm.rank}" + (f", client {client}" if client is not None else "")
+        print(f"pilot_hpc: {where}: {kind.__name__}: {value}; aborting the MPI job", file=sys.stderr, flush=True)
         if comm.size > 1:
             comm.abort(EXIT_FAILURE)
 
     sys.excepthook = abort_on_exception
+
+    def on_signal(signum, frame):
+        # Only a flag here: the training loop notices it at the next step, tells the
+        # other ranks, and all of them checkpoint together.
+        comm.request_stop()
+        print(f"pilot_hpc: rank {comm.rank}: got {signal.Signals(signum).name}; checkpointing at the next "
+              "local step", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, on_signal)
     from pilot_hpc.config import ConfigError, check_world, load_config
     from pilot_hpc.fl.strategies import get_strategy
 

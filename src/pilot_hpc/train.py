@@ -25,11 +25,24 @@ def seed_for(run_seed: int, client: int, round_: int) -> int:
 
 
 @dataclass
+class TrainProgress:
+    """Where an interrupted local training stands: enough to continue it bitwise."""
+
+    step: int  # optimisation steps already taken
+    samples: int
+    sums: dict[str, float]  # running loss sums (for the round's mean losses)
+    optimizer: dict[str, torch.Tensor]  # flattened AdamW state, see optimizer_state()
+    torch_rng: torch.Tensor  # torch's CPU RNG state (LoRA dropout) at the stop
+
+
+@dataclass
 class TrainResult:
     steps: int = 0
     samples: int = 0
     losses: dict[str, float] = field(default_factory=dict)  # means over the steps
     seconds: float = 0.0
+    finite: bool = True  # False: a loss went NaN/Inf and training stopped there
+    stopped: TrainProgress | None = None  # set when should_stop() interrupted the run
 
 
 def batches(n: int, batch_size: int, epochs: int, max_steps: int, gen: torch.Generator):
@@ -44,15 +57,38 @@ def batches(n: int, batch_size: int, epochs: int, max_steps: int, gen: torch.Gen
             steps += 1
 
 
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter tensors as a flat name -> tensor dict (HDF5-friendly)."""
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            out[f"{idx}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value.clone()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
 def train_steps(model: torch.nn.Module, dataset: InstructionDataset, params: list[torch.nn.Parameter], *,
                 lr: float, batch_size: int, epochs: int, max_steps: int, seed: int, pad_id: int,
                 aux_loss: Callable[[], dict[str, torch.Tensor]] = dict, grad_clip: float = 1.0,
                 weight_decay: float = 0.0, device: torch.device = torch.device("cpu"),
-                progress: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """AdamW over `params` (fresh each call: the optimiser state does not cross rounds).
+                progress: Callable[[int, dict], None] | None = None,
+                resume: TrainProgress | None = None,
+                should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+    """AdamW over `params` (fresh each round: the optimiser state does not cross rounds).
 
     aux_loss returns the weighted auxiliary terms of the last forward, added to the
-    cross-entropy on answer tokens.
+    cross-entropy on answer tokens. should_stop(step) is asked before every step; when
+    it says yes the run returns with `stopped` set, and passing that back as `resume`
+    continues exactly where it stopped (same batches, dropout and optimiser state).
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -62,16 +98,29 @@ def train_steps(model: torch.nn.Module, dataset: InstructionDataset, params: lis
     model.train()
     sums: dict[str, float] = {}
     result = TrainResult()
+    if resume is not None:
+        load_optimizer_state(opt, resume.optimizer)
+        torch.set_rng_state(resume.torch_rng)
+        sums = dict(resume.sums)
+        result.steps, result.samples = resume.step, resume.samples
     t0 = time.perf_counter()
-    for idx in batches(len(dataset), batch_size, epochs, max_steps, gen):
-        batch = collate_train([dataset[i] for i in idx], pad_id)
+    for i, idx in enumerate(batches(len(dataset), batch_size, epochs, max_steps, gen)):
+        if i < result.steps:  # replay the data order up to where the run stopped
+            continue
+        if should_stop is not None and should_stop(i):
+            result.stopped = TrainProgress(step=i, samples=result.samples, sums=dict(sums),
+                                           optimizer=optimizer_state(opt), torch_rng=torch.get_rng_state())
+            break
+        batch = collate_train([dataset[j] for j in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         terms = {"ce": out.loss, **aux_loss()}
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {result.steps}: " +
-                               ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
+                        ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            result.finite = False
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:

@@ -31,15 +31,35 @@ def weighted_average(updates: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return _mix(sample_weights(n)[None, :].to(updates.device), updates)[0]
 
 
-def task_aware_average(updates: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Theta_t = sum_{k in K_t} n_k / sum_{j in K_t} n_j * U_k for every task t -> [T, P]."""
+def finite_rows(updates: torch.Tensor) -> torch.Tensor:
+    """[K] bool: the clients whose update holds no NaN/Inf (the others are excluded)."""
+    return torch.isfinite(updates).all(dim=1).cpu()
+
+
+def task_aware_average(updates: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
+                       good: torch.Tensor | None = None) -> torch.Tensor:
+    """Theta_t = sum_{k in K_t} n_k / sum_{j in K_t} n_j * U_k for every task t -> [T, P].
+
+    With a `good` mask only those clients count; a task left without any good client
+    gets a NaN row (its clients keep the adapter they have).
+    """
     coef = torch.zeros(num_tasks, updates.shape[0], dtype=torch.float64)
+    empty = []
     for t in range(num_tasks):
-        members = (tasks == t).nonzero().flatten()
+        members = (tasks == t) if good is None else (tasks == t) & good
+        members = members.nonzero().flatten()
         if members.numel() == 0:
-            raise ValueError(f"task {t} has no client: cannot aggregate its adapter")
+            if good is None:
+                raise ValueError(f"task {t} has no client: cannot aggregate its adapter")
+            empty.append(t)
+            continue
         coef[t, members] = sample_weights(n[members])
-    return _mix(coef.to(updates.device), updates)
+    # Excluded rows may hold NaN, and 0 * NaN = NaN: mix only the good rows.
+    rows = torch.arange(updates.shape[0]) if good is None else good.nonzero().flatten()
+    out = _mix(coef[:, rows].to(updates.device), updates[rows.to(updates.device)])
+    if empty:
+        out[empty] = float("nan")
+    return out
 
 
 def gram_matrix(updates: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
@@ -88,7 +108,22 @@ def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float
     return coef
 
 
-def ata_aggregate(updates: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12) -> torch.Tensor:
-    """Each client's personalised LoRA -> [K, P]."""
-    coef = ata_coefficients(pairwise_distances(updates), n, top_m, eps)
-    return _mix(coef.to(updates.device), updates)
+def ata_aggregate(updates: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12,
+                  good: torch.Tensor | None = None) -> torch.Tensor:
+    """Each client's personalised LoRA -> [K, P].
+
+    With a `good` mask, ATA runs among the good clients only (M shrinks to at most
+    their number minus one); excluded clients get NaN rows (they keep their own LoRA),
+    so no good client's result depends on an excluded one.
+    """
+    if good is None:
+        coef = ata_coefficients(pairwise_distances(updates), n, top_m, eps)
+        return _mix(coef.to(updates.device), updates)
+    rows = good.nonzero().flatten()
+    out = torch.full_like(updates, float("nan"))
+    if rows.numel() == 1:
+        out[rows] = updates[rows]
+    elif rows.numel() > 1:
+        out[rows.to(updates.device)] = ata_aggregate(updates[rows.to(updates.device)], n[rows],
+                                                     min(top_m, rows.numel() - 1), eps)
+    return out

@@ -33,6 +33,9 @@ def block_ranges(num_items: int, world: int) -> list[range]:
     return [range(r * num_items // world, (r + 1) * num_items // world) for r in range(world)]
 
 
+STOP_TAG = 17
+
+
 class Comm:
     def __init__(self, poll_max_s: float = 0.02):
         self.world = MPI.COMM_WORLD
@@ -40,6 +43,48 @@ class Comm:
         self.size = self.world.Get_size()
         self.poll_max_s = poll_max_s
         self.traffic: list[Traffic] = []
+        # Stop requests (SIGTERM/SIGUSR2 on any rank) travel as point-to-point messages
+        # on a private communicator, so a rank deep in local training hears of a signal
+        # that reached another rank at its next step, without any collective.
+        self.ctrl = self.world.Dup()
+        self._stop_in = np.zeros(1, dtype=np.int32)
+        self._stop_req = self.ctrl.Irecv(self._stop_in, source=MPI.ANY_SOURCE, tag=STOP_TAG)
+        self._stop_local = False
+        self._told_others = False
+        self._stop_sends: list = []
+
+    # ---------------------------------------------------------------- stop requests
+    def request_stop(self) -> None:
+        """Called from a signal handler: only sets a flag (no MPI inside a handler)."""
+        self._stop_local = True
+
+    def stop_requested(self) -> bool:
+        """True once this rank got a signal or heard of one; tells the other ranks once."""
+        if self._stop_local:
+            if not self._told_others:
+                self._told_others = True
+                one = np.ones(1, dtype=np.int32)
+                self._stop_sends = [self.ctrl.Isend(one, dest=r, tag=STOP_TAG)
+                                    for r in range(self.size) if r != self.rank]
+            return True
+        if self._stop_req is not None and self._stop_req.Test():
+            self._stop_req = None
+            # Heard from another rank, which told everyone already.
+            self._stop_local = self._told_others = True
+            return True
+        return False
+
+    def close(self) -> None:
+        """Settles the stop channel before MPI finalises (no request left pending)."""
+        if self._stop_req is not None:
+            self._stop_req.Cancel()
+            self._stop_req.Wait()
+            self._stop_req = None
+        for req in self._stop_sends:
+            req.Wait()
+        sink = np.zeros(1, dtype=np.int32)
+        while self.ctrl.Iprobe(source=MPI.ANY_SOURCE, tag=STOP_TAG):
+            self.ctrl.Recv(sink, source=MPI.ANY_SOURCE, tag=STOP_TAG)
 
     # ---------------------------------------------------------------- waiting
     def _wait(self, req) -> None:
@@ -103,6 +148,14 @@ class Comm:
         out = np.empty(1, dtype=np.int32)
         self._wait(self.world.Iallreduce(flag, out, op=MPI.MIN))
         self._log("allreduce", "all_ok", flag.nbytes, out.nbytes)
+        return bool(out[0])
+
+    def any(self, flag: bool, tag: str) -> bool:
+        """True when any rank says True (e.g. "a client of mine was stopped")."""
+        send = np.array([1 if flag else 0], dtype=np.int32)
+        out = np.empty(1, dtype=np.int32)
+        self._wait(self.world.Iallreduce(send, out, op=MPI.MAX))
+        self._log("allreduce", tag, send.nbytes, out.nbytes)
         return bool(out[0])
 
     def abort(self, code: int) -> None:

@@ -20,19 +20,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pilot_hpc import checkpoint
+from pilot_hpc import faults
 from pilot_hpc.config import Config
 from pilot_hpc.data.records import InstructionDataset
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, from_wire, numel, to_wire, wire_dtype
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.model.llava import PilotModel
-from pilot_hpc.train import evaluate_client, seed_for, train_steps
+from pilot_hpc.fl import resume
+from pilot_hpc.train import TrainProgress, evaluate_client, seed_for, train_steps
 
 log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "steps")
+
+# The client this rank is working on, for the failure message of the MPI abort.
+current_client: int | None = None
+
+
+class Preempted(Exception):
+    """All ranks agreed to stop (SIGTERM/SIGUSR2): a mid-round checkpoint was written."""
+
+    def __init__(self, path: str):
+        super().__init__(f"preempted: checkpoint {path} written; rerun the same command to resume")
+        self.path = path
 
 
 @dataclass
@@ -45,6 +57,12 @@ class ClientSlot:
     state: dict[str, torch.Tensor]
     losses: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    # Within a round: pending -> (partial ->) done. pre_state is the state at the
+    # round's start: the "last good" parameters a bad update falls back to.
+    status: str = "pending"
+    pre_state: dict[str, torch.Tensor] | None = None
+    progress: TrainProgress | None = None
+    finite: bool = True
 
     @property
     def n(self) -> int:
@@ -67,6 +85,8 @@ class Federation:
 
     # ------------------------------------------------------------------ helpers
     def activate(self, slot: ClientSlot) -> None:
+        global current_client
+        current_client = slot.k
         self.pm.connector.own_task = slot.task_id
         self.pm.set_state(slot.state)
 
@@ -77,21 +97,52 @@ class Federation:
         return {k: weights[k] * v for k, v in aux.items()}
 
     # ------------------------------------------------------------------ one round
-    def train_clients(self, round_: int, stage: int) -> None:
+    def should_stop(self, round_: int, step: int) -> bool:
+        faults.maybe_signal(self.comm.rank, round_, step)
+        return self.comm.stop_requested()
+
+    def train_clients(self, round_: int, stage: int) -> bool:
+        """Local training of this rank's clients; True when a stop request interrupted it."""
         t = self.cfg.train
+        stopped = False
         for slot in self.slots:
+            if slot.status == "done":  # finished before an interruption of this round
+                continue
+            if self.comm.stop_requested():
+                stopped = True
+                continue  # stays pending (or partial)
             self.activate(slot)
-            self.strategy.begin_round(self.pm, round_)
+            if slot.status == "pending":
+                slot.pre_state = slot.state
+                self.strategy.begin_round(self.pm, round_)
             self.pm.set_stage(stage)
+            if faults.hit("raise", client=slot.k, round=round_):
+                raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
             params = [p for p in self.pm.model.parameters() if p.requires_grad]
             lr = t.lr_stage1 if stage == 1 else t.lr_stage2
             res = train_steps(self.pm.model, slot.train, params, lr=lr, batch_size=t.batch_size,
                               epochs=t.local_epochs, max_steps=t.max_steps,
                               seed=seed_for(self.cfg.run.seed, slot.k, round_), pad_id=self.pm.tokenizer.pad_token_id,
                               aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
-                              device=self.device)
-            slot.losses, slot.steps = res.losses, res.steps
+                              device=self.device, resume=slot.progress,
+                              should_stop=lambda step: self.should_stop(round_, step))
             slot.state = self.pm.get_state()
+            if res.stopped is not None:
+                slot.status, slot.progress, stopped = "partial", res.stopped, True
+                continue
+            slot.status, slot.progress = "done", None
+            slot.losses, slot.steps = res.losses, res.steps
+            if faults.hit("nan_update", client=slot.k, round=round_):
+                with torch.no_grad():
+                    for p in self.strategy.visual_params(self.pm):
+                        p.fill_(float("nan"))
+            update = self.strategy.visual_params(self.pm) + self.strategy.text_params(self.pm)
+            slot.finite = res.finite and all(bool(torch.isfinite(p).all()) for p in update)
+            if not slot.finite:
+                log.warning("client %d: non-finite update in round %d: excluded from aggregation; the client "
+                            "keeps its parameters from the start of the round", slot.k, round_)
+                slot.state = slot.pre_state
+        return stopped
 
     def exchange(self, round_: int) -> None:
         """Gatherv updates -> aggregate on rank 0 -> Bcast shared, Scatterv personal -> install."""
@@ -101,6 +152,9 @@ class Federation:
         width = p_vis + p_txt
         local = []
         for slot in self.slots:
+            if not slot.finite:  # a NaN row tells the server to leave this client out
+                local.append(torch.full((width,), float("nan"), dtype=dtype))
+                continue
             self.activate(slot)
             local += [flatten(strat.visual_params(pm)).to(dtype), flatten(strat.text_params(pm)).to(dtype)]
         sizes = [len(b) for b in self.blocks]
@@ -118,15 +172,20 @@ class Federation:
                                      self.num_tasks)
             shared[:] = to_wire(result.shared.reshape(-1).cpu())
             personal_wire = to_wire(result.personal.reshape(-1).cpu())
+            if result.excluded:
+                log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_,
+                            result.excluded)
             log.debug("round %d: aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
         comm.bcast(shared, tag="shared")
         personal = comm.scatterv(personal_wire, [s * p_txt for s in sizes], wire_dtype(dtype), tag="personal")
         shared_t = from_wire(shared, dtype).view(shared_rows, p_vis)
         personal_t = from_wire(personal, dtype).view(len(self.slots), p_txt)
         for i, slot in enumerate(self.slots):
-            self.activate(slot)
-            strat.install(pm, shared_t, personal_t[i], round_)
-            slot.state = pm.get_state()
+            if slot.finite:  # a client with a bad update keeps its last good parameters
+                self.activate(slot)
+                strat.install(pm, shared_t, personal_t[i], round_)
+                slot.state = pm.get_state()
+            slot.status, slot.pre_state, slot.progress, slot.finite = "pending", None, None, True
 
     def evaluate(self, stage: int) -> list[dict] | None:
         """Every client on its own held-out split; the table rows land on rank 0."""
@@ -150,23 +209,6 @@ class Federation:
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
                 for k in range(self.num_clients)]
 
-    def save(self, round_: int) -> str:
-        """round_NNN.h5: rank 0 writes the header, then each rank appends its clients in turn."""
-        folder = os.path.join(self.cfg.run.output_dir, "checkpoints")
-        final = os.path.join(folder, f"round_{round_:03d}.h5")
-        tmp = final + ".tmp"
-        if self.comm.rank == 0:
-            os.makedirs(folder, exist_ok=True)
-            checkpoint.create(tmp, self.cfg, round_)
-        for r in range(self.comm.size):
-            self.comm.barrier()
-            if r == self.comm.rank:
-                checkpoint.append_clients(tmp, {s.k: (s.task, s.n, s.state) for s in self.slots})
-        self.comm.barrier()
-        if self.comm.rank == 0:
-            checkpoint.finalize(tmp, final)
-        return final
-
     # ------------------------------------------------------------------ the run
     def log_round(self, round_: int, stage: int, rows: list[dict], seconds: float) -> None:
         by_task: dict[str, list[float]] = {}
@@ -179,22 +221,35 @@ class Federation:
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores)
 
-    def run(self) -> list[dict]:
-        """Returns (on rank 0) the per-round history: [{"round": r, "clients": [...]}, ...]."""
-        history = []
-        t0 = time.perf_counter()
-        rows = self.evaluate(stage=0)
-        if rows is not None:
-            history.append({"round": 0, "clients": rows})
-            self.log_round(0, 0, rows, time.perf_counter() - t0)
-        for round_ in range(1, self.cfg.fl.rounds + 1):
+    def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
+        """Returns (on rank 0) the per-round history: [{"round": r, "clients": [...]}, ...].
+
+        `start` continues from a checkpoint: after a complete round, or inside an
+        interrupted one (its clients' status, progress and losses restored).
+        """
+        history = list(start.history) if start is not None else []
+        if start is None:
+            t0 = time.perf_counter()
+            rows = self.evaluate(stage=0)
+            if rows is not None:
+                history.append({"round": 0, "clients": rows})
+                self.log_round(0, 0, rows, time.perf_counter() - t0)
+            first = 1
+        else:
+            first = start.round + 1 if start.complete else start.round
+        for round_ in range(first, self.cfg.fl.rounds + 1):
             t0 = time.perf_counter()
             stage = self.strategy.stage(round_)
-            self.train_clients(round_, stage)
+            stopped = self.train_clients(round_, stage)
+            # Everyone meets here; one stopped rank makes all of them checkpoint and exit.
+            if self.comm.any(stopped or self.comm.stop_requested(), tag="stop"):
+                path = resume.save(self, round_, complete=False, history=history)
+                raise Preempted(path)
             self.exchange(round_)
             rows = self.evaluate(stage)
-            self.save(round_)
             if rows is not None:
                 history.append({"round": round_, "clients": rows})
+            resume.save(self, round_, complete=True, history=history)
+            if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
         return history

@@ -60,8 +60,15 @@ class PilotConnector(nn.Module):
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed)
             self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=gen) * 0.02)
+        # Whether the cross-task adapters were initialised (stage-2 entry): a buffer, so
+        # it travels with the client's state through swaps and checkpoints.
+        self.register_buffer("cross_initialised", torch.zeros((), dtype=torch.bool))
         self.stage = 0
         self.aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def cross_ready(self) -> bool:
+        return bool(self.cross_initialised)
 
     # ------------------------------------------------------------------ task ids
     def foreign_tasks(self) -> list[int]:
@@ -104,6 +111,7 @@ class PilotConnector(nn.Module):
                         lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
                         if lin.bias is not None:
                             lin.bias.copy_(torch.empty_like(lin.bias).uniform_(-bound, bound, generator=gen))
+            self.cross_initialised.fill_(True)
 
     # ------------------------------------------------------------------ forward
     def ctmoa_adapters(self) -> list[AdapterWeights]:

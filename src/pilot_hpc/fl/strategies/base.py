@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ def get_strategy(name: str, cfg) -> "Strategy":
 class ServerResult:
     shared: torch.Tensor  # [S, Pv]: broadcast to every client (e.g. the T task adapters)
     personal: torch.Tensor  # [K, Pt]: row k goes to client k only
+    excluded: list[int] = field(default_factory=list)  # clients left out (non-finite update)
 
 
 class Strategy:
@@ -65,3 +66,11 @@ class Strategy:
 
     def install(self, pm, shared: torch.Tensor, personal: torch.Tensor, round_: int) -> None:
         raise NotImplementedError
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """What the server keeps across rounds (checkpointed); Pilot keeps nothing."""
+        return {}
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no server state, but the checkpoint has {sorted(state)}")

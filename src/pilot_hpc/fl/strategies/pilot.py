@@ -25,13 +25,15 @@ class Pilot(Strategy):
         return num_tasks
 
     def begin_round(self, pm, round_: int) -> None:
-        if round_ == 2:  # stage-2 entry: cross-task adapters from the (aggregated) own adapter
+        # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
+        if self.stage(round_) == 2 and not pm.connector.cross_ready:
             pm.connector.init_cross_adapters()
 
     def aggregate(self, visual, text, n, tasks, num_tasks) -> ServerResult:
-        shared = aggregate.task_aware_average(visual, n, tasks, num_tasks)  # [T, Pv]
-        personal = aggregate.ata_aggregate(text, n, self.cfg.fl.top_m, self.cfg.fl.ata_eps)  # [K, Pl]
-        return ServerResult(shared=shared, personal=personal)
+        good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
+        shared = aggregate.task_aware_average(visual, n, tasks, num_tasks, good)  # [T, Pv]
+        personal = aggregate.ata_aggregate(text, n, self.cfg.fl.top_m, self.cfg.fl.ata_eps, good)  # [K, Pl]
+        return ServerResult(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
 
     def install(self, pm, shared, personal, round_) -> None:
         conn = pm.connector
@@ -39,5 +41,6 @@ class Pilot(Strategy):
         targets = {conn.own_task: conn.task_adapter}
         targets.update(zip(conn.foreign_tasks(), conn.foreign))
         for t in range(shared.shape[0]):
-            unflatten_into(shared[t], list(targets[t].parameters()))
+            if torch.isfinite(shared[t]).all():  # NaN row: no good client of task t this round
+                unflatten_into(shared[t], list(targets[t].parameters()))
         unflatten_into(personal, self.text_params(pm))

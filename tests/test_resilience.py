@@ -1,0 +1,115 @@
+"""Faults under real mpiexec (subprocesses with timeouts): kills, preemption, corrupt
+checkpoints, bad updates, exceptions, and a changed config on resume.
+
+Each resumed run must end with exactly the uninterrupted run's metrics (bitwise on CPU).
+"""
+
+import os
+import shutil
+import time
+
+import h5py
+import pytest
+import torch
+
+from helpers import SMOKE, load_metrics, run_main, small_overrides
+from pilot_hpc import checkpoint
+
+
+def args_for(cache_dir, out):
+    return ["--config", SMOKE] + small_overrides(cache_dir, str(out))
+
+
+def assert_same_result(out, runs):
+    ref = load_metrics(runs[0] / "w3")
+    got = load_metrics(out)
+    assert got["final"] == ref["final"]
+    assert got["rounds"] == ref["rounds"]
+
+
+def test_sigkill_of_a_rank_ends_the_job_and_the_rerun_resumes(runs, cache_dir, tmp_path):
+    out = tmp_path / "killed"
+    t0 = time.monotonic()
+    proc = run_main(args_for(cache_dir, out), np=3, timeout=120,
+                    env={"PILOT_HPC_INJECT": "sigkill:rank=1,round=2,step=1"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed)
+    assert (out / "checkpoints" / "round_001.h5").exists()
+    assert not (out / "checkpoints" / "round_002.h5").exists()
+    again = run_main(args_for(cache_dir, out), np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing from" in again.stdout and "round_001.h5" in again.stdout
+    assert "round 0/" not in again.stdout  # nothing before the checkpoint is redone
+    assert_same_result(out, runs)
+
+
+def test_sigterm_mid_round_checkpoints_exits_75_and_resumes_bitwise(runs, cache_dir, tmp_path):
+    out = tmp_path / "preempted"
+    proc = run_main(args_for(cache_dir, out), np=3, timeout=300,
+                    env={"PILOT_HPC_INJECT": "sigterm:rank=2,round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "got SIGTERM" in proc.stderr
+    path = out / "checkpoints" / "round_002.preempt.h5"
+    ck = checkpoint.read(str(path))
+    assert not ck.complete and ck.round == 2
+    c2 = ck.clients[2]
+    assert c2.status == "partial" and c2.progress["step"] == 2 and c2.progress["optimizer"]
+    again = run_main(args_for(cache_dir, out), np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "interrupted mid-round" in again.stdout
+    assert not path.exists()  # superseded by the completed round
+    assert_same_result(out, runs)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, cache_dir, tmp_path, damage):
+    out = tmp_path / damage
+    shutil.copytree(runs[0] / "w3", out)
+    os.remove(out / "metrics.json")
+    newest = out / "checkpoints" / "round_002.h5"
+    if damage == "truncate":
+        with open(newest, "r+b") as fh:
+            fh.truncate(os.path.getsize(newest) // 3)
+    else:
+        with h5py.File(newest, "r") as f:
+            offset = f["clients/client_01/state"][next(iter(f["clients/client_01/state"]))].id.get_chunk_info(0).byte_offset
+        raw = bytearray(newest.read_bytes())
+        for i in range(16):
+            raw[offset + 8 + i] ^= 0x5A
+        newest.write_bytes(bytes(raw))
+    proc = run_main(args_for(cache_dir, out), np=3, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping" in proc.stdout and "round_002.h5" in proc.stdout
+    assert "continuing from" in proc.stdout and "round_001.h5" in proc.stdout
+    assert_same_result(out, runs)
+
+
+def test_nan_update_is_excluded_and_the_client_keeps_its_parameters(runs, cache_dir, tmp_path):
+    out = tmp_path / "nan"
+    proc = run_main(args_for(cache_dir, out), np=3, timeout=300,
+                    env={"PILOT_HPC_INJECT": "nan_update:client=1,round=2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "client 1: non-finite update in round 2" in proc.stdout + proc.stderr
+    assert "client(s) [1] excluded from aggregation" in proc.stdout
+    before = checkpoint.read(str(out / "checkpoints" / "round_001.h5")).clients[1].state
+    after = checkpoint.read(str(out / "checkpoints" / "round_002.h5")).clients[1].state
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(torch.isfinite(t.float()).all() for t in after.values())
+
+
+def test_an_exception_on_one_rank_aborts_the_job_naming_rank_and_client(cache_dir, tmp_path):
+    t0 = time.monotonic()
+    proc = run_main(args_for(cache_dir, tmp_path / "boom"), np=3, timeout=120,
+                    env={"PILOT_HPC_INJECT": "raise:client=2,round=1"})
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert "rank 2, client 2: RuntimeError: injected failure" in proc.stderr
+
+
+def test_resume_with_a_result_changing_config_is_refused(runs, cache_dir, tmp_path):
+    out = tmp_path / "changed"
+    shutil.copytree(runs[0] / "w3", out)
+    proc = run_main(args_for(cache_dir, out) + ["train.lr_stage2=1.0e-3", "run.log_every=7"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.lr_stage2: 0.0005 -> 0.001" in proc.stderr
+    assert "log_every" not in proc.stderr  # not a result-changing field
