@@ -6,6 +6,9 @@ make them happen at a chosen place through the same code paths:
   sigterm:rank=R,round=N,step=S   ... SIGTERM (the preemption path through the handler)
   raise:client=K,round=N          client K's training raises RuntimeError
   nan_update:client=K,round=N     client K's update turns NaN after training
+  sigusr2:rank=R,round=N,step=S   ... SIGUSR2 (Slurm's and submitit's warning signal)
+Every fault may also name restart=C: it then fires only in the C-th run of a requeued
+Slurm job (SLURM_RESTART_COUNT; 0 outside Slurm), so a requeued job does not repeat it.
 Unset (the default), every check is a dictionary lookup that finds nothing.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 
-KINDS = ("sigkill", "sigterm", "raise", "nan_update")
+KINDS = ("sigkill", "sigterm", "sigusr2", "raise", "nan_update")
 
 
 def parse(text: str) -> list[tuple[str, dict[str, int]]]:
@@ -36,6 +39,9 @@ _FAULTS = parse(os.environ.get("PILOT_HPC_INJECT", ""))
 
 def hit(kind: str, **where: int) -> bool:
     """True when a configured fault of `kind` matches every key it names."""
+    if not _FAULTS:
+        return False
+    where = dict(where, restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
     return any(k == kind and all(where.get(key) == value for key, value in params.items())
                for k, params in _FAULTS)
 
@@ -45,3 +51,5 @@ def maybe_signal(rank: int, round_: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if hit("sigterm", rank=rank, round=round_, step=step):
         os.kill(os.getpid(), signal.SIGTERM)
+    if hit("sigusr2", rank=rank, round=round_, step=step):
+        os.kill(os.getpid(), signal.SIGUSR2)

@@ -168,6 +168,17 @@ def run(cfg, comm) -> int:
     return 0
 
 
+def check_slurm_world(world: int) -> None:
+    """Under srun, the MPI world must span the step's tasks: a wrong PMI plugin starts
+    N one-rank worlds that would each run the whole federation."""
+    from pilot_hpc.config import ConfigError
+
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if tasks is not None and tasks.isdigit() and int(tasks) != world:
+        raise ConfigError(f"the MPI world has {world} rank(s) but this Slurm step started {tasks} tasks: "
+                          "launch with `srun --mpi=pmi2` (see README, Troubleshooting)")
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pilot_hpc.fl.comm import Comm
@@ -204,6 +215,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_world(cfg, comm.size)
+        check_slurm_world(comm.size)
         get_strategy(cfg.fl.strategy, cfg)
     except ConfigError as err:  # every rank sees the same error: one message, no abort needed
         if comm.rank == 0:

@@ -1,0 +1,274 @@
+"""Experiment grids as Slurm job arrays through submitit (the only submitit importer).
+
+    python -m pilot_hpc.launch --grid configs/grids/smoke_seeds.yaml            # one Slurm array
+    python -m pilot_hpc.launch --grid configs/grids/smoke_seeds.yaml --local    # same runs, no Slurm
+    python -m pilot_hpc.launch --grid configs/grids/smoke_seeds.yaml --dry-run  # print the sbatch script
+    python -m pilot_hpc.launch collect --grid configs/grids/smoke_seeds.yaml    # one table of all runs
+
+A grid file names a base config, common overrides and a `grid:` of key -> values; the
+cartesian product gives the runs, each with its own run.output_dir under output_root.
+Each array element is one multi-task MPI job: submitit starts `ntasks` tasks with
+`srun --mpi=pmi2`, and every task runs pilot_hpc.main, which joins one MPI world.
+Preemption and time limits: Slurm's USR2 makes every rank checkpoint at its next step
+(pilot_hpc.main exits 75), global rank 0 requeues the element with `scontrol requeue`,
+and the requeued element resumes from its HDF5 checkpoint (run.resume=auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+from pilot_hpc.config import ConfigError, load_config
+
+
+@dataclass
+class SlurmSpec:
+    ntasks: int = 9
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0  # GPU clusters: 1 (one GPU per client rank)
+    time_min: int = 240
+    partition: str = ""
+    array_parallelism: int = 8  # elements of the array running at once (slurm_array_parallelism)
+    signal_delay_s: int = 300  # USR2 this long before the time limit: time to checkpoint
+    max_requeues: int = 5
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+
+
+@dataclass
+class Grid:
+    name: str
+    config: str
+    output_root: str
+    overrides: list[str]
+    axes: dict[str, list]
+    slurm: SlurmSpec
+    local_parallel: int = 1
+
+
+@dataclass
+class Element:
+    name: str
+    output_dir: str
+    argv: list[str]  # pilot_hpc.main arguments
+
+
+def load_grid(path: str) -> Grid:
+    if not os.path.isfile(path):
+        raise ConfigError(f"grid file {path!r} does not exist")
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    valid = {"name", "config", "output_root", "overrides", "grid", "slurm", "local_parallel"}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    for key in ("name", "config", "grid"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    axes = raw["grid"]
+    if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
+        raise ConfigError(f"{path}: 'grid' must map section.key to a non-empty list of values")
+    try:
+        slurm = SlurmSpec(**(raw.get("slurm") or {}))
+    except TypeError as err:
+        raise ConfigError(f"{path}: slurm: {err}; valid keys: {sorted(SlurmSpec.__dataclass_fields__)}") from None
+    # Absolute paths: array elements may start in another working directory.
+    return Grid(name=raw["name"], config=os.path.abspath(raw["config"]),
+                output_root=os.path.abspath(raw.get("output_root", f"runs/grids/{raw['name']}")),
+                overrides=list(raw.get("overrides") or []), axes=axes, slurm=slurm,
+                local_parallel=int(raw.get("local_parallel", 1)))
+
+
+def _slug(key: str, value) -> str:
+    text = f"{key.split('.')[-1]}{value}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def expand(grid: Grid) -> list[Element]:
+    """The cartesian product of the axes; each element's config is validated here."""
+    keys = list(grid.axes)
+    elements = []
+    for values in itertools.product(*(grid.axes[k] for k in keys)):
+        name = "_".join(_slug(k, v) for k, v in zip(keys, values))
+        out = os.path.join(grid.output_root, name)
+        overrides = grid.overrides + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                      for k, v in zip(keys, values)] + [f"run.output_dir={out}"]
+        load_config(grid.config, overrides)  # fail before submitting anything
+        elements.append(Element(name=name, output_dir=out, argv=["--config", grid.config] + overrides))
+    return elements
+
+
+class GridElement:
+    """The callable submitit pickles: every task of the element runs pilot_hpc.main."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> str:
+        from pilot_hpc.main import EXIT_PREEMPTED, cli
+
+        code = cli(self.argv)
+        if code == EXIT_PREEMPTED:
+            # Every rank checkpointed. Exiting 75 ends the srun step normally; the batch
+            # script's teardown then requeues the element (REQUEUE_ON_75), which resumes
+            # from the checkpoint. SystemExit (not an Exception) leaves no result file,
+            # so submitit keeps waiting for the rerun.
+            raise SystemExit(code)
+        if code != 0:
+            raise RuntimeError(f"pilot_hpc.main {' '.join(self.argv)} exited with code {code}")
+        return os.path.join(_output_dir(self.argv), "metrics.json")
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's own timeout path (a signal before main's handlers exist): rerun as is."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(GridElement(self.argv))
+
+
+def _output_dir(argv: list[str]) -> str:
+    return [a.split("=", 1)[1] for a in argv if a.startswith("run.output_dir=")][-1]
+
+
+# Requeue from the batch script once srun has returned, not from inside the step: a
+# step cancelled by `scontrol requeue` while its tasks run leaves its PMI2 socket
+# behind (seen with Slurm 22.05), and the requeued step then hangs in MPI_Init.
+REQUEUE_ON_75 = [
+    "code=$?",
+    'if [ "$code" -eq 75 ]; then echo "pilot_hpc: preempted; requeueing job $SLURM_JOB_ID"; '
+    'scontrol requeue "$SLURM_JOB_ID"; fi',
+    'exit "$code"',
+]
+
+
+def make_executor(grid: Grid):
+    import submitit
+
+    s = grid.slurm
+    executor = submitit.SlurmExecutor(folder=os.path.join(grid.output_root, "submitit", "%j"),
+                                      max_num_timeout=s.max_requeues)
+    params = dict(job_name=f"pilot-{grid.name}", time=s.time_min, nodes=1, ntasks_per_node=s.ntasks,
+                  cpus_per_task=s.cpus_per_task, signal_delay_s=s.signal_delay_s,
+                  array_parallelism=s.array_parallelism, srun_args=["--mpi=pmi2"],
+                  setup=["export PYTHONUNBUFFERED=1"] + list(s.setup), teardown=REQUEUE_ON_75)
+    if s.gpus_per_task:
+        params["gpus_per_task"] = s.gpus_per_task
+    if s.partition:
+        params["partition"] = s.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_text(grid: Grid) -> str:
+    """The array script submitit will submit (submitit has no public renderer)."""
+    executor = make_executor(grid)
+    command = " ".join([sys.executable, "-u", "-m", "submitit.core._submit", str(executor.folder)])
+    return executor._make_submission_file_text(command, "dry-run")
+
+
+def submit(grid: Grid, elements: list[Element]) -> list:
+    executor = make_executor(grid)
+    with executor.batch():
+        jobs = [executor.submit(GridElement(e.argv)) for e in elements]
+    for e, job in zip(elements, jobs):
+        print(f"submitted {e.name}: Slurm job {job.job_id} -> {e.output_dir}", flush=True)
+    return jobs
+
+
+def run_local(grid: Grid, elements: list[Element]) -> int:
+    """The same runs without Slurm: mpiexec per element, at most local_parallel at once."""
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+    def one(e: Element) -> int:
+        os.makedirs(e.output_dir, exist_ok=True)
+        with open(os.path.join(e.output_dir, "launch.log"), "ab") as log:
+            cmd = [mpiexec, "-n", str(grid.slurm.ntasks), sys.executable, "-m", "pilot_hpc.main"] + e.argv
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{e.name}: exit {code} ({e.output_dir})", flush=True)
+        return code
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, grid.local_parallel)) as pool:
+        codes = list(pool.map(one, elements))
+    return max(codes, default=0)
+
+
+def collect(grid: Grid, elements: list[Element]) -> str:
+    """Markdown: one row per run, its final per-client metrics, per-task averages, the mean."""
+    rows, header = [], None
+    for e in elements:
+        path = os.path.join(e.output_dir, "metrics.json")
+        if not os.path.isfile(path):
+            rows.append(f"| {e.name} | (no metrics.json yet) |")
+            continue
+        with open(path) as fh:
+            final = json.load(fh)["final"]
+        tasks = list(dict.fromkeys(c["task"] for c in final))
+        if header is None:
+            header = ["run"] + [f"c{c['client']} {c['task']}" for c in final] + [f"avg {t}" for t in tasks] + ["mean"]
+        avgs = [sum(c["value"] for c in final if c["task"] == t) / sum(c["task"] == t for c in final) for t in tasks]
+        cells = [e.name] + [f"{c['value']:.1f}" for c in final] + [f"{a:.1f}" for a in avgs] + \
+            [f"{sum(c['value'] for c in final) / len(final):.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    if header is None:
+        return "no run of this grid has a metrics.json yet"
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
+    os.makedirs(grid.output_root, exist_ok=True)
+    with open(os.path.join(grid.output_root, "results.md"), "w") as fh:
+        fh.write(f"# grid {grid.name}: final metrics per run (x100)\n\n{table}\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = "collect" if argv[:1] == ["collect"] else "run"
+    ap = argparse.ArgumentParser(prog="python -m pilot_hpc.launch", description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", required=True, help="grid YAML (configs/grids/*.yaml)")
+    if command == "run":
+        mode = ap.add_mutually_exclusive_group()
+        mode.add_argument("--local", action="store_true", help="run the grid here with mpiexec, no Slurm")
+        mode.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script only")
+        mode.add_argument("--wait", action="store_true", help="submit, then wait for every element")
+    args = ap.parse_args(argv[1:] if command == "collect" else argv)
+    try:
+        grid = load_grid(args.grid)
+        elements = expand(grid)
+    except ConfigError as err:
+        print(f"pilot_hpc.launch: config error: {err}", file=sys.stderr)
+        return 2
+    if command == "collect":
+        print(collect(grid, elements))
+        return 0
+    if args.dry_run:
+        for e in elements:
+            print(f"{e.name}: python -m pilot_hpc.main {' '.join(e.argv)}")
+        print(sbatch_text(grid))
+        return 0
+    if args.local:
+        return run_local(grid, elements)
+    jobs = submit(grid, elements)
+    if args.wait:
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        failed = 0
+        for e, job in zip(elements, jobs):
+            try:
+                job.results()  # one result per MPI task (rank); all must succeed
+                print(f"{e.name}: done", flush=True)
+            except (FailedJobError, UncompletedJobError) as err:
+                failed += 1
+                print(f"{e.name}: failed: {err}", file=sys.stderr, flush=True)
+        print(collect(grid, elements))
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
