@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -44,7 +45,10 @@ class LocalSlurm:
         self.cpus = cpus
         self.host = socket.gethostname().split(".")[0]
         self.conf = os.path.join(self.folder, "slurm.conf")
-        self.munge_socket = os.path.join(self.folder, "munge", "munge.socket")
+        # munged runs as the munge user, which cannot enter root's 0700 pytest folders:
+        # its files go to a folder of its own under /tmp.
+        self.munge_dir = tempfile.mkdtemp(prefix="pilot-munge-")
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -53,7 +57,7 @@ class LocalSlurm:
         return dict(os.environ, SLURM_CONF=self.conf)
 
     def write_config(self) -> None:
-        for sub in ("state", "spool", "log", "munge"):
+        for sub in ("state", "spool", "log"):
             os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
         d = self.folder
         lines = [
@@ -80,11 +84,11 @@ class LocalSlurm:
         self.write_config()
         log = open(os.path.join(self.folder, "log", "daemons.out"), "ab")
         # munged as the munge user (it refuses root), with its socket in our folder.
-        os.chown(os.path.join(self.folder, "munge"), *_munge_ids())
+        os.chown(self.munge_dir, *_munge_ids())
+        m = self.munge_dir
         self.procs["munged"] = subprocess.Popen(
             ["runuser", "-u", "munge", "--", _tool("munged"), "-F", f"--socket={self.munge_socket}",
-             f"--pid-file={self.folder}/munge/munged.pid", f"--log-file={self.folder}/munge/munged.log",
-             f"--seed-file={self.folder}/munge/munged.seed", "--force"],
+             f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed", "--force"],
             stdout=log, stderr=log)
         _wait_for(lambda: os.path.exists(self.munge_socket), timeout, "munged socket")
         self.procs["slurmctld"] = subprocess.Popen([_tool("slurmctld"), "-D", "-i", "-f", self.conf],
@@ -102,6 +106,10 @@ class LocalSlurm:
         return out.returncode == 0 and out.stdout.strip() == "idle"
 
     def stop(self) -> None:
+        # Let running jobs end while slurmd can still hear from their slurmstepd.
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True, timeout=30)
+            _wait_for(self.queue_empty, 30, "the queue to drain", raise_on_timeout=False)
         for name in reversed(DAEMONS):
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
@@ -112,6 +120,27 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        self._kill_orphan_stepds()
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
+
+    def queue_empty(self) -> bool:
+        out = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env)
+        return out.returncode == 0 and not out.stdout.strip()
+
+    def _kill_orphan_stepds(self) -> None:
+        """slurmstepd processes of this cluster (they carry our SLURM_CONF) outlive slurmd."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if not fh.read().startswith(b"slurmstepd"):
+                        continue
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if marker not in fh.read().split(b"\0"):
+                        continue
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
 
     def logs(self) -> str:
         out = []
@@ -130,12 +159,15 @@ def _munge_ids() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _wait_for(check, timeout: float, what: str, cluster: LocalSlurm | None = None) -> None:
+def _wait_for(check, timeout: float, what: str, cluster: LocalSlurm | None = None,
+              raise_on_timeout: bool = True) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if check():
             return
         time.sleep(0.2)
+    if not raise_on_timeout:
+        return
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" +
                        (f"\n{cluster.logs()}" if cluster else ""))
 
@@ -143,6 +175,7 @@ def _wait_for(check, timeout: float, what: str, cluster: LocalSlurm | None = Non
 if __name__ == "__main__":
     cluster = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else "/tmp/pilot-slurm").start()
     print(f"Slurm up: export SLURM_CONF={cluster.conf}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that `kill` tears the daemons down too
     try:
         signal.pause()
     except KeyboardInterrupt:
