@@ -26,12 +26,18 @@ $(STAMP): setup.py
 
 install: $(STAMP) system-deps
 
-# pycocoevalcap's PTB tokenizer runs Java; h5dump (hdf5-tools) reads checkpoints.
+# Debian packages: Java for pycocoevalcap's PTB tokenizer, h5dump (hdf5-tools) for
+# checkpoints, and slurm-wlm + munge for the tests' local single-node Slurm.
 system-deps:
-	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime (pycocoevalcap needs it)"; \
-		apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null; }
-	@command -v h5dump >/dev/null 2>&1 || { echo "installing hdf5-tools (h5dump)"; \
-		apt-get update -qq && apt-get install -y -qq hdf5-tools >/dev/null; }
+	@missing=""; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	command -v h5dump >/dev/null 2>&1 || missing="$$missing hdf5-tools"; \
+	command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ] || missing="$$missing slurm-wlm"; \
+	command -v munged >/dev/null 2>&1 || [ -x /usr/sbin/munged ] || missing="$$missing munge"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 run: install
 	MPIEXEC_TIMEOUT=$(MPIEXEC_TIMEOUT) $(BIN)/mpiexec -n $(NP) $(BIN)/python -m pilot_hpc.main --config $(CONFIG)
