@@ -74,6 +74,10 @@ class LocalSlurm:
             "SlurmdParameters=config_overrides", "ReturnToService=2", "MpiDefault=none",
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
             "KillWait=5", "InactiveLimit=0", "MinJobAge=600",
+            # Job ids unique across test sessions on this machine: MPICH names its /dev/shm
+            # segment after the PMI job id ("5.0"), and a segment left by a killed job of an
+            # earlier session with the same id would hang the new job's MPI_Init.
+            f"FirstJobId={1000 + (os.getpid() * 7919 + int(time.time())) % 4_000_000}",
             f"NodeName={self.host} CPUs={self.cpus} RealMemory=8000 State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
         ]
