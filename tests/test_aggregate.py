@@ -88,3 +88,35 @@ def test_bf16_updates_mix_in_fp32_and_return_bf16():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), torch.tensor([[2.0, 3.0]]))
     assert math.isfinite(aggregate.pairwise_distances(u)[0, 1].item())
+
+
+def test_a_nan_client_changes_no_other_clients_result():
+    """Pilot's server step with client 2's update NaN equals the step without client 2."""
+    from pilot_hpc.config import load_config
+    from pilot_hpc.fl.strategies import get_strategy
+
+    torch.manual_seed(3)
+    cfg = load_config(None, ["fl.top_m=3"])
+    pilot = get_strategy("pilot", cfg)
+    visual, text = torch.randn(9, 11), torch.randn(9, 13)
+    n = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7])
+    tasks = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    bad_v, bad_t = visual.clone(), text.clone()
+    bad_v[2] = float("nan")
+    bad_t[2, 4] = float("inf")
+    got = pilot.aggregate(bad_v, bad_t, n, tasks, 3)
+    assert got.excluded == [2]
+    keep = torch.tensor([k for k in range(9) if k != 2])
+    ref_shared = aggregate.task_aware_average(visual[keep], n[keep], tasks[keep], 3)
+    ref_personal = aggregate.ata_aggregate(text[keep], n[keep], 3)
+    torch.testing.assert_close(got.shared, ref_shared, rtol=0, atol=0)
+    torch.testing.assert_close(got.personal[keep], ref_personal, rtol=0, atol=0)
+    assert torch.isnan(got.personal[2]).all()  # the bad client installs nothing
+
+
+def test_a_task_whose_clients_are_all_bad_gets_a_nan_row():
+    u = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]])
+    good = aggregate.finite_rows(u)
+    out = aggregate.task_aware_average(u, torch.tensor([1, 1, 1]), torch.tensor([0, 1, 0]), 2, good)
+    torch.testing.assert_close(out[0], torch.tensor([2.0, 3.0]))
+    assert torch.isnan(out[1]).all()
