@@ -64,7 +64,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     cfg = small_world[0]
     p_vis, p_lora = expected_sizes(cfg)
     f32, i64, f64 = 4, 8, 8
-    num_tasks, rounds, stats = 3, 2, 6
+    num_tasks, rounds, stats = 3, 2, 7
     for rank in (0, 1, 2):
         with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
             log = json.load(fh)

@@ -127,6 +127,12 @@ class FLConfig:
     rounds: int = 3
     top_m: int = 6  # M of ATA: the M nearest clients mixed into each client's LoRA
     ata_eps: float = 1e-12  # guards d_ki = 0 in the inverse-distance weights
+    prox_mu: float = 0.01  # FedProx: (mu / 2) * ||w - w_global||^2
+    # FedAdam (Reddi et al. 2021): server learning rate, betas and tau (adaptivity).
+    server_lr: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
     # true: every rank must host the same number of clients (K divisible by W).
     require_even_ranks: bool = False
 

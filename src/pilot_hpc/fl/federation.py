@@ -33,7 +33,7 @@ from pilot_hpc.train import TrainProgress, evaluate_client, seed_for, train_step
 log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
-STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "steps")
+STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps")
 
 # The client this rank is working on, for the failure message of the MPI abort.
 current_client: int | None = None
@@ -94,7 +94,7 @@ class Federation:
         aux = self.pm.connector.aux
         t = self.cfg.train
         weights = {"diff": t.lambda_diff, "balance": t.lambda_balance, "z": t.lambda_z}
-        return {k: weights[k] * v for k, v in aux.items()}
+        return {**{k: weights[k] * v for k, v in aux.items()}, **self.strategy.extra_loss(self.pm)}
 
     # ------------------------------------------------------------------ one round
     def should_stop(self, round_: int, step: int) -> bool:
@@ -114,7 +114,7 @@ class Federation:
             self.activate(slot)
             if slot.status == "pending":
                 slot.pre_state = slot.state
-                self.strategy.begin_round(self.pm, round_)
+            self.strategy.begin_round(self.pm, round_, slot.pre_state)
             self.pm.set_stage(stage)
             if faults.hit("raise", client=slot.k, round=round_):
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
@@ -187,6 +187,10 @@ class Federation:
                 slot.state = pm.get_state()
             slot.status, slot.pre_state, slot.progress, slot.finite = "pending", None, None, True
 
+    def keep_local(self, round_: int) -> None:
+        for slot in self.slots:
+            slot.status, slot.pre_state, slot.progress, slot.finite = "pending", None, None, True
+
     def evaluate(self, stage: int) -> list[dict] | None:
         """Every client on its own held-out split; the table rows land on rank 0."""
         t = self.cfg.train
@@ -216,7 +220,7 @@ class Federation:
             by_task.setdefault(row["task"], []).append(row["value"])
         scores = "  ".join(f"{t} {np.mean(v):.1f}" for t, v in by_task.items())
         losses = "" if round_ == 0 else "  loss " + " ".join(
-            f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z")
+            f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores)
@@ -228,6 +232,11 @@ class Federation:
         interrupted one (its clients' status, progress and losses restored).
         """
         history = list(start.history) if start is not None else []
+        if start is None and self.comm.rank == 0 and self.slots:
+            # Every client starts from the same initial state: rank 0's first client's.
+            self.activate(self.slots[0])
+            self.strategy.init_server(flatten(self.strategy.visual_params(self.pm)),
+                                      flatten(self.strategy.text_params(self.pm)))
         if start is None:
             t0 = time.perf_counter()
             rows = self.evaluate(stage=0)
@@ -245,7 +254,10 @@ class Federation:
             if self.comm.any(stopped or self.comm.stop_requested(), tag="stop"):
                 path = resume.save(self, round_, complete=False, history=history)
                 raise Preempted(path)
-            self.exchange(round_)
+            if self.strategy.communicates:
+                self.exchange(round_)
+            else:  # local training: nothing leaves the client; a bad round is undone
+                self.keep_local(round_)
             rows = self.evaluate(stage)
             if rows is not None:
                 history.append({"round": round_, "clients": rows})

@@ -18,6 +18,10 @@ from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_
 from pilot_hpc.model.ctmoa_dispatch import ctmoa
 
 
+# The baselines' stage: the projector alone, trained like LLaVA's own.
+PLAIN = 3
+
+
 def difference_loss(x_t: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
     """Soft orthogonality of task and client features, in the N x N Gram form.
 
@@ -77,14 +81,18 @@ class PilotConnector(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: int) -> None:
-        if stage not in (0, 1, 2):
-            raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
-        self.stage = stage
+        """0: the base model (nothing trains); 1, 2: Pilot's stages; PLAIN: LLaVA's own
+        projector (psi_t alone) trained, for the baselines (FedAvg, FedProx, ...)."""
         trainable = {
             0: (),
             1: ("task_adapter", "client_adapter"),
             2: ("task_adapter", "cross", "router"),
-        }[stage]
+            PLAIN: ("task_adapter",),
+        }
+        if stage not in trainable:
+            raise ValueError(f"stage must be one of {sorted(trainable)}, got {stage}")
+        self.stage = stage
+        trainable = trainable[stage]
         for name, module in self.named_children():
             for p in module.parameters():
                 p.requires_grad_(name in trainable)
@@ -122,7 +130,7 @@ class PilotConnector(nn.Module):
         return mlps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
-        if self.stage == 0:
+        if self.stage in (0, PLAIN):
             self.aux = {}
             return self.task_adapter(h)
         if self.stage == 1:

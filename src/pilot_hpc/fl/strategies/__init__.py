@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pilot_hpc.fl.strategies.base import REGISTRY, Strategy, get_strategy
-from pilot_hpc.fl.strategies import pilot  # noqa: F401  (registers "pilot")
+# Importing a strategy's module registers it under its name.
+from pilot_hpc.fl.strategies import fedadam, fedavg, fedprox, local, pilot, shepherd  # noqa: F401
 
 __all__ = ["REGISTRY", "Strategy", "get_strategy"]

@@ -41,6 +41,7 @@ class Strategy:
     """
 
     name = "base"
+    communicates = True  # False: no exchange at all (local training)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -57,8 +58,10 @@ class Strategy:
     def shared_rows(self, num_tasks: int) -> int:
         raise NotImplementedError
 
-    def begin_round(self, pm, round_: int) -> None:
-        """Client-side set-up before local training (e.g. entering stage 2)."""
+    def begin_round(self, pm, round_: int, start_state: dict[str, torch.Tensor]) -> None:
+        """Client-side set-up before local training (e.g. entering stage 2). Also called
+        when an interrupted round resumes, so it must be idempotent; start_state is the
+        client's state at the round's start (its `get_state()` keys)."""
 
     def aggregate(self, visual: torch.Tensor, text: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor,
                   num_tasks: int) -> ServerResult:
@@ -66,6 +69,13 @@ class Strategy:
 
     def install(self, pm, shared: torch.Tensor, personal: torch.Tensor, round_: int) -> None:
         raise NotImplementedError
+
+    def init_server(self, visual: torch.Tensor, text: torch.Tensor) -> None:
+        """Rank 0, before round 1: the common initial update (what every client starts from)."""
+
+    def extra_loss(self, pm) -> dict[str, torch.Tensor]:
+        """Terms added to each local step's loss (FedProx's proximal term)."""
+        return {}
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """What the server keeps across rounds (checkpointed); Pilot keeps nothing."""

@@ -24,7 +24,7 @@ class Pilot(Strategy):
     def shared_rows(self, num_tasks: int) -> int:
         return num_tasks
 
-    def begin_round(self, pm, round_: int) -> None:
+    def begin_round(self, pm, round_: int, start_state) -> None:
         # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
         if self.stage(round_) == 2 and not pm.connector.cross_ready:
             pm.connector.init_cross_adapters()

@@ -1,0 +1,62 @@
+"""FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).
+
+Server step on the pseudo-gradient delta = weighted_avg(w_k) - w_global:
+    m = b1 m + (1 - b1) delta
+    v = b2 v + (1 - b2) delta^2
+    w_global = w_global + eta * m / (sqrt(v) + tau)
+Convention: the paper's, with delta^2 in v, sample-weighted averaging and no bias
+correction (Flower's FedAdam adds bias correction; OpenFedLLM uses m^2 and an
+unweighted mean). Defaults (fl.*): eta = server_lr 1e-3, b1 0.9, b2 0.99, tau 1e-3.
+m, v and w_global are the server state: they persist across rounds and in checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pilot_hpc.fl import aggregate
+from pilot_hpc.fl.strategies.base import register
+from pilot_hpc.fl.strategies.fedavg import FedAvg
+
+
+def adam_server_step(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, avg: torch.Tensor, *, lr: float,
+                     beta1: float, beta2: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One FedAdam server step in float32 -> (w, m, v)."""
+    delta = avg.float() - w
+    m = beta1 * m + (1.0 - beta1) * delta
+    v = beta2 * v + (1.0 - beta2) * delta * delta
+    return w + lr * m / (v.sqrt() + tau), m, v
+
+
+@register("fedadam")
+class FedAdam(FedAvg):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.state: dict[str, torch.Tensor] = {}
+
+    def init_server(self, visual: torch.Tensor, text: torch.Tensor) -> None:
+        w = torch.cat([visual.float(), text.float()])
+        self.state = {"w": w, "m": torch.zeros_like(w), "v": torch.zeros_like(w),
+                      "split": torch.tensor(visual.numel())}
+
+    def global_update(self, visual, text, n, good):
+        if not self.state:
+            raise RuntimeError("FedAdam: the server state was not initialised (init_server or a checkpoint)")
+        keep = good.nonzero().flatten()
+        avg = torch.cat([aggregate.weighted_average(visual[keep], n[keep]).float().cpu(),
+                         aggregate.weighted_average(text[keep], n[keep]).float().cpu()])
+        fl = self.cfg.fl
+        w, m, v = adam_server_step(self.state["w"], self.state["m"], self.state["v"], avg, lr=fl.server_lr,
+                                   beta1=fl.adam_beta1, beta2=fl.adam_beta2, tau=fl.adam_tau)
+        self.state.update(w=w, m=m, v=v)
+        split = int(self.state["split"])
+        return w[:split].to(visual.dtype).to(visual.device), w[split:].to(text.dtype).to(text.device)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {"w", "m", "v", "split"} - set(state)
+        if state and missing:
+            raise ValueError(f"FedAdam server state lacks {sorted(missing)}")
+        self.state = dict(state)

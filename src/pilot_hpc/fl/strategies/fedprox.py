@@ -1,0 +1,31 @@
+"""FedProx (Li et al. 2020): FedAvg plus the proximal term (mu / 2) * ||w - w_global||^2
+over the trainable parameters in every local step (fl.prox_mu)."""
+
+from __future__ import annotations
+
+import torch
+
+from pilot_hpc.fl.strategies.base import register
+from pilot_hpc.fl.strategies.fedavg import FedAvg
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    return (mu / 2.0) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+@register("fedprox")
+class FedProx(FedAvg):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.anchor: list[torch.Tensor] = []
+
+    def begin_round(self, pm, round_: int, start_state) -> None:
+        # w_global of this round: what the client held at the round's start (also right
+        # when an interrupted round resumes mid-way).
+        names = [f"connector.task_adapter.{n}" for n, _ in pm.connector.task_adapter.named_parameters()]
+        names += [f"lora.{n}" for n, _ in pm.lora_named_parameters()]
+        self.anchor = [start_state[n].detach().clone() for n in names]
+
+    def extra_loss(self, pm) -> dict[str, torch.Tensor]:
+        return {"prox": proximal_term(self.visual_params(pm) + self.text_params(pm), self.anchor,
+                                      self.cfg.fl.prox_mu)}
