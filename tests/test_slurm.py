@@ -37,7 +37,7 @@ def test_sbatch_script_runs_the_federation_like_mpiexec(slurm, runs, cache_dir, 
     proc = subprocess.run(
         ["sbatch", "--wait", "-n", "3", os.path.join(REPO, "slurm", "fedmit_9client.sbatch")]
         + small_overrides(cache_dir, str(out)),
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=job_env(slurm, CONFIG=SMOKE))
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=job_env(slurm, CONFIG=SMOKE))
     assert proc.returncode == 0, proc.stdout + proc.stderr + slurm.logs()
     assert load_metrics(out)["final"] == load_metrics(runs[0] / "w3")["final"]
 
