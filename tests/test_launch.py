@@ -41,3 +41,34 @@ def test_generated_array_script_is_pinned(tmp_path):
             fh.write(text)
     with open(golden) as fh:
         assert text == fh.read()
+
+
+def _doc(values):
+    clients = [{"client": i, "task": t, "metric": "vqa_accuracy", "value": v}
+               for i, (t, v) in enumerate(zip(["vqa", "vqa", "caption"], values))]
+    return {"rounds": [{"round": 0, "clients": clients}, {"round": 1, "clients": clients}], "final": clients}
+
+
+def test_collect_groups_by_an_axis_with_mean_and_std(tmp_path):
+    import json
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"name: g\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/out\n"
+                         "grid:\n  fl.strategy: [pilot, fedavg]\n  run.seed: [0, 1]\n")
+    grid = launch.load_grid(str(grid_file))
+    elements = launch.expand(grid)
+    values = {"strategypilot_seed0": [10, 20, 30], "strategypilot_seed1": [30, 40, 50],
+              "strategyfedavg_seed0": [0, 0, 0]}
+    for e in elements:
+        if e.name in values:
+            os.makedirs(e.output_dir)
+            with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+                json.dump(_doc(values[e.name]), fh)
+    table = launch.collect(grid, elements, "fl.strategy")
+    pilot = next(line for line in table.splitlines() if line.startswith("| pilot"))
+    # client 0: mean(10, 30) = 20 +- 10; vqa average per run: 15 and 35 -> 25 +- 10; caption 40 +- 10
+    assert pilot == "| pilot | 2 | 20.0 ± 10.0 | 30.0 ± 10.0 | 40.0 ± 10.0 | 25.0 ± 10.0 | 40.0 ± 10.0 |"
+    assert "| fedavg | 1 | 0.0 |" in table and "strategyfedavg_seed1" in table  # missing run named
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="not an axis"):
+        launch.collect(grid, elements, "fl.top_m")

@@ -94,3 +94,51 @@ def test_strategy_runs_alike_with_one_and_three_ranks(strategy, small_world, cac
     assert three.returncode == 0, three.stderr[-3000:]
     a, b = load_metrics(tmp_path / "w1"), load_metrics(tmp_path / "w3")
     assert a["strategy"] == strategy and a["final"] == b["final"]
+
+
+def test_pilot_selection_ablations_by_hand():
+    text = torch.tensor([[0.0], [2.0], [10.0], [float("nan")]])
+    visual = torch.zeros(4, 1)
+    n = torch.tensor([1, 3, 2, 2])
+    tasks = torch.tensor([0, 0, 1, 1])
+    same = get_strategy("pilot", cfg("pilot.selection=same_task", "fl.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    # task 0: (1*0 + 3*2)/4 = 1.5; task 1: only client 2 is good -> 10; client 3 excluded
+    torch.testing.assert_close(same.personal[:3], torch.tensor([[1.5], [1.5], [10.0]]))
+    assert torch.isnan(same.personal[3]).all() and same.excluded == [3]
+    everyone = get_strategy("pilot", cfg("pilot.selection=all", "fl.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    torch.testing.assert_close(everyone.personal[:3], torch.full((3, 1), (0 + 6 + 20) / 6))
+
+
+def test_ctmoa_without_cross_task_adapters(small_world):
+    from pilot_hpc.model.connector import adapter_weights
+    from pilot_hpc.model.ctmoa import ctmoa_reference
+    from pilot_hpc.model.llava import build_pilot_model
+
+    c, _, base = small_world
+    pm = build_pilot_model(base, c.model, 3, 1, seed=0, device=torch.device("cpu"),
+                           pilot=load_config(None, ["pilot.cross_task=false"]).pilot)
+    pm.set_stage(2)
+    names = pm.trainable_names()
+    assert any("router" in n for n in names) and not any(".cross." in n for n in names)
+    mlps, expert_of = pm.connector.ctmoa_adapters()
+    assert expert_of == [0, 1, 2] and len(mlps) == 3
+    h = torch.randn(2, 9, c.model.vision_hidden)
+    with torch.no_grad():
+        out = pm.connector(h)
+        ref = ctmoa_reference(h, pm.connector.router.weight,
+                              [adapter_weights(pm.connector.task_adapter)] +
+                              [adapter_weights(f) for f in pm.connector.foreign], [0, 1, 2]).out
+    torch.testing.assert_close(out, ref)
+
+
+def test_all_switches_off_runs(small_world, cache_dir, tmp_path):
+    args = ["--config", SMOKE] + small_overrides(cache_dir, str(tmp_path / "abl")) + [
+        "pilot.selection=same_task", "pilot.cross_task=false", "pilot.difference_loss=false",
+        "pilot.aux_losses=false", "pilot.cross_init=random", "pilot.keep_client_adapter=true"]
+    proc = run_main(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = load_metrics(tmp_path / "abl")
+    stage1, final = metrics["rounds"][1]["clients"], metrics["final"]
+    assert len(final) == 3
+    # NaN (x != x): the switched-off losses were never computed
+    assert all(c["diff"] != c["diff"] for c in stage1) and all(c["balance"] != c["balance"] for c in final)

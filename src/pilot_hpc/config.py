@@ -144,6 +144,24 @@ class FLConfig:
 
 
 @dataclass
+class PilotConfig:
+    """Pilot's parts as switches, for the paper's ablations (Tables 3-6); M is fl.top_m."""
+
+    selection: str = "topm"  # LoRA aggregation: topm (ATA) | same_task | all (FedAvg of LoRA = ATA off)
+    cross_task: bool = True  # cross-task adapters on the foreign experts of CT-MoA
+    difference_loss: bool = True  # stage 1's L_d (weight train.lambda_diff)
+    aux_losses: bool = True  # stage 2's L_b and L_z (weights train.lambda_balance, lambda_z)
+    cross_init: str = "task_adapter"  # task_adapter | random (Table 6)
+    keep_client_adapter: bool = False  # stage 2: x = CT-MoA(H) + psi_s(H), psi_s frozen
+
+    def __post_init__(self):
+        if self.selection not in ("topm", "same_task", "all"):
+            raise ConfigError(f"pilot.selection must be topm, same_task or all, got {self.selection!r}")
+        if self.cross_init not in ("task_adapter", "random"):
+            raise ConfigError(f"pilot.cross_init must be task_adapter or random, got {self.cross_init!r}")
+
+
+@dataclass
 class TrainConfig:
     local_epochs: int = 1
     # 0: E full epochs; > 0: at most this many steps per round (a smoke-size cap).
@@ -167,6 +185,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    pilot: PilotConfig = field(default_factory=PilotConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

@@ -200,30 +200,42 @@ def run_local(grid: Grid, elements: list[Element]) -> int:
     return max(codes, default=0)
 
 
-def collect(grid: Grid, elements: list[Element]) -> str:
-    """Markdown: one row per run, its final per-client metrics, per-task averages, the mean."""
-    rows, header = [], None
+def collect(grid: Grid, elements: list[Element], group_by: str | None = None) -> str:
+    """The grid's table (results.md) and plot (results.png) under output_root.
+
+    Without group_by one row per run; with group_by (an axis, e.g. fl.strategy) one row
+    per value of that axis, as mean ± std over the other axes (e.g. the seeds).
+    """
+    from pilot_hpc import compare
+
+    if group_by is not None and group_by not in grid.axes:
+        raise ConfigError(f"--group-by {group_by!r} is not an axis of grid {grid.name}: {list(grid.axes)}")
+    groups: dict[str, list[dict]] = {}
+    missing = []
     for e in elements:
+        value = dict(zip(grid.axes, _axis_values(e, grid)))[group_by] if group_by else e.name
+        docs = groups.setdefault(str(value), [])
         path = os.path.join(e.output_dir, "metrics.json")
-        if not os.path.isfile(path):
-            rows.append(f"| {e.name} | (no metrics.json yet) |")
-            continue
-        with open(path) as fh:
-            final = json.load(fh)["final"]
-        tasks = list(dict.fromkeys(c["task"] for c in final))
-        if header is None:
-            header = ["run"] + [f"c{c['client']} {c['task']}" for c in final] + [f"avg {t}" for t in tasks] + ["mean"]
-        avgs = [sum(c["value"] for c in final if c["task"] == t) / sum(c["task"] == t for c in final) for t in tasks]
-        cells = [e.name] + [f"{c['value']:.1f}" for c in final] + [f"{a:.1f}" for a in avgs] + \
-            [f"{sum(c['value'] for c in final) / len(final):.1f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    if header is None:
+        if os.path.isfile(path):
+            with open(path) as fh:
+                docs.append(json.load(fh))
+        else:
+            missing.append(e.name)
+    if not any(groups.values()):
         return "no run of this grid has a metrics.json yet"
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
+    table = compare.comparison_table(groups)
+    note = f"\n\nruns without metrics.json yet: {', '.join(missing)}" if missing else ""
     os.makedirs(grid.output_root, exist_ok=True)
     with open(os.path.join(grid.output_root, "results.md"), "w") as fh:
-        fh.write(f"# grid {grid.name}: final metrics per run (x100)\n\n{table}\n")
-    return table
+        fh.write(f"# grid {grid.name}: final metrics (x100){' by ' + group_by if group_by else ''}\n\n"
+                 f"{table}{note}\n")
+    compare.comparison_plot(groups, os.path.join(grid.output_root, "results.png"), f"grid {grid.name}")
+    return table + note
+
+
+def _axis_values(e: Element, grid: Grid) -> list:
+    overrides = dict(a.split("=", 1) for a in e.argv if "=" in a and not a.startswith("--"))
+    return [overrides[k] for k in grid.axes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "collect" if argv[:1] == ["collect"] else "run"
     ap = argparse.ArgumentParser(prog="python -m pilot_hpc.launch", description=__doc__.split("\n")[0])
     ap.add_argument("--grid", required=True, help="grid YAML (configs/grids/*.yaml)")
+    if command == "collect":
+        ap.add_argument("--group-by", default=None, help="an axis (e.g. fl.strategy): mean ± std over the others")
     if command == "run":
         mode = ap.add_mutually_exclusive_group()
         mode.add_argument("--local", action="store_true", help="run the grid here with mpiexec, no Slurm")
@@ -244,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pilot_hpc.launch: config error: {err}", file=sys.stderr)
         return 2
     if command == "collect":
-        print(collect(grid, elements))
+        try:
+            print(collect(grid, elements, args.group_by))
+        except ConfigError as err:
+            print(f"pilot_hpc.launch: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.dry_run:
         for e in elements:

@@ -125,7 +125,7 @@ def run(cfg, comm) -> int:
     # or to stop, so a bad record ends the job before anyone trains.
     slots, ok = [], True
     try:
-        pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device)
+        pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
         initial = pm.get_state()
         cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
         for k in mine:

@@ -44,7 +44,8 @@ def adapter_weights(adapter: nn.Module) -> AdapterWeights:
 
 class PilotConnector(nn.Module):
     def __init__(self, projector: nn.Module, num_tasks: int, own_task: int, *, cross_init: str = "task_adapter",
-                 keep_client_adapter: bool = False, ctmoa_impl: str = "auto", seed: int = 0):
+                 keep_client_adapter: bool = False, cross_task: bool = True, difference_loss: bool = True,
+                 aux_losses: bool = True, ctmoa_impl: str = "auto", seed: int = 0):
         super().__init__()
         if not 0 <= own_task < num_tasks:
             raise ValueError(f"own task id {own_task} out of range for {num_tasks} tasks")
@@ -52,6 +53,9 @@ class PilotConnector(nn.Module):
         self.own_task = own_task
         self.cross_init = cross_init
         self.keep_client_adapter = keep_client_adapter
+        self.cross_task = cross_task  # ablation switches (config section `pilot`)
+        self.difference_loss = difference_loss
+        self.aux_losses = aux_losses
         self.ctmoa_impl = ctmoa_impl
         self.seed = seed
         # Every adapter starts as the pretrained projector (METHOD.md).
@@ -86,7 +90,7 @@ class PilotConnector(nn.Module):
         trainable = {
             0: (),
             1: ("task_adapter", "client_adapter"),
-            2: ("task_adapter", "cross", "router"),
+            2: ("task_adapter", "cross", "router") if self.cross_task else ("task_adapter", "router"),
             PLAIN: ("task_adapter",),
         }
         if stage not in trainable:
@@ -122,12 +126,15 @@ class PilotConnector(nn.Module):
             self.cross_initialised.fill_(True)
 
     # ------------------------------------------------------------------ forward
-    def ctmoa_adapters(self) -> list[AdapterWeights]:
-        """psi_1, then (psi_i, psi_c_i) for each foreign task: the order of mlp_expert_index."""
+    def ctmoa_adapters(self) -> tuple[list[AdapterWeights], list[int]]:
+        """(MLPs, their router experts): psi_1, then (psi_i, psi_c_i) per foreign task, in
+        the order of mlp_expert_index; without cross-task adapters psi_1..psi_T, one each."""
         mlps = [adapter_weights(self.task_adapter)]
+        if not self.cross_task:
+            return mlps + [adapter_weights(f) for f in self.foreign], list(range(self.num_tasks))
         for foreign, cross in zip(self.foreign, self.cross):
             mlps += [adapter_weights(foreign), adapter_weights(cross)]
-        return mlps
+        return mlps, mlp_expert_index(self.num_tasks)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
         if self.stage in (0, PLAIN):
@@ -136,11 +143,11 @@ class PilotConnector(nn.Module):
         if self.stage == 1:
             x_t = self.task_adapter(h)  # [B, N, C]
             x_s = self.client_adapter(h)
-            self.aux = {"diff": difference_loss(x_t, x_s)}
+            self.aux = {"diff": difference_loss(x_t, x_s)} if self.difference_loss else {}
             return x_t + x_s
-        res = ctmoa(h, self.router.weight, self.ctmoa_adapters(), mlp_expert_index(self.num_tasks),
-                    impl=self.ctmoa_impl)
-        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)}
+        mlps, expert_of = self.ctmoa_adapters()
+        res = ctmoa(h, self.router.weight, mlps, expert_of, impl=self.ctmoa_impl)
+        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)} if self.aux_losses else {}
         out = res.out
         if self.keep_client_adapter:
             out = out + self.client_adapter(h)

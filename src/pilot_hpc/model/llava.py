@@ -109,13 +109,18 @@ class PilotModel:
 
 
 def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int,
-                      device: torch.device, cross_init: str = "task_adapter",
-                      keep_client_adapter: bool = False) -> PilotModel:
+                      device: torch.device, pilot=None) -> PilotModel:
+    """`pilot`: the config section of Pilot's switches (PilotConfig); None for the defaults."""
+    from pilot_hpc.config import PilotConfig
+
+    p = pilot or PilotConfig()
     model, tokenizer, image_processor = load_base(base_path, m.dtype)
     configure_generation(model, tokenizer)
     llava = model.model
-    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=cross_init,
-                               keep_client_adapter=keep_client_adapter, ctmoa_impl=m.ctmoa_impl, seed=seed)
+    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=p.cross_init,
+                               keep_client_adapter=p.keep_client_adapter, cross_task=p.cross_task,
+                               difference_loss=p.difference_loss, aux_losses=p.aux_losses,
+                               ctmoa_impl=m.ctmoa_impl, seed=seed)
     llava.multi_modal_projector = connector
     # The LoRA init draws random A matrices: seed it so every rank builds the same model.
     torch.manual_seed(seed)

@@ -9,6 +9,25 @@ from pilot_hpc.fl.flat import unflatten_into
 from pilot_hpc.fl.strategies.base import ServerResult, Strategy, register
 
 
+def _top_m(cfg, text, n, tasks, num_tasks, good):
+    """ATA: each client mixes its M nearest clients' LoRA (the default)."""
+    return aggregate.ata_aggregate(text, n, cfg.fl.top_m, cfg.fl.ata_eps, good)
+
+
+def _same_task(cfg, text, n, tasks, num_tasks, good):
+    """The sample-weighted average of the LoRA of the client's own task's clients."""
+    return aggregate.task_aware_average(text, n, tasks, num_tasks, good)[tasks.to(text.device)]
+
+
+def _all(cfg, text, n, tasks, num_tasks, good):
+    """FedAvg of the LoRA over every client (ATA off)."""
+    keep = good.nonzero().flatten()
+    return aggregate.weighted_average(text[keep], n[keep])[None, :].expand_as(text).clone()
+
+
+SELECTIONS = {"topm": _top_m, "same_task": _same_task, "all": _all}
+
+
 @register("pilot")
 class Pilot(Strategy):
     def stage(self, round_: int) -> int:
@@ -32,8 +51,16 @@ class Pilot(Strategy):
     def aggregate(self, visual, text, n, tasks, num_tasks) -> ServerResult:
         good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
         shared = aggregate.task_aware_average(visual, n, tasks, num_tasks, good)  # [T, Pv]
-        personal = aggregate.ata_aggregate(text, n, self.cfg.fl.top_m, self.cfg.fl.ata_eps, good)  # [K, Pl]
+        personal = self.select_text(text, n, tasks, num_tasks, good)  # [K, Pl]
         return ServerResult(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
+
+    def select_text(self, text, n, tasks, num_tasks, good) -> torch.Tensor:
+        """Each client's LoRA by pilot.selection (Table 5)."""
+        if not good.any():
+            return torch.full_like(text, float("nan"))
+        rows = SELECTIONS[self.cfg.pilot.selection](self.cfg, text, n, tasks, num_tasks, good)
+        rows[~good.to(text.device)] = float("nan")  # an excluded client installs nothing
+        return rows
 
     def install(self, pm, shared, personal, round_) -> None:
         conn = pm.connector
