@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "collect" if argv[:1] == ["collect"] else "run"
     ap = argparse.ArgumentParser(prog="python -m pilot_hpc.launch", description=__doc__.split("\n")[0])
     ap.add_argument("--grid", required=True, help="grid YAML (configs/grids/*.yaml)")
-    if command == "collect":
-        ap.add_argument("--group-by", default=None, help="an axis (e.g. fl.strategy): mean ± std over the others")
+    ap.add_argument("--group-by", default=None,
+                    help="collect: an axis (e.g. fl.strategy), as mean ± std over the other axes")
     if command == "run":
         mode = ap.add_mutually_exclusive_group()
         mode.add_argument("--local", action="store_true", help="run the grid here with mpiexec, no Slurm")
@@ -254,15 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(args.grid)
         elements = expand(grid)
+        if args.group_by is not None and args.group_by not in grid.axes:
+            raise ConfigError(f"--group-by {args.group_by!r} is not an axis of grid {grid.name}: {list(grid.axes)}")
     except ConfigError as err:
         print(f"pilot_hpc.launch: config error: {err}", file=sys.stderr)
         return 2
     if command == "collect":
-        try:
-            print(collect(grid, elements, args.group_by))
-        except ConfigError as err:
-            print(f"pilot_hpc.launch: {err}", file=sys.stderr)
-            return 2
+        print(collect(grid, elements, args.group_by))
         return 0
     if args.dry_run:
         for e in elements:
@@ -270,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(sbatch_text(grid))
         return 0
     if args.local:
-        return run_local(grid, elements)
+        code = run_local(grid, elements)
+        print(collect(grid, elements, args.group_by))
+        return code
     jobs = submit(grid, elements)
     if args.wait:
         from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             except (FailedJobError, UncompletedJobError) as err:
                 failed += 1
                 print(f"{e.name}: failed: {err}", file=sys.stderr, flush=True)
-        print(collect(grid, elements))
+        print(collect(grid, elements, args.group_by))
         return 1 if failed else 0
     return 0
 
