@@ -103,6 +103,12 @@ class DataConfig:
     train_max: int = 2000
     eval_samples: int = 60
     max_length: int = 64
+    # Keep decoded images in memory (the tiny world: ~27 KB each). Off for real data:
+    # LLaVA-1.5's 665k images at 336 px would need ~900 GB.
+    cache_images: bool = True
+    # Decode every image and tokenise every record before round 1, so a bad file stops
+    # the job before anyone trains. Off for real data (it reads every image once).
+    verify_images: bool = True
 
     def __post_init__(self):
         if self.kind not in ("synthetic", "llava_json"):

@@ -131,9 +131,10 @@ def run(cfg, comm) -> int:
         for k in mine:
             task = cfg.fl.client_tasks[k]
             sets = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
-                                       pm.num_image_tokens, cfg.data.max_length) for path in (train_files[k], eval_files[k])]
-            for ds in sets:  # surfaces over-long samples and undecodable images now, not mid-round
-                for i in range(len(ds)):
+                                       pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images)
+                    for path in (train_files[k], eval_files[k])]
+            for ds in sets if cfg.data.verify_images else ():
+                for i in range(len(ds)):  # over-long samples and undecodable images surface now
                     ds.encode_train(i)
                     ds.pixels(i)
             slots.append(ClientSlot(k, task, cfg.tasks.index(task), sets[0], sets[1], dict(initial)))
