@@ -113,21 +113,25 @@ def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: 
     """`pilot`: the config section of Pilot's switches (PilotConfig); None for the defaults."""
     from pilot_hpc.config import PilotConfig
 
-    p = pilot or PilotConfig()
     model, tokenizer, image_processor = load_base(base_path, m.dtype)
     configure_generation(model, tokenizer)
+    peft_model, connector = attach_pilot(model, m, num_tasks, own_task, seed=seed, pilot=pilot or PilotConfig())
+    peft_model.to(device)
+    pm = PilotModel(peft_model, connector, tokenizer, image_processor, num_image_tokens(model.config))
+    pm.set_stage(0)
+    return pm
+
+
+def attach_pilot(model, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int, pilot):
+    """The Pilot connector in place of the projector, then LoRA -> (peft model, connector)."""
     llava = model.model
-    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=p.cross_init,
-                               keep_client_adapter=p.keep_client_adapter, cross_task=p.cross_task,
-                               difference_loss=p.difference_loss, aux_losses=p.aux_losses,
+    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=pilot.cross_init,
+                               keep_client_adapter=pilot.keep_client_adapter, cross_task=pilot.cross_task,
+                               difference_loss=pilot.difference_loss, aux_losses=pilot.aux_losses,
                                ctmoa_impl=m.ctmoa_impl, seed=seed)
     llava.multi_modal_projector = connector
     # The LoRA init draws random A matrices: seed it so every rank builds the same model.
     torch.manual_seed(seed)
     lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                       target_modules=LORA_TARGETS, bias="none")
-    peft_model = get_peft_model(model, lora)
-    peft_model.to(device)
-    pm = PilotModel(peft_model, connector, tokenizer, image_processor, num_image_tokens(model.config))
-    pm.set_stage(0)
-    return pm
+    return get_peft_model(model, lora), connector
