@@ -16,7 +16,7 @@ def cfg(*extra):
 
 
 def test_registry_names():
-    assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "local"} <= set(REGISTRY)
+    assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "local", "centralized"} <= set(REGISTRY)
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         get_strategy("nope", cfg())
 
@@ -142,3 +142,18 @@ def test_all_switches_off_runs(small_world, cache_dir, tmp_path):
     assert len(final) == 3
     # NaN (x != x): the switched-off losses were never computed
     assert all(c["diff"] != c["diff"] for c in stage1) and all(c["balance"] != c["balance"] for c in final)
+
+
+def test_centralized_trains_one_model_on_all_data_and_refuses_several_ranks(small_world, cache_dir, tmp_path):
+    from pilot_hpc import checkpoint
+
+    args = ["--config", SMOKE] + small_overrides(cache_dir, str(tmp_path / "c")) + ["fl.strategy=centralized"]
+    proc = run_main(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = checkpoint.read(str(tmp_path / "c" / "checkpoints" / "round_002.h5"))
+    for k in (1, 2):  # every client holds the one model
+        for key, t in ck.clients[0].state.items():
+            assert torch.equal(t, ck.clients[k].state[key]), key
+    refused = run_main(args[:-1] + ["fl.strategy=centralized", f"run.output_dir={tmp_path / 'c3'}"], np=3,
+                       timeout=300)
+    assert refused.returncode == 2 and "run it without mpiexec" in refused.stderr

@@ -217,7 +217,9 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_world(cfg, comm.size)
         check_slurm_world(comm.size)
-        get_strategy(cfg.fl.strategy, cfg)
+        if get_strategy(cfg.fl.strategy, cfg).pooled and comm.size > 1:
+            raise ConfigError(f"fl.strategy={cfg.fl.strategy} trains one model on all clients' data in one "
+                              f"process: run it without mpiexec (or with -n 1), not with {comm.size} ranks")
     except ConfigError as err:  # every rank sees the same error: one message, no abort needed
         if comm.rank == 0:
             print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)

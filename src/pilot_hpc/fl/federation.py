@@ -69,6 +69,21 @@ class ClientSlot:
         return len(self.train)
 
 
+class PooledDataset(torch.utils.data.Dataset):
+    """The union of several clients' training sets (for centralized training)."""
+
+    def __init__(self, parts: list[InstructionDataset]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[part][i - int(self.offsets[part])]
+
+
 class Federation:
     def __init__(self, cfg: Config, comm: Comm, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
                  device: torch.device):
@@ -103,7 +118,8 @@ class Federation:
 
     def train_clients(self, round_: int, stage: int) -> bool:
         """Local training of this rank's clients; True when a stop request interrupted it."""
-        t = self.cfg.train
+        if self.strategy.pooled:
+            return self.train_pooled(round_, stage)
         stopped = False
         for slot in self.slots:
             if slot.status == "done":  # finished before an interruption of this round
@@ -111,38 +127,56 @@ class Federation:
             if self.comm.stop_requested():
                 stopped = True
                 continue  # stays pending (or partial)
-            self.activate(slot)
-            if slot.status == "pending":
-                slot.pre_state = slot.state
-            self.strategy.begin_round(self.pm, round_, slot.pre_state)
-            self.pm.set_stage(stage)
-            if faults.hit("raise", client=slot.k, round=round_):
-                raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
-            params = [p for p in self.pm.model.parameters() if p.requires_grad]
-            lr = t.lr_stage1 if stage == 1 else t.lr_stage2
-            res = train_steps(self.pm.model, slot.train, params, lr=lr, batch_size=t.batch_size,
-                              epochs=t.local_epochs, max_steps=t.max_steps,
-                              seed=seed_for(self.cfg.run.seed, slot.k, round_), pad_id=self.pm.tokenizer.pad_token_id,
-                              aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
-                              device=self.device, resume=slot.progress,
-                              should_stop=lambda step: self.should_stop(round_, step))
-            slot.state = self.pm.get_state()
-            if res.stopped is not None:
-                slot.status, slot.progress, stopped = "partial", res.stopped, True
-                continue
-            slot.status, slot.progress = "done", None
-            slot.losses, slot.steps = res.losses, res.steps
-            if faults.hit("nan_update", client=slot.k, round=round_):
-                with torch.no_grad():
-                    for p in self.strategy.visual_params(self.pm):
-                        p.fill_(float("nan"))
-            update = self.strategy.visual_params(self.pm) + self.strategy.text_params(self.pm)
-            slot.finite = res.finite and all(bool(torch.isfinite(p).all()) for p in update)
-            if not slot.finite:
-                log.warning("client %d: non-finite update in round %d: excluded from aggregation; the client "
-                            "keeps its parameters from the start of the round", slot.k, round_)
-                slot.state = slot.pre_state
+            stopped |= self.train_one(slot, slot.train, round_, stage)
         return stopped
+
+    def train_pooled(self, round_: int, stage: int) -> bool:
+        """Centralized: one model (kept in the first client's slot) trains on the union of
+        every client's data; then every client holds that model (W = 1)."""
+        lead = self.slots[0]
+        if lead.status != "done":
+            if self.comm.stop_requested() or self.train_one(lead, PooledDataset([s.train for s in self.slots]),
+                                                            round_, stage):
+                return True
+        for slot in self.slots[1:]:
+            slot.state, slot.losses, slot.steps, slot.status = lead.state, lead.losses, lead.steps, "done"
+        return False
+
+    def train_one(self, slot: ClientSlot, dataset, round_: int, stage: int) -> bool:
+        """One client's local training on `dataset`; True when a stop request interrupted it."""
+        t = self.cfg.train
+        self.activate(slot)
+        if slot.status == "pending":
+            slot.pre_state = slot.state
+        self.strategy.begin_round(self.pm, round_, slot.pre_state)
+        self.pm.set_stage(stage)
+        if faults.hit("raise", client=slot.k, round=round_):
+            raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
+        params = [p for p in self.pm.model.parameters() if p.requires_grad]
+        lr = t.lr_stage1 if stage == 1 else t.lr_stage2
+        res = train_steps(self.pm.model, dataset, params, lr=lr, batch_size=t.batch_size,
+                          epochs=t.local_epochs, max_steps=t.max_steps,
+                          seed=seed_for(self.cfg.run.seed, slot.k, round_), pad_id=self.pm.tokenizer.pad_token_id,
+                          aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
+                          device=self.device, resume=slot.progress,
+                          should_stop=lambda step: self.should_stop(round_, step))
+        slot.state = self.pm.get_state()
+        if res.stopped is not None:
+            slot.status, slot.progress = "partial", res.stopped
+            return True
+        slot.status, slot.progress = "done", None
+        slot.losses, slot.steps = res.losses, res.steps
+        if faults.hit("nan_update", client=slot.k, round=round_):
+            with torch.no_grad():
+                for p in self.strategy.visual_params(self.pm):
+                    p.fill_(float("nan"))
+        update = self.strategy.visual_params(self.pm) + self.strategy.text_params(self.pm)
+        slot.finite = res.finite and all(bool(torch.isfinite(p).all()) for p in update)
+        if not slot.finite:
+            log.warning("client %d: non-finite update in round %d: excluded from aggregation; the client "
+                        "keeps its parameters from the start of the round", slot.k, round_)
+            slot.state = slot.pre_state
+        return False
 
     def exchange(self, round_: int) -> None:
         """Gatherv updates -> aggregate on rank 0 -> Bcast shared, Scatterv personal -> install."""

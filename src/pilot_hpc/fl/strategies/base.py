@@ -42,6 +42,7 @@ class Strategy:
 
     name = "base"
     communicates = True  # False: no exchange at all (local training)
+    pooled = False  # True: one model trains on every client's data (centralized; one rank)
 
     def __init__(self, cfg):
         self.cfg = cfg
