@@ -61,6 +61,7 @@ def comparison_plot(groups: dict[str, list[dict]], path: str, title: str) -> Non
         metric = next(c["metric"] for c in first["final"] if c["task"] == task)
         ax.set_title(f"{task} ({METRIC_LABEL.get(metric, metric)} x100)")
         ax.set_xlabel("round")
+        ax.set_xticks([r["round"] for r in first["rounds"]])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("task average (mean ± std over runs)")
     axes[0][-1].legend(fontsize=8)
