@@ -125,6 +125,12 @@ class LocalSlurm:
                 p.kill()
                 p.wait()
         self._kill_orphan_stepds()
+        # runuser does not always pass SIGTERM on to munged: end it by its own pid file.
+        try:
+            with open(os.path.join(self.munge_dir, "munged.pid")) as fh:
+                os.kill(int(fh.read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def queue_empty(self) -> bool:
