@@ -22,9 +22,7 @@ def small_world(cache_dir):
     from pilot_hpc.model.base import ensure_base
 
     cfg = load_config(SMOKE, small_overrides(cache_dir, os.path.join(cache_dir, "unused")))
-    sizes = synthetic.client_train_sizes(3, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
-    spec = synthetic.SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
-                                   cfg.model.image_size, cfg.run.seed)
+    spec = synthetic.spec_for(cfg)
     folder = synthetic.ensure(spec, cache_dir)
     base = ensure_base(cfg, folder, spec.key())
     return cfg, folder, base

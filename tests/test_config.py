@@ -1,6 +1,5 @@
 """Config schema, YAML overlay, overrides, and the one-message failures before training."""
 
-import os
 
 import pytest
 

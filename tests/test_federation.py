@@ -6,7 +6,6 @@ every rank before training.
 """
 
 import json
-import os
 
 import pytest
 
@@ -33,9 +32,8 @@ def test_outputs_and_progress_lines(runs):
     assert "| client | task | metric |" in three.stdout
 
 
-def test_round_checkpoints_hold_every_client(runs, small_world):
+def test_round_checkpoints_hold_every_client(runs):
     out, _, _ = runs
-    cfg = small_world[0]
     for r in (1, 2):
         path = out / "w3" / "checkpoints" / f"round_{r:03d}.h5"
         ck = checkpoint.read(str(path))

@@ -62,30 +62,25 @@ def resolve_device(cfg, rank: int):
 def data_files(cfg, comm):
     """(train files, eval files, image root or None, base model folder). Rank 0 builds caches."""
     from pilot_hpc.data import synthetic
-    from pilot_hpc.model.base import ensure_base
+    from pilot_hpc.model.base import base_folder, ensure_base
 
     if cfg.data.kind == "llava_json":
         return cfg.data.train_files, cfg.data.eval_files, cfg.data.image_root or None, cfg.model.path
-    sizes = synthetic.client_train_sizes(cfg.fl.num_clients, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
-    spec = synthetic.SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
-                                   cfg.model.image_size, cfg.run.seed)
-    folder = os.path.join(os.path.expanduser(cfg.run.cache_dir), f"synthetic-{spec.key()}")
+    spec = synthetic.spec_for(cfg)
+    folder = synthetic.folder_for(spec, cfg.run.cache_dir)
     base = cfg.model.path
     ok = True
     if comm.rank == 0:  # one writer; the others wait politely below
         try:
             log.info("synthetic FedMIT data: %s", folder)
-            folder = synthetic.ensure(spec, cfg.run.cache_dir)
+            synthetic.ensure(spec, cfg.run.cache_dir)
             base = base or ensure_base(cfg, folder, spec.key())
         except (ValueError, OSError) as err:
             log.error("pilot_hpc: preparing data/base model failed: %s", err)
             ok = False
     if not comm.all_ok(ok):
         raise SystemExit(EXIT_BAD_INPUT)
-    if not base:
-        from pilot_hpc.model.base import base_key
-
-        base = os.path.join(os.path.expanduser(cfg.run.cache_dir), f"base-{base_key(cfg, spec.key())}")
+    base = base or base_folder(cfg, spec.key())
     train, evals = synthetic.client_files(folder, cfg.fl.num_clients)
     return train, evals, None, base
 

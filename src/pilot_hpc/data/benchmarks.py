@@ -130,6 +130,14 @@ def load_json(path: str) -> Any:
         raise ValueError(f"{path}: not a valid JSON file ({err})") from None
 
 
+def load_json_object(path: str, expected: str) -> dict:
+    """A JSON file whose top level must be an object (`expected` says of what, for the error)."""
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}")
+    return data
+
+
 class _Images:
     """An image folder; remembers which files exist (many records share an image)."""
 
@@ -151,10 +159,7 @@ class _Images:
 
 def gqa(questions_path: str, images_dir: str) -> Converted:
     """GQA questions (train_balanced_questions.json, testdev_balanced_questions.json, ...)."""
-    data = load_json(questions_path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{questions_path}: expected a JSON object of question id -> question "
-                         f"(GQA *_questions.json), got {type(data).__name__}")
+    data = load_json_object(questions_path, "question id -> question (GQA *_questions.json)")
     images = _Images(images_dir, "GQA")
     out = Converted(questions_path)
     for qid, q in data.items():
@@ -319,10 +324,7 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
 
 def scienceqa(problems_path: str, images_dir: str, split: str) -> Converted:
     """ScienceQA problems.json: one record per problem of `split` that has an image."""
-    data = load_json(problems_path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{problems_path}: expected a JSON object of problem id -> problem, "
-                         f"got {type(data).__name__}")
+    data = load_json_object(problems_path, "problem id -> problem")
     images = _Images(images_dir, "ScienceQA")
     out = Converted(problems_path)
     splits_seen: set[str] = set()
@@ -377,9 +379,7 @@ def ocrvqa(dataset_path: str, images_dir: str, split: str) -> Converted:
     """OCR-VQA dataset.json: one record per question of the books in `split`."""
     if split not in OCRVQA_SPLITS:
         raise ValueError(f"OCR-VQA split must be one of {sorted(OCRVQA_SPLITS)}, got {split!r}")
-    data = load_json(dataset_path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{dataset_path}: expected a JSON object of book id -> entry, got {type(data).__name__}")
+    data = load_json_object(dataset_path, "book id -> entry")
     images = _Images(images_dir, "OCR-VQA")
     # The download script keeps each cover's own extension (.jpg, .gif, .png ...).
     names = _stem_index(images.folder)

@@ -205,9 +205,20 @@ def generate(spec: SyntheticSpec, folder: str) -> None:
     os.replace(tmp, folder)
 
 
+def spec_for(cfg) -> SyntheticSpec:
+    """The synthetic world a run config asks for."""
+    sizes = client_train_sizes(cfg.fl.num_clients, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
+    return SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
+                         cfg.model.image_size, cfg.run.seed)
+
+
+def folder_for(spec: SyntheticSpec, cache_dir: str) -> str:
+    return os.path.join(os.path.expanduser(cache_dir), f"synthetic-{spec.key()}")
+
+
 def ensure(spec: SyntheticSpec, cache_dir: str) -> str:
     """The folder of this spec's data, generated on first use."""
-    folder = os.path.join(os.path.expanduser(cache_dir), f"synthetic-{spec.key()}")
+    folder = folder_for(spec, cache_dir)
     if not os.path.isfile(os.path.join(folder, "spec.json")):
         generate(spec, folder)
     return folder

@@ -13,7 +13,6 @@ another on one shared model, swapping their personal state in and out.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 

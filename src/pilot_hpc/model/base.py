@@ -74,9 +74,13 @@ def build_base(cfg: Config, data_folder: str, out_folder: str) -> None:
         os.replace(tmp, out_folder)
 
 
+def base_folder(cfg: Config, data_key: str) -> str:
+    return os.path.join(os.path.expanduser(cfg.run.cache_dir), f"base-{base_key(cfg, data_key)}")
+
+
 def ensure_base(cfg: Config, data_folder: str, data_key: str) -> str:
     """The cached base model folder for this config, built on first use."""
-    folder = os.path.join(os.path.expanduser(cfg.run.cache_dir), f"base-{base_key(cfg, data_key)}")
+    folder = base_folder(cfg, data_key)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         log.info("building the tiny base LLaVA (cached in %s)", folder)
         build_base(cfg, data_folder, folder)

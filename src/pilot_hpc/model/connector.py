@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_index, z_loss
