@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	# torch first: with it present, setup.py's torch range pulls nothing more (an open
 	# range alone would download a multi-GB CUDA build on a CPU machine).
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP) system-deps

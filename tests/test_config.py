@@ -68,11 +68,21 @@ def test_world_checks():
     cfg = load_config(SMOKE)
     check_world(cfg, 9)
     check_world(cfg, 2)  # 9 clients over 2 ranks: 4 + 5, allowed by default
-    with pytest.raises(ConfigError, match="every rank must host a client"):
+    with pytest.raises(ConfigError, match="every host must have a client"):
         check_world(cfg, 10)
     even = load_config(SMOKE, ["fl.require_even_ranks=true"])
-    with pytest.raises(ConfigError, match="do not divide over 2 ranks"):
+    with pytest.raises(ConfigError, match="do not divide over 2 client hosts"):
         check_world(even, 2)
+    groups = load_config(SMOKE, ["run.ranks_per_client=2", "train.engine=deepspeed"])
+    check_world(groups, 4)  # 2 client hosts of 2 ranks
+    with pytest.raises(ConfigError, match="do not split into client groups"):
+        check_world(groups, 3)
+    with pytest.raises(ConfigError, match="start at most 18 ranks"):
+        check_world(groups, 20)
+    with pytest.raises(ConfigError, match="set train.engine=deepspeed"):
+        load_config(SMOKE, ["run.ranks_per_client=2"])
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(SMOKE, ["train.zero_stage=3"])
 
 
 def test_missing_file_and_llava_json_without_model_path(tmp_path):

@@ -37,6 +37,10 @@ class RunConfig:
     log_every: int = 50
     # auto: continue from the newest valid checkpoint in output_dir/checkpoints; never: start over.
     resume: str = "auto"
+    # MPI ranks per client (data-parallel inside a client through its DeepSpeed engine).
+    # COMM_WORLD splits into groups of this many consecutive ranks; group leaders talk
+    # to the server. 1: every rank is a client host (the default).
+    ranks_per_client: int = 1
 
     def __post_init__(self):
         if self.threads_per_rank < 1:
@@ -45,6 +49,8 @@ class RunConfig:
             raise ConfigError(f"run.resume must be auto or never, got {self.resume!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"run.device must be cpu, cuda or auto, got {self.device!r}")
+        if self.ranks_per_client < 1:
+            raise ConfigError(f"run.ranks_per_client must be >= 1, got {self.ranks_per_client}")
 
 
 @dataclass
@@ -141,12 +147,21 @@ class FLConfig:
     adam_tau: float = 1e-3
     # true: every rank must host the same number of clients (K divisible by W).
     require_even_ranks: bool = False
+    # Streamed exchange: MiB of one client's update per message chunk. The server holds
+    # about (K + 2) chunks at a time beyond its own model. 0: one message per part.
+    chunk_mb: float = 64.0
+    # FedDPA: weight of the local LoRA in the mix with the global one (see feddpa.py).
+    dpa_local_weight: float = 0.5
 
     def __post_init__(self):
         if self.num_clients < 2:
             raise ConfigError(f"fl.num_clients must be >= 2, got {self.num_clients}")
         if self.rounds < 1:
             raise ConfigError(f"fl.rounds must be >= 1, got {self.rounds}")
+        if self.chunk_mb < 0:
+            raise ConfigError(f"fl.chunk_mb must be >= 0 (0: unchunked), got {self.chunk_mb}")
+        if not 0.0 <= self.dpa_local_weight <= 1.0:
+            raise ConfigError(f"fl.dpa_local_weight must lie in [0, 1], got {self.dpa_local_weight}")
 
 
 @dataclass
@@ -182,6 +197,19 @@ class TrainConfig:
     lambda_z: float = 0.01
     grad_clip: float = 1.0
     max_new_tokens: int = 16
+    # torch: plain AdamW in this process. deepspeed: a DeepSpeed engine per client
+    # (ZeRO stage below, optional optimizer offload to CPU), data-parallel over the
+    # client's run.ranks_per_client ranks.
+    engine: str = "torch"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+
+    def __post_init__(self):
+        if self.engine not in ("torch", "deepspeed"):
+            raise ConfigError(f"train.engine must be torch or deepspeed, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (stage 3 would shard the frozen base), "
+                              f"got {self.zero_stage}")
 
 
 @dataclass
@@ -221,6 +249,9 @@ class Config:
                 f"fl.top_m (M = {fl.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
                 "ATA mixes each client's LoRA with its M nearest other clients"
             )
+        if self.run.ranks_per_client > 1 and self.train.engine != "deepspeed":
+            raise ConfigError(f"run.ranks_per_client={self.run.ranks_per_client} trains each client data-parallel "
+                              "through DeepSpeed: set train.engine=deepspeed (or run.ranks_per_client=1)")
         if self.data.kind == "llava_json":
             if not self.model.path:
                 raise ConfigError("data.kind=llava_json needs model.path (a local Hugging Face LLaVA folder)")
@@ -252,7 +283,8 @@ class Config:
 
 # Fields that never change what a run computes: where it writes, how it logs, whether
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
-NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds"}
+# The chunk size only changes how bytes travel (the mixes agree to float rounding).
+NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -268,14 +300,19 @@ def result_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def check_world(cfg: Config, world_size: int) -> None:
     """Checks that depend on the MPI world, run on every rank before training."""
-    if world_size > cfg.fl.num_clients:
+    per = cfg.run.ranks_per_client
+    if world_size % per:
+        raise ConfigError(f"{world_size} MPI ranks do not split into client groups of run.ranks_per_client={per}: "
+                          f"start a multiple of {per} ranks")
+    hosts = world_size // per
+    if hosts > cfg.fl.num_clients:
         raise ConfigError(
-            f"{world_size} MPI ranks but only {cfg.fl.num_clients} clients: every rank must host a client; "
-            f"start at most {cfg.fl.num_clients} ranks"
+            f"{world_size} MPI ranks make {hosts} client hosts but there are only {cfg.fl.num_clients} clients: "
+            f"every host must have a client; start at most {cfg.fl.num_clients * per} ranks"
         )
-    if cfg.fl.require_even_ranks and cfg.fl.num_clients % world_size:
+    if cfg.fl.require_even_ranks and cfg.fl.num_clients % hosts:
         raise ConfigError(
-            f"fl.require_even_ranks: {cfg.fl.num_clients} clients do not divide over {world_size} ranks"
+            f"fl.require_even_ranks: {cfg.fl.num_clients} clients do not divide over {hosts} client hosts"
         )
 
 

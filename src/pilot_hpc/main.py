@@ -121,6 +121,7 @@ def run(cfg, comm) -> int:
     slots, ok = [], True
     try:
         pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
+        strategy.prepare_model(pm)
         initial = pm.get_state()
         cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
         for k in mine:

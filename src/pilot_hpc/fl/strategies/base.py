@@ -47,6 +47,10 @@ class Strategy:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def prepare_model(self, pm) -> None:
+        """Changes to the freshly built model before any state is taken (e.g. FedDPA's
+        second, local LoRA). Runs on every rank, in the same way, before training."""
+
     def stage(self, round_: int) -> int:
         raise NotImplementedError
 
