@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import SMOKE, run_main, small_overrides
+from helpers import CHUNK_MB, SMOKE, run_main, small_overrides
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +31,12 @@ def small_world(cache_dir):
 
 @pytest.fixture(scope="session")
 def runs(small_world, cache_dir, tmp_path_factory):
-    """The small federation run uninterrupted, once with W = 1 and once under mpiexec -n 3."""
+    """The small federation run uninterrupted, once with W = 1 (unchunked) and once under
+    mpiexec -n 3 with a streamed exchange in several chunks."""
     out = tmp_path_factory.mktemp("fed")
     one = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w1")), timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    three = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w3")), np=3, timeout=600)
+    three = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "w3")) + [f"fl.chunk_mb={CHUNK_MB}"],
+                     np=3, timeout=600)
     assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
     return out, one, three

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import SMOKE, load_metrics, run_main, small_overrides
+from helpers import CHUNK_MB, SMOKE, load_metrics, run_main, small_overrides
 from pilot_hpc import checkpoint
 
 
@@ -58,36 +58,40 @@ def expected_sizes(cfg):
 
 
 def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
+    """The W = 3 run streams with fl.chunk_mb = CHUNK_MB: every message and its bytes, exactly."""
     out, _, _ = runs
     cfg = small_world[0]
     p_vis, p_lora = expected_sizes(cfg)
     f32, i64, f64 = 4, 8, 8
     num_tasks, rounds, stats = 3, 2, 7
+    cols = int(CHUNK_MB * 2 ** 20) // f32
+    vis = [min(cols, p_vis - a) for a in range(0, p_vis, cols)]
+    txt = [min(cols, p_lora - a) for a in range(0, p_lora, cols)]
+    assert len(vis) == 2 and len(txt) == 3 and txt[-1] != cols  # the chunk does not divide the parts
+    # Per round: the stop vote, (samples, good) per client, ATA's Gram pass over the
+    # LoRA, then each visual chunk and its broadcast, each LoRA chunk and its scatter.
+    per_round = ["stop", "num_samples"] + ["gram"] * len(txt) + ["update", "shared"] * len(vis) \
+        + ["update", "personal"] * len(txt) + ["metrics"]
     for rank in (0, 1, 2):
         with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
             log = json.load(fh)
-        # The only collectives: two go/no-go flags, the resume choice, the round-0 metrics,
-        # then per round: the stop vote, update, sample counts, shared task adapters,
-        # personal LoRA, metrics.
-        per_round = ["stop", "update", "num_samples", "shared", "personal", "metrics"]
         assert [t["tag"] for t in log] == ["all_ok", "all_ok", "resume", "metrics"] + per_round * rounds
-        by_tag = {}
+        sizes = {"gram": txt, "update": vis + txt, "shared": vis, "personal": txt}
+        for r in range(rounds):
+            entries = log[4 + r * len(per_round):4 + (r + 1) * len(per_round)]
+            for tag, widths in sizes.items():
+                got = [(t["sent"], t["received"]) for t in entries if t["tag"] == tag]
+                if tag in ("gram", "update"):  # gathers: the two others' rows into rank 0
+                    want = [(0, 2 * w * f32) if rank == 0 else (w * f32, 0) for w in widths]
+                else:  # shared: T task-adapter rows to 2 ranks; personal: one LoRA row each
+                    rows = num_tasks if tag == "shared" else 1
+                    want = [(2 * rows * w * f32, 0) if rank == 0 else (0, rows * w * f32) for w in widths]
+                assert got == want, (rank, r, tag)
         for t in log:
-            by_tag.setdefault(t["tag"], []).append(t)
-        for t in by_tag["update"]:
-            if rank == 0:
-                assert (t["sent"], t["received"]) == (0, 2 * (p_vis + p_lora) * f32)
-            else:
-                assert (t["sent"], t["received"]) == ((p_vis + p_lora) * f32, 0)
-        for t in by_tag["num_samples"]:
-            assert (t["sent"], t["received"]) == ((0, 2 * i64) if rank == 0 else (i64, 0))
-        for t in by_tag["shared"]:
-            assert (t["sent"], t["received"]) == ((2 * num_tasks * p_vis * f32, 0) if rank == 0
-                                                  else (0, num_tasks * p_vis * f32))
-        for t in by_tag["personal"]:
-            assert (t["sent"], t["received"]) == ((2 * p_lora * f32, 0) if rank == 0 else (0, p_lora * f32))
-        for t in by_tag["metrics"]:
-            assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
+            if t["tag"] == "num_samples":
+                assert (t["sent"], t["received"]) == ((0, 2 * 2 * i64) if rank == 0 else (2 * i64, 0))
+            if t["tag"] == "metrics":
+                assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
 
 
 def llava_json_args(small_world, out, train_files):

@@ -1,8 +1,14 @@
 """Server-side aggregation as pure functions on tensors (no MPI, no model).
 
 Updates arrive stacked as U: [K, P] (one flattened update per client, on the
-server's device). Weights are computed in float64; the mixes run in float32 (or the
-updates' dtype when that is wider) and return the updates' dtype.
+server's device). Every aggregation here is a linear mix of the clients' rows,
+out = C @ U, whose coefficients C depend only on the sample counts, the tasks, which
+clients are good and (for ATA) the K x K Gram matrix of U. So each one is written
+twice over the same coefficient builder: a one-shot function on the whole U (the
+reference the tests pin), and a coefficient matrix that the streamed exchange
+(pilot_hpc.fl.stream) applies to U chunk by chunk. Coefficients are float64; the
+mixes run in float32 (or the updates' dtype when that is wider) and return the
+updates' dtype. A NaN coefficient row means "no result for this row".
 """
 
 from __future__ import annotations
@@ -13,10 +19,27 @@ import torch
 GRAM_CHUNK = 1 << 22
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _mix(coef: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
     """coef [R, K] (float64) @ updates [K, P] -> [R, P] in the updates' dtype."""
-    work = torch.float64 if updates.dtype == torch.float64 else torch.float32
-    return (coef.to(work) @ updates.to(work)).to(updates.dtype)
+    work = work_dtype(updates.dtype)
+    return (coef.to(device=updates.device, dtype=work) @ updates.to(work)).to(updates.dtype)
+
+
+def zero_bad_rows(updates: torch.Tensor, good: torch.Tensor | None) -> torch.Tensor:
+    """The bad clients' rows as zeros: their coefficients are 0, but 0 * NaN is NaN."""
+    if good is None or bool(good.all()):
+        return updates
+    return torch.where(good.to(updates.device)[:, None], updates,
+                       torch.zeros((), dtype=updates.dtype, device=updates.device))
+
+
+def mix(coef: torch.Tensor, updates: torch.Tensor, good: torch.Tensor | None = None) -> torch.Tensor:
+    """C @ U with the rows of bad clients read as zeros -> [R, P]."""
+    return _mix(coef, zero_bad_rows(updates, good))
 
 
 def sample_weights(n: torch.Tensor) -> torch.Tensor:
@@ -36,30 +59,39 @@ def finite_rows(updates: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(updates).all(dim=1).cpu()
 
 
-def task_aware_average(updates: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
-                       good: torch.Tensor | None = None) -> torch.Tensor:
-    """Theta_t = sum_{k in K_t} n_k / sum_{j in K_t} n_j * U_k for every task t -> [T, P].
+def task_aware_coefficients(n: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
+                            good: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, K]: row t holds n_k / sum_{j in K_t} n_j for the (good) clients k of task t.
 
-    With a `good` mask only those clients count; a task left without any good client
-    gets a NaN row (its clients keep the adapter they have).
+    Without a `good` mask a task with no client is an error; with one, a task left
+    without any good client gets a NaN row (its clients keep the adapter they have).
     """
-    coef = torch.zeros(num_tasks, updates.shape[0], dtype=torch.float64)
-    empty = []
+    coef = torch.zeros(num_tasks, len(n), dtype=torch.float64)
+    tasks = tasks.cpu()
     for t in range(num_tasks):
-        members = (tasks == t) if good is None else (tasks == t) & good
+        members = (tasks == t) if good is None else (tasks == t) & good.cpu()
         members = members.nonzero().flatten()
         if members.numel() == 0:
             if good is None:
                 raise ValueError(f"task {t} has no client: cannot aggregate its adapter")
-            empty.append(t)
+            coef[t] = float("nan")
             continue
         coef[t, members] = sample_weights(n[members])
-    # Excluded rows may hold NaN, and 0 * NaN = NaN: mix only the good rows.
-    rows = torch.arange(updates.shape[0]) if good is None else good.nonzero().flatten()
-    out = _mix(coef[:, rows].to(updates.device), updates[rows.to(updates.device)])
-    if empty:
-        out[empty] = float("nan")
-    return out
+    return coef
+
+
+def task_aware_average(updates: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
+                       good: torch.Tensor | None = None) -> torch.Tensor:
+    """Theta_t = sum_{k in K_t} n_k / sum_{j in K_t} n_j * U_k for every task t -> [T, P]."""
+    return mix(task_aware_coefficients(n, tasks, num_tasks, good), updates, good)
+
+
+def average_coefficients(n: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    """[K]: FedAvg's weights n_k / sum_j n_j over the good clients (0 for the others)."""
+    w = torch.zeros(len(n), dtype=torch.float64)
+    keep = good.cpu().nonzero().flatten()
+    w[keep] = sample_weights(n[keep])
+    return w
 
 
 def gram_matrix(updates: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
@@ -72,13 +104,17 @@ def gram_matrix(updates: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
     return gram
 
 
-def pairwise_distances(updates: torch.Tensor) -> torch.Tensor:
-    """d_ki = ||U_k - U_i||_2 from one Gram matrix: |a|^2 + |b|^2 - 2 a.b -> [K, K] float64."""
-    gram = gram_matrix(updates)
+def distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """d_ki = ||U_k - U_i||_2 = sqrt(|a|^2 + |b|^2 - 2 a.b) -> [K, K] float64."""
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
     d2.fill_diagonal_(0.0)
     return d2.sqrt()
+
+
+def pairwise_distances(updates: torch.Tensor) -> torch.Tensor:
+    """Distances between the clients' updates from one Gram matrix -> [K, K] float64."""
+    return distances_from_gram(gram_matrix(updates))
 
 
 def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12) -> torch.Tensor:
@@ -108,22 +144,31 @@ def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float
     return coef
 
 
-def ata_aggregate(updates: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12,
-                  good: torch.Tensor | None = None) -> torch.Tensor:
-    """Each client's personalised LoRA -> [K, P].
+def ata_mixing(gram: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12,
+               good: torch.Tensor | None = None) -> torch.Tensor:
+    """[K, K] mixing matrix of ATA from the Gram matrix of the updates.
 
     With a `good` mask, ATA runs among the good clients only (M shrinks to at most
-    their number minus one); excluded clients get NaN rows (they keep their own LoRA),
-    so no good client's result depends on an excluded one.
+    their number minus one); excluded clients get NaN rows (they keep their own LoRA)
+    and zero columns, so no good client's result depends on an excluded one.
     """
+    k = gram.shape[0]
     if good is None:
-        coef = ata_coefficients(pairwise_distances(updates), n, top_m, eps)
-        return _mix(coef.to(updates.device), updates)
-    rows = good.nonzero().flatten()
-    out = torch.full_like(updates, float("nan"))
+        return ata_coefficients(distances_from_gram(gram.cpu()), n, top_m, eps)
+    rows = good.cpu().nonzero().flatten()
+    coef = torch.zeros(k, k, dtype=torch.float64)
+    coef[~good.cpu()] = float("nan")
     if rows.numel() == 1:
-        out[rows] = updates[rows]
+        coef[rows, rows] = 1.0
     elif rows.numel() > 1:
-        out[rows.to(updates.device)] = ata_aggregate(updates[rows.to(updates.device)], n[rows],
-                                                     min(top_m, rows.numel() - 1), eps)
-    return out
+        sub = gram.cpu()[rows][:, rows]
+        coef[rows[:, None], rows[None, :]] = ata_coefficients(distances_from_gram(sub), n[rows],
+                                                              min(top_m, rows.numel() - 1), eps)
+    return coef
+
+
+def ata_aggregate(updates: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12,
+                  good: torch.Tensor | None = None) -> torch.Tensor:
+    """Each client's personalised LoRA -> [K, P] (see ata_mixing for the `good` mask)."""
+    updates = zero_bad_rows(updates, good)
+    return _mix(ata_mixing(gram_matrix(updates), n, top_m, eps, good), updates)

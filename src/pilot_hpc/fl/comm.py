@@ -101,21 +101,41 @@ class Comm:
         self.traffic.append(Traffic(op, tag, int(sent), int(received)))
 
     # ---------------------------------------------------------------- collectives
-    def gatherv(self, local: np.ndarray, counts: list[int], tag: str, root: int = 0) -> np.ndarray | None:
-        """Concatenates every rank's 1-D `local` (counts[r] items from rank r) on root."""
-        if local.ndim != 1 or not local.flags.c_contiguous:
-            raise ValueError("gatherv: the local buffer must be a contiguous 1-D array")
-        if local.size != counts[self.rank]:
-            raise ValueError(f"gatherv({tag}): rank {self.rank} holds {local.size} items, counts say {counts[self.rank]}")
+    @staticmethod
+    def _displs(counts: list[int]) -> list[int]:
+        return [int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]])]
+
+    def gatherv(self, local: np.ndarray | None, counts: list[int], tag: str, root: int = 0,
+                out: np.ndarray | None = None) -> np.ndarray | None:
+        """Concatenates every rank's 1-D `local` (counts[r] items from rank r) on root.
+
+        On root, `out` (sum(counts) items) is the receive buffer when given; `local=None`
+        on root means its own part is already in `out` at its place (MPI_IN_PLACE: no
+        extra copy of the root's chunk). Counts above 2^31 use MPI-4's large-count path.
+        """
+        if self.rank == root and local is None:
+            if out is None:
+                raise ValueError(f"gatherv({tag}): an in-place gather needs the receive buffer `out`")
+            mine = counts[root]
+        else:
+            if local.ndim != 1 or not local.flags.c_contiguous:
+                raise ValueError("gatherv: the local buffer must be a contiguous 1-D array")
+            if local.size != counts[self.rank]:
+                raise ValueError(f"gatherv({tag}): rank {self.rank} holds {local.size} items, "
+                                 f"counts say {counts[self.rank]}")
+            mine = local.size
         recv = None
         if self.rank == root:
-            recv = np.empty(sum(counts), dtype=local.dtype)
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            self._wait(self.world.Igatherv(local, [recv, (list(counts), list(displs))], root=root))
+            dtype = out.dtype if out is not None else local.dtype
+            recv = out if out is not None else np.empty(sum(counts), dtype=dtype)
+            if recv.size != sum(counts) or not recv.flags.c_contiguous:
+                raise ValueError(f"gatherv({tag}): the receive buffer must be contiguous with {sum(counts)} items")
+            send = MPI.IN_PLACE if local is None else local
+            self._wait(self.world.Igatherv(send, [recv, (list(counts), self._displs(counts))], root=root))
+            self._log("gatherv", tag, 0, (sum(counts) - mine) * recv.itemsize)
         else:
             self._wait(self.world.Igatherv(local, None, root=root))
-        self._log("gatherv", tag, local.nbytes if self.rank != root else 0,
-                  (recv.nbytes - local.nbytes) if recv is not None else 0)
+            self._log("gatherv", tag, local.nbytes, 0)
         return recv
 
     def bcast(self, buf: np.ndarray, tag: str, root: int = 0) -> np.ndarray:
@@ -128,18 +148,26 @@ class Comm:
         return buf
 
     def scatterv(self, send: np.ndarray | None, counts: list[int], dtype: np.dtype, tag: str,
-                 root: int = 0) -> np.ndarray:
-        """Rank r receives counts[r] items of root's 1-D `send` (blocks in rank order)."""
-        recv = np.empty(counts[self.rank], dtype=dtype)
+                 root: int = 0, out: np.ndarray | None = None, root_in_place: bool = False) -> np.ndarray | None:
+        """Rank r receives counts[r] items of root's 1-D `send` (blocks in rank order).
+
+        `out` is the receive buffer when given; with root_in_place the root receives
+        nothing (it reads its own part of `send` where it is) and gets None back.
+        """
         if self.rank == root:
             if send is None or send.size != sum(counts):
                 raise ValueError(f"scatterv({tag}): root buffer size does not match counts {counts}")
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            self._wait(self.world.Iscatterv([send, (list(counts), list(displs))], recv, root=root))
-        else:
-            self._wait(self.world.Iscatterv(None, recv, root=root))
-        self._log("scatterv", tag, (send.nbytes - recv.nbytes) if self.rank == root else 0,
-                  recv.nbytes if self.rank != root else 0)
+            recv = None if root_in_place else (out if out is not None else np.empty(counts[root], dtype=dtype))
+            self._wait(self.world.Iscatterv([send, (list(counts), self._displs(counts))],
+                                            MPI.IN_PLACE if recv is None else recv, root=root))
+            self._log("scatterv", tag, (sum(counts) - counts[root]) * send.itemsize, 0)
+            return recv
+        recv = out if out is not None else np.empty(counts[self.rank], dtype=dtype)
+        if recv.size != counts[self.rank]:
+            raise ValueError(f"scatterv({tag}): rank {self.rank} expects {counts[self.rank]} items, "
+                             f"its buffer holds {recv.size}")
+        self._wait(self.world.Iscatterv(None, recv, root=root))
+        self._log("scatterv", tag, 0, recv.nbytes)
         return recv
 
     def all_ok(self, ok: bool) -> bool:

@@ -2,8 +2,8 @@
 
 Each round reads like the paper's algorithm:
   local training (stage 1 in round 1, stage 2 after) on every client of this rank
-  -> Gatherv of the flattened updates and sample counts to rank 0
-  -> server aggregation on rank 0's device (the strategy's pure functions)
+  -> Gatherv of the flattened updates to rank 0, in chunks (fl/stream.py)
+  -> server aggregation on rank 0's device, chunk by chunk (the strategy's mixing plan)
   -> Bcast of the shared part (Pilot: the T task adapters), Scatterv of the personal part
   -> install, evaluate, checkpoint, one progress line.
 K clients may exceed the W ranks: a rank then runs its block of clients one after
@@ -23,7 +23,8 @@ from pilot_hpc import faults
 from pilot_hpc.config import Config
 from pilot_hpc.data.records import InstructionDataset
 from pilot_hpc.fl.comm import Comm, block_ranges
-from pilot_hpc.fl.flat import flatten, from_wire, numel, to_wire, wire_dtype
+from pilot_hpc.fl.flat import flatten, numel
+from pilot_hpc.fl.stream import StreamedExchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.fl import resume
@@ -159,10 +160,13 @@ class Federation:
                           aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
                           device=self.device, resume=slot.progress,
                           should_stop=lambda step: self.should_stop(round_, step))
-        slot.state = self.pm.get_state()
         if res.stopped is not None:
+            # step 0: the engine restarts this client's round from its start (DeepSpeed
+            # keeps no resumable optimizer state), so keep the round-start parameters.
+            slot.state = slot.pre_state if res.stopped.step == 0 else self.pm.get_state()
             slot.status, slot.progress = "partial", res.stopped
             return True
+        slot.state = self.pm.get_state()
         slot.status, slot.progress = "done", None
         slot.losses, slot.steps = res.losses, res.steps
         if faults.hit("nan_update", client=slot.k, round=round_):
@@ -178,45 +182,31 @@ class Federation:
         return False
 
     def exchange(self, round_: int) -> None:
-        """Gatherv updates -> aggregate on rank 0 -> Bcast shared, Scatterv personal -> install."""
+        """Streamed Gatherv of the updates -> mix on rank 0's device -> Bcast shared,
+        Scatterv personal (fl/stream.py) -> install."""
         comm, pm, strat = self.comm, self.pm, self.strategy
         dtype = next(pm.model.parameters()).dtype
         p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
-        width = p_vis + p_txt
-        local = []
-        for slot in self.slots:
-            if not slot.finite:  # a NaN row tells the server to leave this client out
-                local.append(torch.full((width,), float("nan"), dtype=dtype))
-                continue
-            self.activate(slot)
-            local += [flatten(strat.visual_params(pm)).to(dtype), flatten(strat.text_params(pm)).to(dtype)]
-        sizes = [len(b) for b in self.blocks]
-        gathered = comm.gatherv(to_wire(flatten(local) if local else torch.zeros(0, dtype=dtype)),
-                                [s * width for s in sizes], tag="update")
-        counts = comm.gatherv(np.array([s.n for s in self.slots], dtype=np.int64), sizes, tag="num_samples")
-        shared_rows = strat.shared_rows(self.num_tasks)
-        shared = np.empty(shared_rows * p_vis, dtype=wire_dtype(dtype))
-        personal_wire = None
-        if comm.rank == 0:
-            t0 = time.perf_counter()
-            updates = from_wire(gathered, dtype).view(self.num_clients, width).to(self.device)
-            tasks = torch.tensor([self.cfg.tasks.index(t) for t in self.cfg.fl.client_tasks])
-            result = strat.aggregate(updates[:, :p_vis], updates[:, p_vis:], torch.from_numpy(counts), tasks,
-                                     self.num_tasks)
-            shared[:] = to_wire(result.shared.reshape(-1).cpu())
-            personal_wire = to_wire(result.personal.reshape(-1).cpu())
-            if result.excluded:
-                log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_,
-                            result.excluded)
-            log.debug("round %d: aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
-        comm.bcast(shared, tag="shared")
-        personal = comm.scatterv(personal_wire, [s * p_txt for s in sizes], wire_dtype(dtype), tag="personal")
-        shared_t = from_wire(shared, dtype).view(shared_rows, p_vis)
-        personal_t = from_wire(personal, dtype).view(len(self.slots), p_txt)
+        # [n_local, Pv + Pt] on the model's device; a bad update travels as zeros and
+        # its good flag tells the server to leave it out.
+        local = torch.zeros(len(self.slots), p_vis + p_txt, dtype=dtype, device=self.device)
+        for i, slot in enumerate(self.slots):
+            if slot.finite:
+                self.activate(slot)
+                local[i] = flatten(strat.visual_params(pm) + strat.text_params(pm), device=self.device).to(dtype)
+        meta = np.array([[s.n, int(s.finite)] for s in self.slots], dtype=np.int64).reshape(-1, 2)
+        tasks = torch.tensor([self.cfg.tasks.index(t) for t in self.cfg.fl.client_tasks])
+        t0 = time.perf_counter()
+        got = StreamedExchange(comm, self.blocks, self.device, self.cfg.fl.chunk_mb).run(
+            strat, local, meta, p_vis, tasks, self.num_tasks)
+        del local
+        if got.excluded:
+            log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_, got.excluded)
+        log.debug("round %d: exchange and aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
         for i, slot in enumerate(self.slots):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 self.activate(slot)
-                strat.install(pm, shared_t, personal_t[i], round_)
+                strat.install(pm, got.shared, got.personal[i], round_)
                 slot.state = pm.get_state()
             slot.status, slot.pre_state, slot.progress, slot.finite = "pending", None, None, True
 

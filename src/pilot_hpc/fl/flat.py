@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One contiguous 1-D tensor (on CPU) holding every tensor in order."""
+def flatten(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One contiguous 1-D tensor (on `device`) holding every tensor in order."""
     if not tensors:
-        return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+        return torch.zeros(0, device=device)
+    return torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
 
 
 def numel(tensors: Sequence[torch.Tensor]) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pilot_hpc.config import ConfigError
+from pilot_hpc.fl import aggregate
 
 REGISTRY: dict[str, type["Strategy"]] = {}
 
@@ -23,6 +24,17 @@ def get_strategy(name: str, cfg) -> "Strategy":
     if name not in REGISTRY:
         raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
     return REGISTRY[name](cfg)
+
+
+@dataclass
+class MixPlan:
+    """How the server mixes the stacked updates: every strategy's aggregation is linear
+    in the clients' updates (then an optional element-wise step, see Strategy.finish),
+    so the streamed exchange can apply it to one column chunk at a time."""
+
+    shared: torch.Tensor  # [S, K] float64: shared row s = sum_k shared[s, k] * visual_k (NaN row: none)
+    personal: torch.Tensor  # [K, K] float64: client k's text = sum_j personal[k, j] * text_j (NaN row: none)
+    excluded: list[int] = field(default_factory=list)  # clients left out (non-finite update)
 
 
 @dataclass
@@ -68,9 +80,34 @@ class Strategy:
         when an interrupted round resumes, so it must be idempotent; start_state is the
         client's state at the round's start (its `get_state()` keys)."""
 
+    # Server side. needs_gram: plan() wants the K x K Gram matrix of the text updates
+    # (the streamed exchange then makes a first pass over them to build it).
+    needs_gram = False
+
+    def plan(self, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int, good: torch.Tensor,
+             gram: torch.Tensor | None) -> MixPlan:
+        """The mixing coefficients from the sample counts, tasks, good-client mask [K] and,
+        when needs_gram, the float64 Gram matrix of the text updates."""
+        raise NotImplementedError
+
+    def finish(self, part: str, rows: torch.Tensor, offset: int) -> None:
+        """An element-wise server step on mixed rows, in place: `rows` [R, c] are columns
+        offset .. offset + c of `part` ("visual" or "text"). Called once per column chunk,
+        in order (FedAdam's optimizer step lives here)."""
+
     def aggregate(self, visual: torch.Tensor, text: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor,
                   num_tasks: int) -> ServerResult:
-        raise NotImplementedError
+        """The whole server step on [K, P] tensors in one go: the reference that the streamed
+        exchange must match. A client whose row holds NaN/Inf is excluded."""
+        good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
+        gram = None
+        if self.needs_gram:
+            gram = aggregate.gram_matrix(aggregate.zero_bad_rows(text, good))
+        plan = self.plan(n, tasks, num_tasks, good, gram)
+        shared, personal = aggregate.mix(plan.shared, visual, good), aggregate.mix(plan.personal, text, good)
+        self.finish("visual", shared, 0)
+        self.finish("text", personal, 0)
+        return ServerResult(shared=shared, personal=personal, excluded=plan.excluded)
 
     def install(self, pm, shared: torch.Tensor, personal: torch.Tensor, round_: int) -> None:
         raise NotImplementedError

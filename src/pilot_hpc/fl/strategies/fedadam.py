@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.strategies.base import register
 from pilot_hpc.fl.strategies.fedavg import FedAvg
 
@@ -39,24 +38,30 @@ class FedAdam(FedAvg):
         self.state = {"w": w, "m": torch.zeros_like(w), "v": torch.zeros_like(w),
                       "split": torch.tensor(visual.numel())}
 
-    def global_update(self, visual, text, n, good):
+    def finish(self, part: str, rows: torch.Tensor, offset: int) -> None:
+        """The server step on this chunk of the FedAvg mean (every row holds it), in place.
+
+        The state (float32, on the CPU) is updated one column chunk at a time, so the
+        streamed exchange never needs the whole update at once."""
         if not self.state:
             raise RuntimeError("FedAdam: the server state was not initialised (init_server or a checkpoint)")
-        keep = good.nonzero().flatten()
-        avg = torch.cat([aggregate.weighted_average(visual[keep], n[keep]).float().cpu(),
-                         aggregate.weighted_average(text[keep], n[keep]).float().cpu()])
+        if rows.numel() == 0 or not bool(torch.isfinite(rows[0]).all()):
+            return  # nobody sent a usable update: the server state stays as it is
+        start = offset + (int(self.state["split"]) if part == "text" else 0)
+        cols = slice(start, start + rows.shape[1])
         fl = self.cfg.fl
-        w, m, v = adam_server_step(self.state["w"], self.state["m"], self.state["v"], avg, lr=fl.server_lr,
-                                   beta1=fl.adam_beta1, beta2=fl.adam_beta2, tau=fl.adam_tau)
-        self.state.update(w=w, m=m, v=v)
-        split = int(self.state["split"])
-        return w[:split].to(visual.dtype).to(visual.device), w[split:].to(text.dtype).to(text.device)
+        w, m, v = adam_server_step(self.state["w"][cols], self.state["m"][cols], self.state["v"][cols],
+                                   rows[0].float().cpu(), lr=fl.server_lr, beta1=fl.adam_beta1,
+                                   beta2=fl.adam_beta2, tau=fl.adam_tau)
+        self.state["w"][cols], self.state["m"][cols], self.state["v"][cols] = w, m, v
+        rows.copy_(w.to(device=rows.device, dtype=rows.dtype)[None, :].expand_as(rows))
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        return dict(self.state)
+        # Copies: finish() updates the live tensors in place.
+        return {k: v.clone() for k, v in self.state.items()}
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = {"w", "m", "v", "split"} - set(state)
         if state and missing:
             raise ValueError(f"FedAdam server state lacks {sorted(missing)}")
-        self.state = dict(state)
+        self.state = {k: v.clone() for k, v in state.items()}

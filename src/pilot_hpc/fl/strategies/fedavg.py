@@ -7,7 +7,7 @@ import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import unflatten_into
-from pilot_hpc.fl.strategies.base import ServerResult, Strategy, register
+from pilot_hpc.fl.strategies.base import MixPlan, Strategy, register
 from pilot_hpc.model.connector import PLAIN
 
 
@@ -25,21 +25,16 @@ class FedAvg(Strategy):
     def shared_rows(self, num_tasks: int) -> int:
         return 1
 
-    def global_update(self, visual, text, n, good) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new global (visual [Pv], text [Pt]) from this round's good updates."""
-        keep = good.nonzero().flatten()
-        return (aggregate.weighted_average(visual[keep], n[keep]),
-                aggregate.weighted_average(text[keep], n[keep]))
-
-    def aggregate(self, visual, text, n, tasks, num_tasks) -> ServerResult:
-        good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
-        if not good.any():  # nobody sent a usable update: everyone keeps what it has
-            nan = float("nan")
-            return ServerResult(shared=torch.full_like(visual[:1], nan), personal=torch.full_like(text, nan),
-                                excluded=list(range(visual.shape[0])))
-        g_visual, g_text = self.global_update(visual, text, n, good)
-        return ServerResult(shared=g_visual[None, :], personal=g_text[None, :].expand_as(text).clone(),
-                            excluded=(~good).nonzero().flatten().tolist())
+    def plan(self, n, tasks, num_tasks, good, gram) -> MixPlan:
+        """One global model: every row is the sample-weighted mean of the good updates
+        (all NaN when no client sent a usable update: everyone keeps what it has)."""
+        k = len(n)
+        if not good.any():
+            nan = torch.full((k, k), float("nan"), dtype=torch.float64)
+            return MixPlan(shared=nan[:1].clone(), personal=nan, excluded=list(range(k)))
+        w = aggregate.average_coefficients(n, good)
+        return MixPlan(shared=w[None, :].clone(), personal=w[None, :].expand(k, -1).clone(),
+                       excluded=(~good).nonzero().flatten().tolist())
 
     def install(self, pm, shared, personal, round_) -> None:
         if torch.isfinite(shared[0]).all():

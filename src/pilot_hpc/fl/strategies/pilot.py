@@ -6,25 +6,25 @@ import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import unflatten_into
-from pilot_hpc.fl.strategies.base import ServerResult, Strategy, register
+from pilot_hpc.fl.strategies.base import MixPlan, Strategy, register
 
 
-def _top_m(cfg, text, n, tasks, num_tasks, good):
+def _top_m(cfg, n, tasks, num_tasks, good, gram):
     """ATA: each client mixes its M nearest clients' LoRA (the default)."""
-    return aggregate.ata_aggregate(text, n, cfg.fl.top_m, cfg.fl.ata_eps, good)
+    return aggregate.ata_mixing(gram, n, cfg.fl.top_m, cfg.fl.ata_eps, good)
 
 
-def _same_task(cfg, text, n, tasks, num_tasks, good):
+def _same_task(cfg, n, tasks, num_tasks, good, gram):
     """The sample-weighted average of the LoRA of the client's own task's clients."""
-    return aggregate.task_aware_average(text, n, tasks, num_tasks, good)[tasks.to(text.device)]
+    return aggregate.task_aware_coefficients(n, tasks, num_tasks, good)[tasks.cpu()]
 
 
-def _all(cfg, text, n, tasks, num_tasks, good):
+def _all(cfg, n, tasks, num_tasks, good, gram):
     """FedAvg of the LoRA over every client (ATA off)."""
-    keep = good.nonzero().flatten()
-    return aggregate.weighted_average(text[keep], n[keep])[None, :].expand_as(text).clone()
+    return aggregate.average_coefficients(n, good)[None, :].expand(len(n), -1).clone()
 
 
+# Each maps to the [K, K] mixing matrix of the clients' LoRA (Table 5).
 SELECTIONS = {"topm": _top_m, "same_task": _same_task, "all": _all}
 
 
@@ -48,19 +48,18 @@ class Pilot(Strategy):
         if self.stage(round_) == 2 and not pm.connector.cross_ready:
             pm.connector.init_cross_adapters()
 
-    def aggregate(self, visual, text, n, tasks, num_tasks) -> ServerResult:
-        good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
-        shared = aggregate.task_aware_average(visual, n, tasks, num_tasks, good)  # [T, Pv]
-        personal = self.select_text(text, n, tasks, num_tasks, good)  # [K, Pl]
-        return ServerResult(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
+    @property
+    def needs_gram(self) -> bool:
+        return self.cfg.pilot.selection == "topm"
 
-    def select_text(self, text, n, tasks, num_tasks, good) -> torch.Tensor:
-        """Each client's LoRA by pilot.selection (Table 5)."""
-        if not good.any():
-            return torch.full_like(text, float("nan"))
-        rows = SELECTIONS[self.cfg.pilot.selection](self.cfg, text, n, tasks, num_tasks, good)
-        rows[~good.to(text.device)] = float("nan")  # an excluded client installs nothing
-        return rows
+    def plan(self, n, tasks, num_tasks, good, gram) -> MixPlan:
+        shared = aggregate.task_aware_coefficients(n, tasks, num_tasks, good)  # [T, K]
+        if good.any():
+            personal = SELECTIONS[self.cfg.pilot.selection](self.cfg, n, tasks, num_tasks, good, gram)  # [K, K]
+        else:
+            personal = torch.zeros(len(n), len(n), dtype=torch.float64)
+        personal[~good.cpu()] = float("nan")  # an excluded client installs nothing
+        return MixPlan(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
 
     def install(self, pm, shared, personal, round_) -> None:
         conn = pm.connector

@@ -1,0 +1,60 @@
+"""The streamed exchange (fl/stream.py) under real `mpiexec` worlds, against the one-shot
+aggregation; chunking helpers; messages over 2 GiB."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, mpiexec
+from pilot_hpc.fl.stream import chunk_columns, gram_in_place, mix_in_place, spans
+
+
+def run_check(script: str, ranks: int, timeout: int = 240) -> None:
+    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", script)],
+                          capture_output=True, text=True, timeout=timeout + 30,
+                          env=dict(os.environ, MPIEXEC_TIMEOUT=str(timeout)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.endswith(": ok")) == \
+        [f"rank {r}: ok" for r in range(ranks)]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_streamed_exchange_equals_the_one_shot_aggregation(ranks):
+    """Every strategy's server step, chunk not dividing the parts, K > W (uneven blocks),
+    an empty visual part, a bad client, bf16, FedAdam's state over two rounds."""
+    run_check("stream_check.py", ranks)
+
+
+def test_messages_over_two_gib():
+    run_check("large_message_check.py", 2, timeout=300)
+
+
+def test_chunk_columns_and_spans():
+    assert chunk_columns(1.0, 4, 10 ** 9) == 2 ** 18  # 1 MiB of float32
+    assert chunk_columns(0, 2, 12345) == 12345  # unchunked: the whole part
+    assert chunk_columns(1e-9, 4, 100) == 1  # never zero columns
+    assert spans(3, 10, 3) == [(3, 6), (6, 9), (9, 10)]
+    assert spans(5, 5, 3) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mix_in_place_matches_a_matmul_in_float32(dtype):
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randn(5, 37, generator=gen).to(dtype)  # 37 columns: sub-blocks do not divide it
+    coef = torch.rand(3, 5, generator=gen, dtype=torch.float64)
+    ref = (coef.float() @ block.float()).to(dtype)
+    got = mix_in_place(coef, block.clone(), torch.device("cpu"))
+    # float32: the same products summed in the same order per column -> exact;
+    # bf16: one rounding of the float32 result on both sides -> exact as well.
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    gram = torch.zeros(5, 5, dtype=torch.float64)
+    gram_in_place(gram, block, torch.device("cpu"))
+    torch.testing.assert_close(gram, block.double() @ block.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_mix_in_place_refuses_more_rows_than_clients():
+    with pytest.raises(ValueError, match="do not fit"):
+        mix_in_place(torch.ones(4, 3, dtype=torch.float64), torch.ones(3, 5), torch.device("cpu"))
