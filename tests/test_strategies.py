@@ -16,7 +16,7 @@ def cfg(*extra):
 
 
 def test_registry_names():
-    assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "local", "centralized"} <= set(REGISTRY)
+    assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "feddpa", "local", "centralized"} <= set(REGISTRY)
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         get_strategy("nope", cfg())
 
@@ -85,7 +85,7 @@ def test_what_each_strategy_sends(small_world):
     assert not get_strategy("local", c).communicates
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "shepherd", "local"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "shepherd", "feddpa", "local"])
 def test_strategy_runs_alike_with_one_and_three_ranks(strategy, small_world, cache_dir, tmp_path):
     args = ["--config", SMOKE] + small_overrides(cache_dir, "x") + [f"fl.strategy={strategy}"]
     one = run_main(args + [f"run.output_dir={tmp_path / 'w1'}"], timeout=600)

@@ -80,8 +80,13 @@ class PilotModel:
     image_processor: object
     num_image_tokens: int
 
-    def lora_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if "lora_" in n]
+    def lora_named_parameters(self, adapter: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every LoRA parameter (all adapters), or only those of the named peft adapter
+        (peft names them `...q_proj.lora_A.<adapter>.weight`; FedDPA has two)."""
+        lora = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n]
+        if adapter is None:
+            return lora
+        return [(n, p) for n, p in lora if f".{adapter}." in n.split(".lora_", 1)[-1]]
 
     def set_stage(self, stage: int) -> None:
         self.connector.set_stage(stage)

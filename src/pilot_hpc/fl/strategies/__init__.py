@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from pilot_hpc.fl.strategies.base import REGISTRY, Strategy, get_strategy
 # Importing a strategy's module registers it under its name.
-from pilot_hpc.fl.strategies import centralized, fedadam, fedavg, fedprox, local, pilot, shepherd  # noqa: F401
+from pilot_hpc.fl.strategies import centralized, fedadam, fedavg, feddpa, fedprox, local, pilot, shepherd  # noqa: F401
 
 __all__ = ["REGISTRY", "Strategy", "get_strategy"]
