@@ -12,9 +12,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "configs", "smoke_9client.yaml")
 # The W = 3 run of the `runs` fixture streams the exchange in chunks of this many MiB
-# (about 13k float32 columns: the small world's parts take 2 and 3 chunks), while the
+# (16384 float32 columns: the small world's parts take 2 and 3 chunks), while the
 # W = 1 run sends each part whole.
-CHUNK_MB = 0.05
+CHUNK_MB = 0.0625
 
 
 def small_overrides(cache_dir: str, output_dir: str) -> list[str]:

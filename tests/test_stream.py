@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import REPO, mpiexec
-from pilot_hpc.fl.stream import chunk_columns, gram_in_place, mix_in_place, spans
+from pilot_hpc.fl import aggregate
+from pilot_hpc.fl.stream import SUB_BLOCK, chunk_columns, gram_in_place, mix_in_place, spans
 
 
 def run_check(script: str, ranks: int, timeout: int = 240) -> None:
@@ -34,6 +35,8 @@ def test_messages_over_two_gib():
 
 def test_chunk_columns_and_spans():
     assert chunk_columns(1.0, 4, 10 ** 9) == 2 ** 18  # 1 MiB of float32
+    assert chunk_columns(0.1, 4, 10 ** 9) == SUB_BLOCK  # 26214 columns, rounded down to the sub-block grid
+    assert chunk_columns(0.01, 4, 10 ** 9) == 2621  # below one sub-block: as asked
     assert chunk_columns(0, 2, 12345) == 12345  # unchunked: the whole part
     assert chunk_columns(1e-9, 4, 100) == 1  # never zero columns
     assert spans(3, 10, 3) == [(3, 6), (6, 9), (9, 10)]
@@ -50,9 +53,23 @@ def test_mix_in_place_matches_a_matmul_in_float32(dtype):
     # float32: the same products summed in the same order per column -> exact;
     # bf16: one rounding of the float32 result on both sides -> exact as well.
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+
+def test_centred_gram_keeps_the_distances_of_close_updates():
+    """LoRA updates of clients that started from one point: norm ~ 1e3, distances ~ 1e-2.
+    An uncentred float32 Gram loses them (|a|^2 ~ 1e6 has a float32 ulp of 0.06); the
+    centred one keeps them to float32 precision of the distances themselves."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 3 * SUB_BLOCK + 7, generator=gen, dtype=torch.float64) * 6.0
+    block = (base + 1e-4 * torch.randn(5, base.shape[1], generator=gen, dtype=torch.float64)).float()
+    ref = torch.cdist(block.double(), block.double())
     gram = torch.zeros(5, 5, dtype=torch.float64)
-    gram_in_place(gram, block, torch.device("cpu"))
-    torch.testing.assert_close(gram, block.double() @ block.double().T, rtol=1e-12, atol=1e-12)
+    gram_in_place(gram, block, torch.device("cpu"), ref=2)
+    # float32 products of centred rows: ~1e-7 relative error per entry, on distances ~ 1e-2.
+    torch.testing.assert_close(aggregate.distances_from_gram(gram), ref, rtol=1e-4, atol=1e-7)
+    naive = aggregate.distances_from_gram((block @ block.T).double())
+    assert (naive - ref).abs().max() > 1e-3  # what centring is for
 
 
 def test_mix_in_place_refuses_more_rows_than_clients():
