@@ -36,6 +36,27 @@ class TrainProgress:
 
 
 @dataclass
+class ClientGroup:
+    """The processes that train one client together (data parallel, deepspeed engine only).
+
+    share(value) is collective over the group: every member calls it and gets the
+    leader's (rank 0's) value back, a broadcast. It carries the rendezvous address of
+    the group's torch.distributed world once per process. For size 1 it is the identity.
+    """
+
+    rank: int  # this process's index inside the group; 0 is the leader
+    size: int  # ranks of this client
+    share: Callable[[object], object] = lambda value: value
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"ClientGroup: rank {self.rank} must lie in [0, size={self.size})")
+
+
+SOLO = ClientGroup(rank=0, size=1)  # one process per client
+
+
+@dataclass
 class TrainResult:
     steps: int = 0
     samples: int = 0
@@ -82,16 +103,36 @@ def train_steps(model: torch.nn.Module, dataset: InstructionDataset, params: lis
                 weight_decay: float = 0.0, device: torch.device = torch.device("cpu"),
                 progress: Callable[[int, dict], None] | None = None,
                 resume: TrainProgress | None = None,
-                should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+                should_stop: Callable[[int], bool] | None = None,
+                engine: str = "torch", group: ClientGroup | None = None, zero_stage: int = 2,
+                offload_optimizer: bool = False) -> TrainResult:
     """AdamW over `params` (fresh each round: the optimiser state does not cross rounds).
 
     aux_loss returns the weighted auxiliary terms of the last forward, added to the
     cross-entropy on answer tokens. should_stop(step) is asked before every step; when
     it says yes the run returns with `stopped` set, and passing that back as `resume`
     continues exactly where it stopped (same batches, dropout and optimiser state).
+
+    engine="deepspeed" trains through a DeepSpeed engine instead (pilot_hpc.engine:
+    ZeRO `zero_stage`, optional optimizer offload, data parallel over `group`), with the
+    same batches and losses. Its `stopped` always has step 0: it means "restart this
+    client's round from its start" (the caller restores the round-start parameters).
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
+    if engine == "deepspeed":
+        from pilot_hpc.engine import train_steps_deepspeed  # the only deepspeed importer
+
+        return train_steps_deepspeed(model, dataset, params, lr=lr, batch_size=batch_size, epochs=epochs,
+                                     max_steps=max_steps, seed=seed, pad_id=pad_id, aux_loss=aux_loss,
+                                     grad_clip=grad_clip, weight_decay=weight_decay, device=device,
+                                     progress=progress, resume=resume, should_stop=should_stop,
+                                     group=group or SOLO, zero_stage=zero_stage,
+                                     offload_optimizer=offload_optimizer)
+    if engine != "torch":
+        raise ValueError(f"train engine must be torch or deepspeed, got {engine!r}")
+    if group is not None and group.size > 1:
+        raise ValueError(f"a client group of {group.size} ranks trains data-parallel only with engine=deepspeed")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout in LoRA
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
