@@ -132,27 +132,25 @@ def test_mix_extremes_on_the_whole_model(small_world):
         got = zero.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # The local term is multiplied by exactly 0.0 and added: bit-identical.
     assert torch.equal(ref, got)
-    # a = 1: the global LoRA has no effect, whatever its value.
-    _, one, _ = dpa_model(small_world, a=1.0)
-    one.model.eval()
-    _, layer_o = first_lora_layer(one)
-    set_lora(layer_o, LOCAL, 2)
-    with torch.no_grad():
-        before = one.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        set_lora(layer_o, GLOBAL, 1)
-        after = one.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # a = 1: the global LoRA has no effect, whatever its value...
+    before, after = global_lora_change(small_world, batch, a=1.0)
     assert torch.equal(before, after)
     # ...while in the 0.5 mix both count (so the two checks above can fail).
-    _, half, _ = dpa_model(small_world, a=0.5)
-    half.model.eval()
-    _, layer_h = first_lora_layer(half)
-    set_lora(layer_h, LOCAL, 2)
-    with torch.no_grad():
-        before = half.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        set_lora(layer_h, GLOBAL, 1)
-        after = half.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    before, after = global_lora_change(small_world, batch, a=0.5)
     assert (before - after).abs().max() > 1e-3
 
+
+def global_lora_change(small_world, batch, a: float):
+    """Logits before and after setting the global LoRA of the first layer (local set to 2)."""
+    _, pm, _ = dpa_model(small_world, a=a)
+    pm.model.eval()
+    _, layer = first_lora_layer(pm)
+    set_lora(layer, LOCAL, 2)
+    with torch.no_grad():
+        before = pm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        set_lora(layer, GLOBAL, 1)
+        after = pm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return before, after
 
 def test_both_adapters_train_in_the_plain_stage(small_world):
     _, pm, _ = dpa_model(small_world, a=0.5)

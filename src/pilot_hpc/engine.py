@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from pilot_hpc.data.records import IGNORE_INDEX, InstructionDataset, collate_train
-from pilot_hpc.train import SOLO, ClientGroup, TrainProgress, TrainResult, batches
+from pilot_hpc.train import SOLO, ClientGroup, TrainProgress, TrainResult, batches, finish_result, record_step
 
 log = logging.getLogger("pilot_hpc.engine")
 
@@ -240,14 +240,8 @@ def _run(engine, model, dataset, group: ClientGroup, gen: torch.Generator, *, ba
             break
         engine.backward(loss)
         engine.step()
-        for k, v in shown.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        result.steps += 1
-        result.samples += len(idx)
-        if progress is not None:
-            progress(result.steps, shown)
-    result.losses = {k: v / max(result.steps, 1) for k, v in sums.items()}
-    result.seconds = time.perf_counter() - t0
+        record_step(result, sums, shown, len(idx), progress)
+    finish_result(result, sums, t0)
     return result
 
 

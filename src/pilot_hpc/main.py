@@ -111,9 +111,13 @@ def run(cfg, comm) -> int:
     torch.set_num_threads(cfg.run.threads_per_rank)
     device = resolve_device(cfg, comm.rank)
     strategy = get_strategy(cfg.fl.strategy, cfg)
-    mine = list(block_ranges(cfg.fl.num_clients, comm.size)[comm.rank])
-    log.info("%d clients on %d rank(s), strategy %s, device %s, output %s", cfg.fl.num_clients, comm.size,
-             cfg.fl.strategy, device, cfg.run.output_dir)
+    per = cfg.run.ranks_per_client
+    # Client groups: ranks r*per .. r*per + per - 1 host the same clients (data-parallel
+    # inside each client); their first rank is the group's leader in the federation.
+    fed_comm, group = comm.split_clients(per) if per > 1 else (comm, None)
+    mine = list(block_ranges(cfg.fl.num_clients, comm.size // per)[comm.rank // per])
+    log.info("%d clients on %d rank(s) (%d per client), strategy %s, engine %s, device %s, output %s",
+             cfg.fl.num_clients, comm.size, per, cfg.fl.strategy, cfg.train.engine, device, cfg.run.output_dir)
     train_files, eval_files, image_root, base = data_files(cfg, comm)
 
     # Every rank loads and checks its own clients' data; all ranks then agree to go on
@@ -140,13 +144,20 @@ def run(cfg, comm) -> int:
     if not comm.all_ok(ok):
         return EXIT_BAD_INPUT
 
-    fed = Federation(cfg, comm, pm, strategy, slots, device)
+    fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
+    ok, start = True, None
     try:
-        start = resume.locate(fed, {k: tuple(v.shape) for k, v in initial.items()})
+        if fed.leader:
+            start = resume.locate(fed, {k: tuple(v.shape) for k, v in initial.items()})
     except ConfigError as err:
         if comm.rank == 0:
             print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+        ok = False
+    if per > 1 and not comm.all_ok(ok):
         return EXIT_BAD_INPUT
+    if not ok:
+        return EXIT_BAD_INPUT
+    start = fed.share_start(start)
     try:
         history = fed.run(start)
     except Preempted as stop:

@@ -167,16 +167,26 @@ def train_steps(model: torch.nn.Module, dataset: InstructionDataset, params: lis
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        result.steps += 1
-        result.samples += len(idx)
-        if progress is not None:
-            progress(result.steps, terms)
-    result.losses = {k: v / max(result.steps, 1) for k, v in sums.items()}
-    result.seconds = time.perf_counter() - t0
+        record_step(result, sums, terms, len(idx), progress)
+    finish_result(result, sums, t0)
     model.eval()
     return result
+
+
+def record_step(result: TrainResult, sums: dict[str, float], terms: dict[str, torch.Tensor], samples: int,
+                progress: Callable[[int, dict], None] | None) -> None:
+    """Bookkeeping after one optimisation step (both engines)."""
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + float(v.detach())
+    result.steps += 1
+    result.samples += samples
+    if progress is not None:
+        progress(result.steps, terms)
+
+
+def finish_result(result: TrainResult, sums: dict[str, float], t0: float) -> None:
+    result.losses = {k: v / max(result.steps, 1) for k, v in sums.items()}
+    result.seconds = time.perf_counter() - t0
 
 
 def local_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:

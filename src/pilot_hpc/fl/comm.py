@@ -37,21 +37,43 @@ STOP_TAG = 17
 
 
 class Comm:
-    def __init__(self, poll_max_s: float = 0.02):
-        self.world = MPI.COMM_WORLD
+    """COMM_WORLD (or a part of it, see split_clients) with the project's collectives."""
+
+    def __init__(self, poll_max_s: float = 0.02, world=None, traffic: list[Traffic] | None = None):
+        self.world = MPI.COMM_WORLD if world is None else world
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
         self.poll_max_s = poll_max_s
-        self.traffic: list[Traffic] = []
+        self.traffic: list[Traffic] = [] if traffic is None else traffic
+        self._stop_req = None
+        self._stop_local = False
+        self._told_others = False
+        self._stop_sends: list = []
+        if world is not None:
+            return  # a sub-communicator: stop requests travel on the whole world's Comm
         # Stop requests (SIGTERM/SIGUSR2 on any rank) travel as point-to-point messages
         # on a private communicator, so a rank deep in local training hears of a signal
         # that reached another rank at its next step, without any collective.
         self.ctrl = self.world.Dup()
         self._stop_in = np.zeros(1, dtype=np.int32)
         self._stop_req = self.ctrl.Irecv(self._stop_in, source=MPI.ANY_SOURCE, tag=STOP_TAG)
-        self._stop_local = False
-        self._told_others = False
-        self._stop_sends: list = []
+
+    def split_clients(self, ranks_per_client: int) -> tuple["Comm | None", "Comm"]:
+        """(leaders, group): COMM_WORLD cut into client groups of consecutive ranks.
+
+        `group` holds this rank's client (data-parallel inside it); `leaders` holds the
+        first rank of every group (None on the other ranks): the federation's ranks,
+        the server being leader 0. Both log into this Comm's traffic list."""
+        color = self.rank // ranks_per_client
+        group = Comm(self.poll_max_s, self.world.Split(color, self.rank), self.traffic)
+        lead = self.world.Split(0 if self.rank % ranks_per_client == 0 else MPI.UNDEFINED, self.rank)
+        leaders = None if lead == MPI.COMM_NULL else Comm(self.poll_max_s, lead, self.traffic)
+        return leaders, group
+
+    def bcast_object(self, value, root: int = 0):
+        """A small control value (a port, a host name) from root to every rank. Pickled:
+        never use it for parameters."""
+        return self.world.bcast(value, root=root)
 
     # ---------------------------------------------------------------- stop requests
     def request_stop(self) -> None:
@@ -76,6 +98,8 @@ class Comm:
 
     def close(self) -> None:
         """Settles the stop channel before MPI finalises (no request left pending)."""
+        if not hasattr(self, "ctrl"):
+            return
         if self._stop_req is not None:
             self._stop_req.Cancel()
             self._stop_req.Wait()

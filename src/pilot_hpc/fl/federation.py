@@ -23,12 +23,12 @@ from pilot_hpc import faults
 from pilot_hpc.config import Config
 from pilot_hpc.data.records import InstructionDataset
 from pilot_hpc.fl.comm import Comm, block_ranges
-from pilot_hpc.fl.flat import flatten, numel
+from pilot_hpc.fl.flat import flatten, numel, to_wire
 from pilot_hpc.fl.stream import StreamedExchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.fl import resume
-from pilot_hpc.train import TrainProgress, evaluate_client, seed_for, train_steps
+from pilot_hpc.train import ClientGroup, TrainProgress, evaluate_client, seed_for, train_steps
 
 log = logging.getLogger("pilot_hpc.fl")
 
@@ -85,18 +85,27 @@ class PooledDataset(torch.utils.data.Dataset):
 
 
 class Federation:
-    def __init__(self, cfg: Config, comm: Comm, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
-                 device: torch.device):
+    def __init__(self, cfg: Config, comm: Comm | None, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
+                 device: torch.device, world: Comm | None = None, group: Comm | None = None):
+        """comm: the federation's ranks (one per client host; None on a rank that is not
+        its client group's leader); world: every rank (stop requests and the stop vote);
+        group: this rank's client group when run.ranks_per_client > 1."""
         self.cfg = cfg
         self.comm = comm
+        self.world = world if world is not None else comm
+        self.group = group
+        self.leader = group is None or group.rank == 0
         self.pm = pm
         self.strategy = strategy
         self.slots = slots
         self.device = device
         self.num_clients = cfg.fl.num_clients
         self.num_tasks = len(cfg.tasks)
-        self.blocks = block_ranges(self.num_clients, comm.size)
+        self.blocks = block_ranges(self.num_clients, self.world.size // cfg.run.ranks_per_client)
         self.t_start = time.perf_counter()
+        self.client_group = ClientGroup(rank=0, size=1, share=lambda value: value)
+        if group is not None:
+            self.client_group = ClientGroup(rank=group.rank, size=group.size, share=group.bcast_object)
 
     # ------------------------------------------------------------------ helpers
     def activate(self, slot: ClientSlot) -> None:
@@ -113,8 +122,8 @@ class Federation:
 
     # ------------------------------------------------------------------ one round
     def should_stop(self, round_: int, step: int) -> bool:
-        faults.maybe_signal(self.comm.rank, round_, step)
-        return self.comm.stop_requested()
+        faults.maybe_signal(self.world.rank, round_, step)
+        return self.world.stop_requested()
 
     def train_clients(self, round_: int, stage: int) -> bool:
         """Local training of this rank's clients; True when a stop request interrupted it."""
@@ -124,7 +133,7 @@ class Federation:
         for slot in self.slots:
             if slot.status == "done":  # finished before an interruption of this round
                 continue
-            if self.comm.stop_requested():
+            if self.world.stop_requested():
                 stopped = True
                 continue  # stays pending (or partial)
             stopped |= self.train_one(slot, slot.train, round_, stage)
@@ -135,7 +144,7 @@ class Federation:
         every client's data; then every client holds that model (W = 1)."""
         lead = self.slots[0]
         if lead.status != "done":
-            if self.comm.stop_requested() or self.train_one(lead, PooledDataset([s.train for s in self.slots]),
+            if self.world.stop_requested() or self.train_one(lead, PooledDataset([s.train for s in self.slots]),
                                                             round_, stage):
                 return True
         for slot in self.slots[1:]:
@@ -159,7 +168,9 @@ class Federation:
                           seed=seed_for(self.cfg.run.seed, slot.k, round_), pad_id=self.pm.tokenizer.pad_token_id,
                           aux_loss=self.aux_terms, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
                           device=self.device, resume=slot.progress,
-                          should_stop=lambda step: self.should_stop(round_, step))
+                          should_stop=lambda step: self.should_stop(round_, step),
+                          engine=t.engine, group=self.client_group, zero_stage=t.zero_stage,
+                          offload_optimizer=t.offload_optimizer)
         if res.stopped is not None:
             # step 0: the engine restarts this client's round from its start (DeepSpeed
             # keeps no resumable optimizer state), so keep the round-start parameters.
@@ -253,16 +264,18 @@ class Federation:
 
         `start` continues from a checkpoint: after a complete round, or inside an
         interrupted one (its clients' status, progress and losses restored).
+        With client groups (run.ranks_per_client > 1) every rank trains; only the
+        leaders exchange, evaluate and checkpoint, then hand the result to their group.
         """
         history = list(start.history) if start is not None else []
-        if start is None and self.comm.rank == 0 and self.slots:
+        if start is None and self.leader and self.comm.rank == 0 and self.slots:
             # Every client starts from the same initial state: rank 0's first client's.
             self.activate(self.slots[0])
             self.strategy.init_server(flatten(self.strategy.visual_params(self.pm)),
                                       flatten(self.strategy.text_params(self.pm)))
         if start is None:
             t0 = time.perf_counter()
-            rows = self.evaluate(stage=0)
+            rows = self.evaluate(stage=0) if self.leader else None
             if rows is not None:
                 history.append({"round": 0, "clients": rows})
                 self.log_round(0, 0, rows, time.perf_counter() - t0)
@@ -274,17 +287,59 @@ class Federation:
             stage = self.strategy.stage(round_)
             stopped = self.train_clients(round_, stage)
             # Everyone meets here; one stopped rank makes all of them checkpoint and exit.
-            if self.comm.any(stopped or self.comm.stop_requested(), tag="stop"):
-                path = resume.save(self, round_, complete=False, history=history)
+            if self.world.any(stopped or self.world.stop_requested(), tag="stop"):
+                path = resume.save(self, round_, complete=False, history=history) if self.leader else ""
                 raise Preempted(path)
-            if self.strategy.communicates:
+            if self.strategy.communicates and self.leader:
                 self.exchange(round_)
-            else:  # local training: nothing leaves the client; a bad round is undone
+            else:  # local training (a bad round is undone), or a group member
                 self.keep_local(round_)
-            rows = self.evaluate(stage)
+            self.sync_group()
+            rows = self.evaluate(stage) if self.leader else None
             if rows is not None:
                 history.append({"round": round_, "clients": rows})
-            resume.save(self, round_, complete=True, history=history)
+            if self.leader:
+                resume.save(self, round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
         return history
+
+    # ------------------------------------------------------------------ client groups
+    def _bcast_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One client state from the group leader to its members (fresh tensors: slots may
+        share tensors with the initial state)."""
+        out = {}
+        for key in sorted(state):
+            t = state[key].detach().to("cpu", copy=True).contiguous()
+            self.group.bcast(to_wire(t.reshape(-1)), tag="group_state")
+            out[key] = t
+        return out
+
+    def sync_group(self) -> None:
+        """After the exchange: every member of a client group takes its leader's states."""
+        if self.group is None or self.group.size == 1:
+            return
+        for slot in self.slots:
+            slot.state = self._bcast_state(slot.state)
+
+    def share_start(self, start: resume.ResumePoint | None) -> resume.ResumePoint | None:
+        """The leader's resume point, client statuses and states, given to its group."""
+        if self.group is None or self.group.size == 1:
+            return start
+        codes = {"pending": 0, "partial": 1, "done": 2}
+        head = np.array([-1, 0] if start is None else [start.round, int(start.complete)], dtype=np.int64)
+        self.group.bcast(head, tag="group_start")
+        if head[0] < 0:
+            return None
+        status = np.array([codes[s.status] for s in self.slots], dtype=np.int64)
+        self.group.bcast(status, tag="group_start")
+        for slot, code in zip(self.slots, status):
+            slot.state = self._bcast_state(slot.state)
+            slot.status = [k for k, v in codes.items() if v == code][0]
+            # An engine stop restarts the client's round (TrainProgress step 0), so a
+            # partial client's round-start state is the state it holds.
+            slot.pre_state = slot.state if slot.status == "partial" else None
+            slot.progress = None
+        if self.leader:
+            return start
+        return resume.ResumePoint(path="", round=int(head[0]), complete=bool(head[1]), history=[])
