@@ -34,6 +34,7 @@ def block_ranges(num_items: int, world: int) -> list[range]:
 
 
 STOP_TAG = 17
+DATA_POLL_S = 1e-3  # longest sleep between tests while parameters are moving
 
 
 class Comm:
@@ -111,12 +112,18 @@ class Comm:
             self.ctrl.Recv(sink, source=MPI.ANY_SOURCE, tag=STOP_TAG)
 
     # ---------------------------------------------------------------- waiting
-    def _wait(self, req) -> None:
-        """Test with growing sleeps instead of a busy Wait (see module docstring)."""
+    def _wait(self, req, max_pause: float | None = None) -> None:
+        """Test with growing sleeps instead of a busy Wait (see module docstring).
+
+        MPICH moves data only inside MPI calls (no progress thread), so the data
+        collectives cap the sleep at DATA_POLL_S: a multi-step Bcast stalls on its
+        sleepiest rank at every step. Measured on the 2-core machine, one 7B-sized Pilot
+        exchange (9 ranks) took 18.7 s with a 20 ms cap."""
         pause = 1e-4
+        cap = self.poll_max_s if max_pause is None else max_pause
         while not req.Test():
             time.sleep(pause)
-            pause = min(pause * 2, self.poll_max_s)
+            pause = min(pause * 2, cap)
 
     def barrier(self) -> None:
         self._wait(self.world.Ibarrier())
@@ -155,10 +162,10 @@ class Comm:
             if recv.size != sum(counts) or not recv.flags.c_contiguous:
                 raise ValueError(f"gatherv({tag}): the receive buffer must be contiguous with {sum(counts)} items")
             send = MPI.IN_PLACE if local is None else local
-            self._wait(self.world.Igatherv(send, [recv, (list(counts), self._displs(counts))], root=root))
+            self._wait(self.world.Igatherv(send, [recv, (list(counts), self._displs(counts))], root=root), DATA_POLL_S)
             self._log("gatherv", tag, 0, (sum(counts) - mine) * recv.itemsize)
         else:
-            self._wait(self.world.Igatherv(local, None, root=root))
+            self._wait(self.world.Igatherv(local, None, root=root), DATA_POLL_S)
             self._log("gatherv", tag, local.nbytes, 0)
         return recv
 
@@ -166,7 +173,7 @@ class Comm:
         """In-place broadcast of a contiguous array whose shape and dtype every rank knows."""
         if not buf.flags.c_contiguous:
             raise ValueError("bcast: the buffer must be contiguous")
-        self._wait(self.world.Ibcast(buf, root=root))
+        self._wait(self.world.Ibcast(buf, root=root), DATA_POLL_S)
         self._log("bcast", tag, buf.nbytes * (self.size - 1) if self.rank == root else 0,
                   buf.nbytes if self.rank != root else 0)
         return buf
@@ -183,14 +190,14 @@ class Comm:
                 raise ValueError(f"scatterv({tag}): root buffer size does not match counts {counts}")
             recv = None if root_in_place else (out if out is not None else np.empty(counts[root], dtype=dtype))
             self._wait(self.world.Iscatterv([send, (list(counts), self._displs(counts))],
-                                            MPI.IN_PLACE if recv is None else recv, root=root))
+                                            MPI.IN_PLACE if recv is None else recv, root=root), DATA_POLL_S)
             self._log("scatterv", tag, (sum(counts) - counts[root]) * send.itemsize, 0)
             return recv
         recv = out if out is not None else np.empty(counts[self.rank], dtype=dtype)
         if recv.size != counts[self.rank]:
             raise ValueError(f"scatterv({tag}): rank {self.rank} expects {counts[self.rank]} items, "
                              f"its buffer holds {recv.size}")
-        self._wait(self.world.Iscatterv(None, recv, root=root))
+        self._wait(self.world.Iscatterv(None, recv, root=root), DATA_POLL_S)
         self._log("scatterv", tag, 0, recv.nbytes)
         return recv
 
