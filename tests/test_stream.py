@@ -75,3 +75,22 @@ def test_centred_gram_keeps_the_distances_of_close_updates():
 def test_mix_in_place_refuses_more_rows_than_clients():
     with pytest.raises(ValueError, match="do not fit"):
         mix_in_place(torch.ones(4, 3, dtype=torch.float64), torch.ones(3, 5), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging, on-device mixing)")
+def test_cuda_staging_and_mixing_match_the_cpu():
+    from pilot_hpc.fl.stream import HostChunks
+
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(3, 1000, generator=gen).to(torch.bfloat16)
+    chunks = spans(0, 1000, 301)
+    on_gpu = HostChunks(rows.cuda(), chunks)
+    on_cpu = HostChunks(rows, chunks)
+    for i in range(len(chunks)):  # the double-buffered async copies deliver the same words
+        assert (on_gpu[i] == on_cpu[i]).all()
+    coef = torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    block = torch.randn(3, 40000, generator=gen)
+    cpu = mix_in_place(coef, block.clone(), torch.device("cpu"))
+    gpu = mix_in_place(coef, block.clone().pin_memory(), torch.device("cuda"))
+    # float32 GEMMs of 3 terms per value; TF32 is off by default for matmul in torch.
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-6)

@@ -237,7 +237,7 @@ class Federation:
             rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
-        got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics")
+        got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
         if got is None:
             return None
         table = got.reshape(self.num_clients, width)

@@ -170,7 +170,7 @@ class StreamedExchange:
         width = local.shape[1]
         cols = chunk_columns(self.chunk_mb, local.element_size(), width)
         meta_all = comm.gatherv(np.ascontiguousarray(meta, dtype=np.int64).reshape(-1),
-                                [2 * s for s in self.sizes], tag="num_samples", root=self.root)
+                                [2 * s for s in self.sizes], tag="num_samples", root=self.root, fast=False)
         # The server's window: one [K, c] receive buffer, reused by every chunk.
         recv = host_buffer(k * min(cols, max(width, 1)), dtype, self.device.type == "cuda") if self.server else None
         plan = gram = None
