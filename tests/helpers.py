@@ -51,3 +51,15 @@ def load_metrics(folder) -> dict:
 
     with open(os.path.join(str(folder), "metrics.json")) as fh:
         return json.load(fh)
+
+
+def run_mpi_check(script: str, ranks: int, timeout: int = 240) -> None:
+    """`mpiexec -n ranks python tests/<script>`: every rank must exit 0 and print `rank R: ok`."""
+    import re
+
+    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", script)],
+                          capture_output=True, text=True, timeout=timeout + 30,
+                          env=dict(os.environ, MPIEXEC_TIMEOUT=str(timeout)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Ranks print concurrently and mpiexec may join their lines: find the marks, not lines.
+    assert sorted(int(r) for r in re.findall(r"rank (\d+): ok", proc.stdout)) == list(range(ranks)), proc.stdout

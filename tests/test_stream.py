@@ -1,36 +1,23 @@
 """The streamed exchange (fl/stream.py) under real `mpiexec` worlds, against the one-shot
 aggregation; chunking helpers; messages over 2 GiB."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import REPO, mpiexec
+from helpers import run_mpi_check
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.stream import SUB_BLOCK, chunk_columns, gram_in_place, mix_in_place, spans
-
-
-def run_check(script: str, ranks: int, timeout: int = 240) -> None:
-    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", script)],
-                          capture_output=True, text=True, timeout=timeout + 30,
-                          env=dict(os.environ, MPIEXEC_TIMEOUT=str(timeout)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.endswith(": ok")) == \
-        [f"rank {r}: ok" for r in range(ranks)]
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_streamed_exchange_equals_the_one_shot_aggregation(ranks):
     """Every strategy's server step, chunk not dividing the parts, K > W (uneven blocks),
     an empty visual part, a bad client, bf16, FedAdam's state over two rounds."""
-    run_check("stream_check.py", ranks)
+    run_mpi_check("stream_check.py", ranks)
 
 
 def test_messages_over_two_gib():
-    run_check("large_message_check.py", 2, timeout=300)
+    run_mpi_check("large_message_check.py", 2, timeout=300)
 
 
 def test_chunk_columns_and_spans():
