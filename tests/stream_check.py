@@ -24,12 +24,18 @@ CASES = [
     ("fedavg-one-chunk", ["fl.strategy=fedavg"], 4, 20, 12, torch.float32, [], 0),
     ("shepherd-empty-visual", ["fl.strategy=shepherd"], 5, 0, 37, torch.float32, [], 5),
     ("fedadam-two-rounds", ["fl.strategy=fedadam", "fl.server_lr=0.1"], 6, 19, 23, torch.float32, [2], 6),
+    # K = 2: under mpiexec -n 3 a rank (the server itself) hosts no client and sends empty rows.
+    ("pilot-empty-rank", ["fl.strategy=pilot", "fl.top_m=1"], 2, 11, 14, torch.float32, [], 4),
 ]
 
 
 def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols) -> None:
     client_tasks = (["vqa", "caption", "grounding"] * k)[:k]
-    cfg = load_config(None, ["fl.top_m=2"] + overrides + [f"fl.num_clients={k}", f"fl.client_tasks={client_tasks}"])
+    metrics = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
+    used = {t: m for t, m in metrics.items() if t in client_tasks}
+    cfg = load_config(None, ["fl.top_m=2"] + overrides + [f"fl.num_clients={k}", f"fl.client_tasks={client_tasks}",
+                                                          f"fl.task_metrics={used}"])
+    num_tasks = len(cfg.tasks)
     tasks = torch.tensor([cfg.tasks.index(t) for t in cfg.fl.client_tasks])
     blocks = block_ranges(k, comm.size)
     mine = blocks[comm.rank]
@@ -48,12 +54,12 @@ def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols) -> None:
         good[bad] = False
         ref_in = updates.clone()
         ref_in[bad] = float("nan")  # the one-shot reference spots bad rows by their NaN
-        ref = reference.aggregate(ref_in[:, :p_vis], ref_in[:, p_vis:], n, tasks, 3)
+        ref = reference.aggregate(ref_in[:, :p_vis], ref_in[:, p_vis:], n, tasks, num_tasks)
         local = updates[mine.start:mine.stop].clone()
         local[[i - mine.start for i in bad if i in mine]] = 0.0  # what a bad client sends
         meta = np.stack([n[mine.start:mine.stop].numpy(), good[mine.start:mine.stop].numpy()], axis=1)
         got = StreamedExchange(comm, blocks, torch.device("cpu"), chunk_mb).run(streamed, local, meta, p_vis,
-                                                                                  tasks, 3)
+                                                                                  tasks, num_tasks)
         # float32: both sides sum the same <= 7 products per value in another blocking
         # (a few ulp); bf16: the float32 mix is rounded once to bf16 (1 ulp = 2^-8 rel).
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)

@@ -12,7 +12,8 @@ from pilot_hpc.fl.stream import SUB_BLOCK, chunk_columns, gram_in_place, mix_in_
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_streamed_exchange_equals_the_one_shot_aggregation(ranks):
     """Every strategy's server step, chunk not dividing the parts, K > W (uneven blocks),
-    an empty visual part, a bad client, bf16, FedAdam's state over two rounds."""
+    an empty visual part, a rank (the server) with no client, a bad client, bf16, FedAdam's state over
+    two rounds."""
     run_mpi_check("stream_check.py", ranks)
 
 
