@@ -35,6 +35,7 @@ def block_ranges(num_items: int, world: int) -> list[range]:
 
 STOP_TAG = 17
 DATA_POLL_S = 1e-4  # longest sleep between tests while parameters are moving
+ABORT_GRACE_S = 1.0  # time for the last messages to leave before MPI_Abort
 
 
 class Comm:
@@ -223,4 +224,7 @@ class Comm:
         """Ends every rank of the job (a rank stuck in a collective would wait forever)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort tears down mpiexec's forwarding proxies at once; a message still in
+        # the pipe to them (the failure's traceback) was lost in a loaded test run.
+        time.sleep(ABORT_GRACE_S)
         self.world.Abort(code)
