@@ -13,7 +13,7 @@ NP          ?= 9
 MPIEXEC_TIMEOUT ?= 1800
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test clean
+.PHONY: install system-deps run test test-fast clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ run: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests kernels $(PYTEST_ARGS)
+
+# The unit tests alone (tests/unit: no mpiexec, no whole runs, no Slurm).
+test-fast: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m unit tests/unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

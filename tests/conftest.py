@@ -1,10 +1,24 @@
-"""Shared fixtures: a small synthetic world and its tiny base model, built once per session."""
+"""Shared fixtures: a small synthetic world and its tiny base model, built once per session;
+and the markers unit / mpi / e2e, given by the folder a test lives in."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+_FOLDER_MARKS = {"unit": "unit", "mpi": "mpi", "e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        try:
+            parts = item.path.relative_to(config.rootpath).parts
+        except ValueError:  # a test outside the repository
+            continue
+        folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
+        if folder in _FOLDER_MARKS:
+            item.add_marker(_FOLDER_MARKS[folder])
 
 from helpers import CHUNK_MB, SMOKE, run_main, small_overrides
 
@@ -19,7 +33,7 @@ def small_world(cache_dir):
     """(config, synthetic data folder, base model folder) for the small federation."""
     from pilot_hpc.config import load_config
     from pilot_hpc.data import synthetic
-    from pilot_hpc.model.base import ensure_base
+    from pilot_hpc.train.warm_start import ensure_base
 
     cfg = load_config(SMOKE, small_overrides(cache_dir, os.path.join(cache_dir, "unused")))
     spec = synthetic.spec_for(cfg)

@@ -21,7 +21,7 @@ def small_overrides(cache_dir: str, output_dir: str) -> list[str]:
     """A 3-client federation (one client per task) that runs in seconds on a CPU."""
     return [
         f"run.cache_dir={cache_dir}", f"run.output_dir={output_dir}",
-        "fl.num_clients=3", "fl.client_tasks=[vqa, caption, grounding]", "fl.top_m=1", "fl.rounds=2",
+        "fl.num_clients=3", "fl.client_tasks=[vqa, caption, grounding]", "pilot.top_m=1", "fl.rounds=2",
         "data.train_min=24", "data.train_max=40", "data.eval_samples=6",
         "pretrain.steps=10", "pretrain.samples=60",
         "train.max_steps=3", "train.batch_size=8", "train.eval_batch_size=8", "train.max_new_tokens=12",
@@ -57,7 +57,7 @@ def run_mpi_check(script: str, ranks: int, timeout: int = 240) -> None:
     """`mpiexec -n ranks python tests/<script>`: every rank must exit 0 and print `rank R: ok`."""
     import re
 
-    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", script)],
+    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", "mpi", script)],
                           capture_output=True, text=True, timeout=timeout + 30,
                           env=dict(os.environ, MPIEXEC_TIMEOUT=str(timeout)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,13 +11,18 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 # The synthetic world's task kinds and their metrics (the default of fl.task_metrics).
 SYNTHETIC_TASKS = ("vqa", "caption", "grounding")
 DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
+
+
+# The metrics a task can be scored with (pilot_hpc.metrics.scores.METRICS has one
+# function for each; a test keeps the two lists equal).
+Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy"]
 
 
 class ConfigError(ValueError):
@@ -31,26 +36,17 @@ class RunConfig:
     # CPU threads per rank. 1 keeps 9 ranks on 2 cores from oversubscribing, and makes
     # the float reductions (and so the results) identical for any world size.
     threads_per_rank: int = 1
-    device: str = "cpu"  # cpu | cuda | auto
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Where the built-in base model and the synthetic data are cached between runs.
     cache_dir: str = "~/.cache/pilot_hpc"
     log_every: int = 50
     # auto: continue from the newest valid checkpoint in output_dir/checkpoints; never: start over.
-    resume: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
     # MPI ranks per client (data-parallel inside a client through its DeepSpeed engine).
     # COMM_WORLD splits into groups of this many consecutive ranks; group leaders talk
     # to the server. 1: every rank is a client host (the default).
     ranks_per_client: int = 1
 
-    def __post_init__(self):
-        if self.threads_per_rank < 1:
-            raise ConfigError(f"run.threads_per_rank must be >= 1, got {self.threads_per_rank}")
-        if self.resume not in ("auto", "never"):
-            raise ConfigError(f"run.resume must be auto or never, got {self.resume!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ConfigError(f"run.device must be cpu, cuda or auto, got {self.device!r}")
-        if self.ranks_per_client < 1:
-            raise ConfigError(f"run.ranks_per_client must be >= 1, got {self.ranks_per_client}")
 
 
 @dataclass
@@ -58,7 +54,7 @@ class ModelConfig:
     # Empty: build the tiny LLaVA below and pretrain it once (cached). Otherwise a local
     # Hugging Face LLaVA folder (e.g. llava-1.5-7b-hf) loaded with from_pretrained.
     path: str = ""
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     image_size: int = 48
     patch_size: int = 16
     vision_hidden: int = 64
@@ -71,19 +67,13 @@ class ModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    ctmoa_impl: str = "auto"  # auto | triton | reference
+    ctmoa_impl: Literal["auto", "triton", "reference"] = "auto"
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.path and self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
             )
-        if self.ctmoa_impl not in ("auto", "triton", "reference"):
-            raise ConfigError(f"model.ctmoa_impl must be auto, triton or reference, got {self.ctmoa_impl!r}")
-        if self.lora_r < 1:
-            raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
 
 
 @dataclass
@@ -98,7 +88,7 @@ class PretrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic | llava_json
+    kind: Literal["synthetic", "llava_json"] = "synthetic"
     # llava_json: one train and one eval JSON file per client (LLaVA conversation format)
     # and the folder their `image` paths are relative to.
     train_files: list[str] = field(default_factory=list)
@@ -117,12 +107,8 @@ class DataConfig:
     verify_images: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("synthetic", "llava_json"):
-            raise ConfigError(f"data.kind must be synthetic or llava_json, got {self.kind!r}")
-        if self.train_min < 1 or self.train_max < self.train_min:
-            raise ConfigError(
-                f"data.train_min ({self.train_min}) must be >= 1 and <= data.train_max ({self.train_max})"
-            )
+        if self.train_max < self.train_min:
+            raise ConfigError(f"data.train_min ({self.train_min}) must be <= data.train_max ({self.train_max})")
 
 
 @dataclass
@@ -135,51 +121,49 @@ class FLConfig:
     )
     # Task name -> metric; the order of the keys is the task-id order (expert order in
     # CT-MoA). Real scenarios name datasets here (gqa: vqa_accuracy, coco: cider, ...).
-    task_metrics: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TASK_METRICS))
+    task_metrics: dict[str, Metric] = field(default_factory=lambda: dict(DEFAULT_TASK_METRICS))
     rounds: int = 3
-    top_m: int = 6  # M of ATA: the M nearest clients mixed into each client's LoRA
-    ata_eps: float = 1e-12  # guards d_ki = 0 in the inverse-distance weights
-    prox_mu: float = 0.01  # FedProx: (mu / 2) * ||w - w_global||^2
-    # FedAdam (Reddi et al. 2021): server learning rate, betas and tau (adaptivity).
-    server_lr: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_tau: float = 1e-3
     # true: every rank must host the same number of clients (K divisible by W).
     require_even_ranks: bool = False
     # Streamed exchange: MiB of one client's update per message chunk. The server holds
     # about (K + 2) chunks at a time beyond its own model. 0: one message per part.
     chunk_mb: float = 64.0
-    # FedDPA: weight of the local LoRA in the mix with the global one (see feddpa.py).
-    dpa_local_weight: float = 0.5
-
-    def __post_init__(self):
-        if self.num_clients < 2:
-            raise ConfigError(f"fl.num_clients must be >= 2, got {self.num_clients}")
-        if self.rounds < 1:
-            raise ConfigError(f"fl.rounds must be >= 1, got {self.rounds}")
-        if self.chunk_mb < 0:
-            raise ConfigError(f"fl.chunk_mb must be >= 0 (0: unchunked), got {self.chunk_mb}")
-        if not 0.0 <= self.dpa_local_weight <= 1.0:
-            raise ConfigError(f"fl.dpa_local_weight must lie in [0, 1], got {self.dpa_local_weight}")
 
 
 @dataclass
 class PilotConfig:
-    """Pilot's parts as switches, for the paper's ablations (Tables 3-6); M is fl.top_m."""
+    """Pilot: its hyper-parameters and its parts as switches, for the paper's ablations
+    (Tables 3-6)."""
 
-    selection: str = "topm"  # LoRA aggregation: topm (ATA) | same_task | all (FedAvg of LoRA = ATA off)
+    top_m: int = 6  # M of ATA: the M nearest clients mixed into each client's LoRA
+    ata_eps: float = 1e-12  # guards d_ki = 0 in the inverse-distance weights
+    # LoRA aggregation: topm (ATA) | same_task | all (FedAvg of LoRA = ATA off)
+    selection: Literal["topm", "same_task", "all"] = "topm"
     cross_task: bool = True  # cross-task adapters on the foreign experts of CT-MoA
     difference_loss: bool = True  # stage 1's L_d (weight train.lambda_diff)
     aux_losses: bool = True  # stage 2's L_b and L_z (weights train.lambda_balance, lambda_z)
-    cross_init: str = "task_adapter"  # task_adapter | random (Table 6)
+    cross_init: Literal["task_adapter", "random"] = "task_adapter"  # Table 6
     keep_client_adapter: bool = False  # stage 2: x = CT-MoA(H) + psi_s(H), psi_s frozen
 
-    def __post_init__(self):
-        if self.selection not in ("topm", "same_task", "all"):
-            raise ConfigError(f"pilot.selection must be topm, same_task or all, got {self.selection!r}")
-        if self.cross_init not in ("task_adapter", "random"):
-            raise ConfigError(f"pilot.cross_init must be task_adapter or random, got {self.cross_init!r}")
+
+@dataclass
+class FedProxConfig:
+    mu: float = 0.01  # (mu / 2) * ||w - w_global||^2 added to every local step
+
+
+@dataclass
+class FedAdamConfig:
+    """Reddi et al. 2021, Algorithm 2: the server's learning rate, betas and tau (adaptivity)."""
+
+    server_lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class FedDPAConfig:
+    local_weight: float = 0.5  # weight of the local LoRA in the mix with the global one (feddpa.py)
 
 
 @dataclass
@@ -200,16 +184,9 @@ class TrainConfig:
     # torch: plain AdamW in this process. deepspeed: a DeepSpeed engine per client
     # (ZeRO stage below, optional optimizer offload to CPU), data-parallel over the
     # client's run.ranks_per_client ranks.
-    engine: str = "torch"
-    zero_stage: int = 2
+    engine: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[0, 1, 2] = 2  # no 3: stage 3 would shard the frozen base
     offload_optimizer: bool = False
-
-    def __post_init__(self):
-        if self.engine not in ("torch", "deepspeed"):
-            raise ConfigError(f"train.engine must be torch or deepspeed, got {self.engine!r}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (stage 3 would shard the frozen base), "
-                              f"got {self.zero_stage}")
 
 
 @dataclass
@@ -220,9 +197,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
+    feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        check_bounds(self)
         fl = self.fl
         if len(fl.client_tasks) != fl.num_clients:
             raise ConfigError(
@@ -232,11 +213,6 @@ class Config:
         if unknown:
             raise ConfigError(f"fl.client_tasks: unknown task(s) {unknown}; tasks in fl.task_metrics: "
                               f"{list(fl.task_metrics)}")
-        from pilot_hpc.evaluate import METRICS
-
-        bad = {t: m for t, m in fl.task_metrics.items() if m not in METRICS}
-        if bad:
-            raise ConfigError(f"fl.task_metrics: unknown metric(s) {bad}; valid metrics: {sorted(METRICS)}")
         idle = [t for t in fl.task_metrics if t not in fl.client_tasks]
         if idle:
             raise ConfigError(f"task(s) {idle} in fl.task_metrics have no client in fl.client_tasks: "
@@ -244,9 +220,9 @@ class Config:
         if self.data.kind == "synthetic" and not set(fl.client_tasks) <= set(SYNTHETIC_TASKS):
             raise ConfigError(f"data.kind=synthetic draws only the tasks {list(SYNTHETIC_TASKS)}; "
                               f"fl.client_tasks has {sorted(set(fl.client_tasks) - set(SYNTHETIC_TASKS))}")
-        if fl.top_m >= fl.num_clients or fl.top_m < 1:
+        if self.pilot.top_m >= fl.num_clients or self.pilot.top_m < 1:
             raise ConfigError(
-                f"fl.top_m (M = {fl.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
+                f"pilot.top_m (M = {self.pilot.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
                 "ATA mixes each client's LoRA with its M nearest other clients"
             )
         if self.run.ranks_per_client > 1 and self.train.engine != "deepspeed":
@@ -279,6 +255,42 @@ class Config:
         """Hash of the fields that change results (a resume with another one is refused)."""
         blob = json.dumps(result_fields(self.to_dict()), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Numeric ranges, checked in one place (check_bounds) with the key named; a value out of
+# range would otherwise fail later, after the models load, with a traceback per rank.
+BOUNDS = {
+    "run.threads_per_rank": ">= 1", "run.log_every": ">= 1", "run.ranks_per_client": ">= 1",
+    "model.lora_r": ">= 1", "model.lora_alpha": "> 0", "model.lora_dropout": "[0, 1)",
+    "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
+    "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
+    "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
+    "pilot.ata_eps": ">= 0",
+    "fedprox.mu": ">= 0",
+    "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": ">= 0",
+    "feddpa.local_weight": "[0, 1]",
+    "train.local_epochs": ">= 1", "train.max_steps": ">= 0", "train.batch_size": ">= 1",
+    "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
+    "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0", "train.lambda_balance": ">= 0",
+    "train.lambda_z": ">= 0", "train.grad_clip": ">= 0", "train.max_new_tokens": ">= 1",
+}
+
+
+def _within(value: float, bound: str) -> bool:
+    if bound.startswith("["):  # "[lo, hi]" or "[lo, hi)"
+        lo, hi = (float(v) for v in bound[1:-1].split(","))
+        return lo <= value and (value <= hi if bound.endswith("]") else value < hi)
+    op, limit = bound.split()
+    return value > float(limit) if op == ">" else value >= float(limit)
+
+
+def check_bounds(cfg: "Config") -> None:
+    for key, bound in BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not _within(value, bound):
+            what = f"lie in {bound}" if bound.startswith("[") else f"be {bound}"
+            raise ConfigError(f"{key} must {what}, got {value}")
 
 
 # Fields that never change what a run computes: where it writes, how it logs, whether
@@ -322,6 +334,8 @@ def check_world(cfg: Config, world_size: int) -> None:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Checks a YAML/CLI value against the dataclass field type (ints may be floats)."""
     origin = get_origin(typ)
+    if origin is Literal:
+        return _coerce_literal(value, get_args(typ), key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
@@ -356,8 +370,22 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {typ}")
 
 
+def _coerce_literal(value: Any, choices: tuple, key: str) -> Any:
+    # YAML reads `0` as an int and `auto` as a string: compare as the choices' type.
+    for choice in choices:
+        if value == choice and type(value) is type(choice):
+            return choice
+    raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
 def _section_fields(cls) -> dict[str, Any]:
     return get_type_hints(cls)
+
+
+# Keys that moved, so that an older YAML file gets the new name instead of "unknown key".
+MOVED = {"fl.top_m": "pilot.top_m", "fl.ata_eps": "pilot.ata_eps", "fl.prox_mu": "fedprox.mu",
+         "fl.server_lr": "fedadam.server_lr", "fl.adam_beta1": "fedadam.beta1", "fl.adam_beta2": "fedadam.beta2",
+         "fl.adam_tau": "fedadam.tau", "fl.dpa_local_weight": "feddpa.local_weight"}
 
 
 def _merge(raw: dict[str, Any], source: str) -> Config:
@@ -372,6 +400,9 @@ def _merge(raw: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
         fields = _section_fields(sections[name])
         for key in value:
+            if f"{name}.{key}" in MOVED:
+                raise ConfigError(f"{source}: {name}.{key} is now {MOVED[f'{name}.{key}']} (each strategy's "
+                                  "settings have a section of their own)")
             if key not in fields:
                 raise ConfigError(
                     f"{source}: unknown key {name}.{key}; valid keys of {name}: {sorted(fields)}"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pilot_hpc.config import ConfigError, load_config
+from pilot_hpc.tools.mpiexec import find_mpiexec
 
 
 @dataclass
@@ -185,7 +186,7 @@ def submit(grid: Grid, elements: list[Element]) -> list:
 
 def run_local(grid: Grid, elements: list[Element]) -> int:
     """The same runs without Slurm: mpiexec per element, at most local_parallel at once."""
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = find_mpiexec()
 
     def one(e: Element) -> int:
         os.makedirs(e.output_dir, exist_ok=True)
@@ -206,7 +207,7 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
     Without group_by one row per run; with group_by (an axis, e.g. fl.strategy) one row
     per value of that axis, as mean ± std over the other axes (e.g. the seeds).
     """
-    from pilot_hpc import compare
+    from pilot_hpc import report
 
     if group_by is not None and group_by not in grid.axes:
         raise ConfigError(f"--group-by {group_by!r} is not an axis of grid {grid.name}: {list(grid.axes)}")
@@ -223,13 +224,13 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
             missing.append(e.name)
     if not any(groups.values()):
         return "no run of this grid has a metrics.json yet"
-    table = compare.comparison_table(groups)
+    table = report.comparison_table(groups)
     note = f"\n\nruns without metrics.json yet: {', '.join(missing)}" if missing else ""
     os.makedirs(grid.output_root, exist_ok=True)
     with open(os.path.join(grid.output_root, "results.md"), "w") as fh:
         fh.write(f"# grid {grid.name}: final metrics (x100){' by ' + group_by if group_by else ''}\n\n"
                  f"{table}{note}\n")
-    compare.comparison_plot(groups, os.path.join(grid.output_root, "results.png"), f"grid {grid.name}")
+    report.comparison_plot(groups, os.path.join(grid.output_root, "results.png"), f"grid {grid.name}")
     return table + note
 
 

@@ -62,7 +62,7 @@ def resolve_device(cfg, rank: int):
 def data_files(cfg, comm):
     """(train files, eval files, image root or None, base model folder). Rank 0 builds caches."""
     from pilot_hpc.data import synthetic
-    from pilot_hpc.model.base import base_folder, ensure_base
+    from pilot_hpc.train.warm_start import base_folder, ensure_base
 
     if cfg.data.kind == "llava_json":
         return cfg.data.train_files, cfg.data.eval_files, cfg.data.image_root or None, cfg.model.path
@@ -101,10 +101,10 @@ def run(cfg, comm) -> int:
 
     from pilot_hpc import report
     from pilot_hpc.data.records import InstructionDataset, load_records
-    from pilot_hpc.fl.comm import block_ranges
     from pilot_hpc.config import ConfigError
-    from pilot_hpc.fl import resume
-    from pilot_hpc.fl.federation import ClientSlot, Federation, Preempted
+    from pilot_hpc.fl.client import ClientSlot
+    from pilot_hpc.fl.comm import block_ranges
+    from pilot_hpc.fl.federation import Federation, Preempted
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.model.llava import build_pilot_model
 
@@ -147,8 +147,7 @@ def run(cfg, comm) -> int:
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
     ok, start = True, None
     try:
-        if fed.leader:
-            start = resume.locate(fed, {k: tuple(v.shape) for k, v in initial.items()})
+        start = fed.locate({k: tuple(v.shape) for k, v in initial.items()})
     except ConfigError as err:
         if comm.rank == 0:
             print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
@@ -197,10 +196,10 @@ def cli(argv: list[str] | None = None) -> int:
     def abort_on_exception(kind, value, tb):
         # An uncaught error on one rank must end the whole job, not leave the others
         # waiting in a collective forever.
-        from pilot_hpc.fl import federation
+        from pilot_hpc.fl.client import hosted_client
 
         traceback.print_exception(kind, value, tb)
-        client = federation.current_client
+        client = hosted_client()
         where = f"rank {comm.rank}" + (f", client {client}" if client is not None else "")
         print(f"pilot_hpc: {where}: {kind.__name__}: {value}; aborting the MPI job", file=sys.stderr, flush=True)
         if comm.size > 1:

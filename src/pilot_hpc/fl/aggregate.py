@@ -118,7 +118,7 @@ def pairwise_distances(updates: torch.Tensor) -> torch.Tensor:
 
 
 def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12) -> torch.Tensor:
-    """Mixing matrix A [K, K] of adaptive text-adapter aggregation (METHOD.md, ATA).
+    """Mixing matrix A [K, K] of adaptive text-adapter aggregation (docs/method.md, ATA).
 
     Row k: the M nearest other clients K_m (ties broken by client index) get
     w_ki = (1/d_ki) / sum_{j in K_m} 1/d_kj, with d floored at eps so that a zero

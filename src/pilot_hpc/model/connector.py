@@ -1,4 +1,4 @@
-"""The Pilot connector that replaces LLaVA's projector (METHOD.md, stages 1 and 2).
+"""The Pilot connector that replaces LLaVA's projector (docs/method.md, stages 1 and 2).
 
 Stage 0 is the base model as it arrives (only psi_t, which starts as a copy of the
 pretrained projector): the round-0 evaluation. Stage 1 adds a client-specific adapter
@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from pilot_hpc.config import PilotConfig
 from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_index, z_loss
 from pilot_hpc.model.ctmoa_dispatch import ctmoa
 
@@ -42,22 +43,18 @@ def adapter_weights(adapter: nn.Module) -> AdapterWeights:
 
 
 class PilotConnector(nn.Module):
-    def __init__(self, projector: nn.Module, num_tasks: int, own_task: int, *, cross_init: str = "task_adapter",
-                 keep_client_adapter: bool = False, cross_task: bool = True, difference_loss: bool = True,
-                 aux_losses: bool = True, ctmoa_impl: str = "auto", seed: int = 0):
+    def __init__(self, projector: nn.Module, num_tasks: int, own_task: int, *, pilot: PilotConfig | None = None,
+                 ctmoa_impl: str = "auto", seed: int = 0):
+        """pilot: the ablation switches (config section `pilot`); None for the full method."""
         super().__init__()
         if not 0 <= own_task < num_tasks:
             raise ValueError(f"own task id {own_task} out of range for {num_tasks} tasks")
         self.num_tasks = num_tasks
         self.own_task = own_task
-        self.cross_init = cross_init
-        self.keep_client_adapter = keep_client_adapter
-        self.cross_task = cross_task  # ablation switches (config section `pilot`)
-        self.difference_loss = difference_loss
-        self.aux_losses = aux_losses
+        self.switches = pilot if pilot is not None else PilotConfig()
         self.ctmoa_impl = ctmoa_impl
         self.seed = seed
-        # Every adapter starts as the pretrained projector (METHOD.md).
+        # Every adapter starts as the pretrained projector (docs/method.md).
         self.task_adapter = copy.deepcopy(projector)  # psi_t, expert 1 in stage 2
         self.client_adapter = copy.deepcopy(projector)  # psi_s
         self.foreign = nn.ModuleList(copy.deepcopy(projector) for _ in range(num_tasks - 1))  # psi_2..psi_T
@@ -89,7 +86,7 @@ class PilotConnector(nn.Module):
         trainable = {
             0: (),
             1: ("task_adapter", "client_adapter"),
-            2: ("task_adapter", "cross", "router") if self.cross_task else ("task_adapter", "router"),
+            2: ("task_adapter", "cross", "router") if self.switches.cross_task else ("task_adapter", "router"),
             PLAIN: ("task_adapter",),
         }
         if stage not in trainable:
@@ -114,7 +111,7 @@ class PilotConnector(nn.Module):
         gen = torch.Generator().manual_seed(self.seed + 1)
         with torch.no_grad():
             for module in self.cross:
-                if self.cross_init == "task_adapter":
+                if self.switches.cross_init == "task_adapter":
                     module.load_state_dict(self.task_adapter.state_dict())
                 else:  # "random": nn.Linear's default init, from a seeded generator
                     for lin in (module.linear_1, module.linear_2):
@@ -129,7 +126,7 @@ class PilotConnector(nn.Module):
         """(MLPs, their router experts): psi_1, then (psi_i, psi_c_i) per foreign task, in
         the order of mlp_expert_index; without cross-task adapters psi_1..psi_T, one each."""
         mlps = [adapter_weights(self.task_adapter)]
-        if not self.cross_task:
+        if not self.switches.cross_task:
             return mlps + [adapter_weights(f) for f in self.foreign], list(range(self.num_tasks))
         for foreign, cross in zip(self.foreign, self.cross):
             mlps += [adapter_weights(foreign), adapter_weights(cross)]
@@ -142,12 +139,12 @@ class PilotConnector(nn.Module):
         if self.stage == 1:
             x_t = self.task_adapter(h)  # [B, N, C]
             x_s = self.client_adapter(h)
-            self.aux = {"diff": difference_loss(x_t, x_s)} if self.difference_loss else {}
+            self.aux = {"diff": difference_loss(x_t, x_s)} if self.switches.difference_loss else {}
             return x_t + x_s
         mlps, expert_of = self.ctmoa_adapters()
         res = ctmoa(h, self.router.weight, mlps, expert_of, impl=self.ctmoa_impl)
-        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)} if self.aux_losses else {}
+        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)} if self.switches.aux_losses else {}
         out = res.out
-        if self.keep_client_adapter:
+        if self.switches.keep_client_adapter:
             out = out + self.client_adapter(h)
         return out

@@ -1,7 +1,7 @@
 """Cross-task mixture of adapters (CT-MoA): the PyTorch reference of the math.
 
 This module is the written definition that the fused Triton kernel must match
-(METHOD.md, "Stage 2"). Per visual token h (a row of H, width Cv):
+(docs/method.md, "Stage 2"). Per visual token h (a row of H, width Cv):
 
     c = h W_r^T                        # [T] router logits, bias-free
     P = softmax(c)                     # [T]

@@ -2,7 +2,7 @@
 
 The tiny model and LLaVA-1.5-7B go through the same path: a Hugging Face LLaVA folder
 (tokenizer, image processor, weights) loaded with from_pretrained. For the tiny model
-that folder is made once by pilot_hpc.model.base (built from config and warm-started).
+that folder is made once by pilot_hpc.train.warm_start (built from config and warm-started).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
 
-from pilot_hpc.config import ModelConfig
+from pilot_hpc.config import ModelConfig, PilotConfig
 from pilot_hpc.model.connector import PilotConnector
 
 log = logging.getLogger("pilot_hpc.model")
 
-# LoRA on every linear layer of the LLM only: CLIP has q/k/v_proj too (FACTS.md).
+# LoRA on every linear layer of the LLM only: CLIP's attention has q/k/v_proj too, and a
+# bare name list would put LoRA on the frozen vision tower as well.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,8 +117,6 @@ class PilotModel:
 def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int,
                       device: torch.device, pilot=None) -> PilotModel:
     """`pilot`: the config section of Pilot's switches (PilotConfig); None for the defaults."""
-    from pilot_hpc.config import PilotConfig
-
     model, tokenizer, image_processor = load_base(base_path, m.dtype)
     configure_generation(model, tokenizer)
     peft_model, connector = attach_pilot(model, m, num_tasks, own_task, seed=seed, pilot=pilot or PilotConfig())
@@ -130,10 +129,8 @@ def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: 
 def attach_pilot(model, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int, pilot):
     """The Pilot connector in place of the projector, then LoRA -> (peft model, connector)."""
     llava = model.model
-    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, cross_init=pilot.cross_init,
-                               keep_client_adapter=pilot.keep_client_adapter, cross_task=pilot.cross_task,
-                               difference_loss=pilot.difference_loss, aux_losses=pilot.aux_losses,
-                               ctmoa_impl=m.ctmoa_impl, seed=seed)
+    connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, pilot=pilot, ctmoa_impl=m.ctmoa_impl,
+                               seed=seed)
     llava.multi_modal_projector = connector
     # The LoRA init draws random A matrices: seed it so every rank builds the same model.
     torch.manual_seed(seed)

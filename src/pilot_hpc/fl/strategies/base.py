@@ -53,8 +53,16 @@ class Strategy:
     """
 
     name = "base"
-    communicates = True  # False: no exchange at all (local training)
-    pooled = False  # True: one model trains on every client's data (centralized; one rank)
+    communicates = True  # False: no exchange at all (local training, centralized)
+    pooled = False  # True: one model trains on every client's data, so the run needs one process
+
+    def local_jobs(self, slots: list) -> list[tuple]:
+        """(client, training set) pairs of a round's local training on this rank: by
+        default every client on its own data."""
+        return [(slot, slot.train) for slot in slots]
+
+    def after_local(self, slots: list) -> None:
+        """After this rank's local training finished (not after an interruption)."""
 
     def __init__(self, cfg):
         self.cfg = cfg

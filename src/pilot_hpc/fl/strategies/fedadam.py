@@ -6,7 +6,7 @@ Server step on the pseudo-gradient delta = weighted_avg(w_k) - w_global:
     w_global = w_global + eta * m / (sqrt(v) + tau)
 Convention: the paper's, with delta^2 in v, sample-weighted averaging and no bias
 correction (Flower's FedAdam adds bias correction; OpenFedLLM uses m^2 and an
-unweighted mean). Defaults (fl.*): eta = server_lr 1e-3, b1 0.9, b2 0.99, tau 1e-3.
+unweighted mean). Defaults (section fedadam): eta = server_lr 1e-3, b1 0.9, b2 0.99, tau 1e-3.
 m, v and w_global are the server state: they persist across rounds and in checkpoints.
 """
 
@@ -49,10 +49,9 @@ class FedAdam(FedAvg):
             return  # nobody sent a usable update: the server state stays as it is
         start = offset + (int(self.state["split"]) if part == "text" else 0)
         cols = slice(start, start + rows.shape[1])
-        fl = self.cfg.fl
+        a = self.cfg.fedadam
         w, m, v = adam_server_step(self.state["w"][cols], self.state["m"][cols], self.state["v"][cols],
-                                   rows[0].float().cpu(), lr=fl.server_lr, beta1=fl.adam_beta1,
-                                   beta2=fl.adam_beta2, tau=fl.adam_tau)
+                                   rows[0].float().cpu(), lr=a.server_lr, beta1=a.beta1, beta2=a.beta2, tau=a.tau)
         self.state["w"][cols], self.state["m"][cols], self.state["v"][cols] = w, m, v
         rows.copy_(w.to(device=rows.device, dtype=rows.dtype)[None, :].expand_as(rows))
 

@@ -5,7 +5,7 @@ the client and never sent. Both are active in every forward pass:
 
     h = W0 x + (1 - a) * B_g A_g x * s + a * B_l A_l x * s,    s = lora_alpha / r,
 
-with a = fl.dpa_local_weight (default 0.5).
+with a = feddpa.local_weight (default 0.5).
 
 Variant implemented: the fixed-weight one (the paper's FedDPA-F). The mix is folded
 into peft's per-adapter `scaling` (s * (1 - a) for the global adapter, s * a for the
@@ -17,7 +17,7 @@ Not implemented:
   input comes from the cosine similarity of its representation to the client's local
   training instructions). It needs the clients' training representations at evaluation
   time, a hook the evaluation path does not have; a fixed weight is the documented
-  variant (METHOD.md allows either).
+  variant (docs/method.md allows either).
 - the release's two local passes per round (first the local adapter with the global one
   frozen, then the global adapter). Here both adapters are trained jointly by the one
   optimiser in the one local pass (stage PLAIN), so FedDPA gets the same local step
@@ -63,7 +63,7 @@ def set_mix(peft_model, weights: dict[str, float]) -> int:
 @register("feddpa")
 class FedDPA(FedAvg):
     def prepare_model(self, pm) -> None:
-        a = self.cfg.fl.dpa_local_weight
+        a = self.cfg.feddpa.local_weight
         config = copy.deepcopy(pm.model.peft_config[GLOBAL])
         # Seeded, so every rank builds the same local adapter (results must not depend on
         # the world size), with a seed other than the global adapter's (attach_pilot seeds

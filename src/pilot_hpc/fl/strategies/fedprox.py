@@ -1,5 +1,5 @@
 """FedProx (Li et al. 2020): FedAvg plus the proximal term (mu / 2) * ||w - w_global||^2
-over the trainable parameters in every local step (fl.prox_mu)."""
+over the trainable parameters in every local step (fedprox.mu)."""
 
 from __future__ import annotations
 
@@ -28,4 +28,4 @@ class FedProx(FedAvg):
 
     def extra_loss(self, pm) -> dict[str, torch.Tensor]:
         return {"prox": proximal_term(self.visual_params(pm) + self.text_params(pm), self.anchor,
-                                      self.cfg.fl.prox_mu)}
+                                      self.cfg.fedprox.mu)}

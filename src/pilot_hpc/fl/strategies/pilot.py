@@ -11,7 +11,7 @@ from pilot_hpc.fl.strategies.base import MixPlan, Strategy, register
 
 def _top_m(cfg, n, tasks, num_tasks, good, gram):
     """ATA: each client mixes its M nearest clients' LoRA (the default)."""
-    return aggregate.ata_mixing(gram, n, cfg.fl.top_m, cfg.fl.ata_eps, good)
+    return aggregate.ata_mixing(gram, n, cfg.pilot.top_m, cfg.pilot.ata_eps, good)
 
 
 def _same_task(cfg, n, tasks, num_tasks, good, gram):

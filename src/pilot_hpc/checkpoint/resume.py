@@ -1,0 +1,109 @@
+"""Checkpoint coordination across ranks: write one file per round, pick one to resume.
+
+Writing: rank 0 creates `<name>.tmp` with the header and server state; each rank in
+turn appends its clients (HDF5 has one writer at a time, and the clients' personal
+state never crosses ranks); rank 0 fsyncs and renames. Resuming: rank 0 reads and
+checks the candidates newest first (checksums, structure, result-changing config
+fields), skipping broken ones with a warning; every rank then loads its own clients.
+
+Both take what they need explicitly (a communicator, the config, the records), so
+they can be driven without a Federation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from pilot_hpc.checkpoint import store
+from pilot_hpc.config import ConfigError, result_differences
+
+log = logging.getLogger("pilot_hpc.resume")
+
+
+@dataclass
+class ResumePoint:
+    path: str
+    round: int
+    complete: bool
+    history: list  # metrics rows of the rounds done (meaningful on rank 0)
+    clients: dict[int, store.ClientCheckpoint] = field(default_factory=dict)  # this rank's clients
+    server: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's server state
+
+
+def folder_of(cfg) -> str:
+    return os.path.join(cfg.run.output_dir, "checkpoints")
+
+
+def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[str, torch.Tensor],
+         clients: dict[int, store.ClientCheckpoint]) -> str:
+    """Collective over comm: every rank passes its own clients' records; returns the path."""
+    folder = folder_of(cfg)
+    final = os.path.join(folder, store.file_name(round_, complete))
+    tmp = final + ".tmp"
+    if comm.rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        store.create(tmp, cfg, round_, complete=complete, history=history, server=server)
+    for r in range(comm.size):
+        comm.barrier()
+        if r == comm.rank:
+            store.append_clients(tmp, clients)
+    comm.barrier()
+    if comm.rank == 0:
+        store.finalize(tmp, final)
+        if complete:  # an interrupted round's file is superseded once the round completes
+            for path, r, done in store.candidates(folder):
+                if not done and r <= round_:
+                    os.remove(path)
+    return final
+
+
+def _choose(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
+    """(round, complete) of the newest usable checkpoint, (-1, 0) for none (rank 0)."""
+    for path, round_, complete in store.candidates(folder_of(cfg)):
+        try:
+            ck = store.read(path)
+            store.validate(ck, num_clients, expected)
+        except store.CheckpointError as err:
+            log.warning("resume: skipping %s: %s", path, err)
+            continue
+        if ck.attrs["result_hash"] != cfg.result_hash():
+            diffs = result_differences(yaml.safe_load(ck.attrs["config"]), cfg.to_dict())
+            if diffs:
+                raise ConfigError(f"resume: {path} was written with a config that changes results; differing "
+                                  f"fields: {'; '.join(diffs)}. Use the same config, another run.output_dir, "
+                                  "or run.resume=never")
+        if complete and round_ >= cfg.fl.rounds:
+            log.info("resume: %s is the last round already", path)
+        log.info("resume: continuing from %s (round %d, %s)", path, round_,
+                 "complete" if complete else "interrupted mid-round")
+        return round_, int(complete)
+    return -1, 0
+
+
+def locate(comm, cfg, expected: dict[str, tuple[int, ...]], my_clients: list[int]) -> ResumePoint | None:
+    """Collective over comm: the resume point (None: start over) with this rank's clients'
+    records. `expected` maps every state key to its shape in the model being resumed."""
+    choice = np.array([-1, 0], dtype=np.int64)
+    refused = None
+    if comm.rank == 0 and cfg.run.resume == "auto":
+        try:
+            choice[:] = _choose(cfg, cfg.fl.num_clients, expected)
+        except ConfigError as err:
+            refused = err
+            choice[:] = (-2, 0)
+    comm.bcast(choice, tag="resume")
+    if choice[0] == -2:
+        raise refused if refused is not None else ConfigError("resume refused on rank 0 (see its message)")
+    if choice[0] < 0:
+        return None
+    round_, complete = int(choice[0]), bool(choice[1])
+    path = os.path.join(folder_of(cfg), store.file_name(round_, complete))
+    ck = store.read(path, clients=my_clients)
+    return ResumePoint(path=path, round=round_, complete=complete, history=ck.history, clients=ck.clients,
+                       server=ck.server)

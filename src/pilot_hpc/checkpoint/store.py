@@ -1,0 +1,280 @@
+"""HDF5 checkpoint files (the only h5py importer): layout, atomic writes, checked reads.
+
+Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
+  round_NNN.h5          after round NNN completed (exchange, evaluation done)
+  round_NNN.preempt.h5  round NNN interrupted by SIGTERM/SIGUSR2, mid local training
+
+  /                     attrs: format, round, complete, history (JSON: the metrics rows so far),
+                        config (YAML), config_hash, result_hash, versions (JSON), git_commit
+  /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
+  /clients/client_KK/   attrs: task, num_samples, status (pending|partial|done), steps, finite,
+                        losses (JSON)
+      state/<key>       the client's personal state: connector.* (task, client, foreign and
+                        cross-task adapters, router) and lora.* (its LoRA A/B)
+      pre_state/<key>   (status partial) its state at the round's start: the "last good"
+                        parameters if the rest of the round goes bad
+      progress/         (status partial) attrs step, samples, sums (JSON);
+                        torch_rng, optimizer/<param index>.<exp_avg|exp_avg_sq|step>
+Every dataset carries a fletcher32 checksum and attrs dtype and shape; bf16 is stored
+as its uint16 words with dtype="bfloat16" (lossless; HDF5 has no bf16 type). Files
+are written as <name>.tmp, fsynced and renamed, so a crash never leaves a half file
+under a final name. libver ("earliest", "v110") keeps them readable by HDF5 1.10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+import torch
+import yaml
+
+from pilot_hpc.train.spec import TrainProgress
+
+# 3: strategy hyper-parameters moved to their own config sections (fedprox, fedadam,
+# feddpa) and ATA's M to pilot.top_m, which changes the stored config and its hash.
+FORMAT = "pilot_hpc-checkpoint-3"
+LIBVER = ("earliest", "v110")
+_NAME = re.compile(r"^round_(\d{3,})(\.preempt)?\.h5$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class ClientCheckpoint:
+    task: str
+    num_samples: int
+    state: dict[str, torch.Tensor]
+    status: str = "pending"  # pending | partial | done (within an interrupted round)
+    steps: int = 0
+    finite: bool = True
+    losses: dict[str, float] = field(default_factory=dict)
+    pre_state: dict[str, torch.Tensor] | None = None
+    progress: TrainProgress | None = None  # (status partial) where its local round stands
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    round: int
+    complete: bool
+    attrs: dict
+    history: list
+    server: dict[str, torch.Tensor]
+    clients: dict[int, ClientCheckpoint]
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    import pilot_hpc
+
+    return {"pilot_hpc": pilot_hpc.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+# ------------------------------------------------------------------------ tensors
+def _write_tensor(group: h5py.Group, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        data, dtype = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    else:
+        data, dtype = t.numpy(), str(t.dtype).replace("torch.", "")
+    shape = data.shape
+    if data.ndim == 0:  # fletcher32 needs chunks, and a scalar cannot be chunked
+        data = data.reshape(1)
+    ds = group.create_dataset(name, data=data, fletcher32=True, chunks=True if data.size else None)
+    ds.attrs["dtype"] = dtype
+    ds.attrs["shape"] = np.array(shape, dtype=np.int64)
+
+
+def _read_tensor(ds: h5py.Dataset, where: str) -> torch.Tensor:
+    try:
+        data = ds[()]
+    except OSError as err:  # a fletcher32 mismatch surfaces as an OSError from HDF5
+        raise CheckpointError(f"{where} is corrupt (checksum or read failure: {err})") from None
+    try:
+        shape = tuple(int(s) for s in ds.attrs["shape"])
+        dtype = ds.attrs["dtype"]
+    except KeyError as err:
+        raise CheckpointError(f"{where} lacks attribute {err}") from None
+    if dtype == "bfloat16":
+        out = torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.array(data))
+    if out.numel() != int(np.prod(shape)):
+        raise CheckpointError(f"{where}: {out.numel()} values but shape {shape}")
+    return out.reshape(shape)
+
+
+def _write_dict(parent: h5py.Group, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    g = parent.create_group(name)
+    for key, t in tensors.items():
+        _write_tensor(g, key, t)
+
+
+def _read_dict(group: h5py.Group, where: str) -> dict[str, torch.Tensor]:
+    return {key: _read_tensor(ds, f"{where}/{key}") for key, ds in group.items()}
+
+
+# ------------------------------------------------------------------------ writing
+def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
+           server: dict[str, torch.Tensor]) -> None:
+    """Starts a checkpoint file with the run's identity and the server state (rank 0)."""
+    with h5py.File(tmp_path, "w", libver=LIBVER) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["round"] = round_
+        f.attrs["complete"] = int(complete)
+        f.attrs["history"] = json.dumps(history)
+        f.attrs["config"] = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+        f.attrs["config_hash"] = cfg.hash()
+        f.attrs["result_hash"] = cfg.result_hash()
+        f.attrs["versions"] = json.dumps(_versions(), sort_keys=True)
+        f.attrs["git_commit"] = _git_commit()
+        _write_dict(f, "server", server)
+        f.create_group("clients")
+
+
+def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
+    """Adds clients' records (one rank at a time: an HDF5 file has one writer)."""
+    with h5py.File(tmp_path, "a", libver=LIBVER) as f:
+        for k, c in sorted(clients.items()):
+            g = f["clients"].create_group(f"client_{k:02d}")
+            g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status, steps=c.steps,
+                           finite=int(c.finite), losses=json.dumps(c.losses))
+            _write_dict(g, "state", c.state)
+            if c.pre_state is not None:
+                _write_dict(g, "pre_state", c.pre_state)
+            if c.progress is not None:
+                p = g.create_group("progress")
+                p.attrs.update(step=c.progress.step, samples=c.progress.samples, sums=json.dumps(c.progress.sums))
+                _write_tensor(p, "torch_rng", c.progress.torch_rng)
+                _write_dict(p, "optimizer", c.progress.optimizer)
+
+
+def finalize(tmp_path: str, final_path: str) -> None:
+    """fsync the finished file, then rename it into place (atomic on POSIX)."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp_path, final_path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(final_path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def file_name(round_: int, complete: bool) -> str:
+    return f"round_{round_:03d}.h5" if complete else f"round_{round_:03d}.preempt.h5"
+
+
+# ------------------------------------------------------------------------ reading
+def candidates(folder: str) -> list[tuple[str, int, bool]]:
+    """(path, round, complete), newest first: round N complete > round N interrupted > N-1."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        if m:
+            found.append((os.path.join(folder, name), int(m.group(1)), m.group(2) is None))
+    return sorted(found, key=lambda c: (c[1], c[2]), reverse=True)
+
+
+def _attr(f: h5py.File, key: str, path: str):
+    if key not in f.attrs:
+        raise CheckpointError(f"checkpoint {path}: missing attribute {key!r}")
+    value = f.attrs[key]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
+    for key in ("task", "num_samples", "status", "steps", "finite", "losses"):
+        if key not in g.attrs:
+            raise CheckpointError(f"{where}: missing attribute {key!r}")
+    if "state" not in g:
+        raise CheckpointError(f"{where}: missing group 'state'")
+    c = ClientCheckpoint(task=str(g.attrs["task"]), num_samples=int(g.attrs["num_samples"]),
+                         state=_read_dict(g["state"], f"{where}/state"), status=str(g.attrs["status"]),
+                         steps=int(g.attrs["steps"]), finite=bool(g.attrs["finite"]),
+                         losses=json.loads(g.attrs["losses"]))
+    if "pre_state" in g:
+        c.pre_state = _read_dict(g["pre_state"], f"{where}/pre_state")
+    if "progress" in g:
+        p = g["progress"]
+        c.progress = TrainProgress(step=int(p.attrs["step"]), samples=int(p.attrs["samples"]),
+                                   sums=json.loads(p.attrs["sums"]),
+                                   torch_rng=_read_tensor(p["torch_rng"], f"{where}/progress/torch_rng"),
+                                   optimizer=_read_dict(p["optimizer"], f"{where}/progress/optimizer"))
+    if c.status == "partial" and (c.progress is None or c.pre_state is None):
+        raise CheckpointError(f"{where}: status 'partial' without progress and pre_state")
+    return c
+
+
+def read(path: str, clients: list[int] | None = None) -> Checkpoint:
+    """Reads (and so checksums) the file, or only the listed clients' records."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path}: not a readable HDF5 file ({err})") from None
+    with f:
+        fmt = _attr(f, "format", path)
+        if fmt != FORMAT:
+            older = isinstance(fmt, str) and fmt.startswith("pilot_hpc-checkpoint-")
+            why = (" (written by an older pilot_hpc: this one does not read it; start over with run.resume=never "
+                   "or another run.output_dir)") if older else ""
+            raise CheckpointError(f"checkpoint {path}: format {fmt!r}, expected {FORMAT!r}{why}")
+        for group in ("server", "clients"):
+            if group not in f:
+                raise CheckpointError(f"checkpoint {path}: missing group /{group}")
+        attrs = {k: _attr(f, k, path) for k in f.attrs}
+        for key in ("round", "complete", "history", "config", "result_hash"):
+            _attr(f, key, path)
+        names = sorted(f["clients"])
+        wanted = [f"client_{k:02d}" for k in clients] if clients is not None else names
+        records = {}
+        for name in wanted:
+            if name not in f["clients"]:
+                raise CheckpointError(f"checkpoint {path}: missing /clients/{name}")
+            records[int(name.split("_")[1])] = _client(f["clients"][name], f"checkpoint {path}: /clients/{name}")
+        return Checkpoint(path=path, round=int(attrs["round"]), complete=bool(attrs["complete"]), attrs=attrs,
+                          history=json.loads(attrs["history"]),
+                          server=_read_dict(f["server"], f"checkpoint {path}: /server"), clients=records)
+
+
+def validate(ck: Checkpoint, num_clients: int, expected: dict[str, tuple[int, ...]]) -> None:
+    """Structure check against the model being resumed: every client, every key, every shape."""
+    if sorted(ck.clients) != list(range(num_clients)):
+        raise CheckpointError(f"checkpoint {ck.path}: clients {sorted(ck.clients)}, expected 0..{num_clients - 1}")
+    for k, c in ck.clients.items():
+        for label, state in (("state", c.state), ("pre_state", c.pre_state)):
+            if state is None:
+                continue
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            if missing or extra:
+                raise CheckpointError(f"checkpoint {ck.path}: /clients/client_{k:02d}/{label}: missing keys "
+                                      f"{missing[:5]}, unexpected keys {extra[:5]}")
+            for key, t in state.items():
+                if tuple(t.shape) != tuple(expected[key]):
+                    raise CheckpointError(f"checkpoint {ck.path}: /clients/client_{k:02d}/{label}/{key} has shape "
+                                          f"{tuple(t.shape)}, the model has {tuple(expected[key])}")

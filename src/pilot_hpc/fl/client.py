@@ -1,0 +1,138 @@
+"""A client as the federation holds it: its data, its personal state, and where it
+stands in the current round (a small state machine with named transitions).
+
+    PENDING --start--> (training) --finish--> DONE --next_round--> PENDING
+                           |                    |
+                       interrupt            exclude (bad update: back to the
+                           v                    round-start state, left out)
+                        PARTIAL --start--> (training continues) ...
+
+A rank hosts its clients one at a time on one shared model: `hosting(pm, slot)` puts a
+client's state into the model and records which client this rank is working on, so
+that the failure message of an MPI abort can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from pilot_hpc.checkpoint.store import ClientCheckpoint
+from pilot_hpc.train.spec import TrainProgress, TrainResult
+
+
+class Status(enum.Enum):
+    PENDING = "pending"  # not trained yet in this round
+    PARTIAL = "partial"  # interrupted inside its local training (progress kept)
+    DONE = "done"  # trained in this round, waiting for the exchange
+
+    @property
+    def code(self) -> int:
+        """A small integer for broadcasts to a client group."""
+        return list(Status).index(self)
+
+    @classmethod
+    def from_code(cls, code: int) -> "Status":
+        return list(Status)[int(code)]
+
+
+class TransitionError(RuntimeError):
+    """A client asked to move between statuses in a way the round does not allow."""
+
+
+_hosted: int | None = None  # the client this rank works on (for the abort message)
+
+
+def hosted_client() -> int | None:
+    return _hosted
+
+
+@contextlib.contextmanager
+def hosting(pm, slot: "ClientSlot"):
+    """Puts slot's personal state (and task) into the shared model for the block's body.
+
+    The record of the hosted client is cleared on a normal exit only: when the body
+    raises, the abort handler still finds the client it failed in."""
+    global _hosted
+    _hosted = slot.k
+    pm.connector.own_task = slot.task_id
+    pm.set_state(slot.state)
+    yield slot
+    _hosted = None
+
+
+@dataclass
+class ClientSlot:
+    k: int
+    task: str
+    task_id: int
+    train: object  # InstructionDataset
+    eval: object
+    state: dict[str, torch.Tensor]
+    losses: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    status: Status = Status.PENDING
+    # The state at the round's start: the "last good" parameters a bad update falls back to.
+    pre_state: dict[str, torch.Tensor] | None = None
+    progress: TrainProgress | None = None  # PARTIAL: where its training stands
+    finite: bool = True
+
+    @property
+    def n(self) -> int:
+        return len(self.train)
+
+    # ------------------------------------------------------------------ transitions
+    def start(self) -> TrainProgress | None:
+        """Begin (PENDING) or continue (PARTIAL) this round's training; returns the
+        progress to resume from (None: from the start)."""
+        if self.status is Status.DONE:
+            raise TransitionError(f"client {self.k}: start, but it already trained in this round")
+        if self.status is Status.PENDING:
+            self.pre_state = self.state
+        return self.progress
+
+    def interrupt(self, progress: TrainProgress, state: dict[str, torch.Tensor]) -> None:
+        """A stop request inside training: keep `state` and where training stands. A
+        progress at step 0 means the round restarts (the engine keeps no optimiser state),
+        so the client keeps its round-start state instead."""
+        if self.status is Status.DONE:
+            raise TransitionError(f"client {self.k}: interrupt, but it already trained in this round")
+        self.state = self.pre_state if progress.step == 0 else state
+        self.status, self.progress = Status.PARTIAL, progress
+
+    def finish(self, result: TrainResult, state: dict[str, torch.Tensor]) -> None:
+        if self.status is Status.DONE:
+            raise TransitionError(f"client {self.k}: finish, but it already trained in this round")
+        self.state, self.status, self.progress = state, Status.DONE, None
+        self.losses, self.steps = result.losses, result.steps
+
+    def exclude(self) -> None:
+        """A non-finite update: leave it out of the aggregation, back to the round start."""
+        if self.status is not Status.DONE:
+            raise TransitionError(f"client {self.k}: exclude, but its status is {self.status.value}")
+        self.finite = False
+        self.state = self.pre_state
+
+    def adopt(self, other: "ClientSlot") -> None:
+        """Take another client's finished round (centralized: one model for everyone)."""
+        self.state, self.losses, self.steps, self.status = other.state, other.losses, other.steps, Status.DONE
+
+    def next_round(self) -> None:
+        self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True
+
+    # ------------------------------------------------------------------ checkpoints
+    def record(self, complete: bool) -> ClientCheckpoint:
+        """This client in a checkpoint: after a complete round it is PENDING for the next."""
+        partial = not complete and self.status is Status.PARTIAL
+        return ClientCheckpoint(task=self.task, num_samples=self.n, state=self.state,
+                                status=Status.PENDING.value if complete else self.status.value, steps=self.steps,
+                                finite=self.finite, losses=self.losses, pre_state=self.pre_state if partial else None,
+                                progress=self.progress if partial else None)
+
+    def restore(self, rec: ClientCheckpoint, complete: bool) -> None:
+        self.state, self.losses, self.steps, self.finite = rec.state, rec.losses, rec.steps, rec.finite
+        self.status = Status.PENDING if complete else Status(rec.status)
+        self.pre_state, self.progress = rec.pre_state, rec.progress

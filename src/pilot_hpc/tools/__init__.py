@@ -1,0 +1,1 @@
+"""Developer tools, each runnable as `python -m pilot_hpc.tools.<name>`: bench, bench_mpi, parity, dryrun."""

@@ -1,0 +1,81 @@
+"""LLaVA-1.5-7B with the Pilot connector and LoRA on the meta device: parameter and byte
+counts per client per stage, without weights or memory.
+
+    python -m pilot_hpc.tools.dryrun [--lora-r 64] [--tasks 3] [--clients 9] [--dtype bfloat16]
+
+Sizes are LLaVA-1.5-7B's (CLIP ViT-L/14-336 and Vicuna-7B v1.5, as in llava-1.5-7b-hf).
+"trainable" counts what the optimiser updates in a stage; "forward" what the connector
+and LoRA compute with; "sent" what a client puts on the wire each round (Pilot: the
+task adapter / own expert and the LoRA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from pilot_hpc.config import ModelConfig, PilotConfig, load_config
+from pilot_hpc.fl.strategies import get_strategy
+from pilot_hpc.model.llava import PilotModel, attach_pilot
+
+
+def llava_7b_config() -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def report(lora_r: int, lora_alpha: int, num_tasks: int, num_clients: int, dtype: str) -> str:
+    m = ModelConfig(lora_r=lora_r, lora_alpha=lora_alpha, dtype=dtype)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_7b_config())
+        peft_model, connector = attach_pilot(model, m, num_tasks, 0, seed=0, pilot=PilotConfig())
+    pm = PilotModel(peft_model, connector, None, None, 576)
+    pilot = get_strategy("pilot", load_config(None))
+    bytes_per = torch.finfo(getattr(torch, dtype)).bits // 8
+    lora = count(p for _, p in pm.lora_named_parameters())
+    adapter = count(connector.task_adapter.parameters())
+    sent = count(pilot.visual_params(pm)) + count(pilot.text_params(pm))
+    lines = [f"LLaVA-1.5-7B + Pilot connector + LoRA r={lora_r} ({num_tasks} tasks, {num_clients} clients, {dtype})",
+             f"  base model (frozen, never sent):  {count(model.parameters()) - lora - count(connector.parameters()) + adapter:>14,}",
+             f"  one adapter (projector shape):    {adapter:>14,}",
+             f"  LoRA on every LLM linear:         {lora:>14,}"]
+    for stage in (1, 2):
+        pm.set_stage(stage)
+        trainable = count(p for p in peft_model.parameters() if p.requires_grad)
+        forward = lora + (2 * adapter if stage == 1 else (2 * num_tasks - 1) * adapter
+                          + connector.router.weight.numel())
+        lines.append(f"  stage {stage}: trainable {trainable:>14,}   forward (connector + LoRA) {forward:>14,}")
+    lines += [f"  sent per client per round:        {sent:>14,}  ({sent * bytes_per / 2**30:.2f} GiB in {dtype})",
+              f"  into rank 0 per round ({num_clients} clients): {num_clients * sent * bytes_per / 2**30:.2f} GiB; "
+              f"back out: {num_tasks} task adapters + {num_clients} LoRAs = "
+              f"{(num_tasks * adapter + num_clients * lora) * bytes_per / 2**30:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pilot_hpc.tools.dryrun", description=__doc__.split("\n")[0])
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lora-alpha", type=int, default=128)
+    ap.add_argument("--tasks", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=9)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    print(report(a.lora_r, a.lora_alpha, a.tasks, a.clients, a.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

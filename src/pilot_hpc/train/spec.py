@@ -1,0 +1,178 @@
+"""What one local round of training is (the spec), how it reports back (hooks, result),
+and where an interrupted one stands (progress): the types every engine shares.
+
+A leaf module (torch only): the engines, the federation and the checkpoint code all
+import it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def seed_for(run_seed: int, client: int, round_: int) -> int:
+    """The seed of one client's round: its batch order and dropout do not depend on
+    which rank hosts it (so the results do not depend on the world size)."""
+    return (run_seed * 1_000_003 + client * 10_007 + round_ * 101) % (2 ** 31)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One client's local round: everything that decides what the optimiser does."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    seed: int
+    max_steps: int = 0  # 0: `epochs` full passes; > 0: at most this many steps
+    grad_clip: float = 1.0  # 0: no clipping
+    weight_decay: float = 0.0
+    engine: str = "torch"  # a key of pilot_hpc.train.engines.ENGINES
+    zero_stage: int = 2  # deepspeed engine only
+    offload_optimizer: bool = False  # deepspeed engine only
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
+            raise ValueError(f"TrainSpec: batch_size ({self.batch_size}) and epochs ({self.epochs}) must be >= 1 "
+                             f"and max_steps ({self.max_steps}) >= 0")
+
+    @classmethod
+    def for_round(cls, t, *, stage: int, seed: int) -> "TrainSpec":
+        """The spec of a round in `stage` from the config's `train` section (TrainConfig)."""
+        return cls(lr=t.lr_stage1 if stage == 1 else t.lr_stage2, batch_size=t.batch_size, epochs=t.local_epochs,
+                   seed=seed, max_steps=t.max_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
+                   engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer)
+
+    def steps(self, n: int, group_size: int = 1) -> int:
+        """Optimisation steps of a round over n samples (global batch = group_size x batch)."""
+        steps = self.epochs * math.ceil(n / (self.batch_size * group_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+def _no_aux() -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a training run talks to its caller.
+
+    aux_loss()        the weighted auxiliary terms of the last forward (added to the
+                      cross-entropy on answer tokens); read after every forward.
+    should_stop(i)    asked before step i; True ends the run with `stopped` set.
+    progress(i, t)    after step i (1-based) with that step's loss terms.
+    """
+
+    aux_loss: Callable[[], dict[str, torch.Tensor]] = _no_aux
+    should_stop: Callable[[int], bool] | None = None
+    progress: Callable[[int, dict], None] | None = None
+
+
+@dataclass
+class TrainProgress:
+    """Where an interrupted local round stands: enough to continue it bitwise. The
+    checkpoint stores exactly this (checkpoint.store writes and reads it)."""
+
+    step: int  # optimisation steps already taken
+    samples: int
+    sums: dict[str, float]  # running loss sums (for the round's mean losses)
+    optimizer: dict[str, torch.Tensor]  # flattened AdamW state, see optimizer_state()
+    torch_rng: torch.Tensor  # torch's CPU RNG state (LoRA dropout) at the stop
+
+    @classmethod
+    def restart(cls, torch_rng: torch.Tensor) -> "TrainProgress":
+        """'Restart this round from its start' (an engine that cannot resume mid-round)."""
+        return cls(step=0, samples=0, sums={}, optimizer={}, torch_rng=torch_rng)
+
+
+@dataclass
+class ClientGroup:
+    """The processes that train one client together (data parallel, deepspeed engine only).
+
+    share(value) is collective over the group: every member calls it and gets the
+    leader's (rank 0's) value back, a broadcast. It carries the rendezvous address of
+    the group's torch.distributed world once per process. For size 1 it is the identity.
+    """
+
+    rank: int  # this process's index inside the group; 0 is the leader
+    size: int  # ranks of this client
+    share: Callable[[object], object] = lambda value: value
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"ClientGroup: rank {self.rank} must lie in [0, size={self.size})")
+
+
+SOLO = ClientGroup(rank=0, size=1)  # one process per client
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    samples: int = 0
+    losses: dict[str, float] = field(default_factory=dict)  # means over the steps
+    seconds: float = 0.0
+    finite: bool = True  # False: a loss went NaN/Inf and training stopped there
+    stopped: TrainProgress | None = None  # set when should_stop() interrupted the run
+
+
+class StepLog:
+    """The bookkeeping of one run that both engines share: loss sums, steps, samples."""
+
+    def __init__(self, resume: TrainProgress | None = None):
+        self.result = TrainResult()
+        self.sums: dict[str, float] = {}
+        if resume is not None:
+            self.sums = dict(resume.sums)
+            self.result.steps, self.result.samples = resume.step, resume.samples
+        self.t0 = time.perf_counter()
+
+    def record(self, terms: dict[str, torch.Tensor], samples: int, hooks: Hooks) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.result.steps += 1
+        self.result.samples += samples
+        if hooks.progress is not None:
+            hooks.progress(self.result.steps, terms)
+
+    def finish(self) -> TrainResult:
+        r = self.result
+        r.losses = {k: v / max(r.steps, 1) for k, v in self.sums.items()}
+        r.seconds = time.perf_counter() - self.t0
+        return r
+
+
+def batches(n: int, batch_size: int, epochs: int, max_steps: int, gen: torch.Generator):
+    """Index batches over `epochs` shuffled passes, cut at max_steps (if > 0)."""
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for s in range(0, n, batch_size):
+            if max_steps and steps >= max_steps:
+                return
+            yield order[s:s + batch_size]
+            steps += 1
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter tensors as a flat name -> tensor dict (HDF5-friendly)."""
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            out[f"{idx}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value.clone()
+    sd["state"] = state
+    opt.load_state_dict(sd)

@@ -1,0 +1,89 @@
+"""The built-in base model: a tiny LLaVA, warm-started once and cached as an HF folder.
+
+It plays the part of the pretrained LLaVA-1.5 the paper starts from: the federation
+only fine-tunes it. Measured here (docs/method.md, "The built-in base model"):
+federating from random init with few local steps learns nothing in 3 rounds, while a
+short central warm start on data disjoint from the clients' makes the federated rounds
+visibly improve every client. The warm start is kept short on purpose so that the
+clients still have much to gain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from pilot_hpc.config import Config
+from pilot_hpc.data import synthetic
+from pilot_hpc.data.records import InstructionDataset, load_records
+from pilot_hpc.data.tokenizer import build_word_tokenizer
+from pilot_hpc.model.llava import configure_generation, num_image_tokens, tiny_llava_config
+from pilot_hpc.train.engines import train_steps
+from pilot_hpc.train.spec import Hooks, TrainSpec
+
+log = logging.getLogger("pilot_hpc.base")
+
+
+def base_key(cfg: Config, data_key: str) -> str:
+    blob = json.dumps({"model": cfg.to_dict()["model"], "pretrain": cfg.to_dict()["pretrain"],
+                       "seed": cfg.run.seed, "data": data_key}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def build_base(cfg: Config, data_folder: str, out_folder: str) -> None:
+    """Builds the tiny LLaVA, warm-starts it on the mixed-task pretrain split, saves it."""
+    m = cfg.model
+    tokenizer = build_word_tokenizer(synthetic.vocabulary())
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = tiny_llava_config(m, len(tokenizer), image_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(cfg.run.seed)
+    model = LlavaForConditionalGeneration(config)
+    configure_generation(model, tokenizer)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": m.image_size},
+                                      crop_size={"height": m.image_size, "width": m.image_size})
+    samples = load_records(os.path.join(data_folder, "pretrain.json"))
+    dataset = InstructionDataset(samples, tokenizer, processor, num_image_tokens(config), cfg.data.max_length)
+    # The vision tower stays frozen and random (as CLIP stays frozen in LLaVA); the
+    # projector and the whole LLM are trained, as in LLaVA-1.5's own instruction tuning.
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    p = cfg.pretrain
+
+    def progress(step, terms):
+        if step % max(cfg.run.log_every, 1) == 0 or step == p.steps:
+            log.info("base warm start: step %d/%d  ce %.3f", step, p.steps, terms["ce"].item())
+
+    spec = TrainSpec(lr=p.lr, batch_size=p.batch_size, epochs=10 ** 6, max_steps=p.steps, seed=cfg.run.seed + 12345)
+    train_steps(model, dataset, params, spec, pad_id=tokenizer.pad_token_id, hooks=Hooks(progress=progress))
+    parent = os.path.dirname(os.path.abspath(out_folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".base-", dir=parent)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if os.path.isdir(out_folder):
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out_folder)
+
+
+def base_folder(cfg: Config, data_key: str) -> str:
+    return os.path.join(os.path.expanduser(cfg.run.cache_dir), f"base-{base_key(cfg, data_key)}")
+
+
+def ensure_base(cfg: Config, data_folder: str, data_key: str) -> str:
+    """The cached base model folder for this config, built on first use."""
+    folder = base_folder(cfg, data_key)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        log.info("building the tiny base LLaVA (cached in %s)", folder)
+        build_base(cfg, data_folder, folder)
+    return folder

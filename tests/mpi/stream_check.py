@@ -1,0 +1,87 @@
+"""Run under `mpiexec -n W`: the streamed exchange equals the one-shot aggregation.
+
+Every rank regenerates all K clients' updates from a seed, so each can compute the
+unchunked reference (`Strategy.aggregate` on the whole [K, P]) and compare it with what
+the streamed exchange delivered to it. Exits 0 when every case passes on every rank.
+"""
+
+import sys
+
+import numpy as np
+import torch
+
+from pilot_hpc.config import load_config
+from pilot_hpc.fl.comm import Comm, block_ranges
+from pilot_hpc.fl.strategies import get_strategy
+from pilot_hpc.fl.stream import StreamedExchange
+
+# (name, strategy overrides, K, P_visual, P_text, dtype, bad clients, chunk columns)
+CASES = [
+    ("pilot-topm", ["fl.strategy=pilot", "pilot.top_m=2"], 7, 53, 101, torch.float32, [], 17),
+    ("pilot-bad-client", ["fl.strategy=pilot", "pilot.top_m=3"], 7, 40, 61, torch.float32, [4], 9),
+    ("pilot-same-task", ["fl.strategy=pilot", "pilot.selection=same_task"], 6, 33, 29, torch.float32, [], 8),
+    ("pilot-all-bf16", ["fl.strategy=pilot", "pilot.selection=all"], 5, 31, 45, torch.bfloat16, [1], 7),
+    ("fedavg-one-chunk", ["fl.strategy=fedavg"], 4, 20, 12, torch.float32, [], 0),
+    ("shepherd-empty-visual", ["fl.strategy=shepherd"], 5, 0, 37, torch.float32, [], 5),
+    ("fedadam-two-rounds", ["fl.strategy=fedadam", "fedadam.server_lr=0.1"], 6, 19, 23, torch.float32, [2], 6),
+    # K = 2: under mpiexec -n 3 a rank (the server itself) hosts no client and sends empty rows.
+    ("pilot-empty-rank", ["fl.strategy=pilot", "pilot.top_m=1"], 2, 11, 14, torch.float32, [], 4),
+]
+
+
+def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols) -> None:
+    client_tasks = (["vqa", "caption", "grounding"] * k)[:k]
+    metrics = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
+    used = {t: m for t, m in metrics.items() if t in client_tasks}
+    cfg = load_config(None, ["pilot.top_m=2"] + overrides + [f"fl.num_clients={k}", f"fl.client_tasks={client_tasks}",
+                                                          f"fl.task_metrics={used}"])
+    num_tasks = len(cfg.tasks)
+    tasks = torch.tensor([cfg.tasks.index(t) for t in cfg.fl.client_tasks])
+    blocks = block_ranges(k, comm.size)
+    mine = blocks[comm.rank]
+    # chunk_mb giving exactly `cols` columns (0: unchunked)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    chunk_mb = cols * itemsize / 2 ** 20
+    streamed, reference = get_strategy(cfg.fl.strategy, cfg), get_strategy(cfg.fl.strategy, cfg)
+    gen = torch.Generator().manual_seed(len(name))
+    init_v, init_t = torch.randn(p_vis, generator=gen), torch.randn(p_txt, generator=gen)
+    streamed.init_server(init_v, init_t)
+    reference.init_server(init_v, init_t)
+    for round_ in range(2 if name.startswith("fedadam") else 1):
+        updates = torch.randn(k, p_vis + p_txt, generator=gen).to(dtype)
+        n = torch.randint(3, 20, (k,), generator=gen)
+        good = torch.ones(k, dtype=torch.bool)
+        good[bad] = False
+        ref_in = updates.clone()
+        ref_in[bad] = float("nan")  # the one-shot reference spots bad rows by their NaN
+        ref = reference.aggregate(ref_in[:, :p_vis], ref_in[:, p_vis:], n, tasks, num_tasks)
+        local = updates[mine.start:mine.stop].clone()
+        local[[i - mine.start for i in bad if i in mine]] = 0.0  # what a bad client sends
+        meta = np.stack([n[mine.start:mine.stop].numpy(), good[mine.start:mine.stop].numpy()], axis=1)
+        got = StreamedExchange(comm, blocks, torch.device("cpu"), chunk_mb).run(streamed, local, meta, p_vis,
+                                                                                  tasks, num_tasks)
+        # float32: both sides sum the same <= 7 products per value in another blocking
+        # (a few ulp); bf16: the float32 mix is rounded once to bf16 (1 ulp = 2^-8 rel).
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(got.shared, ref.shared, equal_nan=True, **tol, msg=f"{name}: shared")
+        torch.testing.assert_close(got.personal, ref.personal[mine.start:mine.stop], equal_nan=True, **tol,
+                                   msg=f"{name}: personal")
+        if comm.rank == 0:
+            assert got.excluded == ref.excluded == bad, (name, got.excluded, ref.excluded)
+    if name.startswith("fedadam"):
+        for key in ("w", "m", "v"):
+            if comm.rank == 0:
+                torch.testing.assert_close(streamed.state[key], reference.state[key], rtol=1e-5, atol=1e-6)
+
+
+def main() -> int:
+    comm = Comm()
+    for case in CASES:
+        run_case(comm, *case)
+    comm.close()
+    print(f"rank {comm.rank}: ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

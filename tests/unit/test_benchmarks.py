@@ -1,0 +1,425 @@
+"""Benchmark converters and the prepare CLI on tiny fixtures in each benchmark's shipped format."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from helpers import REPO
+from pilot_hpc.config import load_config
+from pilot_hpc.data import benchmarks as bm
+from pilot_hpc.data import prepare
+from pilot_hpc.data.records import IMAGE_TOKEN, load_records
+
+SHORT = "\nAnswer the question using a single word or phrase."
+
+
+def _image(path, size=(8, 6)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+
+
+def _dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh)
+    return str(path)
+
+
+def _question(rec):
+    return rec["conversations"][0]["value"]
+
+
+def _answer(rec):
+    return rec["conversations"][1]["value"]
+
+
+# ------------------------------------------------------------------ fixtures (shipped formats)
+
+
+def make_gqa(root) -> dict:
+    for name in ("n1", "n2", "n3"):
+        _image(f"{root}/gqa/images/{name}.jpg")
+    train = {f"{i:03d}": {"imageId": f"n{i % 3 + 1}", "question": f"What is item {i}?", "answer": f"thing{i}",
+                          "fullAnswer": "unused", "types": {}} for i in range(7)}
+    train["099"] = {"imageId": "gone", "question": "Lost?", "answer": "yes"}  # no image file
+    test = {"t1": {"imageId": "n1", "question": "Is the car red?", "answer": "no"},
+            "t2": {"imageId": "n2", "question": "Which side?", "answer": "left"},
+            "t3": {"imageId": "n3", "question": "What color?", "answer": "blue"}}
+    return {"train": _dump(f"{root}/gqa/train_balanced_questions.json", train),
+            "eval": _dump(f"{root}/gqa/testdev_balanced_questions.json", test), "images": f"{root}/gqa/images"}
+
+
+def _coco_file(root, name, ids, no_caption=(), no_file=()):
+    images, anns = [], []
+    for i in ids:
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 6})
+        if i not in no_file:
+            _image(f"{root}/coco/{name}/{i:012d}.jpg")
+        if i not in no_caption:
+            anns += [{"id": 10 * i + k, "image_id": i, "caption": f" A  photo {i}, caption {k}.\n"} for k in range(3)]
+    return _dump(f"{root}/coco/annotations/captions_{name}.json", {"images": images, "annotations": anns})
+
+
+def make_coco(root) -> dict:
+    return {"train": _coco_file(root, "train2017", [1, 2, 3, 4, 5, 6], no_caption=[5], no_file=[6]),
+            "eval": _coco_file(root, "val2017", [7, 8]),
+            "images": f"{root}/coco/train2017", "eval_images": f"{root}/coco/val2017"}
+
+
+REFS = [
+    # image 100 is 200 x 100 px, image 101 is 50 x 80 px.
+    {"ref_id": 0, "ann_id": 1000, "image_id": 100, "split": "train", "file_name": "COCO_train2014_100_1000.jpg",
+     "sentences": [{"sent": "left  man", "raw": "Left man"}, {"sent": "guy on the left"}]},
+    {"ref_id": 1, "ann_id": 1001, "image_id": 101, "split": "train", "sentences": [{"sent": "tall dog"}]},
+    {"ref_id": 2, "ann_id": 1000, "image_id": 100, "split": "train", "sentences": [{"sent": "man again"}]},
+    {"ref_id": 3, "ann_id": 1001, "image_id": 101, "split": "val", "sentences": [{"sent": "the dog"}]},
+    {"ref_id": 4, "ann_id": 1002, "image_id": 102, "split": "train", "sentences": [{"sent": "a"}, {"sent": "b"}]},
+]
+
+
+def make_refcoco(root, refs=REFS) -> dict:
+    images = [{"id": 100, "file_name": "COCO_train2014_000000000100.jpg", "width": 200, "height": 100},
+              {"id": 101, "file_name": "COCO_train2014_000000000101.jpg", "width": 50, "height": 80},
+              {"id": 102, "file_name": "COCO_train2014_000000000102.jpg", "width": 10, "height": 10}]
+    for img in images[:2]:  # image 102's file is missing
+        _image(f"{root}/coco/train2014/{img['file_name']}", (img["width"], img["height"]))
+    anns = [{"id": 1000, "image_id": 100, "bbox": [20, 10, 50, 40], "category_id": 1},
+            {"id": 1001, "image_id": 101, "bbox": [5, 8, 20, 40], "category_id": 18},
+            {"id": 1002, "image_id": 102, "bbox": [0, 0, 5, 5], "category_id": 1}]
+    os.makedirs(f"{root}/refcoco", exist_ok=True)
+    with open(f"{root}/refcoco/refs(unc).p", "wb") as fh:
+        pickle.dump(refs, fh, protocol=2)
+    return {"refs": f"{root}/refcoco/refs(unc).p", "images": f"{root}/coco/train2014",
+            "instances": _dump(f"{root}/refcoco/instances.json", {"images": images, "annotations": anns})}
+
+
+def make_scienceqa(root) -> dict:
+    def problem(split, q, choices, answer, image="image.png", hint=""):
+        return {"question": q, "choices": choices, "answer": answer, "hint": hint, "image": image, "split": split,
+                "task": "closed choice", "lecture": "", "solution": ""}
+    problems = {
+        "1": problem("train", "Which animal?", ["cat", "dog", "fish"], 1, hint="A hint."),
+        "2": problem("train", "Which is hot?", ["ice", "fire"], 1),
+        "3": problem("train", "No picture?", ["yes", "no"], 0, image=None),  # text only: skipped
+        "4": problem("train", "Which planet?", ["Mars", "Venus", "Earth", "Moon", "Sun"], 4),
+        "5": problem("train", "Which one?", ["x", "y"], 0),
+        "6": problem("test", "Pick one.", ["up", "down"], 0, hint="Context here"),
+        "7": problem("val", "Val?", ["a", "b"], 1),
+    }
+    for pid, p in problems.items():
+        if p["image"]:
+            _image(f"{root}/scienceqa/images/{p['split']}/{pid}/image.png")
+    return {"problems": _dump(f"{root}/scienceqa/problems.json", problems), "images": f"{root}/scienceqa/images"}
+
+
+def make_ocrvqa(root) -> dict:
+    def book(split, n):
+        return {"imageURL": "http://x/y.jpg", "questions": [f"Q{k} of this book?" for k in range(n)],
+                "answers": [f"ans {k}" for k in range(n)], "title": "T", "genre": "G", "split": split}
+    data = {"b1": book(1, 2), "b2": book(1, 2), "b3": book(1, 1), "b4": book(3, 2), "b5": book(1, 3),
+            "b6": book(2, 1)}
+    _image(f"{root}/ocrvqa/images/b1.jpg")
+    _image(f"{root}/ocrvqa/images/b2.gif")  # the download keeps each cover's own extension
+    _image(f"{root}/ocrvqa/images/b3.png")
+    _image(f"{root}/ocrvqa/images/b4.jpg")
+    _image(f"{root}/ocrvqa/images/b6.jpg")  # b5's cover is missing
+    return {"dataset": _dump(f"{root}/ocrvqa/dataset.json", data), "images": f"{root}/ocrvqa/images"}
+
+
+# ------------------------------------------------------------------ readers
+
+
+def test_image_token_agrees_with_records():
+    assert bm.IMAGE_TOKEN == IMAGE_TOKEN
+
+
+def test_gqa(tmp_path):
+    f = make_gqa(tmp_path)
+    train = bm.gqa(f["train"], f["images"])
+    assert len(train.records) == 7 and train.skipped == {"missing_image": 1}
+    rec = train.records[0]
+    assert rec["id"] == "gqa-000" and _question(rec) == f"{IMAGE_TOKEN}\nWhat is item 0?{SHORT}"
+    assert _answer(rec) == "thing0" and rec["image"] == os.path.join(os.path.abspath(f["images"]), "n1.jpg")
+    held_out = bm.gqa(f["eval"], f["images"])
+    assert [_answer(r) for r in held_out.records] == ["no", "left", "blue"] and held_out.skipped == {}
+
+
+def test_coco_first_caption_for_training_all_for_evaluation(tmp_path):
+    f = make_coco(tmp_path)
+    train = bm.coco_captions(f["train"], f["images"], references=False)
+    assert [r["id"] for r in train.records] == ["coco-1", "coco-2", "coco-3", "coco-4"]
+    assert train.skipped == {"no_caption": 1, "missing_image": 1}
+    rec = train.records[0]
+    assert _question(rec) == f"{IMAGE_TOKEN}\nProvide a one-sentence caption for the provided image."
+    assert _answer(rec) == "A photo 1, caption 0." and "references" not in rec  # whitespace collapsed
+    held_out = bm.coco_captions(f["eval"], f["eval_images"], references=True)
+    assert held_out.records[1]["references"] == [f"A photo 8, caption {k}." for k in range(3)]
+    assert _answer(held_out.records[1]) == "A photo 8, caption 0."
+
+
+def test_refcoco_boxes_hand_computed(tmp_path):
+    f = make_refcoco(tmp_path)
+    train = bm.refcoco(f["refs"], f["instances"], f["images"], "train")
+    # Image 100 (200 x 100), bbox [20, 10, 50, 40]: x 20/200, 70/200; y 10/100, 50/100.
+    # Image 101 (50 x 80), bbox [5, 8, 20, 40]: x 5/50, 25/50; y 8/80, 48/80.
+    got = {r["id"]: (_question(r), _answer(r)) for r in train.records}
+    prompt = f"{IMAGE_TOKEN}\nPlease provide the bounding box coordinate of the region this sentence describes: "
+    assert got == {"refcoco-0-0": (prompt + "left man", "[0.10, 0.10, 0.35, 0.50]"),
+                   "refcoco-0-1": (prompt + "guy on the left", "[0.10, 0.10, 0.35, 0.50]"),
+                   "refcoco-1-0": (prompt + "tall dog", "[0.10, 0.10, 0.50, 0.60]"),
+                   "refcoco-2-0": (prompt + "man again", "[0.10, 0.10, 0.35, 0.50]")}
+    assert train.skipped == {"missing_image": 2}  # ref 4's two sentences
+    val = bm.refcoco(f["refs"], f["instances"], f["images"], "val")
+    assert [(r["id"], _answer(r)) for r in val.records] == [("refcoco-3-0", "[0.10, 0.10, 0.50, 0.60]")]
+    # Padded to a 200 x 200 square, 50 px above: y (10 + 50)/200, (50 + 50)/200.
+    square = bm.refcoco(f["refs"], f["instances"], f["images"], "train", box_frame="square")
+    assert _answer(square.records[0]) == "[0.10, 0.30, 0.35, 0.50]"
+    # The same refs converted to JSON give the same records.
+    as_json = _dump(tmp_path / "refs.json", REFS)
+    assert bm.refcoco(as_json, f["instances"], f["images"], "train").records == train.records
+
+
+def _py2_pickle(obj) -> bytes:
+    """obj as Python 2's cPickle (protocol 2) writes it: str as 8-bit BINSTRING opcodes.
+
+    Python 3 cannot write those (it pickles bytes through _codecs.encode), so the opcodes
+    are spelled out: EMPTY_DICT/EMPTY_LIST, MARK, items, SETITEMS/APPENDS, BININT.
+    """
+    if isinstance(obj, dict):
+        return b"}(" + b"".join(_py2_pickle(k) + _py2_pickle(v) for k, v in obj.items()) + b"u"
+    if isinstance(obj, list):
+        return b"](" + b"".join(_py2_pickle(v) for v in obj) + b"e"
+    if isinstance(obj, str):
+        raw = obj.encode("utf-8")
+        return b"U" + bytes([len(raw)]) + raw
+    return b"J" + int(obj).to_bytes(4, "little", signed=True)
+
+
+def test_refcoco_python2_pickle_and_refused_classes(tmp_path):
+    # refs(unc).p comes from Python 2: its str keys and values load as bytes.
+    f = make_refcoco(tmp_path)
+    with open(f["refs"], "wb") as fh:
+        refs = REFS[:3] + [dict(REFS[3], sentences=[{"sent": "the caf\u00e9 dog"}])]
+        fh.write(b"\x80\x02" + _py2_pickle(refs) + b".")
+    assert len(bm.refcoco(f["refs"], f["instances"], f["images"], "train").records) == 4
+    val = bm.refcoco(f["refs"], f["instances"], f["images"], "val").records
+    assert _question(val[0]).endswith("describes: the caf\u00e9 dog")  # UTF-8 bytes decoded
+    evil = tmp_path / "evil.p"
+    evil.write_bytes(pickle.dumps([collections.OrderedDict(a=1)], protocol=2))
+    with pytest.raises(ValueError, match=r"evil\.p: not a RefCOCO refs pickle.*refuses to load collections"):
+        bm.load_refs(str(evil))
+    garbage = tmp_path / "garbage.p"
+    garbage.write_bytes(b"\x80\x02not a pickle")
+    with pytest.raises(ValueError, match=r"garbage\.p: not a RefCOCO refs pickle"):
+        bm.load_refs(str(garbage))
+
+
+def test_scienceqa_letters_prompt_and_no_image_count(tmp_path):
+    f = make_scienceqa(tmp_path)
+    train = bm.scienceqa(f["problems"], f["images"], "train")
+    assert [(r["id"], _answer(r)) for r in train.records] == [
+        ("scienceqa-1", "B"), ("scienceqa-2", "B"), ("scienceqa-4", "E"), ("scienceqa-5", "A")]
+    assert train.skipped == {"no_image": 1}
+    assert _question(train.records[0]) == (f"{IMAGE_TOKEN}\nContext: A hint.\nWhich animal?\nA. cat\nB. dog\nC. fish\n"
+                                           "Answer with the option's letter from the given choices directly.")
+    assert _question(train.records[1]).startswith(f"{IMAGE_TOKEN}\nWhich is hot?\nA. ice\nB. fire\n")  # no hint
+    assert train.records[0]["image"].endswith(os.path.join("images", "train", "1", "image.png"))
+    test = bm.scienceqa(f["problems"], f["images"], "test")
+    assert [_answer(r) for r in test.records] == ["A"]
+
+
+def test_ocrvqa_any_extension_and_missing_covers(tmp_path):
+    f = make_ocrvqa(tmp_path)
+    train = bm.ocrvqa(f["dataset"], f["images"], "train")
+    assert [r["id"] for r in train.records] == ["ocrvqa-b1-0", "ocrvqa-b1-1", "ocrvqa-b2-0", "ocrvqa-b2-1",
+                                                 "ocrvqa-b3-0"]
+    assert train.records[2]["image"].endswith("b2.gif") and train.records[4]["image"].endswith("b3.png")
+    assert _question(train.records[1]) == f"{IMAGE_TOKEN}\nQ1 of this book?{SHORT}"
+    assert _answer(train.records[1]) == "ans 1"
+    assert train.skipped == {"missing_image": 3}  # b5's three questions
+    assert [r["id"] for r in bm.ocrvqa(f["dataset"], f["images"], "test").records] == ["ocrvqa-b4-0", "ocrvqa-b4-1"]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_or_malformed_keys_name_file_record_and_key(tmp_path):
+    f = make_gqa(tmp_path)
+    data = json.load(open(f["eval"]))
+    del data["t2"]["answer"]
+    bad = _dump(tmp_path / "bad_questions.json", data)
+    with pytest.raises(ValueError, match=r"bad_questions\.json: question 't2': missing key 'answer'"):
+        bm.gqa(bad, f["images"])
+    s = make_scienceqa(tmp_path)
+    problems = json.load(open(s["problems"]))
+    problems["2"]["answer"] = 2
+    with pytest.raises(ValueError, match=r"problems_bad\.json: problem '2': 'answer' 2 is not an index of its 2"):
+        bm.scienceqa(_dump(tmp_path / "problems_bad.json", problems), s["images"], "train")
+    problems["2"]["answer"] = "B"
+    with pytest.raises(ValueError, match=r"problem '2': key 'answer' must be an integer, got str"):
+        bm.scienceqa(_dump(tmp_path / "problems_bad.json", problems), s["images"], "train")
+    o = make_ocrvqa(tmp_path)
+    books = json.load(open(o["dataset"]))
+    books["b2"]["answers"].pop()
+    with pytest.raises(ValueError, match=r"ds\.json: entry 'b2': 2 questions but 1 answers"):
+        bm.ocrvqa(_dump(tmp_path / "ds.json", books), o["images"], "train")
+    r = make_refcoco(tmp_path)
+    inst = json.load(open(r["instances"]))
+    inst["annotations"][1]["bbox"] = [1, 2, 3]
+    with pytest.raises(ValueError, match=r"inst\.json: annotation 1001: 'bbox' must be \[x, y, w, h\]"):
+        bm.refcoco(r["refs"], _dump(tmp_path / "inst.json", inst), r["images"], "train")
+    del inst["annotations"][1]
+    with pytest.raises(ValueError, match=r"ref 1 \(ref_id 1\): ann_id 1001 is not an annotation of"):
+        bm.refcoco(r["refs"], _dump(tmp_path / "inst.json", inst), r["images"], "train")
+
+
+def test_malformed_files_and_wrong_folders(tmp_path):
+    broken = tmp_path / "captions.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"captions\.json: not a valid JSON file"):
+        bm.coco_captions(str(broken), str(tmp_path), references=False)
+    listing = _dump(tmp_path / "listing.json", [{"question": "q"}])
+    with pytest.raises(ValueError, match=r"listing\.json: expected a JSON object of question id"):
+        bm.gqa(listing, str(tmp_path))
+    with pytest.raises(ValueError, match=r"listing\.json: the top level must be an object"):
+        bm.coco_captions(listing, str(tmp_path), references=False)
+    with pytest.raises(ValueError, match=r"file .*nothing\.json does not exist"):
+        bm.gqa(str(tmp_path / "nothing.json"), str(tmp_path))
+    f = make_gqa(tmp_path)
+    with pytest.raises(ValueError, match=r"GQA image folder .*nowhere does not exist"):
+        bm.gqa(f["train"], str(tmp_path / "nowhere"))
+    # Every image missing is an error (a wrong folder), not an empty client.
+    with pytest.raises(ValueError, match=r"no usable record.*missing_image.*right image folder"):
+        bm.gqa(f["train"], str(tmp_path))
+    s = make_scienceqa(tmp_path)
+    with pytest.raises(ValueError, match=r"no problem of split 'minival'; splits present: \['test', 'train', 'val'\]"):
+        bm.scienceqa(s["problems"], s["images"], "minival")
+
+
+# ------------------------------------------------------------------ split rule
+
+
+@pytest.mark.parametrize("n", [3, 10, 11, 12, 100])
+def test_split_shards_disjoint_equal_seeded_and_covering(n):
+    shards = prepare.split_shards(n, 3, seed=7)
+    sizes = [len(s) for s in shards]
+    assert sizes == [n // 3 + (i < n % 3) for i in range(3)]  # remainder to the first shards
+    flat = np.concatenate(shards)
+    assert sorted(flat.tolist()) == list(range(n))  # disjoint and covering
+    assert all(np.array_equal(a, b) for a, b in zip(shards, prepare.split_shards(n, 3, seed=7)))
+    perm = np.random.default_rng(7).permutation(n)  # the documented rule, by hand
+    assert np.array_equal(shards[0], np.sort(perm[:sizes[0]]))
+    if n >= 10:
+        assert any(not np.array_equal(a, b) for a, b in zip(shards, prepare.split_shards(n, 3, seed=8)))
+
+
+def test_train_max_caps_each_shard_and_eval_subset():
+    capped = prepare.split_shards(100, 3, seed=0, per_shard_max=5)
+    assert [len(s) for s in capped] == [5, 5, 5] and len(set(np.concatenate(capped).tolist())) == 15
+    assert [len(s) for s in prepare.split_shards(10, 3, seed=0, per_shard_max=50)] == [4, 3, 3]
+    sub = prepare.eval_subset(50, 8, seed=3)
+    assert len(sub) == 8 and len(set(sub.tolist())) == 8 and list(sub) == sorted(sub)
+    assert np.array_equal(sub, prepare.eval_subset(50, 8, seed=3))
+    assert np.array_equal(prepare.eval_subset(5, 8, seed=3), np.arange(5))
+
+
+# ------------------------------------------------------------------ CLI and configs
+
+
+def _visual_argv(tmp_path, out):
+    g, c, r = make_gqa(tmp_path), make_coco(tmp_path), make_refcoco(tmp_path)
+    return ["--scenario", "visual", "--out", str(out), "--seed", "3",
+            "--gqa-questions-train", g["train"], "--gqa-questions-eval", g["eval"], "--gqa-images", g["images"],
+            "--coco-train", c["train"], "--coco-eval", c["eval"], "--coco-images", c["images"],
+            "--coco-eval-images", c["eval_images"],
+            "--refcoco-refs", r["refs"], "--refcoco-instances", r["instances"], "--refcoco-images", r["images"],
+            "--refcoco-eval-split", "val"]
+
+
+def test_prepare_visual_end_to_end(tmp_path, capsys):
+    out = tmp_path / "fedmit_visual"
+    assert prepare.main(_visual_argv(tmp_path, out) + ["--eval-max", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "client 00 [gqa]: 3 train records, 2 eval records (gqa skipped: train missing_image 1; eval none)" in printed
+    assert "client 08 [refcoco]: 1 train records, 1 eval records" in printed
+    overlay = yaml.safe_load(open(out / "overlay.yaml"))
+    assert overlay["fl"] == {"num_clients": 9, "client_tasks": ["gqa"] * 3 + ["coco"] * 3 + ["refcoco"] * 3,
+                             "task_metrics": {"gqa": "vqa_accuracy", "coco": "cider", "refcoco": "iou@0.5"}}
+    assert overlay["data"]["kind"] == "llava_json"
+    assert overlay["data"]["train_files"][4] == str(out / "client_04_train.json")
+    samples = {}
+    for k in range(9):
+        for part in ("train", "eval"):
+            samples[k, part] = load_records(str(out / f"client_{k:02d}_{part}.json"), cache_dir=str(tmp_path / "hf"))
+    ids = {k: [s.id for s in samples[k, "train"]] for k in range(9)}
+    # GQA's 7 usable questions: shards of 3, 2, 2, disjoint and covering, in file order.
+    assert [len(ids[k]) for k in range(3)] == [3, 2, 2]
+    assert sorted(ids[0] + ids[1] + ids[2]) == [f"gqa-{i:03d}" for i in range(7)]
+    assert all(ids[k] == sorted(ids[k]) for k in range(3))
+    assert sorted(ids[6] + ids[7] + ids[8]) == ["refcoco-0-0", "refcoco-0-1", "refcoco-1-0", "refcoco-2-0"]
+    # The three clients of a task share one evaluation subset (--eval-max 2 of GQA's 3).
+    assert [s.id for s in samples[0, "eval"]] == [s.id for s in samples[2, "eval"]] and len(samples[0, "eval"]) == 2
+    assert samples[3, "eval"][0].references == [f"A photo 7, caption {k}." for k in range(3)]
+    assert samples[7, "eval"][0].turns[0][1] == "[0.10, 0.10, 0.50, 0.60]"
+    assert os.path.isabs(samples[0, "train"][0].image_path)
+    # Same files and seed: the same bytes.
+    again = tmp_path / "again"
+    assert prepare.main(_visual_argv(tmp_path, again) + ["--eval-max", "2"]) == 0
+    assert all((out / n).read_bytes() == (again / n).read_bytes() for n in os.listdir(out) if n.endswith(".json"))
+    # The overlay merges into the shipped config and validates.
+    cfg = load_config(os.path.join(REPO, "configs", "fedmit_visual_9client.yaml"),
+                      [f"data.{k}={json.dumps(v)}" for k, v in overlay["data"].items()])
+    assert cfg.data.train_files == overlay["data"]["train_files"]
+
+
+def test_prepare_vqa_end_to_end(tmp_path, capsys):
+    s, g, o = make_scienceqa(tmp_path), make_gqa(tmp_path), make_ocrvqa(tmp_path)
+    out = tmp_path / "fedmit_vqa"
+    argv = ["--scenario", "vqa", "--out", str(out), "--train-max", "1",
+            "--scienceqa-problems", s["problems"], "--scienceqa-images", s["images"],
+            "--gqa-questions-train", g["train"], "--gqa-questions-eval", g["eval"], "--gqa-images", g["images"],
+            "--ocrvqa-dataset", o["dataset"], "--ocrvqa-images", o["images"]]
+    assert prepare.main(argv) == 0
+    assert "client 00 [scienceqa]: 1 train records, 1 eval records (scienceqa skipped: train no_image 1" \
+        in capsys.readouterr().out
+    overlay = yaml.safe_load(open(out / "overlay.yaml"))
+    assert overlay["fl"]["task_metrics"] == {"scienceqa": "mc_accuracy", "gqa": "vqa_accuracy",
+                                             "ocrvqa": "vqa_accuracy"}
+    for k in range(9):
+        for part in ("train", "eval"):
+            recs = load_records(str(out / f"client_{k:02d}_{part}.json"), cache_dir=str(tmp_path / "hf"))
+            assert len(recs) == (1 if part == "train" else {0: 1, 1: 3, 2: 2}[k // 3])
+
+
+def test_prepare_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--scenario", "vqa", "--out", str(tmp_path), "--gqa-images", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "scenario vqa needs --scienceqa-problems --scienceqa-images --gqa-questions-train" in err
+    argv = _visual_argv(tmp_path, tmp_path / "out")
+    argv[argv.index("--coco-train") + 1] = _dump(tmp_path / "cap.json", {"images": [{"id": 1}], "annotations": []})
+    assert prepare.main(argv) == 2
+    assert "cap.json: images[0]: missing key 'file_name'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "overlay.yaml").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize("scenario", sorted(prepare.SCENARIOS))
+def test_shipped_configs_validate_and_match_prepare(scenario):
+    cfg = load_config(os.path.join(REPO, "configs", f"fedmit_{scenario}_9client.yaml"))
+    tasks = prepare.SCENARIOS[scenario]
+    assert cfg.tasks == list(tasks) and cfg.fl.task_metrics == {t: prepare.TASK_METRICS[t] for t in tasks}
+    assert cfg.fl.client_tasks == [t for t in tasks for _ in range(3)]
+    assert cfg.data.train_files == [f"data/fedmit_{scenario}/client_{k:02d}_train.json" for k in range(9)]
+    assert cfg.data.eval_files == [f"data/fedmit_{scenario}/client_{k:02d}_eval.json" for k in range(9)]
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.train.lr_stage1, cfg.train.lr_stage2, cfg.pilot.top_m) == \
+        (64, 128, 2e-5, 4e-5, 6)
+    assert (cfg.model.dtype, cfg.run.device, cfg.data.kind) == ("bfloat16", "cuda", "llava_json")

@@ -1,0 +1,99 @@
+"""Config schema, YAML overlay, overrides, and the one-message failures before training."""
+
+
+import pytest
+
+from helpers import SMOKE
+from pilot_hpc.config import ConfigError, check_world, load_config
+
+
+def test_smoke_config_loads_with_overrides():
+    cfg = load_config(SMOKE, ["fl.rounds=2", "run.output_dir=/tmp/x", "train.lr_stage1=1e-3",
+                              "fl.client_tasks=[vqa, vqa, caption]", "fl.num_clients=3", "pilot.top_m=2",
+                              "fl.task_metrics={vqa: vqa_accuracy, caption: cider}"])
+    assert cfg.fl.rounds == 2 and cfg.run.output_dir == "/tmp/x"
+    assert cfg.train.lr_stage1 == pytest.approx(1e-3)
+    assert cfg.tasks == ["vqa", "caption"]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["fl.bogus=1"])
+    assert "fl.bogus" in str(err.value) and "strategy" in str(err.value) and "rounds" in str(err.value)
+
+
+def test_unknown_section_lists_valid_sections():
+    with pytest.raises(ConfigError, match="valid sections"):
+        load_config(None, ["nope.x=1"])
+
+
+def test_top_m_must_be_below_num_clients():
+    with pytest.raises(ConfigError, match=r"M = 9.*K = fl.num_clients \(9\)"):
+        load_config(SMOKE, ["pilot.top_m=9"])
+
+
+def test_client_tasks_must_match_num_clients_and_known_tasks():
+    with pytest.raises(ConfigError, match="8 entries but fl.num_clients is 9"):
+        load_config(SMOKE, ["fl.client_tasks=[vqa, vqa, vqa, caption, caption, caption, grounding, grounding]"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_config(None, ["fl.num_clients=2", "pilot.top_m=1", "fl.client_tasks=[vqa, ocr]"])
+
+
+def test_a_task_with_no_client_is_rejected():
+    with pytest.raises(ConfigError, match=r"\['grounding'\] in fl.task_metrics have no client"):
+        load_config(None, ["fl.num_clients=3", "pilot.top_m=1", "fl.client_tasks=[vqa, vqa, caption]"])
+
+
+def test_task_metrics_are_checked():
+    with pytest.raises(ConfigError, match="fl.task_metrics.vqa must be one of vqa_accuracy, cider"):
+        load_config(None, ["fl.task_metrics={vqa: bleu, caption: cider, grounding: iou@0.5}"])
+    with pytest.raises(ConfigError, match="synthetic draws only the tasks"):
+        load_config(None, ["fl.num_clients=2", "pilot.top_m=1", "fl.client_tasks=[gqa, coco]",
+                           "fl.task_metrics={gqa: vqa_accuracy, coco: cider}"])
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError, match="fl.rounds must be an integer"):
+        load_config(SMOKE, ["fl.rounds=three"])
+    with pytest.raises(ConfigError, match="fl.client_tasks must be a list"):
+        load_config(SMOKE, ["fl.client_tasks=vqa"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(SMOKE, ["rounds=3"])
+
+
+def test_world_checks():
+    cfg = load_config(SMOKE)
+    check_world(cfg, 9)
+    check_world(cfg, 2)  # 9 clients over 2 ranks: 4 + 5, allowed by default
+    with pytest.raises(ConfigError, match="every host must have a client"):
+        check_world(cfg, 10)
+    even = load_config(SMOKE, ["fl.require_even_ranks=true"])
+    with pytest.raises(ConfigError, match="do not divide over 2 client hosts"):
+        check_world(even, 2)
+    groups = load_config(SMOKE, ["run.ranks_per_client=2", "train.engine=deepspeed"])
+    check_world(groups, 4)  # 2 client hosts of 2 ranks
+    with pytest.raises(ConfigError, match="do not split into client groups"):
+        check_world(groups, 3)
+    with pytest.raises(ConfigError, match="start at most 18 ranks"):
+        check_world(groups, 20)
+    with pytest.raises(ConfigError, match="set train.engine=deepspeed"):
+        load_config(SMOKE, ["run.ranks_per_client=2"])
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(SMOKE, ["train.zero_stage=3"])
+
+
+def test_missing_file_and_llava_json_without_model_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "none.yaml"))
+    with pytest.raises(ConfigError, match="needs model.path"):
+        load_config(SMOKE, ["data.kind=llava_json"])
+
+
+def test_hash_changes_with_values():
+    assert load_config(SMOKE).hash() == load_config(SMOKE).hash()
+    assert load_config(SMOKE).hash() != load_config(SMOKE, ["pilot.top_m=5"]).hash()
+
+

@@ -1,0 +1,14 @@
+"""The 7B dry run on the meta device: counts from the real transformers/peft modules."""
+
+from pilot_hpc.tools.dryrun import report
+
+
+def test_llava_7b_counts_match_the_architecture():
+    text = report(64, 128, 3, 9, "bfloat16")
+    cv, c, inter, layers, r = 1024, 4096, 11008, 32, 64
+    adapter = cv * c + c + c * c + c  # Linear(1024, 4096) + Linear(4096, 4096), biases
+    lora = layers * (4 * r * (c + c) + 2 * r * (c + inter) + r * (inter + c))
+    assert f"{adapter:,}" in text and f"{lora:,}" in text
+    assert f"sent per client per round:        {adapter + lora:>14,}" in text
+    assert f"stage 1: trainable {2 * adapter + lora:>14,}" in text
+    assert f"stage 2: trainable {3 * adapter + 3 * cv + lora:>14,}" in text  # own + 2 cross + router

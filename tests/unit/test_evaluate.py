@@ -1,0 +1,165 @@
+"""Metrics against hand-computed cases, including the awkward ones."""
+
+import pytest
+
+from pilot_hpc.metrics.scores import (METRICS, box_iou, cider, grounding_accuracy, mc_accuracy, normalize_answer, parse_box,
+                                parse_choice, score, vqa_exact_match)
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("Two.", "2"), ("The red circle", "red circle"), ("0.5", "0.5"), ("1,000", "1000"),
+    ("  Top \t  Left\n", "top left"), ("an apple!", "apple"), ("none", "0"), ("Ten", "10"),
+    ("red/blue", "red blue"), ("yes.", "yes"), ("the", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_normalize_answer_refuses_non_strings():
+    # str(None) is "none", which would normalise to "0" and match a "0" answer.
+    with pytest.raises(TypeError):
+        normalize_answer(None)
+
+
+def test_vqa_exact_match_counts_malformed_as_wrong():
+    preds = ["Two.", "red", None, 3, "The red circle", "0.5"]
+    refs = ["2", "blue", "x", "3", "red circle", "0.5"]
+    # Matches: "Two."="2", "The red circle"="red circle", "0.5"="0.5"; None and 3 are wrong.
+    assert vqa_exact_match(preds, refs) == pytest.approx(3 / 6)
+    assert vqa_exact_match(["0.5"], ["5"]) == 0.0  # the decimal point is kept, not dropped
+    assert vqa_exact_match([], []) == 0.0
+
+
+def test_vqa_exact_match_rejects_caller_errors():
+    with pytest.raises(ValueError, match="2 predictions for 3 references"):
+        vqa_exact_match(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="reference 1"):
+        vqa_exact_match(["a", "b"], ["a", None])
+
+
+@pytest.mark.parametrize("text,box", [
+    ("the box is [ 0.04 , 0.35 , 0.29 , 0.65 ] .", (0.04, 0.35, 0.29, 0.65)),
+    ("[0.02, 0.02, 0.31, 0.31]", (0.02, 0.02, 0.31, 0.31)),
+    ("0.1 0.2 0.3 0.4 0.9", (0.1, 0.2, 0.3, 0.4)),  # no brackets: first four numbers
+    ("object 2 is at [.1, .2, .3, .4]", (0.1, 0.2, 0.3, 0.4)),  # a bracketed box wins
+    ("[0.5, 0.0, 0.1, 0.4]", (0.5, 0.0, 0.1, 0.4)),  # inverted: kept as written
+    ("[-0.1, 0, 1, 1]", (-0.1, 0.0, 1.0, 1.0)),
+])
+def test_parse_box(text, box):
+    assert parse_box(text) == pytest.approx(box)
+
+
+@pytest.mark.parametrize("text", ["0.1 0.2 0.3", "no box here", "", None, "[0.1, 0.2, 0.3]"])
+def test_parse_box_needs_four_numbers(text):
+    assert parse_box(text) is None
+
+
+def test_box_iou_hand_computed_and_degenerate():
+    # Intersection 0.25 x 0.25 = 0.0625; union 0.25 + 0.25 - 0.0625 = 0.4375: IoU 1/7.
+    assert box_iou([0, 0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]) == pytest.approx(1 / 7)
+    assert box_iou([0.1, 0.2, 0.6, 0.9], [0.1, 0.2, 0.6, 0.9]) == pytest.approx(1.0)
+    assert box_iou([0.5, 0.0, 0.1, 0.4], [0.0, 0.0, 1.0, 1.0]) == 0.0  # x2 < x1
+    assert box_iou([0.0, 0.0, 1.0, 1.0], [0.0, 0.6, 1.0, 0.2]) == 0.0  # y2 < y1
+    assert box_iou([0.2, 0.2, 0.2, 0.4], [0.2, 0.2, 0.2, 0.4]) == 0.0  # zero width, zero union
+    assert box_iou([0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7]) == 0.0  # disjoint
+
+
+def test_grounding_accuracy_threshold_and_malformed():
+    ref = "[0.00, 0.00, 1.00, 1.00]"
+    # IoU with the unit box: exactly 0.5 (counts), 0.49, no box, inverted box.
+    preds = ["[0.0, 0.0, 1.0, 0.5]", "[0.0, 0.0, 1.0, 0.49]", "no box here", "[0.9, 0.0, 0.1, 1.0]", None]
+    assert grounding_accuracy(preds, [ref] * 5) == pytest.approx(1 / 5)
+    assert grounding_accuracy(preds[1:2], [ref], threshold=0.4) == 1.0
+    assert grounding_accuracy([], []) == 0.0
+    with pytest.raises(ValueError, match=r"reference 1 is not a box: 'oops'"):
+        grounding_accuracy(["[0, 0, 1, 1]"] * 2, [ref, "oops"])
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        grounding_accuracy([ref], [ref, ref])
+
+
+CAPTIONS = ["a small red circle at the top left .", "a large blue square at the middle center .",
+            "a small green triangle at the bottom right .", "a large yellow circle at the top right ."]
+
+
+@pytest.fixture(scope="module")
+def perfect():
+    return cider(CAPTIONS, CAPTIONS)
+
+
+def test_cider_perfect_beats_wrong(perfect):
+    wrong = cider(["a dog on a sofa ."] * 4, CAPTIONS)
+    # pycocoevalcap's CIDEr-D: identical captions on this corpus score 10 (its x10 scale).
+    assert perfect == pytest.approx(10.0, rel=1e-6)
+    assert wrong < 0.05
+    # Several references per item, as strings or lists, and a one-item corpus (idf all 0).
+    assert cider(CAPTIONS, [[c, "an odd picture"] for c in CAPTIONS]) > 1.0
+    assert cider(CAPTIONS[:1], CAPTIONS[:1]) == 0.0
+    assert cider([], []) == 0.0
+
+
+@pytest.mark.parametrize("bad", ["...", "", None, " \n "])
+def test_cider_empty_hypothesis_scores_zero_for_that_item(perfect, bad):
+    # Document frequencies come from references only, so the others keep theirs.
+    assert cider([bad] + CAPTIONS[1:], CAPTIONS) == pytest.approx(perfect * 3 / 4, rel=1e-6)
+
+
+def test_cider_line_breaks_inside_a_caption_do_not_shift_the_others(perfect):
+    # Java's tokenizer ends a line at \r or U+2028; unguarded, every later caption would be
+    # paired with the wrong image.
+    preds = ["a small red circle\rat the top left .", CAPTIONS[1], "a small green\u2028triangle at the bottom right .",
+             CAPTIONS[3]]
+    assert cider(preds, CAPTIONS) == pytest.approx(perfect, rel=1e-6)
+
+
+def test_cider_is_quiet_and_checks_its_inputs(capfd, monkeypatch):
+    cider(CAPTIONS, CAPTIONS)
+    assert "PTBTokenizer" not in capfd.readouterr().err
+    with pytest.raises(ValueError, match="reference 1"):
+        cider(CAPTIONS[:2], [CAPTIONS[0], []])
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        cider(CAPTIONS[:1], CAPTIONS[:2])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="java"):
+        cider(CAPTIONS, CAPTIONS)
+
+
+def test_score_dispatch(perfect):
+    assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider", "mc_accuracy"}
+    assert score("vqa_accuracy", ["2", "no"], ["two", "yes"]) == 0.5
+    assert score("iou@0.5", ["[0, 0, 1, 0.5]"], ["[0, 0, 1, 1]"]) == 1.0
+    assert score("cider", CAPTIONS, CAPTIONS) == pytest.approx(perfect)
+    assert score("mc_accuracy", ["(B)", "The answer is C."], ["B", "D"]) == 0.5
+    with pytest.raises(ValueError, match=r"valid metrics: \['cider', 'iou@0.5', 'mc_accuracy', 'vqa_accuracy'\]"):
+        score("bogus", [], [])
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), (" b ", "B"), ("The answer is B.", "B"), ("b) dog", "B"),
+    ("C. a red fox", "C"), ("(d) the moon", "D"), ("Answer: (e)", "E"), ("answer: C", "C"),
+    ("A or B", "A"),  # a hedge scores by the first option named
+    ("I think C is right", "C"),  # "I" is not an option letter
+    ("Option D, because E is false", "D"),
+    ("The answer is a dog, so E", "E"),  # the article "a" after "answer is" names nothing
+    ("F", None), ("The answer is F.", None),  # outside A-E
+    ("a dog on a sofa", None),  # lower-case "a" in running text is the article
+    ("", None), ("...", None), (None, None), (3, None), ("AB", None), ("E's", None),
+])
+def test_parse_choice(text, letter):
+    assert parse_choice(text) == letter
+
+
+def test_mc_accuracy_hand_computed():
+    preds = ["B", "(C)", "The answer is A.", "d) seven", "A or B", "F", None, "banana"]
+    refs = ["B", "C", "A", "D", "B", "E", "A", "A"]
+    # Right: B, (C), "answer is A", "d)"; "A or B" reads A (ref B); F, None, banana wrong.
+    assert mc_accuracy(preds, refs) == pytest.approx(4 / 8)
+    assert mc_accuracy(["b"], [" b "]) == 1.0  # references are trimmed and upper-cased
+    assert mc_accuracy([], []) == 0.0
+
+
+@pytest.mark.parametrize("bad", ["F", "AB", "", None, 1])
+def test_mc_accuracy_rejects_bad_references(bad):
+    with pytest.raises(ValueError, match="reference 1 is not an option letter"):
+        mc_accuracy(["A", "A"], ["A", bad])
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        mc_accuracy(["A"], ["A", "B"])

@@ -1,0 +1,74 @@
+"""The grid launcher without Slurm: grid files, expansion, the generated array script."""
+
+import os
+import sys
+
+import pytest
+
+from helpers import REPO
+from pilot_hpc import launch
+from pilot_hpc.config import ConfigError
+
+
+def test_expand_is_the_cartesian_product_with_one_output_dir_each(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"name: g\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/out\n"
+                         "overrides: [fl.rounds=2]\ngrid:\n  run.seed: [0, 1]\n  pilot.top_m: [5, 6]\n")
+    elements = launch.expand(launch.load_grid(str(grid_file)))
+    assert [e.name for e in elements] == ["seed0_top_m5", "seed0_top_m6", "seed1_top_m5", "seed1_top_m6"]
+    assert len({e.output_dir for e in elements}) == 4
+    assert elements[1].argv[-3:] == ["run.seed=0", "pilot.top_m=6", f"run.output_dir={tmp_path}/out/seed0_top_m6"]
+    assert "fl.rounds=2" in elements[0].argv
+
+
+def test_bad_grids_fail_before_submitting(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("name: a\nconfig: configs/smoke_9client.yaml\ngrid: {run.seed: [0]}\nslurms: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['slurms'\]"):
+        launch.load_grid(str(bad_key))
+    bad_value = tmp_path / "b.yaml"
+    bad_value.write_text(f"name: b\nconfig: {REPO}/configs/smoke_9client.yaml\ngrid: {{pilot.top_m: [9]}}\n")
+    with pytest.raises(ConfigError, match="must satisfy 1 <= M < K"):
+        launch.expand(launch.load_grid(str(bad_value)))
+
+
+def test_generated_array_script_is_pinned(tmp_path):
+    grid = launch.load_grid(os.path.join(REPO, "configs", "grids", "smoke_seeds.yaml"))
+    text = launch.sbatch_text(grid).replace(grid.output_root, "<output_root>").replace(sys.executable, "<python>")
+    golden = os.path.join(REPO, "tests", "golden", "smoke_seeds.sbatch")
+    if os.environ.get("PILOT_HPC_UPDATE_GOLDEN"):
+        with open(golden, "w") as fh:
+            fh.write(text)
+    with open(golden) as fh:
+        assert text == fh.read()
+
+
+def _doc(values):
+    clients = [{"client": i, "task": t, "metric": "vqa_accuracy", "value": v}
+               for i, (t, v) in enumerate(zip(["vqa", "vqa", "caption"], values))]
+    return {"rounds": [{"round": 0, "clients": clients}, {"round": 1, "clients": clients}], "final": clients}
+
+
+def test_collect_groups_by_an_axis_with_mean_and_std(tmp_path):
+    import json
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"name: g\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/out\n"
+                         "grid:\n  fl.strategy: [pilot, fedavg]\n  run.seed: [0, 1]\n")
+    grid = launch.load_grid(str(grid_file))
+    elements = launch.expand(grid)
+    values = {"strategypilot_seed0": [10, 20, 30], "strategypilot_seed1": [30, 40, 50],
+              "strategyfedavg_seed0": [0, 0, 0]}
+    for e in elements:
+        if e.name in values:
+            os.makedirs(e.output_dir)
+            with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+                json.dump(_doc(values[e.name]), fh)
+    table = launch.collect(grid, elements, "fl.strategy")
+    pilot = next(line for line in table.splitlines() if line.startswith("| pilot"))
+    # client 0: mean(10, 30) = 20 +- 10; vqa average per run: 15 and 35 -> 25 +- 10; caption 40 +- 10
+    assert pilot == "| pilot | 2 | 20.0 ± 10.0 | 30.0 ± 10.0 | 40.0 ± 10.0 | 25.0 ± 10.0 | 40.0 ± 10.0 |"
+    assert "| fedavg | 1 | 0.0 |" in table and "strategyfedavg_seed1" in table  # missing run named
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="not an axis"):
+        launch.collect(grid, elements, "pilot.top_m")

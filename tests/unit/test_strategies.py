@@ -1,0 +1,121 @@
+"""Baseline strategies: aggregation formulas by hand, what each sends, and runs that do
+not depend on the world size."""
+
+import pytest
+import torch
+
+from pilot_hpc.config import load_config
+from pilot_hpc.fl.strategies import REGISTRY, get_strategy
+from pilot_hpc.fl.strategies.fedadam import adam_server_step
+from pilot_hpc.fl.strategies.fedprox import proximal_term
+
+
+def cfg(*extra):
+    return load_config(None, list(extra))
+
+
+def test_registry_names():
+    assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "feddpa", "local", "centralized"} <= set(REGISTRY)
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        get_strategy("nope", cfg())
+
+
+def test_fedavg_is_the_sample_weighted_mean_sent_to_everyone():
+    s = get_strategy("fedavg", cfg())
+    visual = torch.tensor([[0.0, 2.0], [4.0, 6.0], [float("nan"), 0.0]])
+    text = torch.tensor([[1.0], [3.0], [5.0]])
+    res = s.aggregate(visual, text, torch.tensor([1, 3, 4]), torch.tensor([0, 1, 2]), 3)
+    # client 2 is excluded (NaN): weights 1/4, 3/4
+    torch.testing.assert_close(res.shared, torch.tensor([[3.0, 5.0]]))
+    torch.testing.assert_close(res.personal, torch.tensor([[2.5], [2.5], [2.5]]))
+    assert res.excluded == [2]
+
+
+def test_fedadam_first_two_server_steps_by_hand():
+    fa = cfg("fedadam.server_lr=0.1", "fedadam.beta1=0.5", "fedadam.beta2=0.5", "fedadam.tau=0.0").fedadam
+    w, m, v = torch.tensor([1.0]), torch.zeros(1), torch.zeros(1)
+    # step 1: delta = 3 - 1 = 2; m = 1; v = 2; w = 1 + 0.1 * 1 / sqrt(2)
+    w, m, v = adam_server_step(w, m, v, torch.tensor([3.0]), lr=fa.server_lr, beta1=fa.beta1,
+                               beta2=fa.beta2, tau=fa.tau)
+    w1 = 1 + 0.1 / 2 ** 0.5
+    torch.testing.assert_close(w, torch.tensor([w1]))
+    torch.testing.assert_close((m, v), (torch.tensor([1.0]), torch.tensor([2.0])))
+    # step 2: avg 0 -> delta = -w1; m = 0.5 - w1 / 2; v = 1 + w1^2 / 2
+    w, m, v = adam_server_step(w, m, v, torch.tensor([0.0]), lr=0.1, beta1=0.5, beta2=0.5, tau=0.0)
+    m2, v2 = 0.5 - w1 / 2, 1 + w1 ** 2 / 2
+    torch.testing.assert_close(w, torch.tensor([w1 + 0.1 * m2 / v2 ** 0.5]))
+
+
+def test_fedadam_state_persists_across_rounds():
+    s = get_strategy("fedadam", cfg("fedadam.tau=0.0", "fedadam.server_lr=1.0"))
+    s.init_server(torch.zeros(2), torch.zeros(1))
+    one = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
+    state = s.server_state()
+    assert set(state) == {"w", "m", "v", "split"}
+    again = get_strategy("fedadam", cfg("fedadam.tau=0.0", "fedadam.server_lr=1.0"))
+    again.load_server_state(state)
+    a = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
+    b = again.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
+    torch.testing.assert_close(a.shared, b.shared)
+    assert not torch.equal(one.shared, a.shared)  # the moments moved the second step
+
+
+def test_fedprox_term_and_its_gradient():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    anchor = [torch.tensor([0.0, 4.0])]
+    term = proximal_term([w], anchor, mu=0.5)
+    assert term.item() == pytest.approx(0.25 * (1 + 4))
+    term.backward()
+    torch.testing.assert_close(w.grad, 0.5 * (w.detach() - anchor[0]))
+
+
+def test_what_each_strategy_sends(small_world):
+    from pilot_hpc.model.llava import build_pilot_model
+
+    c, _, base = small_world
+    pm = build_pilot_model(base, c.model, 3, 0, seed=0, device=torch.device("cpu"))
+    projector = list(pm.connector.task_adapter.parameters())
+    lora = [p for _, p in pm.lora_named_parameters()]
+    for name, visual in (("pilot", projector), ("fedavg", projector), ("fedprox", projector),
+                         ("fedadam", projector), ("shepherd", [])):
+        s = get_strategy(name, c)
+        assert [id(p) for p in s.visual_params(pm)] == [id(p) for p in visual], name
+        assert [id(p) for p in s.text_params(pm)] == [id(p) for p in lora], name
+    assert not get_strategy("local", c).communicates
+
+
+def test_pilot_selection_ablations_by_hand():
+    text = torch.tensor([[0.0], [2.0], [10.0], [float("nan")]])
+    visual = torch.zeros(4, 1)
+    n = torch.tensor([1, 3, 2, 2])
+    tasks = torch.tensor([0, 0, 1, 1])
+    same = get_strategy("pilot", cfg("pilot.selection=same_task", "pilot.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    # task 0: (1*0 + 3*2)/4 = 1.5; task 1: only client 2 is good -> 10; client 3 excluded
+    torch.testing.assert_close(same.personal[:3], torch.tensor([[1.5], [1.5], [10.0]]))
+    assert torch.isnan(same.personal[3]).all() and same.excluded == [3]
+    everyone = get_strategy("pilot", cfg("pilot.selection=all", "pilot.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    torch.testing.assert_close(everyone.personal[:3], torch.full((3, 1), (0 + 6 + 20) / 6))
+
+
+def test_ctmoa_without_cross_task_adapters(small_world):
+    from pilot_hpc.model.connector import adapter_weights
+    from pilot_hpc.model.ctmoa import ctmoa_reference
+    from pilot_hpc.model.llava import build_pilot_model
+
+    c, _, base = small_world
+    pm = build_pilot_model(base, c.model, 3, 1, seed=0, device=torch.device("cpu"),
+                           pilot=load_config(None, ["pilot.cross_task=false"]).pilot)
+    pm.set_stage(2)
+    names = pm.trainable_names()
+    assert any("router" in n for n in names) and not any(".cross." in n for n in names)
+    mlps, expert_of = pm.connector.ctmoa_adapters()
+    assert expert_of == [0, 1, 2] and len(mlps) == 3
+    h = torch.randn(2, 9, c.model.vision_hidden)
+    with torch.no_grad():
+        out = pm.connector(h)
+        ref = ctmoa_reference(h, pm.connector.router.weight,
+                              [adapter_weights(pm.connector.task_adapter)] +
+                              [adapter_weights(f) for f in pm.connector.foreign], [0, 1, 2]).out
+    torch.testing.assert_close(out, ref)
+
+
