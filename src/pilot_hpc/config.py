@@ -105,6 +105,11 @@ class DataConfig:
     # Decode every image and tokenise every record before round 1, so a bad file stops
     # the job before anyone trains. Off for real data (it reads every image once).
     verify_images: bool = True
+    # Worker processes of the training DataLoader (0: load on the training thread).
+    num_workers: int = 0
+    # pad: to a square in the processor's mean colour before resizing (LLaVA-1.5);
+    # crop: the HF image processor's resize and centre crop.
+    image_aspect_ratio: Literal["crop", "pad"] = "crop"
 
     def __post_init__(self):
         if self.train_max < self.train_min:
@@ -187,6 +192,12 @@ class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[0, 1, 2] = 2  # no 3: stage 3 would shard the frozen base
     offload_optimizer: bool = False
+    # Real-scale training (issue 12). batch_size stays the effective batch: each
+    # optimiser step takes grad_accum_steps micro-batches of batch_size / grad_accum_steps.
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the LLM layers
+    grad_accum_steps: int = 1
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per local round
+    warmup_ratio: float = 0.0  # linear warm-up over this fraction of a round's steps (LLaVA-1.5: 0.03)
 
 
 @dataclass
@@ -273,6 +284,7 @@ BOUNDS = {
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
     "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0", "train.lambda_balance": ">= 0",
     "train.lambda_z": ">= 0", "train.grad_clip": ">= 0", "train.max_new_tokens": ">= 1",
+    "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
 }
 
 
