@@ -43,6 +43,7 @@ setup(
         "submitit>=1.5",
         "PyYAML>=6.0",
         "matplotlib>=3.8",
+        "tensorboard>=2.14",
         "tokenizers>=0.20",
         "Pillow>=10.0",
         "numpy>=1.26",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -30,10 +29,12 @@ def small_overrides(cache_dir: str, output_dir: str) -> list[str]:
 
 
 def mpiexec() -> str:
-    exe = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(exe):
-        pytest.fail("mpiexec not found: install the project (pip install mpich) first")
-    return exe
+    from pilot_hpc.tools.mpiexec import find_mpiexec
+
+    try:
+        return find_mpiexec()
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def run_main(args: list[str], np: int | None = None, timeout: int = 600, cwd: str = REPO,

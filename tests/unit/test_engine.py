@@ -179,7 +179,7 @@ def test_bad_engine_settings_fail_early(client):
     pm, ds, start, _ = client
     with pytest.raises(ValueError, match="offload_optimizer needs ZeRO"):
         run(pm, ds, start, engine="deepspeed", zero_stage=0, offload_optimizer=True)
-    with pytest.raises(ValueError, match="engine must be torch or deepspeed"):
+    with pytest.raises(ValueError, match="train engine must be one of"):
         run(pm, ds, start, engine="jax")
 
 
@@ -249,4 +249,6 @@ def test_two_ranks_train_like_one_with_the_whole_batch(small_world, cache_dir, t
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dp-worker"]:
+    # Run as a script: tests/ (helpers.py) is not on the path as it is under pytest.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _dp_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
