@@ -419,12 +419,19 @@ def judge_kernel_tests(rc: int, text: str, ctx: Context, cmd: Command) -> StepRe
     return res
 
 
+# A skip reason that says the test wanted a GPU ("needs a CUDA device", "no GPU", ...),
+# unlike "a GPU is present: ..." (a CPU-only test standing down on a GPU machine).
+_NO_GPU_SKIP = re.compile(r"\b(needs?|requires?|without)\b.*\b(cuda|gpu)|\bno (cuda|gpu)\b|"
+                          r"\b(cuda|gpu)\b.*\b(not available|unavailable|not visible)", re.I)
+_SEVERAL_GPUS = re.compile(r"\b([2-9]|\d\d+) (cuda )?(gpus|devices)\b", re.I)  # one GPU here: a fair skip
+
+
 def judge_cuda_tests(rc: int, text: str, ctx: Context, cmd: Command) -> StepResult:
     res = judge_pytest("cuda_tests", rc, text, cmd)
     # This runs on a machine with a GPU: a CUDA test that skips for want of one did not
     # see it, and its path went unchecked. Other skips are only said.
     skips = parse_skip_reasons(text)
-    blind = [s for s in skips if re.search(r"cuda|gpu", s, re.I)]
+    blind = [s for s in skips if _NO_GPU_SKIP.search(s) and not _SEVERAL_GPUS.search(s)]
     if blind and res.status == "pass":
         res.status, res.reason = "fail", f"{len(blind)} CUDA test kind(s) skipped on the GPU machine: {blind[0]}"
     elif skips and not blind:
@@ -648,18 +655,13 @@ def execute(step: Step, ctx: Context, timeout: float) -> StepResult:
 
 
 def probe(ctx: Context, argv: list[str], timeout: float, log) -> tuple[int, str]:
-    log.write(f"$ {' '.join(argv)}\n")
-    try:
-        proc = subprocess.run(argv, cwd=ctx.repo, env=ctx.env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        log.write(f"gpu_check: TIMEOUT after {timeout:.0f} s\n")
-        return -9, f"timed out after {timeout:.0f} s"
-    except OSError as err:
-        log.write(f"gpu_check: {err}\n")
-        return 127, str(err)
-    log.write(proc.stdout + proc.stderr + f"[exit {proc.returncode}]\n")
-    return proc.returncode, proc.stdout + proc.stderr
+    """(exit status, output) of one setup probe, its output also into the setup log. Run
+    like a step (a session of its own), so that a hung `mpiexec` goes with its ranks."""
+    probe_log = ctx.work / "probe.log"
+    rc, _ = run_command(Command(argv), ctx.env, ctx.repo, timeout, probe_log)
+    text = _read(probe_log)
+    log.write(text + f"[exit {rc}]\n")
+    return rc, text
 
 
 _VERSION_PROBE = r"""

@@ -236,6 +236,9 @@ def test_a_cuda_test_that_skips_for_want_of_a_gpu_fails_the_step():
     log = "SKIPPED [1] tests/test_stream.py:68: needs a CUDA device (pinned staging)\n5 passed, 1 skipped in 2.00s\n"
     res = g.judge_cuda_tests(0, log, None, g.Command(["pytest", "tests", "-m", "cuda"]))
     assert res.status == "fail" and "skipped on the GPU machine: 1 x tests/test_stream.py:68" in res.reason
+    fair = "SKIPPED [1] tests/test_x.py:9: needs 2 GPUs\n5 passed, 1 skipped in 2.00s\n"
+    res = g.judge_cuda_tests(0, fair, None, g.Command(["pytest", "tests", "-m", "cuda"]))
+    assert res.status == "pass" and "1 kind(s) of skip" in res.notes[0]
 
 
 def test_pytest_judge_failures_and_empty_selection():
