@@ -328,17 +328,17 @@ def gate_file(rel: str) -> Callable[[Context], str | None]:
 # ------------------------------------------------------------------------- commands
 
 
-def pytest_argv(ctx: Context, *args: str) -> list[str]:
+def pytest_argv(ctx: Context, *args: str, workers: int = 0) -> list[str]:
     argv = [ctx.python, "-m", "pytest", "-q", "-rs", *args]
-    # Several workers compile the Triton kernels' autotune configs in parallel (the
-    # compiles, not the GPU, bound these tests); pytest-xdist is on the GPU image.
-    if importlib.util.find_spec("xdist") is not None:
-        argv += ["-n", "4"]
+    if workers and importlib.util.find_spec("xdist") is not None:  # pytest-xdist is on the GPU image
+        argv += ["-n", str(workers)]
     return argv
 
 
 def cmd_kernel_tests(ctx: Context) -> Command:
-    return Command(pytest_argv(ctx, "kernels"))
+    # 8 workers compile the Triton kernels' autotune configs in parallel: the compiles (one
+    # core each; the machine has 16), not the GPU, bound these tests.
+    return Command(pytest_argv(ctx, "kernels", workers=8))
 
 
 _CUDA_MARK = re.compile(r"^\s*(@pytest\.mark\.cuda\b|pytestmark\s*=.*\bpytest\.mark\.cuda\b)|"
@@ -694,8 +694,12 @@ if torch is not None and torch.cuda.is_available():
 print("VERSIONS " + json.dumps(out))
 """
 
-_MPI_PROBE = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-              "print('mpi-probe rank', c.rank, 'of', c.size, '|', MPI.Get_library_version().splitlines()[0])")
+# One write per rank (print of several arguments writes each apart, and under mpiexec
+# the ranks' pieces interleave); the marks are then found anywhere in the output.
+_MPI_PROBE = ("import sys; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+              "lib = ' '.join(MPI.Get_library_version().split()[:3]).replace(']', ')'); "
+              "sys.stdout.write(f'mpi-probe {c.rank}/{c.size} [{lib}]' + chr(10)); sys.stdout.flush()")
+_MPI_MARK = re.compile(r"mpi-probe (\d+)/2 \[([^\]]*)\]")
 
 
 def run_setup(step: Step, ctx: Context, timeout: float, environ: dict[str, str]) -> StepResult:
@@ -746,11 +750,10 @@ def run_setup(step: Step, ctx: Context, timeout: float, environ: dict[str, str])
         else:
             rc, out = probe(ctx, [mpiexec, "-n", "2", ctx.python, "-c", _MPI_PROBE],
                             max(1.0, min(45.0, deadline - time.monotonic())), log)
-            ranks = re.findall(r"mpi-probe rank (\d+) of 2", out)
-            ctx.mpi_ok = rc == 0 and sorted(ranks) == ["0", "1"]
+            marks = _MPI_MARK.findall(out)
+            ctx.mpi_ok = rc == 0 and sorted(r for r, _ in marks) == ["0", "1"]
             if ctx.mpi_ok:
-                lib = re.search(r"\| (.+)$", out, re.M)
-                ctx.facts["MPI library"] = " ".join(lib.group(1).split()) if lib else "?"
+                ctx.facts["MPI library"] = marks[0][1].strip() or "?"
                 ctx.mpi_reason = ""
                 res.numbers["MPI probe"] = f"2 ranks, {ctx.facts['MPI library']}"
             else:

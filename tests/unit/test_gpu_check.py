@@ -147,6 +147,11 @@ def test_missing_wheel_folder_fails_setup_loudly_and_skips_the_mpi_steps(tmp_pat
     assert "===== step setup =====" in (tmp_path / "out" / "gpu_check.log").read_text()
 
 
+def test_mpi_probe_marks_are_found_even_when_mpiexec_joins_the_ranks_lines():
+    joined = "mpi-probe 1/2 [MPICH Version: 5.0.2]mpi-probe 0/2 [MPICH Version: 5.0.2]\n"
+    assert g._MPI_MARK.findall(joined) == [("1", "MPICH Version: 5.0.2"), ("0", "MPICH Version: 5.0.2")]
+
+
 def test_two_versions_of_one_wheel_are_named(tmp_path):
     for name in ("mpich-5.0.2-py3-none-manylinux_2_28_x86_64.whl", "mpich-4.3.0-py3-none-manylinux_2_28_x86_64.whl",
                  "datasets-5.2.0-py3-none-any.whl"):
