@@ -546,9 +546,9 @@ STEP_BUDGETS = {  # seconds; see STEPS for what each buys
     "kernel_tests": 110,
     "cuda_tests": 40,
     "kernel_bench": 110,
-    "exchange_bench": 60,
+    "exchange_bench": 70,
     "federation": 70,
-    "realscale": 40,
+    "realscale": 30,
 }
 
 STEPS: list[Step] = [

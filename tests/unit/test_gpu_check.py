@@ -334,7 +334,7 @@ def test_summary_lists_each_step_with_result_numbers_and_loud_skips(tmp_path):
                      numbers={"tests": "19 passed, 2 skipped"}, tables=["| a | b |\n|---|---|\n| 1 | 2 |"]),
         g.StepResult("federation", "fail", reason="mpiexec exit 1", wall_s=12.0, budget_s=70,
                      notes=[g.CAPTION_NOTE], log_tail="Traceback: boom"),
-        g.StepResult("realscale", "skipped", reason="real-scale training (issue 12) not landed", budget_s=40),
+        g.StepResult("realscale", "skipped", reason="real-scale training (issue 12) not landed", budget_s=30),
     ]
     facts = {"device": "FAKE GPU", "device memory GiB": "1.0", "compute capability": "9.0", "driver": "1.2",
              "commit": "abc123", "torch": "2.11.0", "triton": "3.6.0", "datasets": "5.2.0"}
@@ -345,7 +345,7 @@ def test_summary_lists_each_step_with_result_numbers_and_loud_skips(tmp_path):
     assert "torch 2.11.0, triton 3.6.0" in text and "datasets 5.2.0" in text
     assert "| kernel_tests | pass | 80.4 | 110 | tests: 19 passed, 2 skipped |" in text
     assert "| federation | fail: mpiexec exit 1 | 12.0 | 70 |  |" in text
-    assert "| realscale | skipped: real-scale training (issue 12) not landed | 0.0 | 40 |  |" in text
+    assert "| realscale | skipped: real-scale training (issue 12) not landed | 0.0 | 30 |  |" in text
     assert "- **realscale: SKIPPED**: real-scale training (issue 12) not landed" in text
     assert f"- **federation**: {g.CAPTION_NOTE}" in text
     assert "| 1 | 2 |" in text and "Traceback: boom" in text
