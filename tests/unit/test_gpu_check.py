@@ -370,3 +370,59 @@ def test_output_folder_limits_are_checked(tmp_path):
     (deep / "x.json").write_text("{}")
     problem = g.returned_files_problem(tmp_path)
     assert "10 files" in problem and "1 file(s) more than 2 folders deep" in problem
+
+
+# ----------------------------------------------------------------------- the exchange benchmark's driver
+
+
+def _fake_bench(monkeypatch, tmp_path, **parts):
+    """A stand-in pilot_hpc.bench in a stand-in tree: the driver's wiring without MPI."""
+    import types
+
+    (tmp_path / "src" / "pilot_hpc").mkdir(parents=True)
+    (tmp_path / "src" / "pilot_hpc" / "bench.py").write_text("")
+    mod = types.ModuleType("pilot_hpc.bench")
+    mod.__file__ = str(tmp_path / "src" / "pilot_hpc" / "bench.py")
+    for name, value in parts.items():
+        setattr(mod, name, value)
+    monkeypatch.setattr(g, "REPO", tmp_path)
+    monkeypatch.setitem(sys.modules, "pilot_hpc.bench", mod)
+    return mod
+
+
+def test_exchange_driver_runs_full_size_without_the_smoke_rounds(monkeypatch, tmp_path, capsys):
+    calls = {}
+
+    def exchange(ranks, visual, text, chunk_mb, repeat):
+        calls["exchange"] = (ranks, visual, text, chunk_mb, repeat)
+        return {"chunk_bytes": 4096}
+
+    def aggregation(k, visual, text, chunk_mb, device, repeat):
+        calls["aggregation"] = device.type
+        return {}
+
+    def report(ex, ping, agg, rounds, command):
+        calls["rounds"] = rounds
+        return "| measure |\n|---|\n"
+
+    _fake_bench(monkeypatch, tmp_path, P_VISUAL_7B=200, P_TEXT_7B=1000, exchange=exchange,
+                pingpong=lambda size: (size, 1e9), aggregation=aggregation, report=report)
+    out = tmp_path / "bench_exchange.md"
+    assert g.exchange_bench_main(str(out), ranks=9, repeat=2, device="cpu") == 0
+    assert calls == {"exchange": (9, 200, 1000, 64.0, 2), "aggregation": "cpu", "rounds": None}
+    assert out.read_text() == "| measure |\n|---|\n"
+    assert "QUICK FALLBACK" not in capsys.readouterr().out
+
+
+def test_exchange_driver_falls_back_to_quick_when_the_benchmark_changed(monkeypatch, tmp_path, capsys):
+    got = {}
+
+    def main(argv):
+        got["argv"] = argv
+        return 0
+
+    # No exchange/pingpong/aggregation/report: the refactor renamed them, say.
+    _fake_bench(monkeypatch, tmp_path, P_VISUAL_7B=200, P_TEXT_7B=1000, main=main)
+    assert g.exchange_bench_main(str(tmp_path / "x.md"), ranks=9, device="cpu") == 0
+    assert got["argv"][:3] == ["--quick", "--device", "cpu"]
+    assert "QUICK FALLBACK" in capsys.readouterr().out
