@@ -138,6 +138,8 @@ def test_missing_wheel_folder_fails_setup_loudly_and_skips_the_mpi_steps(tmp_pat
     empty_bin = tmp_path / "bin"  # a PATH with no mpiexec on it
     empty_bin.mkdir()
     monkeypatch.setattr(g, "STEPS", [s for s in g.STEPS if s.name in ("setup", "federation")])
+    # The real version probe imports torch and datasets (seconds); the wheels are the point here.
+    monkeypatch.setattr(g, "_VERSION_PROBE", 'print(\'VERSIONS {"datasets import": "ok"}\')')
     environ = {"PATH": str(empty_bin), "HOME": str(tmp_path)}
     rc = g.run_check(tmp_path / "out", tmp_path / "no_wheels", None, environ)
     assert rc == 1
