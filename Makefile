@@ -13,7 +13,7 @@ NP          ?= 9
 MPIEXEC_TIMEOUT ?= 1800
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test test-fast clean
+.PHONY: install system-deps run test test-fast clean gpu-wheels gpu-check
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,30 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+
+# ---- GPU check (issue 17; README, "GPU check") ------------------------------------------
+# The packages the GPU machine's python3 lacks (its image has torch, triton, transformers,
+# peft, mpi4py, h5py, pyarrow, pandas, fsspec, ...): the MPI library for mpi4py, and
+# `datasets` (pilot_hpc.main imports it) with the two of its needs the image lacks.
+# Pinned: two versions of one package in the folder would stop the install there.
+GPU_WHEEL_DIR ?= .gpu_wheels
+GPU_WHEELS    ?= mpich==5.0.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64 \
+                 --platform manylinux1_x86_64
+
+# Wheels for the GPU machine (Python 3.12, x86-64), into an ignored folder that must
+# travel with the tree (carry it): everything that travels must stay under 64 MiB.
+gpu-wheels:
+	rm -rf $(GPU_WHEEL_DIR) && mkdir -p $(GPU_WHEEL_DIR)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEEL_DIR) $(GPU_WHEELS)
+	@ls -l $(GPU_WHEEL_DIR)
+	@$(PYTHON) -c "import pathlib, sys; n = sum(p.stat().st_size for p in pathlib.Path('$(GPU_WHEEL_DIR)').glob('*.whl')); \
+		print(f'$(GPU_WHEEL_DIR): {n / 2**20:.1f} MiB of wheels (the tree that travels must stay under 64 MiB)'); \
+		sys.exit(n > 48 * 2**20 and 'more than 48 MiB of wheels: too little room is left for the tree')"
+
+# On the GPU machine, from the repository root, with its own python3 (nothing to install):
+# every GPU path in under 8 minutes; without CUDA it says so in one line and exits 2.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(GPU_WHEEL_DIR)
