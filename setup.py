@@ -29,7 +29,6 @@ setup(
         "pilot_hpc.tools",
         "pilot_hpc_kernels",
     ],
-    package_data={"pilot_hpc": ["configs/*.yaml"]},
     install_requires=[
         TORCH_SPEC,
         "transformers>=4.57",

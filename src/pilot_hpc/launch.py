@@ -10,8 +10,8 @@ cartesian product gives the runs, each with its own run.output_dir under output_
 Each array element is one multi-task MPI job: submitit starts `ntasks` tasks with
 `srun --mpi=pmi2`, and every task runs pilot_hpc.main, which joins one MPI world.
 Preemption and time limits: Slurm's USR2 makes every rank checkpoint at its next step
-(pilot_hpc.main exits 75), global rank 0 requeues the element with `scontrol requeue`,
-and the requeued element resumes from its HDF5 checkpoint (run.resume=auto).
+(pilot_hpc.main exits 75), the batch script's teardown requeues the element once srun
+returns (REQUEUE_ON_75), and the requeued element resumes from its HDF5 checkpoint (run.resume=auto).
 """
 
 from __future__ import annotations

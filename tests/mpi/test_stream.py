@@ -65,6 +65,7 @@ def test_mix_in_place_refuses_more_rows_than_clients():
         mix_in_place(torch.ones(4, 3, dtype=torch.float64), torch.ones(3, 5), torch.device("cpu"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging, on-device mixing)")
 def test_cuda_staging_and_mixing_match_the_cpu():
     from pilot_hpc.fl.stream import HostChunks

@@ -9,7 +9,7 @@ from pilot_hpc.model.ctmoa import (AdapterWeights, ctmoa_reference, load_balance
 
 
 def naive_difference_loss(x_t, x_s):
-    """METHOD.md literally: per sample, the C x C product of row-normalised features."""
+    """The definition literally (docs/method.md): per sample, the C x C product of row-normalised features."""
     losses = []
     for a, b in zip(x_t, x_s):  # [N, C]
         a = a / (a.norm(dim=-1, keepdim=True) + 1e-6)

@@ -1,6 +1,6 @@
 """The streamed exchange: updates cross ranks in column chunks, mixed as they arrive.
 
-At the paper's scale one client's update is ~181M parameters (dryrun.py), so a
+At the paper's scale one client's update is ~181M parameters (python -m pilot_hpc.tools.dryrun), so a
 one-shot Gatherv would put K x 362 MB (bf16) on rank 0, which also trains a 7B
 client. Here every part of the update (visual, then text) travels in chunks of c
 columns of all K clients, and the server holds one chunk at a time:

@@ -139,10 +139,10 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    import mpi4py
+    from importlib.metadata import version
 
     return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, GPU {gpu}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, mpi4py {mpi4py.__version__}")
+            f"{platform.python_version()}, torch {torch.__version__}, mpi4py {version("mpi4py")}")
 
 
 def report(ex: dict, ping: tuple[int, float], agg: dict, rounds: tuple[float, float] | None, command: str) -> str:
