@@ -97,7 +97,21 @@ class DataConfig:
     # synthetic: samples per client are drawn between these bounds (so n_k differ).
     train_min: int = 1200
     train_max: int = 2000
+    # synthetic: evaluation samples per client (eval_split=client) or per task (task).
     eval_samples: int = 60
+    # synthetic scenario knobs (docs/results_synthetic_fedmit.md explains each one; the
+    # defaults are the smoke world). eval_split: client = each client is scored on its own
+    # draws (with its own colour preference); task = every client of a task on one shared
+    # split drawn from the task's whole distribution, as in the paper.
+    eval_split: Literal["client", "task"] = "client"
+    # Probability that a client's sample takes its dominant colour (the smoke world's skew).
+    dominant_prob: float = 0.5
+    # > 0: each client draws colours and grid cells from its own Dirichlet(alpha) mix
+    # (small alpha: few colours and cells per client) instead of dominant_prob.
+    skew_alpha: float = 0.0
+    # task -> grid cells (0..8, row-major) that no client of that task sees in training,
+    # nor the base model's warm start for that task: only clients of other tasks do.
+    unseen_cells: dict[str, list[int]] = field(default_factory=dict)
     max_length: int = 64
     # Keep decoded images in memory (the tiny world: ~27 KB each). Off for real data:
     # LLaVA-1.5's 665k images at 336 px would need ~900 GB.
@@ -114,6 +128,10 @@ class DataConfig:
     def __post_init__(self):
         if self.train_max < self.train_min:
             raise ConfigError(f"data.train_min ({self.train_min}) must be <= data.train_max ({self.train_max})")
+        for task, cells in self.unseen_cells.items():
+            if not set(cells) <= set(range(9)) or len(set(cells)) == 9:
+                raise ConfigError(f"data.unseen_cells.{task}: cells must lie in 0..8 (row-major 3 x 3 grid) and "
+                                  f"leave at least one seen, got {cells}")
 
 
 @dataclass
@@ -231,6 +249,10 @@ class Config:
         if self.data.kind == "synthetic" and not set(fl.client_tasks) <= set(SYNTHETIC_TASKS):
             raise ConfigError(f"data.kind=synthetic draws only the tasks {list(SYNTHETIC_TASKS)}; "
                               f"fl.client_tasks has {sorted(set(fl.client_tasks) - set(SYNTHETIC_TASKS))}")
+        stray = sorted(set(self.data.unseen_cells) - set(fl.client_tasks))
+        if stray:
+            raise ConfigError(f"data.unseen_cells names task(s) {stray} that no client has; tasks: "
+                              f"{sorted(set(fl.client_tasks))}")
         if self.pilot.top_m >= fl.num_clients or self.pilot.top_m < 1:
             raise ConfigError(
                 f"pilot.top_m (M = {self.pilot.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
@@ -275,6 +297,7 @@ BOUNDS = {
     "model.lora_r": ">= 1", "model.lora_alpha": "> 0", "model.lora_dropout": "[0, 1)",
     "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
     "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
+    "data.dominant_prob": "[0, 1]", "data.skew_alpha": ">= 0",
     "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",

@@ -54,6 +54,10 @@ class Grid:
     axes: dict[str, list]
     slurm: SlurmSpec
     local_parallel: int = 1
+    # name -> overrides: rows of a table that are not one key's values (e.g. ablations
+    # that switch several parts at once), crossed with the axes; "variant" then acts as
+    # an axis for --group-by.
+    variants: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Element:
     name: str
     output_dir: str
     argv: list[str]  # pilot_hpc.main arguments
+    variant: str = ""  # the grid's variant this element belongs to (or "")
 
 
 def load_grid(path: str) -> Grid:
@@ -68,7 +73,7 @@ def load_grid(path: str) -> Grid:
         raise ConfigError(f"grid file {path!r} does not exist")
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
-    valid = {"name", "config", "output_root", "overrides", "grid", "slurm", "local_parallel"}
+    valid = {"name", "config", "output_root", "overrides", "grid", "slurm", "local_parallel", "variants"}
     unknown = sorted(set(raw) - valid)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
@@ -78,6 +83,9 @@ def load_grid(path: str) -> Grid:
     axes = raw["grid"]
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise ConfigError(f"{path}: 'grid' must map section.key to a non-empty list of values")
+    variants = raw.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
+        raise ConfigError(f"{path}: 'variants' must map a name to a list of section.key=value overrides")
     try:
         slurm = SlurmSpec(**(raw.get("slurm") or {}))
     except TypeError as err:
@@ -86,7 +94,8 @@ def load_grid(path: str) -> Grid:
     return Grid(name=raw["name"], config=os.path.abspath(raw["config"]),
                 output_root=os.path.abspath(raw.get("output_root", f"runs/grids/{raw['name']}")),
                 overrides=list(raw.get("overrides") or []), axes=axes, slurm=slurm,
-                local_parallel=int(raw.get("local_parallel", 1)))
+                local_parallel=int(raw.get("local_parallel", 1)),
+                variants={str(k): [str(o) for o in v] for k, v in variants.items()})
 
 
 def _slug(key: str, value) -> str:
@@ -95,17 +104,34 @@ def _slug(key: str, value) -> str:
 
 
 def expand(grid: Grid) -> list[Element]:
-    """The cartesian product of the axes; each element's config is validated here."""
+    """The cartesian product of the variants (if any) and the axes; each element's
+    config is validated here."""
     keys = list(grid.axes)
     elements = []
-    for values in itertools.product(*(grid.axes[k] for k in keys)):
-        name = "_".join(_slug(k, v) for k, v in zip(keys, values))
-        out = os.path.join(grid.output_root, name)
-        overrides = grid.overrides + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                      for k, v in zip(keys, values)] + [f"run.output_dir={out}"]
-        load_config(grid.config, overrides)  # fail before submitting anything
-        elements.append(Element(name=name, output_dir=out, argv=["--config", grid.config] + overrides))
+    for variant, extra in (grid.variants.items() or [("", [])]):
+        for values in itertools.product(*(grid.axes[k] for k in keys)):
+            name = "_".join(([variant] if variant else []) + [_slug(k, v) for k, v in zip(keys, values)])
+            out = os.path.join(grid.output_root, name)
+            overrides = grid.overrides + list(extra) + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                                        for k, v in zip(keys, values)] + [f"run.output_dir={out}"]
+            load_config(grid.config, overrides)  # fail before submitting anything
+            elements.append(Element(name=name, output_dir=out, argv=["--config", grid.config] + overrides,
+                                    variant=variant))
     return elements
+
+
+def finished(e: Element) -> bool:
+    """The element's run wrote its metrics.json with the config it would run now (a
+    rerun of the grid command skips it)."""
+    path = os.path.join(e.output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as fh:
+            done = json.load(fh).get("config_hash")
+    except (OSError, ValueError):
+        return False
+    return done == load_config(e.argv[1], e.argv[2:]).hash()
 
 
 class GridElement:
@@ -209,12 +235,14 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
     """
     from pilot_hpc import report
 
-    if group_by is not None and group_by not in grid.axes:
-        raise ConfigError(f"--group-by {group_by!r} is not an axis of grid {grid.name}: {list(grid.axes)}")
+    axes = list(grid.axes) + (["variant"] if grid.variants else [])
+    if group_by is not None and group_by not in axes:
+        raise ConfigError(f"--group-by {group_by!r} is not an axis of grid {grid.name}: {axes}")
     groups: dict[str, list[dict]] = {}
     missing = []
     for e in elements:
-        value = dict(zip(grid.axes, _axis_values(e, grid)))[group_by] if group_by else e.name
+        value = ({**dict(zip(grid.axes, _axis_values(e, grid))), "variant": e.variant}[group_by] if group_by
+                 else e.name)
         docs = groups.setdefault(str(value), [])
         path = os.path.join(e.output_dir, "metrics.json")
         if os.path.isfile(path):
@@ -255,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(args.grid)
         elements = expand(grid)
-        if args.group_by is not None and args.group_by not in grid.axes:
-            raise ConfigError(f"--group-by {args.group_by!r} is not an axis of grid {grid.name}: {list(grid.axes)}")
+        axes = list(grid.axes) + (["variant"] if grid.variants else [])
+        if args.group_by is not None and args.group_by not in axes:
+            raise ConfigError(f"--group-by {args.group_by!r} is not an axis of grid {grid.name}: {axes}")
     except ConfigError as err:
         print(f"pilot_hpc.launch: config error: {err}", file=sys.stderr)
         return 2
@@ -268,16 +297,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e.name}: python -m pilot_hpc.main {' '.join(e.argv)}")
         print(sbatch_text(grid))
         return 0
+    todo = [e for e in elements if not finished(e)]
+    if len(todo) < len(elements):
+        print(f"{len(elements) - len(todo)} of {len(elements)} runs already finished (metrics.json with the same "
+              "config): skipped", flush=True)
     if args.local:
-        code = run_local(grid, elements)
+        code = run_local(grid, todo)
         print(collect(grid, elements, args.group_by))
         return code
-    jobs = submit(grid, elements)
+    if not todo:
+        print(collect(grid, elements, args.group_by))
+        return 0
+    jobs = submit(grid, todo)
     if args.wait:
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
         failed = 0
-        for e, job in zip(elements, jobs):
+        for e, job in zip(todo, jobs):
             try:
                 job.results()  # one result per MPI task (rank); all must succeed
                 print(f"{e.name}: done", flush=True)

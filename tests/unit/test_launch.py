@@ -1,5 +1,6 @@
 """The grid launcher without Slurm: grid files, expansion, the generated array script."""
 
+import json
 import os
 import sys
 
@@ -72,3 +73,38 @@ def test_collect_groups_by_an_axis_with_mean_and_std(tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="not an axis"):
         launch.collect(grid, elements, "pilot.top_m")
+
+
+def test_variants_cross_the_axes_and_group_like_an_axis(tmp_path):
+    grid_file = tmp_path / "v.yaml"
+    grid_file.write_text(f"name: v\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/out\n"
+                         "variants:\n  nothing: [pilot.cross_task=false, pilot.aux_losses=false]\n  full: []\n"
+                         "grid:\n  run.seed: [0, 1]\n")
+    grid = launch.load_grid(str(grid_file))
+    elements = launch.expand(grid)
+    assert [e.name for e in elements] == ["nothing_seed0", "nothing_seed1", "full_seed0", "full_seed1"]
+    assert "pilot.cross_task=false" in elements[0].argv and "pilot.cross_task=false" not in elements[2].argv
+    for e in elements[:3]:  # fake finished runs: two of "nothing", one of "full"
+        os.makedirs(e.output_dir)
+        doc = {"config_hash": launch.load_config(e.argv[1], e.argv[2:]).hash(), "rounds": [], "final": [
+            {"client": k, "task": t, "metric": "x", "value": float(len(e.name) + k)}
+            for k, t in enumerate(["vqa"] * 3 + ["caption"] * 3 + ["grounding"] * 3)]}
+        doc["rounds"] = [{"round": 0, "clients": doc["final"]}]
+        with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+            json.dump(doc, fh)
+    assert [launch.finished(e) for e in elements] == [True, True, True, False]
+    table = launch.collect(grid, elements, "variant")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:] if line.startswith("|")}
+    assert "full_seed1" in table  # named as missing
+    assert rows == {"nothing": "2", "full": "1"}  # runs per group
+
+
+def test_a_run_with_another_config_is_not_finished(tmp_path):
+    grid_file = tmp_path / "s.yaml"
+    grid_file.write_text(f"name: s\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/out\n"
+                         "grid:\n  run.seed: [0]\n")
+    (e,) = launch.expand(launch.load_grid(str(grid_file)))
+    os.makedirs(e.output_dir)
+    with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+        json.dump({"config_hash": "something-else"}, fh)
+    assert not launch.finished(e)

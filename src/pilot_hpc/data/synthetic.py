@@ -10,7 +10,13 @@ Boxes are normalised [x1, y1, x2, y2] with two decimals; since shapes sit centre
 a cell with one of two sizes, a box takes one of 18 values.
 
 Clients of one task differ in their data (the non-IID part the client-specific
-adapter is for): client k draws its dominant colour with probability 0.5.
+adapter is for): client k draws its dominant colour with probability 0.5. Scenario
+knobs (config `data`; the defaults are this smoke world) change who sees what:
+  - eval_split=task: every client of a task is scored on one shared split drawn from
+    the task's whole distribution (no colour preference, every cell), as in the paper;
+  - skew_alpha > 0: each client draws colours and cells from its own Dirichlet(alpha) mix;
+  - unseen_cells: per task, grid cells that its clients (and the warm start, for that
+    task) never see, while the other tasks' clients do: cross-task knowledge.
 
 Files are written in the LLaVA-1.5 conversation format (a JSON list of records with
 `id`, `image`, `conversations`) next to PNG images, and read back through the same
@@ -24,7 +30,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -106,16 +112,43 @@ def draw(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image
     return img
 
 
-def draw_scene(rng: random.Random, dominant_color: str | None) -> Scene:
+@dataclass(frozen=True)
+class ClientMix:
+    """How one client (or the warm start, per task) draws its scenes."""
+
+    dominant: str | None = None  # the colour it prefers, taken with probability dominant_prob
+    dominant_prob: float = 0.5
+    color_weights: tuple[float, ...] | None = None  # skew_alpha > 0: replaces the dominant colour
+    cell_weights: tuple[float, ...] | None = None  # over the 9 cells, row-major
+    unseen: tuple[int, ...] = ()  # cells never drawn
+
+    @property
+    def plain(self) -> bool:
+        return self.color_weights is None and self.cell_weights is None and not self.unseen
+
+    def cell_probabilities(self) -> list[float]:
+        w = list(self.cell_weights) if self.cell_weights is not None else [1.0] * GRID * GRID
+        w = [0.0 if c in self.unseen else v for c, v in enumerate(w)]
+        total = sum(w)
+        if total <= 0:  # every weighted cell is unseen: spread over the seen ones
+            w = [0.0 if c in self.unseen else 1.0 for c in range(GRID * GRID)]
+            total = sum(w)
+        return [v / total for v in w]
+
+
+def draw_scene(rng: random.Random, mix: ClientMix) -> Scene:
     colors = list(COLORS)
-    color = dominant_color if dominant_color and rng.random() < 0.5 else rng.choice(colors)
-    return Scene(
-        color=color,
-        shape=rng.choice(SHAPES),
-        row=rng.randrange(GRID),
-        col=rng.randrange(GRID),
-        size=rng.choice(list(SIZES)),
-    )
+    if mix.plain:  # the smoke world's draw, call for call (its data must not change)
+        color = mix.dominant if mix.dominant and rng.random() < mix.dominant_prob else rng.choice(colors)
+        return Scene(color=color, shape=rng.choice(SHAPES), row=rng.randrange(GRID), col=rng.randrange(GRID),
+                     size=rng.choice(list(SIZES)))
+    if mix.color_weights is not None:
+        color = rng.choices(colors, weights=mix.color_weights)[0]
+    else:
+        color = mix.dominant if mix.dominant and rng.random() < mix.dominant_prob else rng.choice(colors)
+    shape = rng.choice(SHAPES)
+    cell = rng.choices(range(GRID * GRID), weights=mix.cell_probabilities())[0]
+    return Scene(color=color, shape=shape, row=cell // GRID, col=cell % GRID, size=rng.choice(list(SIZES)))
 
 
 def make_turn(task: str, scene: Scene, image_size: int, rng: random.Random) -> tuple[str, str]:
@@ -132,16 +165,17 @@ def make_turn(task: str, scene: Scene, image_size: int, rng: random.Random) -> t
     raise ValueError(f"synthetic data: unknown task {task!r}")
 
 
-def write_split(folder: str, name: str, tasks: list[str], count: int, seed: int, dominant: str | None,
+def write_split(folder: str, name: str, tasks: list[str], count: int, seed: int, mix: ClientMix | dict[str, ClientMix],
                 image_size: int) -> str:
-    """Writes `count` samples of the given task mix to <folder>/<name>.json (+ PNGs)."""
+    """Writes `count` samples of the given task mix to <folder>/<name>.json (+ PNGs);
+    `mix` is one ClientMix, or one per task."""
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "images", name), exist_ok=True)
     records = []
     for i in range(count):
         task = tasks[i % len(tasks)]
-        scene = draw_scene(rng, dominant)
+        scene = draw_scene(rng, mix[task] if isinstance(mix, dict) else mix)
         question, answer = make_turn(task, scene, image_size, rng)
         rel = f"images/{name}/{i:06d}.png"
         draw(scene, image_size, np_rng).save(os.path.join(folder, rel))
@@ -168,12 +202,36 @@ class SyntheticSpec:
     pretrain_samples: int
     image_size: int
     seed: int
+    # Scenario knobs (config `data`); at these defaults the key is the smoke world's.
+    eval_split: str = "client"
+    dominant_prob: float = 0.5
+    skew_alpha: float = 0.0
+    unseen_cells: dict[str, list[int]] = field(default_factory=dict)
+
+    KNOB_DEFAULTS = {"eval_split": "client", "dominant_prob": 0.5, "skew_alpha": 0.0, "unseen_cells": {}}
 
     def key(self) -> str:
         import hashlib
 
-        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        # A knob at its default stays out of the key, so that worlds cached before the
+        # knobs existed keep their folders (and the base models trained on them).
+        fields = {k: v for k, v in self.__dict__.items() if self.KNOB_DEFAULTS.get(k, object()) != v}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def client_mix(self, k: int) -> ClientMix:
+        colors = list(COLORS)
+        unseen = tuple(sorted(self.unseen_cells.get(self.client_tasks[k], ())))
+        if self.skew_alpha > 0:
+            # Its own generator: the scene streams of the plain world stay as they are.
+            gen = np.random.default_rng([self.seed, k, 7919])
+            color_w = tuple(float(v) for v in gen.dirichlet([self.skew_alpha] * len(colors)))
+            cell_w = tuple(float(v) for v in gen.dirichlet([self.skew_alpha] * GRID * GRID))
+            return ClientMix(color_weights=color_w, cell_weights=cell_w, unseen=unseen)
+        return ClientMix(dominant=colors[k % len(colors)], dominant_prob=self.dominant_prob, unseen=unseen)
+
+    def test_split_name(self, task: str) -> str:
+        return f"task_{task}_test"
 
 
 def client_train_sizes(num_clients: int, low: int, high: int, seed: int) -> list[int]:
@@ -187,16 +245,25 @@ def generate(spec: SyntheticSpec, folder: str) -> None:
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
-    colors = list(COLORS)
     tasks = sorted(set(spec.client_tasks))
     # Seeds: the base model's warm-start data uses a stream disjoint from every client's.
-    write_split(tmp, "pretrain", tasks, spec.pretrain_samples, spec.seed * 1000 + 999, None, spec.image_size)
+    # It draws like no client in particular, except that a task's unseen cells stay
+    # unseen for that task there too (the base model must not know them either).
+    warm = {t: ClientMix(unseen=tuple(sorted(spec.unseen_cells.get(t, ())))) for t in tasks}
+    write_split(tmp, "pretrain", tasks, spec.pretrain_samples, spec.seed * 1000 + 999, warm, spec.image_size)
     for k, task in enumerate(spec.client_tasks):
-        dominant = colors[k % len(colors)]
+        mix = spec.client_mix(k)
         write_split(tmp, f"client_{k:02d}_train", [task], spec.train_sizes[k], spec.seed * 1000 + 2 * k,
-                    dominant, spec.image_size)
-        write_split(tmp, f"client_{k:02d}_eval", [task], spec.eval_samples, spec.seed * 1000 + 2 * k + 1,
-                    dominant, spec.image_size)
+                    mix, spec.image_size)
+        if spec.eval_split == "client":
+            write_split(tmp, f"client_{k:02d}_eval", [task], spec.eval_samples, spec.seed * 1000 + 2 * k + 1,
+                        ClientMix(dominant=mix.dominant, dominant_prob=mix.dominant_prob), spec.image_size)
+    if spec.eval_split == "task":
+        # One split per task from its whole distribution (every colour, every cell):
+        # what all of that task's clients are scored on.
+        for i, task in enumerate(tasks):
+            write_split(tmp, spec.test_split_name(task), [task], spec.eval_samples, spec.seed * 1000 + 500 + i,
+                        ClientMix(), spec.image_size)
     with open(os.path.join(tmp, "spec.json"), "w") as fh:
         json.dump(spec.__dict__, fh, indent=1)
     if os.path.isdir(folder):  # another process won the race; keep its copy
@@ -208,8 +275,10 @@ def generate(spec: SyntheticSpec, folder: str) -> None:
 def spec_for(cfg) -> SyntheticSpec:
     """The synthetic world a run config asks for."""
     sizes = client_train_sizes(cfg.fl.num_clients, cfg.data.train_min, cfg.data.train_max, cfg.run.seed)
-    return SyntheticSpec(list(cfg.fl.client_tasks), sizes, cfg.data.eval_samples, cfg.pretrain.samples,
-                         cfg.model.image_size, cfg.run.seed)
+    d = cfg.data
+    return SyntheticSpec(list(cfg.fl.client_tasks), sizes, d.eval_samples, cfg.pretrain.samples, cfg.model.image_size,
+                         cfg.run.seed, eval_split=d.eval_split, dominant_prob=d.dominant_prob, skew_alpha=d.skew_alpha,
+                         unseen_cells={t: sorted(c) for t, c in sorted(d.unseen_cells.items())})
 
 
 def folder_for(spec: SyntheticSpec, cache_dir: str) -> str:
@@ -225,6 +294,13 @@ def ensure(spec: SyntheticSpec, cache_dir: str) -> str:
 
 
 def client_files(folder: str, num_clients: int) -> tuple[list[str], list[str]]:
+    """(train files, eval files) per client; with eval_split=task the clients of a task
+    share one eval file."""
+    with open(os.path.join(folder, "spec.json")) as fh:
+        spec = json.load(fh)
     train = [os.path.join(folder, f"client_{k:02d}_train.json") for k in range(num_clients)]
-    evals = [os.path.join(folder, f"client_{k:02d}_eval.json") for k in range(num_clients)]
+    if spec.get("eval_split", "client") == "task":
+        evals = [os.path.join(folder, f"task_{spec['client_tasks'][k]}_test.json") for k in range(num_clients)]
+    else:
+        evals = [os.path.join(folder, f"client_{k:02d}_eval.json") for k in range(num_clients)]
     return train, evals
