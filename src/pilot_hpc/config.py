@@ -167,6 +167,8 @@ class PilotConfig:
     aux_losses: bool = True  # stage 2's L_b and L_z (weights train.lambda_balance, lambda_z)
     cross_init: Literal["task_adapter", "random"] = "task_adapter"  # Table 6
     keep_client_adapter: bool = False  # stage 2: x = CT-MoA(H) + psi_s(H), psi_s frozen
+    # CT-CLIP (Table 4): every MLP of the CLIP vision tower treated like the connector.
+    ct_clip: bool = False
 
 
 @dataclass
@@ -258,6 +260,9 @@ class Config:
                 f"pilot.top_m (M = {self.pilot.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
                 "ATA mixes each client's LoRA with its M nearest other clients"
             )
+        if self.pilot.ct_clip and fl.strategy != "pilot":
+            raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
+                              f"(got {fl.strategy})")
         if self.run.ranks_per_client > 1 and self.train.engine != "deepspeed":
             raise ConfigError(f"run.ranks_per_client={self.run.ranks_per_client} trains each client data-parallel "
                               "through DeepSpeed: set train.engine=deepspeed (or run.ranks_per_client=1)")

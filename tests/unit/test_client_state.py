@@ -64,19 +64,18 @@ def test_status_codes_round_trip():
 
 
 def test_hosting_names_the_client_until_a_normal_exit():
-    class FakeConnector:
-        own_task = None
-
     class FakeModel:
-        connector = FakeConnector()
-        loaded = None
+        task = loaded = None
+
+        def set_task(self, task):
+            self.task = task
 
         def set_state(self, state):
             self.loaded = state
 
     pm, s = FakeModel(), slot(4)
     with hosting(pm, s):
-        assert hosted_client() == 4 and pm.loaded is s.state
+        assert hosted_client() == 4 and pm.loaded is s.state and pm.task == 0
     assert hosted_client() is None
     with pytest.raises(RuntimeError):
         with hosting(pm, s):

@@ -58,7 +58,7 @@ def hosting(pm, slot: "ClientSlot"):
     raises, the abort handler still finds the client it failed in."""
     global _hosted
     _hosted = slot.k
-    pm.connector.own_task = slot.task_id
+    pm.set_task(slot.task_id)
     pm.set_state(slot.state)
     yield slot
     _hosted = None

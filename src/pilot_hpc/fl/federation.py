@@ -115,7 +115,7 @@ class Federation:
 
     # ------------------------------------------------------------------ local training
     def aux_terms(self) -> dict[str, torch.Tensor]:
-        aux = self.pm.connector.aux
+        aux = self.pm.aux()
         t = self.cfg.train
         weights = {"diff": t.lambda_diff, "balance": t.lambda_balance, "z": t.lambda_z}
         return {**{k: weights[k] * v for k, v in aux.items()}, **self.strategy.extra_loss(self.pm)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pilot_hpc.config import PilotConfig
-from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_index, z_loss
+from pilot_hpc.model.ctmoa import AdapterWeights, load_balance_loss, mlp_expert_index, router_reference, z_loss
 from pilot_hpc.model.ctmoa_dispatch import ctmoa
 
 
@@ -53,6 +53,9 @@ class PilotConnector(nn.Module):
         self.own_task = own_task
         self.switches = pilot if pilot is not None else PilotConfig()
         self.ctmoa_impl = ctmoa_impl
+        # The CT-MoA reference and kernels compute GELU MLPs (LLaVA's projector); other
+        # MLPs (CLIP's quick_gelu, CT-CLIP) are mixed through their own modules.
+        self.activation = getattr(projector, "activation_name", "gelu")
         self.seed = seed
         # Every adapter starts as the pretrained projector (docs/method.md).
         self.task_adapter = copy.deepcopy(projector)  # psi_t, expert 1 in stage 2
@@ -122,6 +125,22 @@ class PilotConnector(nn.Module):
             self.cross_initialised.fill_(True)
 
     # ------------------------------------------------------------------ forward
+    def expert_modules(self) -> list[nn.Module]:
+        """The 2T-1 MLP modules in the order of ctmoa_adapters()."""
+        if not self.switches.cross_task:
+            return [self.task_adapter, *self.foreign]
+        return [self.task_adapter] + [m for pair in zip(self.foreign, self.cross) for m in pair]
+
+    def module_mixture(self, h: torch.Tensor, expert_of: list[int]):
+        """The CT-MoA mixture with each MLP's own forward (any activation), in eager
+        PyTorch: the same router and the same float32 accumulation as the reference."""
+        probs, stats = router_reference(h, self.router.weight)
+        out = None
+        for module, e in zip(self.expert_modules(), expert_of):
+            term = probs[..., e:e + 1] * module(h).float()
+            out = term if out is None else out + term
+        return out.to(h.dtype), stats
+
     def ctmoa_adapters(self) -> tuple[list[AdapterWeights], list[int]]:
         """(MLPs, their router experts): psi_1, then (psi_i, psi_c_i) per foreign task, in
         the order of mlp_expert_index; without cross-task adapters psi_1..psi_T, one each."""
@@ -142,9 +161,12 @@ class PilotConnector(nn.Module):
             self.aux = {"diff": difference_loss(x_t, x_s)} if self.switches.difference_loss else {}
             return x_t + x_s
         mlps, expert_of = self.ctmoa_adapters()
-        res = ctmoa(h, self.router.weight, mlps, expert_of, impl=self.ctmoa_impl)
-        self.aux = {"balance": load_balance_loss(res.stats), "z": z_loss(res.stats)} if self.switches.aux_losses else {}
-        out = res.out
+        if self.activation == "gelu":
+            res = ctmoa(h, self.router.weight, mlps, expert_of, impl=self.ctmoa_impl)
+            out, stats = res.out, res.stats
+        else:
+            out, stats = self.module_mixture(h, expert_of)
+        self.aux = {"balance": load_balance_loss(stats), "z": z_loss(stats)} if self.switches.aux_losses else {}
         if self.switches.keep_client_adapter:
             out = out + self.client_adapter(h)
         return out

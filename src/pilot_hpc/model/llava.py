@@ -17,6 +17,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, L
 
 from pilot_hpc.config import ModelConfig, PilotConfig
 from pilot_hpc.model.connector import PilotConnector
+from pilot_hpc.model.ct_clip import attach_ct_clip
 
 log = logging.getLogger("pilot_hpc.model")
 
@@ -81,6 +82,31 @@ class PilotModel:
     image_processor: object
     num_image_tokens: int
 
+    def __post_init__(self):
+        # CT-CLIP's connectors (one per CLIP encoder MLP), found in the model in layer
+        # order; none without pilot.ct_clip.
+        self.clip_mlps = [m for m in self.model.modules() if isinstance(m, PilotConnector) and m is not self.connector]
+
+    def pilot_modules(self) -> list[PilotConnector]:
+        """Every module with the connector's treatment: the connector, then CT-CLIP's."""
+        return [self.connector] + self.clip_mlps
+
+    def set_task(self, task: int) -> None:
+        """The task of the client being hosted (its own expert in CT-MoA)."""
+        for m in self.pilot_modules():
+            m.own_task = task
+
+    def aux(self) -> dict[str, torch.Tensor]:
+        """The auxiliary loss terms of the last forward. With CT-CLIP each term is the
+        mean over the connector and the CLIP MLPs (so lambda_* keep their meaning)."""
+        if not self.clip_mlps:
+            return self.connector.aux
+        terms: dict[str, list[torch.Tensor]] = {}
+        for m in self.pilot_modules():
+            for k, v in m.aux.items():
+                terms.setdefault(k, []).append(v)
+        return {k: torch.stack(v).mean() for k, v in terms.items()}
+
     def lora_named_parameters(self, adapter: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
         """Every LoRA parameter (all adapters), or only those of the named peft adapter
         (peft names them `...q_proj.lora_A.<adapter>.weight`; FedDPA has two)."""
@@ -90,7 +116,8 @@ class PilotModel:
         return [(n, p) for n, p in lora if f".{adapter}." in n.split(".lora_", 1)[-1]]
 
     def set_stage(self, stage: int) -> None:
-        self.connector.set_stage(stage)
+        for m in self.pilot_modules():
+            m.set_stage(stage)
         for _, p in self.lora_named_parameters():
             p.requires_grad_(stage > 0)
 
@@ -101,12 +128,17 @@ class PilotModel:
     # when one rank hosts several clients; the frozen base is shared.
     def get_state(self) -> dict[str, torch.Tensor]:
         state = {f"connector.{k}": v.detach().clone() for k, v in self.connector.state_dict().items()}
+        for i, m in enumerate(self.clip_mlps):
+            state.update({f"ct_clip.{i}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
         state.update({f"lora.{n}": p.detach().clone() for n, p in self.lora_named_parameters()})
         return state
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         self.connector.load_state_dict({k[len("connector."):]: v for k, v in state.items()
                                         if k.startswith("connector.")})
+        for i, m in enumerate(self.clip_mlps):
+            prefix = f"ct_clip.{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         params = dict(self.lora_named_parameters())
         with torch.no_grad():
             for k, v in state.items():
@@ -132,6 +164,8 @@ def attach_pilot(model, m: ModelConfig, num_tasks: int, own_task: int, *, seed: 
     connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, pilot=pilot, ctmoa_impl=m.ctmoa_impl,
                                seed=seed)
     llava.multi_modal_projector = connector
+    if pilot.ct_clip:
+        attach_ct_clip(llava.vision_tower, num_tasks, own_task, pilot=pilot, ctmoa_impl=m.ctmoa_impl, seed=seed)
     # The LoRA init draws random A matrices: seed it so every rank builds the same model.
     torch.manual_seed(seed)
     lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,

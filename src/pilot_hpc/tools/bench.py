@@ -142,7 +142,7 @@ def machine() -> str:
     from importlib.metadata import version
 
     return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, GPU {gpu}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, mpi4py {version("mpi4py")}")
+            f"{platform.python_version()}, torch {torch.__version__}, mpi4py {version('mpi4py')}")
 
 
 def report(ex: dict, ping: tuple[int, float], agg: dict, rounds: tuple[float, float] | None, command: str) -> str:

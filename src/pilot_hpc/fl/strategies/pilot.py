@@ -28,14 +28,22 @@ def _all(cfg, n, tasks, num_tasks, good, gram):
 SELECTIONS = {"topm": _top_m, "same_task": _same_task, "all": _all}
 
 
+def _task_module(conn, t: int):
+    """The module of a connector that holds task t's adapter."""
+    if t == conn.own_task:
+        return conn.task_adapter
+    return conn.foreign[conn.foreign_tasks().index(t)]
+
+
 @register("pilot")
 class Pilot(Strategy):
     def stage(self, round_: int) -> int:
         return 1 if round_ == 1 else 2
 
     def visual_params(self, pm) -> list[torch.Tensor]:
-        # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module.
-        return list(pm.connector.task_adapter.parameters())
+        # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module; with
+        # CT-CLIP every CLIP MLP's psi_t follows the connector's, aggregated alike.
+        return [p for m in pm.pilot_modules() for p in m.task_adapter.parameters()]
 
     def text_params(self, pm) -> list[torch.Tensor]:
         return [p for _, p in pm.lora_named_parameters()]
@@ -45,8 +53,10 @@ class Pilot(Strategy):
 
     def begin_round(self, pm, round_: int, start_state) -> None:
         # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
-        if self.stage(round_) == 2 and not pm.connector.cross_ready:
-            pm.connector.init_cross_adapters()
+        if self.stage(round_) == 2:
+            for m in pm.pilot_modules():
+                if not m.cross_ready:
+                    m.init_cross_adapters()
 
     @property
     def needs_gram(self) -> bool:
@@ -62,11 +72,9 @@ class Pilot(Strategy):
         return MixPlan(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
 
     def install(self, pm, shared, personal, round_) -> None:
-        conn = pm.connector
-        # Task t's adapter goes to the own expert (t = own task) or to foreign expert t.
-        targets = {conn.own_task: conn.task_adapter}
-        targets.update(zip(conn.foreign_tasks(), conn.foreign))
         for t in range(shared.shape[0]):
             if torch.isfinite(shared[t]).all():  # NaN row: no good client of task t this round
-                unflatten_into(shared[t], list(targets[t].parameters()))
+                # Task t's adapter goes to the own expert (t = own task) or to foreign
+                # expert t, in every module, in visual_params' order.
+                unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
         unflatten_into(personal, self.text_params(pm))
