@@ -110,3 +110,19 @@ def test_main_warns_when_the_estimate_exceeds_the_cuda_device(paper):
             msg = memplan.cuda_warning(cfg, "cuda:0")
         assert (msg is not None) == warns
     assert msg is None
+
+
+def test_realscale_round_tiny_on_cpu(tmp_path):
+    """The GPU check's real-scale step, shrunk (--tiny) so it runs here: a finite stage-1
+    round through train_steps, its JSON and Markdown with the planner's estimate."""
+    import json
+
+    from pilot_hpc.tools import realscale_round
+
+    assert realscale_round.main(["--out", str(tmp_path), "--tiny"]) == 0
+    got = json.loads((tmp_path / "realscale_round.json").read_text())
+    assert got["finite"] and got["steps"] == 2 and got["tokens_per_sample"] == 1 + 16 + 16
+    assert got["planner_train_peak_bytes"] > 0 and got["tokens_per_s"] > 0 and got["resident_bytes"] > 0
+    assert "planner's training peak" in (tmp_path / "realscale_round.md").read_text()
+    if not torch.cuda.is_available():
+        assert realscale_round.main(["--out", str(tmp_path / "gpu")]) == 2
