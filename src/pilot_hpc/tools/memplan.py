@@ -29,6 +29,12 @@ measure_saved_bytes() counts the same thing on a real model (unique storages tha
 autograd saves, parameters excluded); tests/unit/test_memplan.py holds the two within
 15% at 7B width. Measured 2026-12-01, bf16 on CPU, h 4096, m 11008, r 64, 96 tokens:
 426,634 bytes per token per layer (2 layers), the formula 418,184 + 8,450 shared.
+
+Not modelled: the frozen vision tower's forward (no autograd state; transient, ~75 MB at
+16 x 577 tokens of CLIP-L), the deepspeed engine's ZeRO sharding of gradients and AdamW
+state over a client group (the estimate is one process holding all of it), and a float32
+model's aliasing (its float32 copies are no-ops there, so the formula over-counts: it is
+validated in bfloat16).
 """
 
 from __future__ import annotations
