@@ -94,7 +94,10 @@ def tokens_per_sample(dataset, k: int = 8) -> float | None:
     if encode is None or len(dataset) == 0:
         return None
     idx = range(min(k, len(dataset)))
-    return sum(len(encode(i)[0]) for i in idx) / len(idx)
+    try:
+        return sum(len(encode(i)[0]) for i in idx) / len(idx)
+    except ValueError:  # an over-long sample: training reports it, with its id, when it reaches it
+        return None
 
 
 def steps_after(jobs: list, current, steps: Callable[[int], int]) -> int:
