@@ -99,3 +99,21 @@ def test_every_rank_logs_its_clients_progress(small_world, cache_dir, tmp_path):
         assert re.search(rf"{prefix} eval client {k} batch 1/1 \|", proc.stdout), k
     assert "\r" not in proc.stdout
     assert os.path.isfile(os.path.join(out, "metrics.json"))
+
+
+def test_tokens_per_sample_estimate_or_none():
+    class Fake:
+        def __init__(self, lengths, bad=False):
+            self.lengths, self.bad = lengths, bad
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def encode_train(self, i):
+            if self.bad:
+                raise ValueError("sample 0: too long")
+            return [0] * self.lengths[i], []
+
+    assert progress.tokens_per_sample(Fake([10, 20, 30]), k=2) == 15.0
+    assert progress.tokens_per_sample(Fake([10], bad=True)) is None
+    assert progress.tokens_per_sample([{"input_ids": [1]}]) is None  # no encode_train: samples/s only
