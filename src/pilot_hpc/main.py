@@ -144,6 +144,12 @@ def run(cfg, comm) -> int:
     if not comm.all_ok(ok):
         return EXIT_BAD_INPUT
 
+    if device.type == "cuda":  # before anyone trains: an OOM mid-round costs the round
+        from pilot_hpc.tools.memplan import cuda_warning
+
+        warning = cuda_warning(cfg, device)
+        if warning:
+            log.warning("rank %d: %s", comm.rank, warning)
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
     ok, start = True, None
     try:

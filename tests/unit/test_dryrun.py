@@ -12,3 +12,20 @@ def test_llava_7b_counts_match_the_architecture():
     assert f"sent per client per round:        {adapter + lora:>14,}" in text
     assert f"stage 1: trainable {2 * adapter + lora:>14,}" in text
     assert f"stage 2: trainable {3 * adapter + 3 * cv + lora:>14,}" in text  # own + 2 cross + router
+
+
+def test_planner_cli_fit_and_no_fit(capsys):
+    import os
+
+    from helpers import REPO
+    from pilot_hpc.tools.dryrun import main
+
+    visual = os.path.join(REPO, "configs", "fedmit_visual_9client.yaml")
+    assert main(["--config", visual, "--gpu-mem-gb", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS in 40 GB" in out and "checkpointing on" in out
+    assert main(["--config", visual, "--gpu-mem-gb", "40", "train.gradient_checkpointing=false",
+                 "train.grad_accum_steps=1"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT in 40 GB" in out and "set train.gradient_checkpointing=true" in out
+    assert main(["--config", visual, "train.grad_accum_steps=0"]) == 2  # a bad value: the config's message

@@ -27,6 +27,7 @@ from pilot_hpc.fl.stream import StreamedExchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.metrics.generation import evaluate_client
 from pilot_hpc.model.llava import PilotModel
+from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, seed_for
 
@@ -149,7 +150,15 @@ class Federation:
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
             params = [p for p in self.pm.model.parameters() if p.requires_grad]
             spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_))
-            hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step))
+            g = self.client_group.size
+            line = TrainProgressLog(round_=round_, client=slot.k, steps=spec.steps(len(dataset), g), n=len(dataset),
+                                    batch_size=spec.batch_size * g, every=self.cfg.run.log_every, lr=lambda _: spec.lr,
+                                    later_steps=steps_after(self.strategy.local_jobs(self.slots), slot,
+                                                            lambda n: spec.steps(n, g)),
+                                    tokens_per_sample=tokens_per_sample(dataset), device=self.device,
+                                    first_step=resume_from.step if resume_from is not None else 0)
+            hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step),
+                          progress=line)
             res = train_steps(self.pm.model, dataset, params, spec, pad_id=self.pm.tokenizer.pad_token_id,
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
             if res.stopped is not None:
@@ -220,7 +229,9 @@ class Federation:
             with hosting(self.pm, slot):
                 self.pm.set_stage(stage)
                 value, _ = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, self.cfg.metric(slot.task),
-                                           t.eval_batch_size, t.max_new_tokens, self.device)
+                                           t.eval_batch_size, t.max_new_tokens, self.device,
+                                           EvalProgressLog(client=slot.k, every=self.cfg.run.log_every,
+                                                           device=self.device))
             rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)

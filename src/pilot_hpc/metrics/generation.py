@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pilot_hpc.data.records import InstructionDataset, collate_prompts
@@ -10,8 +12,9 @@ from pilot_hpc.metrics import scores
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, dataset: InstructionDataset, batch_size: int, max_new_tokens: int,
-                     device: torch.device) -> list[str]:
-    """Greedy generation of the first answer of every sample; only the new tokens are decoded."""
+                     device: torch.device, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Greedy generation of the first answer of every sample; only the new tokens are decoded.
+    progress(batch, batches) after every generation batch (1-based)."""
     model.eval()
     answers: list[str] = []
     for s in range(0, len(dataset), batch_size):
@@ -22,13 +25,16 @@ def generate_answers(model, tokenizer, dataset: InstructionDataset, batch_size: 
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, batch["input_ids"].shape[1]:]
         answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        if progress is not None:
+            progress(s // batch_size + 1, -(-len(dataset) // batch_size))
     return answers
 
 
 def evaluate_client(model, tokenizer, dataset: InstructionDataset, metric: str, batch_size: int,
-                    max_new_tokens: int, device: torch.device) -> tuple[float, list[str]]:
+                    max_new_tokens: int, device: torch.device,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[float, list[str]]:
     """(score of the client's greedy answers under `metric`, the answers)."""
-    predictions = generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, device)
+    predictions = generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, device, progress)
     if metric in scores.MULTI_REFERENCE:
         references = [dataset.references(i) for i in range(len(dataset))]
     else:

@@ -1,7 +1,11 @@
 """LLaVA-1.5-7B with the Pilot connector and LoRA on the meta device: parameter and byte
-counts per client per stage, without weights or memory.
+counts per client per stage, without weights or memory; with --config, the memory plan
+of one client of that config (tools/memplan.py) and whether it fits --gpu-mem-gb.
 
     python -m pilot_hpc.tools.dryrun [--lora-r 64] [--tasks 3] [--clients 9] [--dtype bfloat16]
+    python -m pilot_hpc.tools.dryrun --config CONFIG [--gpu-mem-gb N] [section.key=value ...]
+
+Exit code with --gpu-mem-gb: 0 fits, 1 does not fit, 2 a bad config.
 
 Sizes are LLaVA-1.5-7B's (CLIP ViT-L/14-336 and Vicuna-7B v1.5, as in llava-1.5-7b-hf).
 "trainable" counts what the optimiser updates in a stage; "forward" what the connector
@@ -16,20 +20,12 @@ import sys
 import warnings
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.model.llava import PilotModel, attach_pilot
-
-
-def llava_7b_config() -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+from pilot_hpc.tools.memplan import llava_7b_config
 
 
 def count(params) -> int:
@@ -71,10 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--clients", type=int, default=9)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--config", default=None, help="YAML config: print one client's memory plan")
+    ap.add_argument("--gpu-mem-gb", type=float, default=None, help="device memory (GB, 1e9 bytes): fits or not")
+    ap.add_argument("overrides", nargs="*", help="section.key=value on top of --config")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    print(report(a.lora_r, a.lora_alpha, a.tasks, a.clients, a.dtype))
-    return 0
+    if a.config is None:
+        if a.overrides or a.gpu_mem_gb is not None:
+            ap.error("--gpu-mem-gb and overrides need --config")
+        print(report(a.lora_r, a.lora_alpha, a.tasks, a.clients, a.dtype))
+        return 0
+    from pilot_hpc.config import ConfigError
+    from pilot_hpc.tools import memplan
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as err:
+        print(f"dryrun: config error: {err}", file=sys.stderr)
+        return 2
+    text, fits = memplan.report(cfg, a.gpu_mem_gb)
+    print(text)
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

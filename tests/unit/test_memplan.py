@@ -1,0 +1,128 @@
+"""The memory planner: its activation model against saved-tensor bytes measured on a
+7B-width decoder (bf16 on CPU), and its fit / no-fit verdicts on the paper's configs."""
+
+import os
+
+import pytest
+import torch
+
+from helpers import REPO, SMOKE
+from pilot_hpc.config import load_config
+from pilot_hpc.tools import memplan
+
+VISUAL = os.path.join(REPO, "configs", "fedmit_visual_9client.yaml")
+GB40 = int(40e9 * (1 - memplan.RESERVE))
+
+
+@pytest.fixture(scope="module")
+def measured():
+    # 2 layers of LLaVA-7B's LLM width, LoRA r 64 on all seven linears, 64 tokens: ~0.8 GB, seconds.
+    return memplan.measure_saved_bytes(layers=2, seq=64)
+
+
+@pytest.mark.parametrize("key", ["saved", "saved_checkpointed"])
+def test_activation_model_within_15_percent_of_the_measurement(measured, key):
+    planned = memplan.planner_saved_bytes(measured)[key]
+    assert abs(planned - measured[key]) <= 0.15 * measured[key], (key, planned, measured[key])
+
+
+def test_checkpointing_keeps_only_the_layer_inputs(measured):
+    # What checkpointing keeps through the forward: each layer's bf16 input (2 x 4096 B per
+    # token) and the final norm, far less than one layer's own saved tensors.
+    assert measured["checkpointed_forward"] < 0.1 * measured["per_layer"][0]
+    assert measured["checkpointed_forward"] >= measured["layers"] * measured["seq"] * 2 * 4096
+    assert measured["saved_checkpointed"] < 0.6 * measured["saved"]
+
+
+def test_lm_head_saves_the_float32_log_softmax():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seq, vocab = 32, 32064
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randn(1, seq, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=x, labels=torch.randint(0, vocab, (1, seq)))
+    big = sum(v for v in seen.values() if v >= seq * vocab)  # the [tokens, vocab] tensors
+    planned, _ = memplan.head_bytes(memplan.Arch(64, 128, 1, 2, vocab, 0, 0, ""), seq)
+    assert abs(planned - big) <= 0.15 * big
+
+
+@pytest.fixture(scope="module")
+def paper():
+    cfg = load_config(VISUAL)
+    config, source = memplan.model_config(cfg)
+    return cfg, memplan.llava_arch(config, source), memplan.parameter_bytes(cfg, config)
+
+
+def test_paper_config_fits_40gb(paper):
+    cfg, arch, params = paper
+    assert "config.json not found" in arch.source and arch.layers == 32 and arch.hidden == 4096
+    assert cfg.train.gradient_checkpointing and cfg.train.batch_size == 16
+    fits, advice = memplan.advise(cfg, arch, params, GB40)
+    assert fits, advice
+
+
+def test_paper_shapes_without_checkpointing_do_not_fit_and_name_the_settings(paper):
+    cfg, arch, params = paper
+    bare = load_config(VISUAL, ["train.gradient_checkpointing=false", "train.grad_accum_steps=1"])
+    fits, advice = memplan.advise(bare, arch, params, GB40)
+    assert not fits
+    assert advice == f"set train.gradient_checkpointing=true train.grad_accum_steps={cfg.train.grad_accum_steps}"
+    # and the estimate grows with the micro-batch and shrinks with checkpointing
+    est = {(c, a): memplan.estimate(bare, arch, params, checkpointing=c, accum=a).train_peak
+           for c in (False, True) for a in (1, 2)}
+    assert est[False, 1] > est[False, 2] > est[True, 2] and est[False, 1] > est[True, 1] > est[True, 2]
+
+
+def test_generation_too_big_names_the_eval_batch(paper):
+    cfg, arch, params = paper
+    big = load_config(VISUAL, ["train.eval_batch_size=64"])
+    fits, advice = memplan.advise(big, arch, params, GB40)
+    assert not fits and advice.startswith("set train.eval_batch_size=")
+    eb = int(advice.split("=")[1])
+    ok = load_config(VISUAL, [f"train.eval_batch_size={eb}"])
+    assert memplan.advise(ok, arch, params, GB40)[0]
+
+
+def test_tiny_smoke_model_sizes_from_the_model_section():
+    cfg = load_config(SMOKE)
+    text, fits = memplan.report(cfg, 1.0)
+    assert fits and "2-layer LLM (hidden 128, MLP 256" in text and "the built-in tiny model" in text
+
+
+def test_main_warns_when_the_estimate_exceeds_the_cuda_device(paper):
+    from unittest import mock
+
+    cfg, _, _ = paper
+    for gib, warns in ((24, True), (80, False)):
+        with mock.patch.object(torch.cuda, "get_device_properties", return_value=mock.Mock(total_memory=gib * 2 ** 30)):
+            msg = memplan.cuda_warning(cfg, "cuda:0")
+        assert (msg is not None) == warns
+    assert msg is None
+
+
+def test_realscale_round_tiny_on_cpu(tmp_path):
+    """The GPU check's real-scale step, shrunk (--tiny) so it runs here: a finite stage-1
+    round through train_steps, its JSON and Markdown with the planner's estimate."""
+    import json
+
+    from pilot_hpc.tools import realscale_round
+
+    assert realscale_round.main(["--out", str(tmp_path), "--tiny"]) == 0
+    got = json.loads((tmp_path / "realscale_round.json").read_text())
+    assert got["finite"] and got["steps"] == 2 and got["tokens_per_sample"] == 1 + 16 + 16
+    assert got["planner_train_peak_bytes"] > 0 and got["tokens_per_s"] > 0 and got["resident_bytes"] > 0
+    assert "planner's training peak" in (tmp_path / "realscale_round.md").read_text()
+    if not torch.cuda.is_available():
+        assert realscale_round.main(["--out", str(tmp_path / "gpu")]) == 2
