@@ -15,7 +15,7 @@ from pilot_hpc.data.synthetic import client_files
 from pilot_hpc.fl.flat import flatten
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.model.connector import PilotConnector
-from pilot_hpc.model.ct_clip import ct_clip_counts
+from pilot_hpc.model.ct_clip import attach_ct_clip, ct_clip_counts
 from pilot_hpc.model.ctmoa import mlp_expert_index
 from pilot_hpc.model.llava import build_pilot_model
 
@@ -146,6 +146,9 @@ def test_counts_at_clip_l():
     c = ct_clip_counts(tower, 3)
     assert c["communicated"] == 24 * (1024 * 4096 + 4096 + 4096 * 1024 + 1024)  # ~0.2B, as the paper's +0.2B
     assert c["activated"] == 5 * c["communicated"] + 24 * 3 * 1024
+    with torch.device("meta"):
+        attach_ct_clip(tower, 3, 0, pilot=PilotConfig(ct_clip=True), ctmoa_impl="reference", seed=0)
+    assert ct_clip_counts(tower, 3) == c  # the same counts once attached
 
 
 def test_ct_clip_needs_pilot():

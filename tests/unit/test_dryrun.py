@@ -12,6 +12,9 @@ def test_llava_7b_counts_match_the_architecture():
     assert f"sent per client per round:        {adapter + lora:>14,}" in text
     assert f"stage 1: trainable {2 * adapter + lora:>14,}" in text
     assert f"stage 2: trainable {3 * adapter + 3 * cv + lora:>14,}" in text  # own + 2 cross + router
+    clip_mlps = 24 * (1024 * 4096 + 4096 + 4096 * 1024 + 1024)  # CLIP ViT-L/14's MLPs, one copy
+    assert f"(+{clip_mlps:,};" in text  # CT-CLIP sends one more copy: the paper's +0.2B
+    assert f"activated by CLIP's mixtures +{5 * clip_mlps + 24 * 3 * 1024:,}" in text
 
 
 def test_planner_cli_fit_and_no_fit(capsys):

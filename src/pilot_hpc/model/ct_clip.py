@@ -55,7 +55,8 @@ def ct_clip_counts(vision_tower: nn.Module, num_tasks: int) -> dict[str, int]:
     computes: own, T-1 foreign, T-1 cross, plus the routers; the frozen base MLP is
     replaced, so it is not counted) and communicated per round (the own task MLPs)."""
     layers = _layers(vision_tower)
-    mlp = sum(p.numel() for layer in layers for p in layer.mlp.parameters())  # one copy of all MLPs
+    # One copy of all MLPs: a layer's own MLP, or its task adapter once CT-CLIP is attached.
+    mlp = sum(p.numel() for layer in layers for p in getattr(layer.mlp, "task_adapter", layer.mlp).parameters())
     hidden = vision_tower.config.hidden_size
     routers = len(layers) * num_tasks * hidden
     return {"mlp_copy": mlp, "activated": (2 * num_tasks - 1) * mlp + routers, "communicated": mlp}

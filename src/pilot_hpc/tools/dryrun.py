@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration
 
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
 from pilot_hpc.fl.strategies import get_strategy
+from pilot_hpc.model.ct_clip import ct_clip_counts
 from pilot_hpc.model.llava import PilotModel, attach_pilot
 from pilot_hpc.tools.memplan import llava_7b_config
 
@@ -57,7 +58,26 @@ def report(lora_r: int, lora_alpha: int, num_tasks: int, num_clients: int, dtype
               f"  into rank 0 per round ({num_clients} clients): {num_clients * sent * bytes_per / 2**30:.2f} GiB; "
               f"back out: {num_tasks} task adapters + {num_clients} LoRAs = "
               f"{(num_tasks * adapter + num_clients * lora) * bytes_per / 2**30:.2f} GiB"]
-    return "\n".join(lines)
+    return "\n".join(lines + ct_clip_lines(m, num_tasks, sent, bytes_per, dtype))
+
+
+def ct_clip_lines(m: ModelConfig, num_tasks: int, sent: int, bytes_per: int, dtype: str) -> list[str]:
+    """What CT-CLIP (pilot.ct_clip) adds: activated and communicated parameters (the
+    paper's Table 4 reports +1.25B activated, +0.2B communicated)."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_7b_config())
+        peft_model, connector = attach_pilot(model, m, num_tasks, 0, seed=0, pilot=PilotConfig(ct_clip=True))
+    pm = PilotModel(peft_model, connector, None, None, 576)
+    pilot = get_strategy("pilot", load_config(None, ["pilot.ct_clip=true"]))
+    sent_ct = count(pilot.visual_params(pm)) + count(pilot.text_params(pm))
+    extra = ct_clip_counts(pm.model.base_model.model.model.vision_tower, num_tasks)
+    pm.set_stage(2)
+    trainable = count(p for p in peft_model.parameters() if p.requires_grad)
+    return [f"  with CT-CLIP (pilot.ct_clip=true, {len(pm.clip_mlps)} CLIP MLPs):",
+            f"    sent per client per round:      {sent_ct:>14,}  (+{sent_ct - sent:,}; "
+            f"{sent_ct * bytes_per / 2**30:.2f} GiB in {dtype})",
+            f"    stage 2: trainable {trainable:>14,}   activated by CLIP's mixtures "
+            f"+{extra['activated']:,} (2T-1 = {2 * num_tasks - 1} copies of the MLPs and the routers)"]
 
 
 def main(argv: list[str] | None = None) -> int:
