@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pilot_hpc.model.ctmoa import AdapterWeights, ctmoa_reference, mlp_expert_index
+from pilot_hpc_kernels.ctmoa_reference import AdapterWeights, ctmoa_reference, mlp_expert_index
 
 TARGETS = ("fwd+bwd >= 1.3x faster than the eager reference; fused forward <= 1.15x the time of the two plain "
            "stacked GEMMs; saved activation memory <= 0.5x eager")

@@ -1,6 +1,6 @@
 """Fused Triton CT-MoA: router + mixture of the 2T-1 adapter MLPs, forward and backward.
 
-The math is `pilot_hpc.model.ctmoa.ctmoa_reference` (read it first). Notation:
+The math is `pilot_hpc_kernels.ctmoa_reference.ctmoa_reference` (read it first). Notation:
 M tokens, Cv vision width, C projector width, T router experts, E = 2T-1 MLPs.
 
 Forward (3 launches):
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from pilot_hpc.model.ctmoa import AdapterWeights, CTMoAOutput, RouterStats, ctmoa_reference
+from pilot_hpc_kernels.ctmoa_reference import AdapterWeights, CTMoAOutput, RouterStats, ctmoa_reference
 
 
 @triton.jit
