@@ -9,7 +9,6 @@ w1/b1/w2/b2, and H when it requires grad; frozen inputs must get no gradient at 
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import os
 import subprocess
@@ -18,7 +17,6 @@ import sys
 import pytest
 import torch
 
-from pilot_hpc.model import ctmoa_dispatch
 from pilot_hpc_kernels.ctmoa_reference import (AdapterWeights, ctmoa_reference, load_balance_loss, mlp_expert_index,
                                                z_loss)
 
@@ -246,67 +244,6 @@ def test_matches_reference_half_precision(dtype, lead, cv, c, t):
 @needs_kernels
 def test_matches_reference_fp32_gpu_larger():
     compare(make_problem((2, 576), 256, 320, 3), torch.float32, tol=1e-4)  # longer reductions: K*eps grows
-
-
-# ----------------------------------------------------------------------------- dispatch
-@pytest.fixture
-def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv(ctmoa_dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(ctmoa_dispatch, "_logged_paths", set())
-    return ctmoa_dispatch
-
-
-def test_dispatch_auto_on_cpu_and_forced_reference(fresh_dispatch):
-    h = torch.zeros(2, 4)
-    assert fresh_dispatch.resolve_impl(h, "auto")[0] == "reference"
-    assert fresh_dispatch.resolve_impl(h, "reference")[0] == "reference"
-    with pytest.raises(ValueError, match="must be one of"):
-        fresh_dispatch.resolve_impl(h, "cuda")
-
-
-def test_dispatch_env_overrides_argument(fresh_dispatch, monkeypatch):
-    h = torch.zeros(2, 4)
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "reference")
-    path, reason = fresh_dispatch.resolve_impl(h, "triton")
-    assert path == "reference" and fresh_dispatch.ENV_VAR in reason
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        fresh_dispatch.resolve_impl(h, "auto")
-
-
-def test_dispatch_forced_triton_on_cpu_needs_the_interpreter(fresh_dispatch, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fresh_dispatch.resolve_impl(torch.zeros(2, 4), "triton")
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fresh_dispatch.resolve_impl(torch.zeros(2, 4), "reference")
-
-
-def test_dispatch_logs_the_path_once(fresh_dispatch, caplog):
-    h, wr, adapters, eo = make_problem((1, 3), 8, 8, 2, device="cpu")
-    with caplog.at_level(logging.INFO, logger="pilot_hpc.ctmoa"):
-        for _ in range(3):
-            res = fresh_dispatch.ctmoa(h, wr, adapters, eo, impl="reference")
-    records = [r for r in caplog.records if r.name == "pilot_hpc.ctmoa"]
-    assert len(records) == 1 and "reference" in records[0].getMessage()
-    assert torch.equal(res.out, ctmoa_reference(h, wr, adapters, eo).out)
-
-
-@needs_kernels
-def test_dispatch_forced_triton_runs_the_kernels(fresh_dispatch, monkeypatch):
-    calls = []
-    monkeypatch.setattr(K, "ctmoa_triton", lambda *a: calls.append(1) or ctmoa_reference(*a))
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    h, wr, adapters, eo = make_problem((1, 3), 8, 8, 2)
-    fresh_dispatch.ctmoa(h, wr, adapters, eo, impl="reference")
-    assert calls == [1]
-    # and for real, through the dispatch (auto picks it on a GPU; forced here)
-    monkeypatch.undo()
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    monkeypatch.setattr(fresh_dispatch, "_logged_paths", set())
-    res = fresh_dispatch.ctmoa(h, wr, adapters, eo)
-    assert nerr(res.out, ctmoa_reference(h, wr, adapters, eo).out) <= TOL[torch.float32]
 
 
 # ----------------------------------------------------------------------------- GPU compile
