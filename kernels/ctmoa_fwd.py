@@ -328,7 +328,7 @@ def mixture_forward(h2, probs, w1, b1, w2, b2, expert_of: Sequence[int], visit: 
     if kept:
         a = torch.empty(m, c, **like)  # [M, C] gelu(Z) of one frozen MLP at a time
         for j, i in enumerate(kept):
-            _up(h2, w1[i], b1[i], probs, expert_of[i], a, None, False, "up")
+            _up(h2, w1[i], b1[i], probs, expert_of[i], a, None, False, "up frozen")
             _down(a, [w2[i]], probs, b2[i], 0 if b2[i] is None else 2, None, None, y[j], "down frozen Y")
     b2e = per_expert_bias(b2, mixed, expert_of, t, c, h2)
     out = torch.empty(m, c, **like)  # [M, C]
