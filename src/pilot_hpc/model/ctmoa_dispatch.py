@@ -124,6 +124,10 @@ def resolve_impl(h: torch.Tensor, impl: str = "auto", router_weight: torch.Tenso
 
 def _log_once(path: str, reason: str) -> None:
     # Once per path and reason: a run that falls back for a new reason says so once.
+    # Not while Dynamo traces: a logging call there is a graph break (fullgraph=True
+    # fails); the path of a compiled call is fixed at trace time and logged by any eager call.
+    if torch.compiler.is_compiling():
+        return
     if (path, reason) not in _logged_paths:
         _logged_paths.add((path, reason))
         logger.info("CT-MoA implementation: %s (%s)", path, reason)
