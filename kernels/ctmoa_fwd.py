@@ -78,8 +78,10 @@ def bucket_m(m: int) -> int:
 
 def pick_tile(kind: str, dtype: torch.dtype, m: int) -> Tile:
     """The tile of a GEMM kernel: a pure function of (kind, dtype, bucketed M)."""
-    if INTERPRETED:
-        return _INTERP_TILE
+    return _INTERP_TILE if INTERPRETED else gpu_tile(kind, dtype, m)
+
+
+def gpu_tile(kind: str, dtype: torch.dtype, m: int) -> Tile:
     big, small, fp32 = _TILES[kind]
     if dtype == torch.float32:
         return fp32

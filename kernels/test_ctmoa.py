@@ -1,4 +1,5 @@
-"""The fused CT-MoA (pilot_hpc_kernels.ctmoa) against ctmoa_reference, and the dispatch.
+"""The fused CT-MoA (pilot_hpc_kernels.ctmoa) against ctmoa_reference (the dispatch that
+picks it is tested in tests/test_ctmoa_dispatch_run.py: kernels/ imports nothing from pilot_hpc).
 
 On a CPU machine the kernels run in Triton's interpreter (kernels/conftest.py sets
 TRITON_INTERPRET=1), in fp32 at small, deliberately awkward shapes; the fp16/bf16 cases
@@ -232,6 +233,7 @@ def test_bad_inputs_raise_value_error():
         K.ctmoa_triton(h, wr, adapters, eo[:2])
 
 
+@pytest.mark.cuda
 @gpu_only
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -240,6 +242,7 @@ def test_matches_reference_half_precision(dtype, lead, cv, c, t):
     compare(make_problem(lead, cv, c, t, dtype, h_grad=True), dtype)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="GPU-sized fp32 check: far too slow in Triton's CPU interpreter")
 @needs_kernels
 def test_matches_reference_fp32_gpu_larger():

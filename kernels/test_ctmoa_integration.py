@@ -65,21 +65,22 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_opcheck_forward_and_backward_ops():
-    """torch.library.opcheck: schema, fake impl against the real one, autograd registration."""
+    """torch.library.opcheck: schema, fake impl against the real one, autograd registration
+    (the forward op) and the dispatch tests, for both ops."""
     h, wr, adapters, eo = make_problem((1, 5), 16, 16, 2)
-    args = _op_args(h, wr, adapters, eo)
+    args = _op_args(h, wr, adapters, eo)  # planned with grad on: Z of MLPs 0 and 2 kept, Y of MLP 1
     torch.library.opcheck(K.ctmoa_fwd, args)
     with torch.no_grad():
         out, probs, _, _, _, lse, z, y = K.ctmoa_fwd(*args)
+    assert z.shape == (5, 32) and y.shape == (1, 5, 16)
     needs = [False, True] + [x.requires_grad for a in adapters for x in a]
-    # the forward's plan was made with grad enabled: Z of MLPs 0 and 2 kept... under
-    # no_grad above it kept none, so run the backward on a grad-mode forward's buffers
-    out, probs, _, _, _, lse, z, y = K.ctmoa_fwd(*args)
-    g = torch.randn(out.shape)
-    bargs = (g, None, torch.ones(2), torch.ones(()), args[0], args[1], args[2], args[3], args[4], args[5],
-             probs.detach(), lse.detach(), z.detach(), y.detach(), args[6], args[7], args[8], needs)
-    bargs = tuple([x.detach() if isinstance(x, torch.Tensor) else [t.detach() for t in x]
-                   if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else x for x in bargs])
+
+    def plain(xs):
+        return [x.detach() for x in xs]
+
+    h2, wr_, w1, b1, w2, b2, eo_, visit, keep_y = args
+    bargs = (torch.randn(out.shape), None, torch.ones(2), torch.ones(()), h2.detach(), wr_.detach(), plain(w1),
+             plain(b1), plain(w2), plain(b2), probs, lse, z, y, eo_, visit, keep_y, needs)
     torch.library.opcheck(K.ctmoa_bwd, bargs)
 
 
@@ -185,3 +186,18 @@ def test_saved_memory_and_what_is_kept():
     assert fused <= 0.5 * want["eager"]
     # and the backward of what was kept is right
     compare((h, wr, adapters, eo))
+
+
+def test_tiles_depend_on_bucketed_m_only():
+    """The GPU tile table (no timing, so every rank picks the same): one tile per
+    (kernel, dtype, power-of-two bucket of M); 16-bit tiles at the 7B M are wgmma-shaped
+    (BLOCK_M a multiple of 64, whole warpgroups)."""
+    from pilot_hpc_kernels.ctmoa_fwd import bucket_m, gpu_tile
+    assert [bucket_m(m) for m in (1, 5, 8192, 8193, 9216)] == [1, 8, 8192, 16384, 16384]
+    for kind in ("up", "down", "bwd"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert gpu_tile(kind, dtype, 8193) == gpu_tile(kind, dtype, 9216) == gpu_tile(kind, dtype, 16384)
+            assert gpu_tile(kind, dtype, 513) == gpu_tile(kind, dtype, 1024)
+        big = gpu_tile(kind, torch.bfloat16, 9216)
+        assert big.bm % 64 == 0 and big.warps % 4 == 0 and big.bn >= 128, big
+        assert gpu_tile(kind, torch.bfloat16, 1024).bm == 64  # small M: more row tiles to fill the SMs
