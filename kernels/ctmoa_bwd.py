@@ -35,14 +35,25 @@ def _mix_bwd_kernel(g_ptr, w2_ptr, z_ptr, probs_ptr, dz_ptr, s_ptr, dp_ptr,
                     NEED_DP: tl.constexpr, NEED_DZ: tl.constexpr, NEED_S: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(tl.program_id(0), M, C, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # The tile's first row goes into the scalar base pointers in int64 (row * stride can
+    # pass 2^31); inside the tile the offsets are int32 (the launcher checks BLOCK_M *
+    # stride < 2^31). With int64 offset tensors the 128x128 bf16 tile spilled 196 bytes
+    # on sm_90 (ptxas -v), with int32 ones 140 (the table in ctmoa_fwd picks 64x128: none).
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)  # [BM] int32, tile-local
+    offs_m = pid_m * BLOCK_M + rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < C
+    g_ptr += row0 * stride_gm
+    z_ptr += row0 * stride_zm
+    dz_ptr += row0 * stride_dzm
+    s_ptr += row0 * stride_sm
+    probs_ptr += row0 * T
     # D = G W2[:, cols]: the gradient reaching P_e * gelu(Z) of this MLP.
-    g_base = g_ptr + offs_m[:, None] * stride_gm
-    w2_base = w2_ptr + offs_n[None, :] * stride_w2k
+    g_base = g_ptr + rows[:, None] * stride_gm
+    w2_base = w2_ptr + offs_n[None, :].to(tl.int64) * stride_w2k
     d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN], the only accumulator
     for k0 in range(0, C, BLOCK_K):
         k = k0 + offs_k
@@ -50,19 +61,19 @@ def _mix_bwd_kernel(g_ptr, w2_ptr, z_ptr, probs_ptr, dz_ptr, s_ptr, dp_ptr,
         w = tl.load(w2_base + k[:, None] * stride_w2n, mask=n_mask[None, :] & (k[:, None] < C), other=0.0)
         d = tl.dot(g, w, d, input_precision=PREC)
     mask2 = m_mask[:, None] & n_mask[None, :]
-    z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
-    p = tl.load(probs_ptr + offs_m * T + e, mask=m_mask, other=0.0)[:, None]  # [BM, 1]
+    z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
+    p = tl.load(probs_ptr + rows * T + e, mask=m_mask, other=0.0)[:, None]  # [BM, 1]
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    if NEED_DP:
-        part = tl.sum(tl.where(mask2, d * (z * cdf), 0.0), axis=1)  # [BM]
-        tl.store(dp_ptr + pid_n * M + offs_m, part, mask=m_mask)
-    if NEED_S:
-        tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :], (z * cdf * p).to(s_ptr.dtype.element_ty),
-                 mask=mask2)
     if NEED_DZ:
         dact = cdf + z * (0.3989422804014327 * tl.exp(-0.5 * z * z))  # gelu'(z) = Phi(z) + z phi(z)
-        tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :], (d * p * dact).to(dz_ptr.dtype.element_ty),
+        tl.store(dz_ptr + rows[:, None] * stride_dzm + offs_n[None, :], (d * p * dact).to(dz_ptr.dtype.element_ty),
                  mask=mask2)
+    act = z * cdf  # gelu(z); z and cdf die here
+    if NEED_DP:
+        part = tl.sum(tl.where(mask2, d * act, 0.0), axis=1)  # [BM]
+        tl.store(dp_ptr + pid_n.to(tl.int64) * M + offs_m, part, mask=m_mask)
+    if NEED_S:
+        tl.store(s_ptr + rows[:, None] * stride_sm + offs_n[None, :], (act * p).to(s_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -185,6 +196,9 @@ def mixture_backward(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b
         s_i = torch.empty(m, c, dtype=h2.dtype, device=dev) if want_s else None  # [M, C]
         dp_i = torch.empty(nb_n, m, dtype=f32, device=dev) if need_dp else None  # [NB, M] partials
         z_i = z[:, zi * c:(zi + 1) * c]
+        for x in (g, z_i, dz_i, s_i):  # tile-local offsets are int32 (the kernel's comment)
+            if x is not None and tile.bm * x.stride(0) >= 2**31:
+                raise ValueError(f"CT-MoA backward: row stride {x.stride(0)} too large for int32 tile offsets")
         record("bwd D", grid, m, c, c, tile)
         _mix_bwd_kernel[grid](g, w2[i], z_i, probs, dz_i if want_dz else g, s_i if want_s else g,
                               dp_i if need_dp else probs, m, c, t, expert_of[i], g.stride(0), g.stride(1),

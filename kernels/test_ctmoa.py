@@ -251,7 +251,9 @@ def test_matches_reference_fp32_gpu_larger():
 
 # ----------------------------------------------------------------------------- GPU compile
 _COMPILE_SCRIPT = r'''
+import os, subprocess, tempfile
 import triton, torch
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import pilot_hpc_kernels.ctmoa_fwd as F
@@ -263,6 +265,11 @@ F32_PTRS = {"probs_ptr", "lse_ptr", "psum_ptr", "cnt_ptr", "lsq_ptr", "bias_ptr"
 UNIT_STRIDES = {"stride_hk", "stride_wk", "stride_w1k", "stride_w2k", "stride_gk"}  # 1 at run time: specialised
 SMALL_INTS = {"T", "e"}  # not multiples of 16 at run time
 NK = 3  # the three trainable MLPs of stage 2 in the mixed GEMM
+try:
+    _ptxas = get_ptxas(90)  # triton 3.9: per-architecture ptxas
+except TypeError:
+    _ptxas = get_ptxas()
+PTXAS = getattr(_ptxas, "path", _ptxas)
 
 def build(fn, dtype, consts, warps, stages):
     consts = dict(consts, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES})
@@ -289,8 +296,15 @@ for dtype, tdtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         tile = F.pick_tile(kind, tdtype, M)
         k = build(fn, dtype, dict(flags, BLOCK_M=tile.bm, BLOCK_N=tile.bn, BLOCK_K=tile.bk, GROUP_M=tile.group_m),
                   tile.warps, tile.stages)
-        if dtype == "bf16":  # the 16-bit tiles are sized for Hopper's warpgroup MMA
+        if dtype == "bf16":  # the 16-bit tiles are sized for Hopper's warpgroup MMA, without spills
             assert "wgmma.mma_async" in k.asm["ptx"], (kind, "no wgmma in the PTX")
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = os.path.join(tmp, "k.ptx")
+                open(ptx, "w").write(k.asm["ptx"])
+                info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                      capture_output=True, text=True)
+            spills = [l for l in (info.stdout + info.stderr).splitlines() if "spill stores" in l]
+            assert spills and all(" 0 bytes spill stores" in l for l in spills), (kind, tile, spills)
             print(kind, "wgmma", "ok")
     small = dict(BLOCK_M=64, BLOCK_T=16, BLOCK_K=64)
     build(F._router_fwd_kernel, dtype, small, 4, 3)
@@ -318,7 +332,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter accepts code the GPU compiler rejects: compile every kernel (the
     bf16 and fp32 tiles `pick_tile` gives at the LLaVA-7B M) for an H100 (sm_90) down to
     a cubin with triton's bundled ptxas, in a subprocess where TRITON_INTERPRET is unset,
-    and check that the three GEMM kernels' bf16 tiles compile to wgmma."""
+    and check that the three GEMM kernels' bf16 tiles compile to wgmma without register
+    spills (ptxas -v)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's default-change warning
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
