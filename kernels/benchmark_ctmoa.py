@@ -225,7 +225,7 @@ def _timer(fn, device: str, reps: int) -> float:
     if device == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=reps, return_mode="median")
-    fn()
+    # One call: measure() has already run each variant once (torch.compile's warm-up).
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3

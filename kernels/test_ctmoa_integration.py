@@ -183,9 +183,7 @@ def test_saved_memory_and_what_is_kept():
     # tensors more ([M, T] logits and friends), so the formula is a lower bound.
     assert fused == want["fused"], (fused, want)
     assert want["eager"] <= eager <= want["eager"] + 4 * m * (4 * t + 4), (eager, want)
-    assert fused <= 0.5 * want["eager"]
-    # and the backward of what was kept is right
-    compare((h, wr, adapters, eo))
+    assert fused <= 0.5 * want["eager"]  # (that the backward of what was kept is right: test_ctmoa.py)
 
 
 def test_tiles_depend_on_bucketed_m_only():
