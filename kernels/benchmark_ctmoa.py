@@ -1,16 +1,22 @@
-"""Microbenchmarks of CT-MoA: fused Triton vs the eager reference vs torch.compile of it.
+"""Microbenchmarks and the analytic cost model of CT-MoA: fused Triton vs eager vs compile.
 
-One command on a GPU node writes kernels/BENCHMARKS.md (LLaVA-7B sizes, bf16):
+One command writes kernels/BENCHMARKS.md (LLaVA-7B sizes, bf16):
 
     python -m pilot_hpc_kernels.benchmark_ctmoa --out kernels/BENCHMARKS.md
+
+Without CUDA it writes only the cost model (`cost_model`, `saved_bytes`): per launch of
+the fused path its GEMM FLOPs and the bytes it must move at least, the fused and eager
+forward + backward GEMM FLOPs side by side, and the memory each forward keeps for the
+backward. The launch list is the launchers' own (`tests` check it against the launches
+recorded in ctmoa_fwd.LAUNCHES). On a GPU it also times the variants below and prints
+achieved TFLOP/s (cost-model FLOPs / measured time) and the fraction of the device's peak.
 
 Measured per implementation: forward, backward (autograd.grad of out and the two aux
 statistics, graph retained) and forward+backward; the memory the forward graph keeps
 alive (allocated after the forward minus before, minus the returned tensors) and the
 peak of a forward+backward (torch.cuda.max_memory_allocated). The roofline reference is
 the plain GEMMs on the stacked weights (torch.matmul): forward H W1s^T and S W2cat^T;
-backward the four the fused backward cannot avoid (recompute of H W1s^T, G W2cat, and
-the weight gradients of the trainable MLPs).
+backward the three GEMMs per trainable MLP (D = G W2, dW2, dW1).
 
 pytest collects the test_* functions below (kernels/conftest.py): on a CPU they run at
 tiny sizes in Triton's interpreter, torch.compile with the "aot_eager" backend (no C++
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pilot_hpc.model.ctmoa import AdapterWeights, ctmoa_reference, mlp_expert_index
+from pilot_hpc_kernels.ctmoa_reference import AdapterWeights, ctmoa_reference, mlp_expert_index
 
 TARGETS = ("fwd+bwd >= 1.3x faster than the eager reference; fused forward <= 1.15x the time of the two plain "
            "stacked GEMMs; saved activation memory <= 0.5x eager")
@@ -51,6 +57,114 @@ class Shape:
 
 LLAVA_7B = Shape()
 TINY = Shape(batch=1, tokens=20, cv=24, c=20, t=3, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- cost model
+@dataclass
+class Cost:
+    """One launch (or torch.matmul) of the fused path: GEMM m x n x k, count of them."""
+    phase: str  # "fwd" or "bwd"
+    name: str  # as recorded by the launchers (ctmoa_fwd.record)
+    m: int
+    n: int
+    k: int
+    count: int
+    nbytes: int  # per launch: what it must read and write at least (operands once)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k * self.count
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _roles(shape: Shape):
+    """(trainable MLPs, frozen MLPs) of stage 2: own (0) and cross (2, 4, ..) train."""
+    e = 2 * shape.t - 1
+    n_tr = len(range(0, e, 2))
+    return n_tr, e - n_tr
+
+
+def cost_model(shape: Shape, h_grad: bool = False, router_grad: bool = True) -> list[Cost]:
+    """The fused path's GEMM launches at `shape` (stage-2 trainable set), in launch order.
+
+    Mirrors ctmoa_fwd.mixture_forward / ctmoa_bwd.mixture_backward: the trainable MLPs
+    go through the mixed down GEMM and keep Z; with the router trainable each frozen MLP
+    gets its own Y = gelu(Z) W2^T + b2 (kept) and adds P Y in the mix's epilogue. The
+    small kernels with a T-sized GEMM side (router, bias terms) count under "router"."""
+    m, cv, c, t, el = shape.m, shape.cv, shape.c, shape.t, _elt(shape.dtype)
+    n_tr, n_fr = _roles(shape)
+    n_visit = n_tr + n_fr if h_grad else n_tr  # H's gradient runs through every MLP
+    need_dp = router_grad or h_grad
+    n_y = n_fr if need_dp and not h_grad else 0  # frozen MLPs that keep Y instead of being visited
+    n_mix = n_tr + n_fr - n_y
+    out = [Cost("fwd", "router fwd", m, t, cv, 1, m * cv * el + t * cv * el + m * (t + 1) * 4)]
+    # H, W1 -> S (and Z when the MLP trains)
+    out.append(Cost("fwd", "up", m, c, cv, n_mix, m * cv * el + c * cv * el + m * c * el * (2 if n_tr else 1)))
+    if n_y:  # H, W1 -> gelu(Z); then gelu(Z), W2 -> Y
+        out.append(Cost("fwd", "up frozen", m, c, cv, n_y, m * cv * el + c * cv * el + m * c * el))
+        out.append(Cost("fwd", "down frozen Y", m, c, c, n_y, m * c * el + c * c * el + m * c * el))
+    out.append(Cost("fwd", "down mix", m, c, n_mix * c, 1,
+                    m * n_mix * c * el + n_mix * c * c * el + n_y * m * c * el + m * t * 4 + m * c * el))
+    out.append(Cost("bwd", "bwd D", m, c, c, n_visit, m * c * el * 2 + c * c * el + m * c * el * 2))  # G, Z, W2 -> dZ, S
+    if need_dp:
+        out.append(Cost("bwd", "router bwd", t, cv, m, 1, m * cv * el + m * t * 8 + t * cv * 4))
+    if h_grad:
+        out.append(Cost("bwd", "torch dH", m, cv, c, n_visit, m * c * el + c * cv * el + m * cv * 4))
+    out.append(Cost("bwd", "torch dW1", c, cv, m, n_tr, m * c * el + m * cv * el + c * cv * el))
+    out.append(Cost("bwd", "torch dW2", c, c, m, n_tr, m * c * el * 2 + c * c * el))
+    return out
+
+
+def eager_flops(shape: Shape, h_grad: bool = False) -> dict[str, int]:
+    """GEMM FLOPs of eager autograd on ctmoa_reference (stage 2, router trainable):
+    forward all MLPs' two GEMMs and the router; backward per trainable MLP dA = G W2,
+    dW2 and dW1 (and dH), the router's dW_r; a frozen MLP's dP term is its saved output
+    times G, element-wise (no GEMM)."""
+    m, cv, c, t = shape.m, shape.cv, shape.c, shape.t
+    n_tr, n_fr = _roles(shape)
+    mlp = 2 * m * cv * c + 2 * m * c * c
+    fwd = (n_tr + n_fr) * mlp + 2 * m * t * cv
+    bwd = n_tr * (4 * m * c * c + 2 * m * cv * c) + 2 * m * t * cv
+    if h_grad:  # dH through every MLP, and dA through the frozen ones too
+        bwd += (n_tr + n_fr) * 2 * m * c * cv + n_fr * 2 * m * c * c
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def saved_bytes(shape: Shape) -> dict[str, int]:
+    """Memory the forward keeps for the backward (stage 2; H, router and weights are the
+    caller's and not counted). Fused: Z of the trainable MLPs and Y of the frozen ones in
+    the compute dtype, probs [M, T] and lse [M] in fp32. Eager (its autograd graph on
+    ctmoa_reference): per trainable MLP Z and gelu(Z) in the compute dtype and its output
+    in fp32 (the mixing product saves it for dP); per frozen MLP its fp32 output; probs."""
+    m, c, t, el = shape.m, shape.c, shape.t, _elt(shape.dtype)
+    n_tr, n_fr = _roles(shape)
+    fused = (n_tr + n_fr) * m * c * el + m * t * 4 + m * 4
+    # in fp32, y.float() is y itself: the product saves the linear's own output, once
+    eager = n_tr * (2 * m * c * el + m * c * 4) + n_fr * m * c * 4 + m * t * 4
+    return {"fused": fused, "eager": eager}
+
+
+def render_cost_model(shape: Shape) -> str:
+    costs = cost_model(shape)
+    fwd = sum(x.flops for x in costs if x.phase == "fwd")
+    bwd = sum(x.flops for x in costs if x.phase == "bwd")
+    eager = eager_flops(shape)
+    mem = saved_bytes(shape)
+    g, mb = 1e9, 1e6
+    rows = ["| phase | launch | GEMM m x n x k | launches | GFLOP | min. MB moved per launch |",
+            "|---|---|---|---:|---:|---:|"]
+    rows += [f"| {x.phase} | {x.name} | {x.m} x {x.n} x {x.k} | {x.count} | {x.flops / g:,.1f} | "
+             f"{x.nbytes / mb:,.1f} |" for x in costs]
+    side = ["| GEMM GFLOP | fused | eager |", "|---|---:|---:|",
+            f"| forward | {fwd / g:,.1f} | {eager['fwd'] / g:,.1f} |",
+            f"| backward | {bwd / g:,.1f} | {eager['bwd'] / g:,.1f} |",
+            f"| forward + backward | {(fwd + bwd) / g:,.1f} | {(eager['fwd'] + eager['bwd']) / g:,.1f} |",
+            "", "| kept for the backward | fused | eager | fused / eager |", "|---|---:|---:|---:|",
+            f"| MB | {mem['fused'] / mb:,.1f} | {mem['eager'] / mb:,.1f} | {mem['fused'] / mem['eager']:.2f}x |"]
+    return "\n".join(side + ["", *rows])
 
 
 @dataclass
@@ -111,7 +225,7 @@ def _timer(fn, device: str, reps: int) -> float:
     if device == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=reps, return_mode="median")
-    fn()
+    # One call: measure() has already run each variant once (torch.compile's warm-up).
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -170,8 +284,7 @@ def plain_gemms(problem, device: str, reps: int) -> Result:
         torch.matmul(s, w2cat.t())
 
     def bwd():
-        torch.matmul(h2, w1s.t())  # recompute of the first GEMM
-        torch.matmul(g, w2cat)  # D = G W2cat
+        torch.matmul(g, w2cat[:, :n_tr * c])  # D = G W2 of the trainable MLPs
         torch.matmul(g.t(), s[:, :n_tr * c])  # dW2 of the trainable MLPs
         torch.matmul(s[:, :n_tr * c].t(), h2)  # dW1 of the trainable MLPs
 
@@ -192,10 +305,21 @@ def render_markdown(results: list[Result], shape: Shape, device_name: str, comma
     def num(x, fmt="{:.3f}"):
         return "n/a" if x is None else fmt.format(x)
 
-    rows = ["| implementation | fwd ms | bwd ms | fwd+bwd ms | saved by fwd graph MiB | peak fwd+bwd MiB |",
-            "|---|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r.name} | {num(r.fwd_ms)} | {num(r.bwd_ms)} | {num(r.both_ms)} | {num(r.saved_mib, '{:.1f}')} | "
-             f"{num(r.peak_mib, '{:.1f}')} |" for r in results]
+    costs = cost_model(shape)
+    flops_fused = sum(x.flops for x in costs)
+    eager_f = sum(eager_flops(shape).values())
+    peak = peak_tflops(device_name, shape.dtype)
+
+    def rate(r: Result) -> str:
+        # the plain-GEMM row runs the same GEMMs as fused; eager/compile the eager count
+        flops = eager_f if r.name.startswith(("eager", "torch.compile")) else flops_fused
+        tf = flops / (r.both_ms * 1e-3) / 1e12
+        return f"{tf:.0f} | {num(None if peak is None else tf / peak, '{:.0%}')}"
+
+    rows = ["| implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | of peak | saved by fwd graph MiB "
+            "| peak fwd+bwd MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r.name} | {num(r.fwd_ms)} | {num(r.bwd_ms)} | {num(r.both_ms)} | {rate(r)} | "
+             f"{num(r.saved_mib, '{:.1f}')} | {num(r.peak_mib, '{:.1f}')} |" for r in results]
     speedup = eager.both_ms / fused.both_ms
     roof = fused.fwd_ms / plain.fwd_ms
     mem = None if fused.saved_mib is None or not eager.saved_mib else fused.saved_mib / eager.saved_mib
@@ -216,7 +340,47 @@ def render_markdown(results: list[Result], shape: Shape, device_name: str, comma
         f"Shape: {shape.batch} x {shape.tokens} tokens, Cv={shape.cv}, C={shape.c}, T={shape.t} "
         f"({2 * shape.t - 1} MLPs), {str(shape.dtype).replace('torch.', '')}; stage-2 trainable set (router, own and "
         "cross adapters; foreign adapters and H frozen). Backward = autograd.grad of out, prob_sum and lse_sq_sum.",
-        "", "Reproduce:", "", "```", command, "```", "", f"Targets: {TARGETS}.", "", *rows, "", *verdict, ""])
+        "", "Reproduce:", "", "```", command, "```", "", f"Targets: {TARGETS}.", "", *rows, "", *verdict, "",
+        "## Cost model (analytic)", "", render_cost_model(shape), ""])
+
+
+# Dense 16-bit tensor-core peaks (vendor figures, no sparsity), TFLOP/s, by device name.
+_PEAKS_16BIT = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    if dtype == torch.float32:
+        return None  # fp32 runs ieee FMA, not tensor cores: no single peak to quote
+    for key, value in _PEAKS_16BIT.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def render_cost_only(shape: Shape, command: str) -> str:
+    """The file written without a GPU: the cost model only, said plainly."""
+    return "\n".join([
+        "# CT-MoA kernel benchmarks", "",
+        f"**No GPU has run this benchmark (written {datetime.date.today().isoformat()} on a machine without "
+        "CUDA).** There are no timings, no TFLOP/s and no measured memory below: only the analytic cost "
+        "model of the fused path (`cost_model`, `saved_bytes` in `benchmark_ctmoa.py`), whose launch list "
+        "the tests check against the launches the launchers record. On CPU the kernels ran only in "
+        "Triton's interpreter (correctness: `kernels/test_ctmoa*.py`) and were compiled ahead of time "
+        "for sm_90 (`test_kernels_compile_for_sm90_without_a_gpu`, which also checks that the bf16 GEMM "
+        "tiles lower to wgmma); neither says anything about speed.", "",
+        f"Shape: {shape.batch} x {shape.tokens} tokens (M = {shape.m}), Cv={shape.cv}, C={shape.c}, "
+        f"T={shape.t} ({2 * shape.t - 1} MLPs), {str(shape.dtype).replace('torch.', '')}; stage-2 trainable set "
+        "(router, own and cross adapters; foreign adapters and H frozen).", "",
+        "Reproduce (on a GPU node the same command also times fused, eager and torch.compile(reference), "
+        "prints achieved TFLOP/s and the fraction of the device's peak, and judges the targets):", "",
+        "```", command, "```", "", f"Targets: {TARGETS}.", "", "## Cost model (analytic)", "",
+        "GEMM FLOPs count 2 m n k per GEMM. \"min. MB moved\" is each operand read once and each result "
+        "written once (real traffic is higher: tiles re-read panels from L2). Eager is autograd on "
+        "`ctmoa_reference`: the same forward GEMMs; backward dA = G W2, dW2, dW1 per trainable MLP, "
+        "dW_r, and the frozen MLPs' dP from their saved outputs (element-wise). The fused backward runs "
+        "exactly those GEMMs (it keeps Z of the trainable MLPs and Y of the frozen ones instead of "
+        "recomputing), so the two columns are equal by design.", "",
+        render_cost_model(shape), ""])
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -236,25 +400,29 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny sizes (needs TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
+    command = "python -m pilot_hpc_kernels.benchmark_ctmoa " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.tiny:
         shape, device = TINY, "cpu"
     else:
-        if not torch.cuda.is_available():
-            print("benchmark_ctmoa: no CUDA GPU visible; the numbers need one (use --tiny for a CPU smoke run)",
-                  file=sys.stderr)
-            return 2
         shape = Shape(args.batch, args.tokens, args.cv, args.c, args.t, _dtype(args.dtype))
         device = "cuda"
+        if not torch.cuda.is_available():
+            print("benchmark_ctmoa: no CUDA GPU visible: writing the analytic cost model only, no timings",
+                  file=sys.stderr)
+            _write(render_cost_only(shape, command), args.out)
+            return 0
     results = run(shape, device, args.reps, with_compile=not args.no_compile)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter; timings meaningless)"
-    text = render_markdown(results, shape, name, "python -m pilot_hpc_kernels.benchmark_ctmoa " + " ".join(
-        sys.argv[1:] if argv is None else argv), judge=device == "cuda")
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(render_markdown(results, shape, name, command, judge=device == "cuda"), args.out)
+    return 0
+
+
+def _write(text: str, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             f.write(text)
     else:
         print(text)
-    return 0
 
 
 # ----------------------------------------------------------------------------- pytest
@@ -288,12 +456,67 @@ def test_benchmark_all_variants_run():
     assert "| fused (Triton) |" in text and "Targets:" in text
 
 
-def test_benchmark_cli_refuses_without_gpu(capsys):
+def test_benchmark_cli_without_gpu_writes_the_cost_model(tmp_path, capsys):
+    import pytest
     if torch.cuda.is_available():
-        import pytest
         pytest.skip("a GPU is present: the CLI would run the full benchmark")
-    assert main(["--no-compile"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    out = tmp_path / "B.md"
+    assert main(["--out", str(out)]) == 0
+    assert "cost model only" in capsys.readouterr().err
+    text = out.read_text()
+    assert "No GPU has run this benchmark" in text and "TFLOP/s and no measured" in text
+    assert "| forward + backward | 4,020.2 | 4,020.2 |" in text  # the 7B figures, fused = eager
+    assert "| MB | 377.6 | 1,208.1 | 0.31x |" in text
+
+
+def test_cost_model_at_the_7b_shapes():
+    """Hand-counted at M = 9216, Cv = 1024, C = 4096, T = 3, bf16: GEMM FLOPs of the
+    fused forward + backward at most eager's, kept memory at most half of eager's."""
+    costs = cost_model(LLAVA_7B)
+    fwd = sum(x.flops for x in costs if x.phase == "fwd")
+    bwd = sum(x.flops for x in costs if x.phase == "bwd")
+    m, cv, c = 9216, 1024, 4096
+    mlp = 2 * m * cv * c + 2 * m * c * c  # one MLP's two forward GEMMs
+    assert fwd == 5 * mlp + 2 * m * 3 * cv
+    assert bwd == 3 * (4 * m * c * c + 2 * m * cv * c) + 2 * m * 3 * cv  # D, dW2, dW1 of 3 MLPs; dW_r
+    eager = eager_flops(LLAVA_7B)
+    assert fwd + bwd <= eager["fwd"] + eager["bwd"]
+    mem = saved_bytes(LLAVA_7B)
+    assert mem["fused"] == 5 * m * c * 2 + m * 16 and mem["fused"] <= 0.5 * mem["eager"]
+
+
+def test_cost_model_matches_the_launches():
+    """Every launch the fused forward + backward makes (recorded by the launchers with
+    its grid and GEMM sizes) is in the cost model, with the same m x n x k and count;
+    each Triton grid covers its GEMM's m x n output with the tile it used."""
+    import pytest
+    if (reason := _skip_reason()) is not None:
+        pytest.skip(reason)
+    import triton
+    from pilot_hpc_kernels import ctmoa, ctmoa_fwd
+    for h_grad in (False, True):
+        shape = Shape(batch=1, tokens=21, cv=20, c=18, t=3, dtype=torch.float32)
+        h, wr, adapters, eo = build(shape, "cpu")
+        h.requires_grad_(h_grad)
+        ctmoa_fwd.LAUNCHES = []
+        try:
+            res = ctmoa.ctmoa_triton(h, wr, adapters, eo)
+            params = [x for x in [h, wr] + [x for a in adapters for x in a] if x.requires_grad]
+            torch.autograd.grad([res.out.sum(), res.stats.lse_sq_sum], params)
+            launches = ctmoa_fwd.LAUNCHES
+        finally:
+            ctmoa_fwd.LAUNCHES = None
+        got = {}
+        for x in launches:
+            key = (x.name, x.m, x.n, x.k)
+            got[key] = got.get(key, 0) + 1
+            if x.tile is not None:
+                assert x.grid == (triton.cdiv(x.m, x.tile.bm) * triton.cdiv(x.n, x.tile.bn),), x
+        costs = cost_model(shape, h_grad=h_grad)
+        want = {(x.name, x.m, x.n, x.k): x.count for x in costs}
+        assert got == want, (h_grad, got, want)
+        eager = eager_flops(shape, h_grad=h_grad)
+        assert sum(x.flops for x in costs) <= eager["fwd"] + eager["bwd"]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ if "TRITON_INTERPRET" not in os.environ and not _has_cuda():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
 def pytest_collect_file(parent, file_path):
     # The default python_files pattern (test_*.py) would miss benchmark_ctmoa.py, which
     # must keep its name for `python -m pilot_hpc_kernels.benchmark_ctmoa`.

@@ -1,4 +1,5 @@
-"""The fused CT-MoA (pilot_hpc_kernels.ctmoa) against ctmoa_reference, and the dispatch.
+"""The fused CT-MoA (pilot_hpc_kernels.ctmoa) against ctmoa_reference (the dispatch that
+picks it is tested in tests/test_ctmoa_dispatch_run.py: kernels/ imports nothing from pilot_hpc).
 
 On a CPU machine the kernels run in Triton's interpreter (kernels/conftest.py sets
 TRITON_INTERPRET=1), in fp32 at small, deliberately awkward shapes; the fp16/bf16 cases
@@ -9,7 +10,6 @@ w1/b1/w2/b2, and H when it requires grad; frozen inputs must get no gradient at 
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import os
 import subprocess
@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from pilot_hpc.model import ctmoa_dispatch
-from pilot_hpc.model.ctmoa import AdapterWeights, ctmoa_reference, load_balance_loss, mlp_expert_index, z_loss
+from pilot_hpc_kernels.ctmoa_reference import (AdapterWeights, ctmoa_reference, load_balance_loss, mlp_expert_index,
+                                               z_loss)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -151,14 +151,14 @@ def test_strided_h(layout):
 def test_frozen_inputs_get_no_gradient(monkeypatch):
     """The backward must return None (compute nothing) for every frozen input."""
     returned = []
-    original = K._CTMoAFunction.backward
+    original = K.mixture_backward
 
-    def spy(ctx, *grads):
-        out = original(ctx, *grads)
-        returned.append((tuple(ctx.needs_input_grad), out))
+    def spy(*args):
+        out = original(*args)
+        returned.append((tuple(args[-1]), out))
         return out
 
-    monkeypatch.setattr(K._CTMoAFunction, "backward", staticmethod(spy))
+    monkeypatch.setattr(K, "mixture_backward", spy)
     h, wr, adapters, eo = make_problem((1, 19), 20, 18, 3)
     res = K.ctmoa_triton(h, wr, adapters, eo)
     loss_of(res).backward()
@@ -233,6 +233,7 @@ def test_bad_inputs_raise_value_error():
         K.ctmoa_triton(h, wr, adapters, eo[:2])
 
 
+@pytest.mark.cuda
 @gpu_only
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -241,106 +242,74 @@ def test_matches_reference_half_precision(dtype, lead, cv, c, t):
     compare(make_problem(lead, cv, c, t, dtype, h_grad=True), dtype)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="GPU-sized fp32 check: far too slow in Triton's CPU interpreter")
 @needs_kernels
 def test_matches_reference_fp32_gpu_larger():
     compare(make_problem((2, 576), 256, 320, 3), torch.float32, tol=1e-4)  # longer reductions: K*eps grows
 
 
-# ----------------------------------------------------------------------------- dispatch
-@pytest.fixture
-def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv(ctmoa_dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(ctmoa_dispatch, "_logged_paths", set())
-    return ctmoa_dispatch
-
-
-def test_dispatch_auto_on_cpu_and_forced_reference(fresh_dispatch):
-    h = torch.zeros(2, 4)
-    assert fresh_dispatch.resolve_impl(h, "auto")[0] == "reference"
-    assert fresh_dispatch.resolve_impl(h, "reference")[0] == "reference"
-    with pytest.raises(ValueError, match="must be one of"):
-        fresh_dispatch.resolve_impl(h, "cuda")
-
-
-def test_dispatch_env_overrides_argument(fresh_dispatch, monkeypatch):
-    h = torch.zeros(2, 4)
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "reference")
-    path, reason = fresh_dispatch.resolve_impl(h, "triton")
-    assert path == "reference" and fresh_dispatch.ENV_VAR in reason
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        fresh_dispatch.resolve_impl(h, "auto")
-
-
-def test_dispatch_forced_triton_on_cpu_needs_the_interpreter(fresh_dispatch, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fresh_dispatch.resolve_impl(torch.zeros(2, 4), "triton")
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fresh_dispatch.resolve_impl(torch.zeros(2, 4), "reference")
-
-
-def test_dispatch_logs_the_path_once(fresh_dispatch, caplog):
-    h, wr, adapters, eo = make_problem((1, 3), 8, 8, 2, device="cpu")
-    with caplog.at_level(logging.INFO, logger="pilot_hpc.ctmoa"):
-        for _ in range(3):
-            res = fresh_dispatch.ctmoa(h, wr, adapters, eo, impl="reference")
-    records = [r for r in caplog.records if r.name == "pilot_hpc.ctmoa"]
-    assert len(records) == 1 and "reference" in records[0].getMessage()
-    assert torch.equal(res.out, ctmoa_reference(h, wr, adapters, eo).out)
-
-
-@needs_kernels
-def test_dispatch_forced_triton_runs_the_kernels(fresh_dispatch, monkeypatch):
-    calls = []
-    monkeypatch.setattr(K, "ctmoa_triton", lambda *a: calls.append(1) or ctmoa_reference(*a))
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    h, wr, adapters, eo = make_problem((1, 3), 8, 8, 2)
-    fresh_dispatch.ctmoa(h, wr, adapters, eo, impl="reference")
-    assert calls == [1]
-    # and for real, through the dispatch (auto picks it on a GPU; forced here)
-    monkeypatch.undo()
-    monkeypatch.setenv(fresh_dispatch.ENV_VAR, "triton")
-    monkeypatch.setattr(fresh_dispatch, "_logged_paths", set())
-    res = fresh_dispatch.ctmoa(h, wr, adapters, eo)
-    assert nerr(res.out, ctmoa_reference(h, wr, adapters, eo).out) <= TOL[torch.float32]
-
-
 # ----------------------------------------------------------------------------- GPU compile
 _COMPILE_SCRIPT = r'''
-import inspect, triton
+import os, subprocess, tempfile
+import triton, torch
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import pilot_hpc_kernels.ctmoa as K
-assert not K.INTERPRETED
-INT_PTRS = {"eo_ptr", "ids_ptr", "dz_slot_ptr", "s_slot_ptr"}
-F32_PTRS = {"probs_ptr", "lse_ptr", "psum_ptr", "cnt_ptr", "lsq_ptr", "b2e_ptr", "dp_ptr", "gb_ptr", "pg_ptr",
-            "dwr_ptr", "dl_ptr", "gz_ptr", "wr_ptr"}
+import pilot_hpc_kernels.ctmoa_fwd as F
+import pilot_hpc_kernels.ctmoa_bwd as B
+assert not F.INTERPRETED
+INT_PTRS = {"ye_ptr"}
+F32_PTRS = {"probs_ptr", "lse_ptr", "psum_ptr", "cnt_ptr", "lsq_ptr", "bias_ptr", "dp_ptr", "dpe_ptr", "pg_ptr",
+            "dwr_ptr", "dl_ptr", "gz_ptr", "wr_ptr", "b2v_ptr"}
 UNIT_STRIDES = {"stride_hk", "stride_wk", "stride_w1k", "stride_w2k", "stride_gk"}  # 1 at run time: specialised
+SMALL_INTS = {"T", "e"}  # not multiples of 16 at run time
+NK = 3  # the three trainable MLPs of stage 2 in the mixed GEMM
+try:
+    _ptxas = get_ptxas(90)  # triton 3.9: per-architecture ptxas
+except TypeError:
+    _ptxas = get_ptxas()
+PTXAS = getattr(_ptxas, "path", _ptxas)
 
-def build(kernel, dtype, consts, warps, stages):
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+def build(fn, dtype, consts, warps, stages):
     consts = dict(consts, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES})
-    sig = {n: "constexpr" if n in consts else ("*i32" if n in INT_PTRS else "*fp32" if n in F32_PTRS else
-           "*" + dtype if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    def ty(n):
+        if n in consts: return "constexpr"
+        if n == "w2_ptrs": return tuple("*" + dtype for _ in range(NK))
+        return "*i32" if n in INT_PTRS else "*fp32" if n in F32_PTRS else "*" + dtype if n.endswith("_ptr") else "i32"
+    sig = {n: ty(n) for n in fn.arg_names}
     # a launch at LLaVA sizes sees 16-aligned pointers and sizes/strides divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n] != "constexpr" and n not in ("T", "E")}
+    attrs = {}
+    for i, n in enumerate(fn.arg_names):
+        if n == "w2_ptrs":
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(NK)})
+        elif sig[n] != "constexpr" and n not in SMALL_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
-for dtype in ("bf16", "fp32"):
-    for kernel, flags in [(K._mix_up_kernel, dict(HAS_B1=True, PREC="ieee")),
-                          (K._mix_down_kernel, dict(T=3, HAS_B2=True, PREC="ieee")),
-                          (K._mix_bwd_kernel, dict(HAS_B1=True, NEED_DP=True, PREC="ieee"))]:
-        cfg = kernel.configs[0] if dtype == "bf16" else kernel.configs[-1]
-        build(kernel, dtype, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+M = 9216  # LLaVA-7B: 16 x 576 tokens
+for dtype, tdtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for fn, kind, flags in [(F._up_kernel, "up", dict(HAS_B1=True, SCALE=True, SAVE_Z=True, PREC="ieee")),
+                            (F._down_kernel, "down", dict(T=3, NK=NK, NY=2, BIAS=1, PREC="ieee")),
+                            (B._mix_bwd_kernel, "bwd", dict(NEED_DP=True, NEED_DZ=True, NEED_S=True, PREC="ieee"))]:
+        tile = F.pick_tile(kind, tdtype, M)
+        k = build(fn, dtype, dict(flags, BLOCK_M=tile.bm, BLOCK_N=tile.bn, BLOCK_K=tile.bk, GROUP_M=tile.group_m),
+                  tile.warps, tile.stages)
+        if dtype == "bf16":  # the 16-bit tiles are sized for Hopper's warpgroup MMA, without spills
+            assert "wgmma.mma_async" in k.asm["ptx"], (kind, "no wgmma in the PTX")
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = os.path.join(tmp, "k.ptx")
+                open(ptx, "w").write(k.asm["ptx"])
+                info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                      capture_output=True, text=True)
+            spills = [l for l in (info.stdout + info.stderr).splitlines() if "spill stores" in l]
+            assert spills and all(" 0 bytes spill stores" in l for l in spills), (kind, tile, spills)
+            print(kind, "wgmma", "ok")
     small = dict(BLOCK_M=64, BLOCK_T=16, BLOCK_K=64)
-    build(K._router_fwd_kernel, dtype, small, 4, 3)
-    build(K._router_bwd_kernel, dtype, dict(small, WRITE_DL=True), 4, 3)
-    build(K._bias_bwd_kernel, dtype, dict(small, NEED_GB=True, NEED_PG=True, BLOCK_E=16), 4, 3)
+    build(F._router_fwd_kernel, dtype, small, 4, 3)
+    build(B._router_bwd_kernel, dtype, dict(small, WRITE_DL=True), 4, 3)
+    build(B._bias_bwd_kernel, dtype, dict(small, NY=2, HAS_B=True, NEED_DPE=True, NEED_PG=True), 4, 3)
 print("compiled")
 '''
 
@@ -360,11 +329,14 @@ def _sm90_compile_skip() -> str | None:
 
 @pytest.mark.skipif(_sm90_compile_skip() is not None, reason=_sm90_compile_skip() or "")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter accepts code the GPU compiler rejects: compile every kernel (first
-    bf16 config, last fp32 config) for an H100 (sm_90) down to a cubin with triton's
-    bundled ptxas, in a subprocess where TRITON_INTERPRET is unset."""
+    """The interpreter accepts code the GPU compiler rejects: compile every kernel (the
+    bf16 and fp32 tiles `pick_tile` gives at the LLaVA-7B M) for an H100 (sm_90) down to
+    a cubin with triton's bundled ptxas, in a subprocess where TRITON_INTERPRET is unset,
+    and check that the three GEMM kernels' bf16 tiles compile to wgmma without register
+    spills (ptxas -v)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's default-change warning
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert run.stdout.count(" wgmma ") == 3, run.stdout

@@ -124,3 +124,12 @@ def test_layers_import_downwards(layer):
     bad = sorted((m, d) for m, deps in graph.items() if m == layer or m.startswith(layer + ".")
                  for d in deps if any(d == f or d.startswith(f) for f in FORBIDDEN[layer]) and d != "pilot_hpc")
     assert not bad, f"{layer} imports upwards: {bad}"
+
+
+def test_the_kernels_are_a_leaf():
+    """kernels/ (pilot_hpc_kernels) imports nothing of pilot_hpc: its types live with it."""
+    graph = import_graph()
+    bad = sorted((m, d) for m, deps in graph.items() if m.startswith("pilot_hpc_kernels")
+                 for d in deps if not d.startswith("pilot_hpc_kernels"))
+    assert not bad, f"kernels import pilot_hpc: {bad}"
+    assert "pilot_hpc_kernels.ctmoa_reference" in graph["pilot_hpc.model.ctmoa"]
