@@ -34,6 +34,7 @@ log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps")
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Preempted(Exception):
@@ -148,7 +149,8 @@ class Federation:
             if faults.hit("raise", client=slot.k, round=round_):
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
             params = [p for p in self.pm.model.parameters() if p.requires_grad]
-            spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_))
+            spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_),
+                                       num_workers=self.cfg.data.num_workers)
             hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step))
             res = train_steps(self.pm.model, dataset, params, spec, pad_id=self.pm.tokenizer.pad_token_id,
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
@@ -184,7 +186,7 @@ class Federation:
 
     def streamed_exchange(self, round_: int) -> None:
         comm, pm, strat = self.comm, self.pm, self.strategy
-        dtype = next(pm.model.parameters()).dtype
+        dtype = WIRE_DTYPES[self.cfg.fl.wire_dtype]  # fl.wire_dtype (config.py says why float32)
         p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
         # [n_local, Pv + Pt] on the model's device; a bad update travels as zeros and
         # its good flag tells the server to leave it out.
