@@ -12,6 +12,9 @@ resume, checkpointing's recompute) is compared bitwise.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -427,3 +430,64 @@ def test_deepspeed_keeps_the_float32_masters_of_a_bf16_model(small_world):
     assert all(p.dtype == torch.float32 for p in pm.connector.parameters())
     assert all(p.dtype == torch.float32 for _, p in pm.lora_named_parameters())
     assert not torch.equal(pm.connector.task_adapter.linear_1.weight, before)
+
+
+DP_CLIENT, DP_BATCH, DP_ACCUM = 1, 3, 3  # 37 samples: global batches of 6, the last of 1 sample
+
+
+def _dp_accum_worker(rank: int, share_file: str, out: str, cache_dir: str) -> None:
+    """One member of a 2-rank client group, 3 micro-batches of 1 sample per step (run as
+    a subprocess by the test below)."""
+    from helpers import SMOKE, small_overrides
+    from test_engine import _share_through
+    from pilot_hpc.config import load_config
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.train.spec import ClientGroup
+    from pilot_hpc.train.warm_start import ensure_base
+
+    torch.set_num_threads(1)
+    cfg = load_config(SMOKE, small_overrides(cache_dir, os.path.join(cache_dir, "unused")))
+    spec = synthetic.spec_for(cfg)
+    folder = synthetic.ensure(spec, cache_dir)
+    pm, ds, start = build((cfg, folder, ensure_base(cfg, folder, spec.key())), client=DP_CLIENT)
+    group = ClientGroup(rank=rank, size=2, share=_share_through(share_file, rank))
+    params = [p for p in pm.model.parameters() if p.requires_grad]
+    seen = []
+    hooks = Hooks(aux_loss=lambda: {"diff": 0.1 * pm.connector.aux["diff"]},
+                  progress=lambda s, terms: seen.append({k: float(v.detach()) for k, v in terms.items()}))
+    s = TrainSpec(lr=5e-4, batch_size=DP_BATCH, epochs=1, seed=SEED, engine="deepspeed", zero_stage=2,
+                  grad_accum_steps=DP_ACCUM, lr_schedule="cosine", warmup_ratio=0.2)
+    res = train_steps(pm.model, ds, params, s, pad_id=pm.tokenizer.pad_token_id, hooks=hooks, group=group)
+    torch.save({"params": trainable(pm), "steps": res.steps, "samples": res.samples, "seen": seen}, out)
+
+
+def test_two_ranks_with_accumulation_train_like_one_with_the_whole_batch(small_world, cache_dir, tmp_path):
+    """DeepSpeed, 2 ranks x 3 micro-batches of 1 sample vs the torch engine on batches of
+    6: the same update (TOL_DP of test_engine.py: 1e-5 over the sum-order 6.1e-7). The
+    last batch has 1 sample: rank 0 runs 3 weight-0 micro-batches, rank 1 one real and
+    two weight-0 ones."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(__file__)), os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, __file__, "dp-accum-worker", str(r), str(tmp_path / "share.json"),
+                               str(tmp_path / f"rank{r}.pt"), cache_dir], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    pm, ds, start = build(small_world, client=DP_CLIENT)
+    p0 = trainable(pm)
+    ref, ref_terms = run(pm, ds, start, steps=0, epochs=1, batch_size=2 * DP_BATCH, lr_schedule="cosine",
+                         warmup_ratio=0.2)
+    p_one = trainable(pm)
+    for p in procs:
+        text, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, text[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert len(ds) % (2 * DP_BATCH) == 1
+    assert torch.equal(a["params"], b["params"]) and a["seen"] == b["seen"]
+    assert a["steps"] == ref.steps and a["samples"] == ref.samples == len(ds)
+    err = rel(a["params"], p_one, p0)
+    assert err < 1e-5, f"update error {err:.3g}"
+    for x, y in zip(a["seen"], ref_terms):
+        assert all(abs(x[k] - y[k]) <= 1e-5 * abs(y[k]) + 1e-9 for k in y), (x, y)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["dp-accum-worker"]:
+    _dp_accum_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
