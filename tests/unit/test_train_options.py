@@ -317,7 +317,7 @@ def test_interrupted_round_resumes_bitwise_with_the_schedule(small_world, worker
 # ---------------------------------------------------------------------------- workers
 
 
-def test_workers_load_the_same_batches_bitwise(small_world):
+def test_workers_load_the_same_batches_bitwise(small_world, monkeypatch):
     """LoRA dropout on: a DataLoader drawing its workers' seed from torch's global RNG
     (its default) would shift the dropout masks; this caught it."""
     from pilot_hpc.train import loader
@@ -333,6 +333,11 @@ def test_workers_load_the_same_batches_bitwise(small_world):
     assert loader._LOADERS[id(ds)][2] is first
     assert sorted(w.pid for w in first._iterator._workers) == pids
     assert torch.equal(trainable(pm), ref)
+    # Bounded: past MAX_LOADERS datasets the least recently used loader's workers end.
+    monkeypatch.setattr(loader, "MAX_LOADERS", 1)
+    other = torch.utils.data.Subset(ds, list(range(16)))
+    run(pm, other, start, steps=1, num_workers=1)
+    assert list(loader._LOADERS) == [id(other)] and first._iterator._workers_status == [False, False]
     loader.close_loaders()
 
 

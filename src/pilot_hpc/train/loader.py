@@ -11,7 +11,7 @@ num_workers (tests/e2e/test_train_workers.py compares whole runs bitwise).
 
 Workers are persistent, one DataLoader per dataset per process, reused by every round
 of that client: a rank hosting several clients keeps num_workers processes per client
-dataset alive instead of forking new ones each round. They are forked (Linux' default
+dataset alive instead of forking new ones each round (at most MAX_LOADERS loaders). They are forked (Linux' default
 start method) after MPI initialisation and never call MPI; they hold a copy of the
 dataset (its decoded-image cache fills per worker). On CUDA the batches come in pinned
 memory and are copied asynchronously.
@@ -41,8 +41,19 @@ class PlanSampler(torch.utils.data.Sampler):
         return len(self.plan)
 
 
-# id(dataset) -> (dataset, sampler, loader, settings): one persistent loader per dataset.
+# id(dataset) -> (dataset, sampler, loader, settings): one persistent loader per dataset,
+# least recently used first. Bounded: a strategy that builds a new dataset every round
+# (centralized pools everyone's data afresh) would otherwise keep every round's workers
+# alive; beyond MAX_LOADERS the oldest loader's workers end (a rank hosting more client
+# datasets than that re-forks workers every round).
 _LOADERS: dict[int, tuple] = {}
+MAX_LOADERS = 32
+
+
+def _shutdown(loader) -> None:
+    it = getattr(loader, "_iterator", None)
+    if it is not None:
+        it._shutdown_workers()
 
 
 def _loader(dataset, pad_id: int, num_workers: int, pin: bool):
@@ -50,7 +61,12 @@ def _loader(dataset, pad_id: int, num_workers: int, pin: bool):
     settings = (pad_id, num_workers, pin)
     hit = _LOADERS.get(key)
     if hit is not None and hit[0] is dataset and hit[3] == settings:
+        _LOADERS[key] = _LOADERS.pop(key)  # most recently used last
         return hit[1], hit[2]
+    if hit is not None:
+        _shutdown(_LOADERS.pop(key)[2])
+    while len(_LOADERS) >= MAX_LOADERS:
+        _shutdown(_LOADERS.pop(next(iter(_LOADERS)))[2])
     sampler = PlanSampler()
     # Its own generator: a DataLoader iterator draws its workers' base seed from it, by
     # default from torch's global RNG, which would shift LoRA dropout's masks (a whole
@@ -66,9 +82,7 @@ def _loader(dataset, pad_id: int, num_workers: int, pin: bool):
 def close_loaders() -> None:
     """Ends every persistent worker of this process (tests; a process exit does it too)."""
     for _, _, loader, _ in _LOADERS.values():
-        it = getattr(loader, "_iterator", None)
-        if it is not None:
-            it._shutdown_workers()
+        _shutdown(loader)
     _LOADERS.clear()
 
 
