@@ -34,7 +34,6 @@ log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps")
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Preempted(Exception):
@@ -186,7 +185,8 @@ class Federation:
 
     def streamed_exchange(self, round_: int) -> None:
         comm, pm, strat = self.comm, self.pm, self.strategy
-        dtype = WIRE_DTYPES[self.cfg.fl.wire_dtype]  # fl.wire_dtype (config.py says why float32)
+        # fl.wire_dtype (config.py says why float32 by default)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.fl.wire_dtype]
         p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
         # [n_local, Pv + Pt] on the model's device; a bad update travels as zeros and
         # its good flag tells the server to leave it out.
