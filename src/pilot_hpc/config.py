@@ -68,6 +68,11 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     ctmoa_impl: Literal["auto", "triton", "reference"] = "auto"
+    # Attention kernel of the LLM and the vision tower, passed to from_pretrained. sdpa is
+    # what loaded before this key existed (the default reproduces those runs bitwise);
+    # flash_attention_2 needs the flash-attn package (CUDA, bf16/fp16). Not part of the
+    # cached base model's key: the warm start always builds with the default.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
     def __post_init__(self):
         if not self.path and self.image_size % self.patch_size:
@@ -151,6 +156,11 @@ class FLConfig:
     # Streamed exchange: MiB of one client's update per message chunk. The server holds
     # about (K + 2) chunks at a time beyond its own model. 0: one message per part.
     chunk_mb: float = 64.0
+    # The dtype of the updates and mixes on the wire. The trainable parameters are
+    # float32 master weights in a model of any dtype (model/llava.py), so float32 sends
+    # them as trained; bfloat16 halves the traffic of a bf16 run but rounds every
+    # client's adapters to bf16 once per round (the server still mixes in float32).
+    wire_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -263,6 +273,10 @@ class Config:
         if self.pilot.ct_clip and fl.strategy != "pilot":
             raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
                               f"(got {fl.strategy})")
+        if self.train.batch_size % self.train.grad_accum_steps:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"train.grad_accum_steps ({self.train.grad_accum_steps}): batch_size is the effective "
+                              "batch, split into grad_accum_steps equal micro-batches")
         if self.run.ranks_per_client > 1 and self.train.engine != "deepspeed":
             raise ConfigError(f"run.ranks_per_client={self.run.ranks_per_client} trains each client data-parallel "
                               "through DeepSpeed: set train.engine=deepspeed (or run.ranks_per_client=1)")
@@ -335,8 +349,10 @@ def check_bounds(cfg: "Config") -> None:
 
 # Fields that never change what a run computes: where it writes, how it logs, whether
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
-# The chunk size only changes how bytes travel (the mixes agree to float rounding).
-NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb"}
+# The chunk size only changes how bytes travel (the mixes agree to float rounding); the
+# DataLoader's workers load the same batches as the training thread (bitwise, tested).
+NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb",
+                     "data.num_workers"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

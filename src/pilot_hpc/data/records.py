@@ -92,16 +92,35 @@ def load_image(path: str) -> Image.Image:
         raise ValueError(f"image {path} cannot be decoded: {err}") from None
 
 
+def pad_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """LLaVA-1.5's `pad` (its expand2square): the image centred on a square of its longer
+    side, filled with the processor's mean colour (image_mean x 255), so the processor's
+    resize and centre crop keep the whole image instead of cutting its longer side."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), tuple(int(c * 255) for c in mean))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
 class InstructionDataset(torch.utils.data.Dataset):
-    """Samples -> (input_ids, labels, pixel_values); answer tokens are the only labels."""
+    """Samples -> (input_ids, labels, pixel_values); answer tokens are the only labels.
+
+    image_aspect_ratio (data.image_aspect_ratio): crop is the image processor's own
+    resize and centre crop; pad pads to a square first (pad_to_square)."""
 
     def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
-                 max_length: int, cache_pixels: bool = True):
+                 max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop"):
+        if image_aspect_ratio not in ("crop", "pad"):
+            raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         self.samples = samples
         self.tok = tokenizer
         self.proc = image_processor
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
         self._pixels: dict[int, torch.Tensor] | None = {} if cache_pixels else None
 
     def __len__(self) -> int:
@@ -111,6 +130,8 @@ class InstructionDataset(torch.utils.data.Dataset):
         if self._pixels is not None and i in self._pixels:
             return self._pixels[i]
         img = load_image(self.samples[i].image_path)
+        if self.image_aspect_ratio == "pad":
+            img = pad_to_square(img, self.proc.image_mean)
         px = self.proc(images=[img], return_tensors="pt")["pixel_values"][0]  # [3, S, S]
         if self._pixels is not None:
             self._pixels[i] = px

@@ -29,6 +29,7 @@ from pilot_hpc.metrics.generation import evaluate_client
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
+from pilot_hpc.train.schedule import lr_factor
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, seed_for
 
 log = logging.getLogger("pilot_hpc.fl")
@@ -149,10 +150,16 @@ class Federation:
             if faults.hit("raise", client=slot.k, round=round_):
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
             params = [p for p in self.pm.model.parameters() if p.requires_grad]
-            spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_))
+            spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_),
+                                       num_workers=self.cfg.data.num_workers)
             g = self.client_group.size
-            line = TrainProgressLog(round_=round_, client=slot.k, steps=spec.steps(len(dataset), g), n=len(dataset),
-                                    batch_size=spec.batch_size * g, every=self.cfg.run.log_every, lr=lambda _: spec.lr,
+            total = spec.steps(len(dataset), g)
+
+            def lr(step: int) -> float:  # progress counts steps from 1, the schedule from 0
+                return spec.lr * lr_factor(step - 1, total, spec.lr_schedule, spec.warmup_ratio)
+
+            line = TrainProgressLog(round_=round_, client=slot.k, steps=total, n=len(dataset),
+                                    batch_size=spec.batch_size * g, every=self.cfg.run.log_every, lr=lr,
                                     later_steps=steps_after(self.strategy.local_jobs(self.slots), slot,
                                                             lambda n: spec.steps(n, g)),
                                     tokens_per_sample=tokens_per_sample(dataset), device=self.device,
@@ -193,7 +200,8 @@ class Federation:
 
     def streamed_exchange(self, round_: int) -> None:
         comm, pm, strat = self.comm, self.pm, self.strategy
-        dtype = next(pm.model.parameters()).dtype
+        # fl.wire_dtype (config.py says why float32 by default)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.fl.wire_dtype]
         p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
         # [n_local, Pv + Pt] on the model's device; a bad update travels as zeros and
         # its good flag tells the server to leave it out.

@@ -152,6 +152,13 @@ class PilotConnector(nn.Module):
         return mlps, mlp_expert_index(self.num_tasks)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
+        """The dtype boundary: the adapters are float32 master weights (model/llava.py)
+        in a model of any dtype, so the vision features come in as float32 and the
+        output leaves in the features' dtype (both no-ops in a float32 model)."""
+        dtype = h.dtype
+        return self._forward(h.to(self.router.weight.dtype)).to(dtype)
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.stage in (0, PLAIN):
             self.aux = {}
             return self.task_adapter(h)

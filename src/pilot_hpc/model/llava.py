@@ -7,6 +7,7 @@ that folder is made once by pilot_hpc.train.warm_start (built from config and wa
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -54,9 +55,19 @@ def num_image_tokens(config: LlavaConfig) -> int:
     return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
-def load_base(path: str, dtype: str):
-    """(model, tokenizer, image processor) from a local HF LLaVA folder."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+def load_base(path: str, dtype: str, attn_implementation: str = "sdpa"):
+    """(model, tokenizer, image processor) from a local HF LLaVA folder.
+
+    attn_implementation (model.attn_implementation) applies to the LLM and the vision
+    tower. sdpa is what from_pretrained picked before the key existed (for the tiny
+    model, checked through config._attn_implementation of both sub-models), so the
+    default reproduces earlier runs bitwise."""
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA, "
+                           "bf16/fp16 models), which is not installed: install it or set "
+                           "model.attn_implementation=sdpa")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
+                                                          attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -146,14 +157,24 @@ class PilotModel:
                     params[k[len("lora."):]].copy_(v)
 
 
+def check_master_weights(pm: PilotModel) -> None:
+    """Every parameter that can train (connector, LoRA: all adapters) is float32."""
+    low = [n for n, p in pm.connector.named_parameters() if p.dtype != torch.float32]
+    low += [n for n, p in pm.lora_named_parameters() if p.dtype != torch.float32]
+    if low:
+        raise RuntimeError(f"trainable parameters must be float32 master weights, but {len(low)} are not "
+                           f"(e.g. {low[0]}): the bf16/fp16 path of model/llava.py did not cast them")
+
+
 def build_pilot_model(base_path: str, m: ModelConfig, num_tasks: int, own_task: int, *, seed: int,
                       device: torch.device, pilot=None) -> PilotModel:
     """`pilot`: the config section of Pilot's switches (PilotConfig); None for the defaults."""
-    model, tokenizer, image_processor = load_base(base_path, m.dtype)
+    model, tokenizer, image_processor = load_base(base_path, m.dtype, m.attn_implementation)
     configure_generation(model, tokenizer)
     peft_model, connector = attach_pilot(model, m, num_tasks, own_task, seed=seed, pilot=pilot or PilotConfig())
     peft_model.to(device)
     pm = PilotModel(peft_model, connector, tokenizer, image_processor, num_image_tokens(model.config))
+    check_master_weights(pm)
     pm.set_stage(0)
     return pm
 
@@ -164,8 +185,18 @@ def attach_pilot(model, m: ModelConfig, num_tasks: int, own_task: int, *, seed: 
     connector = PilotConnector(llava.multi_modal_projector, num_tasks, own_task, pilot=pilot, ctmoa_impl=m.ctmoa_impl,
                                seed=seed)
     llava.multi_modal_projector = connector
+    # Master weights in float32 (a no-op for a float32 model). Every connector weight is
+    # trained in some stage or installed from the server's mix; kept in a bf16 model's
+    # dtype, AdamW's updates of ~lr = 2e-5 on weights of ~0.02 fall below half a bf16 ulp
+    # there (the ulp of 0.02 is 2^-13 = 1.2e-4) and round away. The connector computes
+    # in float32 (it casts its input and output at its boundary, connector.py); peft
+    # keeps LoRA in float32 on its own (autocast_adapter_dtype), which
+    # build_pilot_model checks.
+    connector.to(torch.float32)
     if pilot.ct_clip:
-        attach_ct_clip(llava.vision_tower, num_tasks, own_task, pilot=pilot, ctmoa_impl=m.ctmoa_impl, seed=seed)
+        for clip_mlp in attach_ct_clip(llava.vision_tower, num_tasks, own_task, pilot=pilot,
+                                       ctmoa_impl=m.ctmoa_impl, seed=seed):
+            clip_mlp.to(torch.float32)  # master weights, as the connector's
     # The LoRA init draws random A matrices: seed it so every rank builds the same model.
     torch.manual_seed(seed)
     lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,

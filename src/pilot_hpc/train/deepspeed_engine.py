@@ -3,7 +3,7 @@
 The same contract as the torch engine (same seeded batch order, loss terms, clipping,
 non-finite handling and TrainResult), run through a DeepSpeed engine: ZeRO
 stage 0/1/2 over the trainable parameters only (the frozen base is never optimizer
-state), bf16 with fp32 master weights when the model is bfloat16, optional optimizer
+state), float32 master weights (the trainable parameters are float32 in a bf16 model), optional optimizer
 offload to CPU, and data parallel over the ranks of one client (a ClientGroup).
 
 This is the only module that imports deepspeed, and it does so inside functions, so
@@ -23,8 +23,12 @@ import socket
 
 import torch
 
-from pilot_hpc.data.records import IGNORE_INDEX, collate_train
-from pilot_hpc.train.spec import ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches
+from pilot_hpc.data.records import IGNORE_INDEX
+from pilot_hpc.train.activations import checkpointing
+from pilot_hpc.train.loader import micro_batch_stream
+from pilot_hpc.train.schedule import set_lr
+from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
+                                  micro_batches)
 
 log = logging.getLogger("pilot_hpc.engine")
 
@@ -89,8 +93,9 @@ def ensure_world(group: ClientGroup, device: torch.device) -> None:
 
 def ds_config(*, batch_size: int, group_size: int, lr: float, weight_decay: float, grad_clip: float,
               zero_stage: int, offload_optimizer: bool, bf16: bool, device: torch.device,
-              bucket: int) -> dict:
-    """The DeepSpeed config of one client's local round."""
+              bucket: int, grad_accum_steps: int = 1) -> dict:
+    """The DeepSpeed config of one client's local round (batch_size per member, split
+    into grad_accum_steps micro-batches)."""
     optimizer = {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
     if device.type == "cpu" and not offload_optimizer:
         # torch.optim.AdamW (the torch engine's optimiser) instead of DeepSpeed's CPU
@@ -101,8 +106,8 @@ def ds_config(*, batch_size: int, group_size: int, lr: float, weight_decay: floa
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     return {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": batch_size // grad_accum_steps,
+        "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": batch_size * group_size,
         "gradient_clipping": float(grad_clip) if grad_clip > 0 else 0.0,
         "optimizer": {"type": "AdamW", "params": optimizer},
@@ -148,9 +153,11 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     auxiliary terms by the member's share of the samples. Every member reports the
     group's losses and ends with the same parameters.
 
-    Precision: a bfloat16 model trains with DeepSpeed's bf16 (fp32 master weights in
-    the optimizer, for this call only); DeepSpeed casts every parameter of the module
-    to bf16, peft's fp32 LoRA weights included, and they stay bf16 after the call.
+    Precision: the trainable parameters are float32 master weights in a model of any
+    dtype (model/llava.py), so DeepSpeed runs without its bf16 mode and optimises them
+    in float32 like the torch engine (its bf16 mode would cast the whole module, the
+    float32 connector and LoRA included, to bf16 for good). Only bf16 trainable
+    parameters (a caller that made them so) turn DeepSpeed's bf16 mode on.
 
     Preemption: when should_stop(step) says stop on any member, the run returns
     `stopped = TrainProgress.restart(<RNG state at this call's start>)`, which means "restart this client's round from its
@@ -177,7 +184,9 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     config = ds_config(batch_size=spec.batch_size, group_size=group.size, lr=spec.lr,
                        weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, zero_stage=spec.zero_stage,
                        offload_optimizer=spec.offload_optimizer,
-                       bf16=dtype == torch.bfloat16, device=device, bucket=max(1, min(numel, MAX_BUCKET)))
+                       bf16=any(p.dtype == torch.bfloat16 for p in params), device=device,
+                       bucket=max(1, min(numel, MAX_BUCKET)),
+                       grad_accum_steps=spec.grad_accum_steps)
     gen = torch.Generator().manual_seed(spec.seed)
     for p in params:  # DeepSpeed accumulates into .grad: a grad left by an earlier round would leak in
         p.grad = None
@@ -188,8 +197,9 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
         # different masks, as their samples differ.
         torch.manual_seed(spec.seed if group.rank == 0 else (spec.seed + 7919 * group.rank) % 2 ** 31)
         model.train()
-        return _run(engine, dataset, group, gen, spec, pad_id=pad_id, device=device, hooks=hooks,
-                    rng_at_start=rng_at_start)
+        with checkpointing(model, spec.gradient_checkpointing):
+            return _run(engine, dataset, group, gen, spec, pad_id=pad_id, device=device, hooks=hooks,
+                        rng_at_start=rng_at_start)
     finally:
         model.eval()
         _release(engine)
@@ -199,37 +209,105 @@ def _run(engine, dataset, group: ClientGroup, gen: torch.Generator, spec: TrainS
          device: torch.device, hooks: Hooks, rng_at_start: torch.Tensor) -> TrainResult:
     import torch.distributed as dist
 
-    R = group.size
+    R, A = group.size, spec.grad_accum_steps
     steps = StepLog()
     result = steps.result
-    for i, idx in enumerate(batches(len(dataset), spec.batch_size * R, spec.epochs, spec.max_steps, gen)):
-        if hooks.should_stop is not None:
-            stop = torch.tensor([float(bool(hooks.should_stop(i)))], device=device)
-            if R > 1:  # a signal on any member stops the whole group (no member waits alone)
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
-                result.stopped = TrainProgress.restart(rng_at_start)
+    plan = list(batches(len(dataset), spec.batch_size * R, spec.epochs, spec.max_steps, gen))
+    total = len(plan)
+    mine = [_my_slice(idx, group.rank, R) for idx in plan]  # (indices, samples of this member)
+    # DeepSpeed's accumulation counts A micro-batches per step: a member always runs A
+    # (a slice shorter than A repeats its last sample with weight 0).
+    parts = [_micro_slices(m, m_r, A) for m, m_r in mine]
+    stream = micro_batch_stream(dataset, [p for step in parts for p, _ in step], pad_id=pad_id,
+                                num_workers=spec.num_workers, device=device)
+    try:
+        for i, idx in enumerate(plan):
+            if hooks.should_stop is not None:
+                stop = torch.tensor([float(bool(hooks.should_stop(i)))], device=device)
+                if R > 1:  # a signal on any member stops the whole group (no member waits alone)
+                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                if stop.item():
+                    result.stopped = TrainProgress.restart(rng_at_start)
+                    break
+            set_lr(engine.optimizer, spec.lr, i, total, spec.lr_schedule, spec.warmup_ratio)
+            if A == 1:
+                shown = _step(engine, next(stream), mine[i][1], len(idx), R, hooks, i)
+            else:
+                shown = _accumulated_step(engine, [(next(stream), m) for _, m in parts[i]], len(idx), R, hooks,
+                                          i, device)
+            if shown is None:
+                result.finite = False
                 break
-        mine, m_r = _my_slice(idx, group.rank, R)
-        batch = collate_train([dataset[j] for j in mine], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = engine(**batch)
-        terms = {"ce": out.loss, **hooks.aux_loss()}
-        if R > 1:
-            terms, shown = _group_terms(terms, batch["labels"], m_r, len(idx), R)
-        else:
-            shown = terms
-        loss = sum(terms.values())
-        total = loss if R == 1 else sum(shown.values())  # the group's: non-finite on all members or none
-        if not torch.isfinite(total):
-            log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
-                        ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in shown.items()))
-            result.finite = False
-            break
-        engine.backward(loss)
-        engine.step()
-        steps.record(shown, len(idx), hooks)
+            steps.record(shown, len(idx), hooks)
+    finally:
+        stream.close()
     return steps.finish()
+
+
+def _micro_slices(idx: list[int], m_r: int, A: int) -> list[tuple[list[int], int]]:
+    """A member's slice as A (indices, samples) micro-batches; padding ones have weight 0."""
+    real = micro_batches(idx[:m_r], A) if m_r else []
+    return [(p, len(p)) for p in real] + [(idx[-1:], 0)] * (A - len(real))
+
+
+def _step(engine, batch: dict, m_r: int, M: int, R: int, hooks: Hooks, i: int) -> dict | None:
+    """One step without accumulation (the engine's step as it always was)."""
+    out = engine(**batch)
+    terms = {"ce": out.loss, **hooks.aux_loss()}
+    if R > 1:
+        terms, shown = _group_terms(terms, batch["labels"], m_r, M, R)
+    else:
+        shown = terms
+    loss = sum(terms.values())
+    total = loss if R == 1 else sum(shown.values())  # the group's: non-finite on all members or none
+    if not torch.isfinite(total):
+        _warn_non_finite(i, shown)
+        return None
+    engine.backward(loss)
+    engine.step()
+    return shown
+
+
+def _accumulated_step(engine, mbs: list[tuple[dict, int]], M: int, R: int, hooks: Hooks, i: int,
+                      device: torch.device) -> dict | None:
+    """One step over A micro-batches (engine.backward and engine.step per micro-batch;
+    DeepSpeed reduces and steps at the A-th). Member r's micro-batch j: ce weighted by
+    R n_rj / N (N: the global batch's answer tokens, one all-reduce up front), auxiliary
+    terms by R m_rj / M; DeepSpeed's own 1/A scaling is off (scale_wrt_gas=False), so the
+    group-averaged sum is the gradient of the global batch's loss."""
+    import torch.distributed as dist
+
+    counts = [float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) if m else 0.0 for b, m in mbs]
+    N = torch.tensor([sum(counts)], dtype=torch.float64, device=device)
+    if R > 1:
+        dist.all_reduce(N)
+    N = float(N)
+    shown: dict[str, torch.Tensor] = {}
+    for (batch, m), n in zip(mbs, counts):
+        out = engine(**batch)
+        raw = {"ce": out.loss, **hooks.aux_loss()}
+        terms = {k: v * ((R * n / N) if k == "ce" else (R * m / M)) for k, v in raw.items()}
+        # What the group reports: the members' weighted terms summed (divided by R).
+        part = {k: v.detach().double() / R for k, v in terms.items()}
+        # A weight-0 micro-batch's NaN counts too: 0 x NaN would still poison the gradient.
+        finite = bool(torch.isfinite(torch.stack([v.detach() for v in raw.values()])).all())
+        values = torch.stack(list(part.values())) if m else torch.zeros(len(part), dtype=torch.float64, device=device)
+        stats = torch.cat([torch.tensor([0.0 if finite else 1.0], dtype=torch.float64, device=device), values])
+        if R > 1:
+            dist.all_reduce(stats)
+        if stats[0] > 0:
+            _warn_non_finite(i, raw)
+            return None
+        for j, k in enumerate(part):
+            shown[k] = shown[k] + stats[1 + j].float() if k in shown else stats[1 + j].float()
+        engine.backward(sum(terms.values()), scale_wrt_gas=False)
+        engine.step()
+    return shown
+
+
+def _warn_non_finite(i: int, terms: dict) -> None:
+    log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
+                ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))
 
 
 def _group_terms(terms: dict[str, torch.Tensor], labels: torch.Tensor, m_r: int, M: int,

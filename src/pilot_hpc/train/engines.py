@@ -34,7 +34,7 @@ def train_steps(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
     if spec.engine not in ENGINES:
-        raise ValueError(f"train engine must be one of {sorted(ENGINES)}, got {spec.engine!r}")
+        raise ValueError(f"train.engine must be {' or '.join(ENGINES)}, got {spec.engine!r}")
     engine = importlib.import_module(ENGINES[spec.engine])
     return engine.train(model, dataset, params, spec, pad_id=pad_id, device=device, hooks=hooks, resume=resume,
                         group=group)

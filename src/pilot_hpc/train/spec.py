@@ -35,18 +35,42 @@ class TrainSpec:
     engine: str = "torch"  # a key of pilot_hpc.train.engines.ENGINES
     zero_stage: int = 2  # deepspeed engine only
     offload_optimizer: bool = False  # deepspeed engine only
+    # Each optimiser step takes grad_accum_steps micro-batches of batch_size /
+    # grad_accum_steps samples (batch_size stays the effective batch).
+    grad_accum_steps: int = 1
+    lr_schedule: str = "constant"  # constant | cosine (train/schedule.py), over this round's steps
+    warmup_ratio: float = 0.0
+    gradient_checkpointing: bool = False  # non-reentrant, on the LLM's decoder layers
+    # DataLoader worker processes (0: load on the training thread). Not a result field:
+    # the batches are the same index lists either way.
+    num_workers: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
             raise ValueError(f"TrainSpec: batch_size ({self.batch_size}) and epochs ({self.epochs}) must be >= 1 "
                              f"and max_steps ({self.max_steps}) >= 0")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum_steps "
+                             f"({self.grad_accum_steps}): the micro-batch is batch_size / grad_accum_steps")
+        if self.lr_schedule not in ("constant", "cosine") or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainSpec: lr_schedule must be constant or cosine (got {self.lr_schedule!r}) and "
+                             f"warmup_ratio lie in [0, 1) (got {self.warmup_ratio})")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum_steps
 
     @classmethod
-    def for_round(cls, t, *, stage: int, seed: int) -> "TrainSpec":
-        """The spec of a round in `stage` from the config's `train` section (TrainConfig)."""
+    def for_round(cls, t, *, stage: int, seed: int, num_workers: int = 0) -> "TrainSpec":
+        """The spec of a round in `stage` from the config's `train` section (TrainConfig);
+        num_workers from data.num_workers."""
         return cls(lr=t.lr_stage1 if stage == 1 else t.lr_stage2, batch_size=t.batch_size, epochs=t.local_epochs,
                    seed=seed, max_steps=t.max_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
-                   engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer)
+                   engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
+                   grad_accum_steps=t.grad_accum_steps, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
+                   gradient_checkpointing=t.gradient_checkpointing, num_workers=num_workers)
 
     def steps(self, n: int, group_size: int = 1) -> int:
         """Optimisation steps of a round over n samples (global batch = group_size x batch)."""
@@ -157,6 +181,14 @@ def batches(n: int, batch_size: int, epochs: int, max_steps: int, gen: torch.Gen
                 return
             yield order[s:s + batch_size]
             steps += 1
+
+
+def micro_batches(idx: list[int], accum: int) -> list[list[int]]:
+    """A batch's micro-batches: `accum` contiguous slices, equal for a full batch; a short
+    last batch splits into slices that differ by at most one sample (none is empty: with
+    fewer samples than accum, fewer micro-batches)."""
+    k = min(accum, len(idx))
+    return [idx[r * len(idx) // k:(r + 1) * len(idx) // k] for r in range(k)]
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

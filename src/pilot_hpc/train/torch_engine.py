@@ -3,6 +3,17 @@ in this process, one client at a time.
 
 The batch order and dropout come from generators seeded by the spec's seed (run seed,
 client, round), so a client trains the same way on whichever rank hosts it.
+
+Gradient accumulation (spec.grad_accum_steps = A > 1): each step's batch splits into A
+micro-batches (spec.micro_batches), each forward is followed by its backward, and the
+optimiser steps once. The cross-entropy is a token mean over the whole batch, so each
+micro-batch's ce (a mean over its n_j answer tokens) is weighted by n_j / N (N: the
+batch's answer tokens) and each auxiliary term (per-sample means: L_d, L_z, FedProx's
+term, which is the same in every forward) by its share of the samples m_j / M. The sum
+of the weighted gradients is then the gradient of the whole batch's loss, up to float
+rounding; stage 2's load-balance loss (a product of two token means) is approximated
+by the weighted mean of the micro-batches' values. With A = 1 the step is computed
+exactly as before (no weights).
 """
 
 from __future__ import annotations
@@ -11,11 +22,19 @@ import logging
 
 import torch
 
-from pilot_hpc.data.records import collate_train
+from pilot_hpc.data.records import IGNORE_INDEX
+from pilot_hpc.train.activations import checkpointing
+from pilot_hpc.train.loader import micro_batch_stream
+from pilot_hpc.train.schedule import set_lr
 from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
-                                  load_optimizer_state, optimizer_state)
+                                  load_optimizer_state, micro_batches, optimizer_state)
 
 log = logging.getLogger("pilot_hpc.train")
+
+
+def answer_tokens(labels: torch.Tensor) -> int:
+    """The tokens the (shifted) LLaVA cross-entropy averages over."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spec: TrainSpec, *, pad_id: int,
@@ -30,28 +49,70 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     if resume is not None:
         load_optimizer_state(opt, resume.optimizer)
         torch.set_rng_state(resume.torch_rng)
-    for i, idx in enumerate(batches(len(dataset), spec.batch_size, spec.epochs, spec.max_steps, gen)):
-        if i < steps.result.steps:  # replay the data order up to where the run stopped
-            continue
-        if hooks.should_stop is not None and hooks.should_stop(i):
-            steps.result.stopped = TrainProgress(step=i, samples=steps.result.samples, sums=dict(steps.sums),
-                                                 optimizer=optimizer_state(opt), torch_rng=torch.get_rng_state())
-            break
-        batch = collate_train([dataset[j] for j in idx], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+    # The whole round's batches up front (the same draws from `gen` as drawing them one
+    # by one): the schedule needs the total, the loader the index lists from the first
+    # step not yet done.
+    plan = list(batches(len(dataset), spec.batch_size, spec.epochs, spec.max_steps, gen))
+    total, first = len(plan), steps.result.steps
+    parts = [micro_batches(idx, spec.grad_accum_steps) for idx in plan]
+    stream = micro_batch_stream(dataset, [p for step in parts[first:] for p in step], pad_id=pad_id,
+                                num_workers=spec.num_workers, device=device)
+    try:
+        with checkpointing(model, spec.gradient_checkpointing):
+            for i in range(first, total):
+                if hooks.should_stop is not None and hooks.should_stop(i):
+                    steps.result.stopped = TrainProgress(step=i, samples=steps.result.samples, sums=dict(steps.sums),
+                                                         optimizer=optimizer_state(opt),
+                                                         torch_rng=torch.get_rng_state())
+                    break
+                set_lr(opt, spec.lr, i, total, spec.lr_schedule, spec.warmup_ratio)
+                mbs = [next(stream) for _ in parts[i]]
+                terms = _step(model, opt, params, mbs, spec, hooks, i)
+                if terms is None:
+                    steps.result.finite = False
+                    break
+                steps.record(terms, len(plan[i]), hooks)
+    finally:
+        stream.close()
+        model.eval()
+    return steps.finish()
+
+
+def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i: int) -> dict | None:
+    """One optimiser step over its micro-batches: the batch's loss terms, None at a NaN/Inf."""
+    if len(mbs) == 1:  # no accumulation: exactly the engine's step as it always was
+        out = model(**mbs[0])
         terms = {"ce": out.loss, **hooks.aux_loss()}
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
-                        ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
-            steps.result.finite = False
-            break
+            _warn_non_finite(i, terms)
+            return None
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if spec.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        opt.step()
-        steps.record(terms, len(idx), hooks)
-    model.eval()
-    return steps.finish()
+    else:
+        counts = [answer_tokens(b["labels"]) for b in mbs]
+        sizes = [b["input_ids"].shape[0] for b in mbs]
+        N, M = sum(counts), sum(sizes)
+        opt.zero_grad(set_to_none=True)
+        terms = {}
+        for b, n_j, m_j in zip(mbs, counts, sizes):
+            out = model(**b)
+            # Every record has answer tokens (an eos at least), so n_j > 0.
+            part = {"ce": out.loss * (n_j / N), **{k: v * (m_j / M) for k, v in hooks.aux_loss().items()}}
+            loss = sum(part.values())
+            if not torch.isfinite(loss):
+                _warn_non_finite(i, part)
+                opt.zero_grad(set_to_none=True)
+                return None
+            loss.backward()
+            for k, v in part.items():
+                terms[k] = terms[k] + v.detach() if k in terms else v.detach()
+    if spec.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+    opt.step()
+    return terms
+
+
+def _warn_non_finite(i: int, terms: dict) -> None:
+    log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
+                ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))

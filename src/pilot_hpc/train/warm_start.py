@@ -33,7 +33,10 @@ log = logging.getLogger("pilot_hpc.base")
 
 
 def base_key(cfg: Config, data_key: str) -> str:
-    blob = json.dumps({"model": cfg.to_dict()["model"], "pretrain": cfg.to_dict()["pretrain"],
+    # model.attn_implementation only applies when the clients load the base; the warm
+    # start builds with the default (sdpa), so the cached base does not depend on it.
+    model = {k: v for k, v in cfg.to_dict()["model"].items() if k != "attn_implementation"}
+    blob = json.dumps({"model": model, "pretrain": cfg.to_dict()["pretrain"],
                        "seed": cfg.run.seed, "data": data_key}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
