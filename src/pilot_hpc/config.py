@@ -22,7 +22,7 @@ DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": 
 
 # The metrics a task can be scored with (pilot_hpc.metrics.scores.METRICS has one
 # function for each; a test keeps the two lists equal).
-Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy"]
+Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy", "mc_accuracy_lenient"]
 
 
 class ConfigError(ValueError):
