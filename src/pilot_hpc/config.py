@@ -46,6 +46,12 @@ class RunConfig:
     # COMM_WORLD splits into groups of this many consecutive ranks; group leaders talk
     # to the server. 1: every rank is a client host (the default).
     ranks_per_client: int = 1
+    # TensorBoard event files under <output_dir>/tensorboard/ (rank 0 writes them): per
+    # client the step losses, lr and throughput; per round the metrics and the exchange.
+    tensorboard: bool = True
+    # Non-empty: also log to Weights & Biases under this project when `wandb` is installed
+    # (WANDB_MODE=offline on clusters without internet; `wandb sync` later).
+    wandb_project: str = ""
 
 
 
@@ -308,7 +314,8 @@ def check_bounds(cfg: "Config") -> None:
 # Fields that never change what a run computes: where it writes, how it logs, whether
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
 # The chunk size only changes how bytes travel (the mixes agree to float rounding).
-NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb"}
+NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb",
+                     "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:
