@@ -126,7 +126,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
     pm.model.save_pretrained(out, selected_adapters=adapters)
     mix = lora_mix(pm.model)
     for name in adapters:  # FedDPA's fixed mix into lora_alpha (peft: scaling = alpha / r)
-        cfg_path = os.path.join(out, "adapter_config.json" if name == "default" else os.path.join(name, "adapter_config.json"))
+        cfg_path = os.path.join(out, "" if name == "default" else name, "adapter_config.json")
         with open(cfg_path) as fh:
             adapter = json.load(fh)
         adapter["base_model_name_or_path"] = os.path.abspath(base)

@@ -146,3 +146,21 @@ def test_fedavg_merged_folder_loads_with_transformers_alone(result_runs, small_w
     # One prompt at a time (no padding) and the LoRA merged: the greedy answers of the
     # round's predictions file (train.max_new_tokens=12 in small_overrides).
     assert answers == [ln["prediction"] for ln in _predictions(result_runs["fedavg"], 1, 0)]
+
+
+def test_a_resumed_run_writes_the_same_predictions(result_runs, cache_dir):
+    """Preempted in round 2 (SIGTERM on rank 2), rerun: the same files, byte for byte, as
+    the uninterrupted Pilot run of the fixture."""
+    out = str(result_runs["out"] / "pilot_resumed")
+    args = ["--config", SMOKE] + small_overrides(cache_dir, out)
+    first = run_main(args, np=3, timeout=600, env={"PILOT_HPC_INJECT": "sigterm:rank=2,round=2,step=2"})
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "predictions", "round_002"))  # round 2 not evaluated yet
+    second = run_main(args, np=3, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for round_ in range(3):
+        for k in range(3):
+            name = os.path.join("predictions", f"round_{round_:03d}", f"client_{k:02d}.jsonl")
+            with open(os.path.join(str(result_runs["pilot"]), name), "rb") as a:
+                with open(os.path.join(out, name), "rb") as b:
+                    assert a.read() == b.read(), name

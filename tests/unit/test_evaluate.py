@@ -124,6 +124,14 @@ def test_cider_is_quiet_and_checks_its_inputs(capfd, monkeypatch):
         cider(CAPTIONS, CAPTIONS)
 
 
+def test_config_metric_names_are_the_scorers():
+    from typing import get_args
+
+    from pilot_hpc.config import Metric
+
+    assert set(get_args(Metric)) == set(METRICS)
+
+
 def test_score_dispatch(perfect):
     assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider", "mc_accuracy", "mc_accuracy_lenient"}
     assert score("vqa_accuracy", ["2", "no"], ["two", "yes"]) == 0.5

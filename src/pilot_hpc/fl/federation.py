@@ -183,8 +183,8 @@ class Federation:
         if not self.cfg.run.tensorboard:
             return hooks
         inner, last = hooks.progress, [time.perf_counter()]
-        slot.trace = getattr(slot, "trace", None) if slot.status is Status.PARTIAL else None
-        slot.trace = slot.trace or []
+        if getattr(slot, "trace", None) is None:  # gather_traces clears it after each evaluation
+            slot.trace = []
 
         def progress(step: int, terms: dict) -> None:
             now = time.perf_counter()
