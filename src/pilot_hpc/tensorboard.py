@@ -59,6 +59,8 @@ class Board:
         exchange: (bytes, seconds) of rank 0's exchange, or None (round 0, no exchange)."""
         for k, trace in sorted(traces.items()):
             for row in trace:
+                if math.isnan(row[0]):  # a step taken before a restart: no trace of it
+                    continue
                 step = (round_ - 1) * STEPS_PER_ROUND + int(row[0])
                 for term, value in zip(TRACE_TERMS, row[1:1 + len(TRACE_TERMS)]):
                     self.scalar(f"client_{k:02d}/loss/{term}", float(value), step)

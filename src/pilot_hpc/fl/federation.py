@@ -179,8 +179,9 @@ class Federation:
 
     def traced(self, slot: ClientSlot, hooks: Hooks) -> Hooks:
         """hooks whose progress callback also appends each step's loss terms and seconds
-        to slot.trace (run.tensorboard only; any progress callback already there still runs)."""
-        if not self.cfg.run.tensorboard:
+        to slot.trace (run.tensorboard only; any progress callback already there still runs).
+        Members of a client group keep none: their leader's trace is the client's."""
+        if not self.cfg.run.tensorboard or not self.leader:
             return hooks
         inner, last = hooks.progress, [time.perf_counter()]
         if getattr(slot, "trace", None) is None:  # gather_traces clears it after each evaluation
@@ -266,10 +267,10 @@ class Federation:
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
-        self.gather_traces(round_)
-        if got is None:
+        table = None if got is None else got.reshape(self.num_clients, width)
+        self.gather_traces(round_, table)
+        if table is None:
             return None
-        table = got.reshape(self.num_clients, width)
         return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
@@ -279,28 +280,35 @@ class Federation:
     def predictions_path(self, round_: int, k: int) -> str:
         return os.path.join(self.cfg.run.output_dir, "predictions", f"round_{round_:03d}", f"client_{k:02d}.jsonl")
 
-    def gather_traces(self, round_: int) -> None:
-        """run.tensorboard: every client's per-step trace of this round to rank 0 (two
-        gathers: the lengths, then the rows), kept in self.traces {client: rows}; the
-        clients' traces are cleared for the next round."""
+    def gather_traces(self, round_: int, table: np.ndarray | None) -> None:
+        """run.tensorboard: every client's per-step trace of this round to rank 0 in one
+        gather, kept in self.traces {client: rows}. Each client sends exactly `steps` rows
+        (the table's last column, which rank 0 has just gathered, so it knows the counts):
+        steps taken before a restart left no trace and travel as NaN rows. Round 0 trains
+        nothing and gathers nothing. The clients' traces are cleared for the next round."""
         self.traces: dict[int, np.ndarray] = {}
-        if not self.cfg.run.tensorboard:
+        if not self.cfg.run.tensorboard or round_ == 0:
             return
         width = len(TRACE_KEYS)
-        mine = [np.asarray(getattr(s, "trace", None) or [], dtype=np.float64).reshape(-1, width) for s in self.slots]
-        lengths = self.comm.gatherv(np.array([len(m) for m in mine], dtype=np.float64),
-                                    [len(b) for b in self.blocks], tag="trace_len", fast=False)
-        counts = self.comm.bcast_object(None if lengths is None else [int(n) for n in lengths])
-        per_rank = [int(sum(counts[k] for k in b)) * width for b in self.blocks]
-        local = np.concatenate([m.reshape(-1) for m in mine]) if mine else np.zeros(0)
-        got = self.comm.gatherv(local, per_rank, tag="trace", fast=False)
+        mine = []
         for slot in self.slots:
+            trace = np.asarray(getattr(slot, "trace", None) or [], dtype=np.float64).reshape(-1, width)
+            steps = int(slot.steps)
+            pad = np.full((max(steps - len(trace), 0), width), np.nan)
+            mine.append(np.concatenate([pad, trace[len(trace) - min(steps, len(trace)):]]))
             slot.trace = None
+        counts = [0] * self.comm.size  # gatherv reads all counts on rank 0 only, its own elsewhere
+        counts[self.comm.rank] = sum(m.size for m in mine)
+        if table is not None:
+            steps_of = table[:, -1].astype(np.int64)
+            counts = [int(sum(steps_of[k] for k in b)) * width for b in self.blocks]
+        local = np.concatenate([m.reshape(-1) for m in mine]) if mine else np.zeros(0)
+        got = self.comm.gatherv(local, counts, tag="trace", fast=False)
         if got is None:
             return
         offset = 0
         for k in range(self.num_clients):
-            n = int(counts[k]) * width
+            n = int(steps_of[k]) * width
             self.traces[k] = got[offset:offset + n].reshape(-1, width)
             offset += n
 
