@@ -1,5 +1,7 @@
 """Metrics against hand-computed cases, including the awkward ones."""
 
+import os
+
 import pytest
 
 from pilot_hpc.metrics.scores import (METRICS, box_iou, cider, cider_scores, grounding_accuracy, mc_accuracy,
@@ -200,3 +202,24 @@ def test_cider_per_item_scores_average_to_the_corpus_score(perfect):
     # differ from Python's sum by an ulp or so, hence the relative 1e-12.
     assert corpus == pytest.approx(sum(items) / 4, rel=1e-12)
     assert items[1] < 0.05 < items[3] < items[0]
+
+
+def test_prediction_rows_carry_the_answer_file_fields(tmp_path):
+    from types import SimpleNamespace
+
+    from pilot_hpc.data.records import Sample
+    from pilot_hpc.metrics.generation import Evaluation, prediction_rows, read_predictions, write_predictions
+
+    samples = [Sample(id=f"q{i}", image_path=f"/img/{i}.png", turns=[(f"question {i}", ref)])
+               for i, ref in enumerate(["B", "C"])]
+    dataset = SimpleNamespace(samples=samples, references=lambda i: [samples[i].turns[0][1]])
+    ev = Evaluation(0.5, ["B", "(C)"], ["B", "C"], [1.0, 0.0])
+    rows = prediction_rows(dataset, ev, "mc_accuracy", "m")
+    assert [r["parsed"] for r in rows] == ["B", None]  # LLaVA's rules: "(C)" names no option
+    want = {"question_id": "q1", "text": "(C)", "prompt": "<image>\nquestion 1", "answer_id": "m/q1",
+            "model_id": "m", "reference": "C", "score": 0.0, "metadata": {"image": "/img/1.png"}}
+    assert {k: rows[1][k] for k in want} == want
+    path = str(tmp_path / "p" / "client_00.jsonl")
+    write_predictions(path, rows)
+    assert read_predictions(path) == rows and not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "p"))
+    assert tuple(ev) == (0.5, ["B", "(C)"])  # unpacks as (value, predictions)

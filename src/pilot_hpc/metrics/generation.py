@@ -60,6 +60,9 @@ def evaluate_client(model, tokenizer, dataset: InstructionDataset, metric: str, 
     return Evaluation(value, predictions, references, items)
 
 
+PARSERS = {"mc_accuracy": scores.parse_choice_llava, "mc_accuracy_lenient": scores.parse_choice}
+
+
 def prediction_rows(dataset: InstructionDataset, ev: Evaluation, metric: str, model_id: str) -> list[dict]:
     """One row per sample: ours (id, question, prediction, reference(s), score) and the
     LLaVA answer-file fields (question_id, prompt, text, answer_id, model_id, metadata),
@@ -78,6 +81,8 @@ def prediction_rows(dataset: InstructionDataset, ev: Evaluation, metric: str, mo
             "answer_id": f"{model_id}/{sample.id}", "model_id": model_id,
             "metadata": {"image": sample.image_path},
         })
+        if metric in PARSERS:  # the option letter the metric read (None: unparseable, scored wrong)
+            rows[-1]["parsed"] = PARSERS[metric](ev.predictions[i])
     return rows
 
 
