@@ -22,7 +22,7 @@ DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": 
 
 # The metrics a task can be scored with (pilot_hpc.metrics.scores.METRICS has one
 # function for each; a test keeps the two lists equal).
-Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy"]
+Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy", "mc_accuracy_lenient"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,12 @@ class RunConfig:
     # COMM_WORLD splits into groups of this many consecutive ranks; group leaders talk
     # to the server. 1: every rank is a client host (the default).
     ranks_per_client: int = 1
+    # TensorBoard event files under <output_dir>/tensorboard/ (rank 0 writes them): per
+    # client the step losses, lr and throughput; per round the metrics and the exchange.
+    tensorboard: bool = True
+    # Non-empty: also log to Weights & Biases under this project when `wandb` is installed
+    # (WANDB_MODE=offline on clusters without internet; `wandb sync` later).
+    wandb_project: str = ""
 
 
 
@@ -352,7 +358,7 @@ def check_bounds(cfg: "Config") -> None:
 # The chunk size only changes how bytes travel (the mixes agree to float rounding); the
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb",
-                     "data.num_workers"}
+                     "data.num_workers", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -163,6 +163,10 @@ def run(cfg, comm) -> int:
     if not ok:
         return EXIT_BAD_INPUT
     start = fed.share_start(start)
+    if comm.rank == 0:  # one event file per run, written by rank 0 (pilot_hpc.tensorboard)
+        from pilot_hpc.tensorboard import open_board
+
+        fed.board = open_board(cfg)
     try:
         history = fed.run(start)
     except Preempted as stop:
@@ -171,6 +175,9 @@ def run(cfg, comm) -> int:
         if comm.rank == 0:
             log.info("%s (exit code %d)", stop, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    finally:
+        if fed.board is not None:
+            fed.board.close()
     write_traffic(cfg, comm)
     if comm.rank == 0:
         paths = report.write_outputs(history, cfg)

@@ -71,7 +71,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     # Per round: the stop vote, (samples, good) per client, ATA's Gram pass over the
     # LoRA, then each visual chunk and its broadcast, each LoRA chunk and its scatter.
     per_round = ["stop", "num_samples"] + ["gram"] * len(txt) + ["update", "shared"] * len(vis) \
-        + ["update", "personal"] * len(txt) + ["metrics"]
+        + ["update", "personal"] * len(txt) + ["metrics", "trace"]
     for rank in (0, 1, 2):
         with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
             log = json.load(fh)
@@ -92,6 +92,8 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
                 assert (t["sent"], t["received"]) == ((0, 2 * 2 * i64) if rank == 0 else (2 * i64, 0))
             if t["tag"] == "metrics":
                 assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
+            if t["tag"] == "trace":  # TensorBoard's per-step loss trace: 3 steps x 7 numbers per client
+                assert (t["sent"], t["received"]) == ((0, 2 * 3 * 7 * f64) if rank == 0 else (3 * 7 * f64, 0))
 
 
 def llava_json_args(small_world, out, train_files):

@@ -1,9 +1,12 @@
 """Metrics against hand-computed cases, including the awkward ones."""
 
+import os
+
 import pytest
 
-from pilot_hpc.metrics.scores import (METRICS, box_iou, cider, grounding_accuracy, mc_accuracy, normalize_answer, parse_box,
-                                parse_choice, score, vqa_exact_match)
+from pilot_hpc.metrics.scores import (METRICS, box_iou, cider, cider_scores, grounding_accuracy, mc_accuracy,
+                                     mc_accuracy_lenient, normalize_answer, parse_box, parse_choice, score, score_items,
+                                     vqa_exact_match)
 
 
 @pytest.mark.parametrize("raw,norm", [
@@ -123,13 +126,23 @@ def test_cider_is_quiet_and_checks_its_inputs(capfd, monkeypatch):
         cider(CAPTIONS, CAPTIONS)
 
 
+def test_config_metric_names_are_the_scorers():
+    from typing import get_args
+
+    from pilot_hpc.config import Metric
+
+    assert set(get_args(Metric)) == set(METRICS)
+
+
 def test_score_dispatch(perfect):
-    assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider", "mc_accuracy"}
+    assert set(METRICS) == {"vqa_accuracy", "iou@0.5", "cider", "mc_accuracy", "mc_accuracy_lenient"}
     assert score("vqa_accuracy", ["2", "no"], ["two", "yes"]) == 0.5
     assert score("iou@0.5", ["[0, 0, 1, 0.5]"], ["[0, 0, 1, 1]"]) == 1.0
     assert score("cider", CAPTIONS, CAPTIONS) == pytest.approx(perfect)
-    assert score("mc_accuracy", ["(B)", "The answer is C."], ["B", "D"]) == 0.5
-    with pytest.raises(ValueError, match=r"valid metrics: \['cider', 'iou@0.5', 'mc_accuracy', 'vqa_accuracy'\]"):
+    assert score("mc_accuracy_lenient", ["(B)", "The answer is C."], ["B", "D"]) == 0.5
+    assert score("mc_accuracy", ["(B)", "The answer is D."], ["B", "D"]) == 0.5  # LLaVA's rules: "(B)" fails
+    with pytest.raises(ValueError, match=r"valid metrics: \['cider', 'iou@0.5', 'mc_accuracy', "
+                                         r"'mc_accuracy_lenient', 'vqa_accuracy'\]"):
         score("bogus", [], [])
 
 
@@ -138,7 +151,7 @@ def test_score_dispatch(perfect):
     ("C. a red fox", "C"), ("(d) the moon", "D"), ("Answer: (e)", "E"), ("answer: C", "C"),
     ("A or B", "A"),  # a hedge scores by the first option named
     ("I think C is right", "C"),  # "I" is not an option letter
-    ("Option D, because E is false", "D"),
+    ("Option D, because E is false", "D"), ("Option d is correct.", "D"), ("the choice (b)", "B"),
     ("The answer is a dog, so E", "E"),  # the article "a" after "answer is" names nothing
     ("F", None), ("The answer is F.", None),  # outside A-E
     ("a dog on a sofa", None),  # lower-case "a" in running text is the article
@@ -152,14 +165,61 @@ def test_mc_accuracy_hand_computed():
     preds = ["B", "(C)", "The answer is A.", "d) seven", "A or B", "F", None, "banana"]
     refs = ["B", "C", "A", "D", "B", "E", "A", "A"]
     # Right: B, (C), "answer is A", "d)"; "A or B" reads A (ref B); F, None, banana wrong.
-    assert mc_accuracy(preds, refs) == pytest.approx(4 / 8)
-    assert mc_accuracy(["b"], [" b "]) == 1.0  # references are trimmed and upper-cased
-    assert mc_accuracy([], []) == 0.0
+    assert mc_accuracy_lenient(preds, refs) == pytest.approx(4 / 8)
+    assert mc_accuracy_lenient(["b"], [" b "]) == 1.0  # references are trimmed and upper-cased
+    assert mc_accuracy_lenient([], []) == 0.0
+    # LLaVA's rules on the same answers: only "B" and "The answer is A." parse.
+    assert mc_accuracy(preds, refs) == pytest.approx(2 / 8)
 
 
+@pytest.mark.parametrize("metric", [mc_accuracy, mc_accuracy_lenient])
 @pytest.mark.parametrize("bad", ["F", "AB", "", None, 1])
-def test_mc_accuracy_rejects_bad_references(bad):
+def test_mc_accuracy_rejects_bad_references(metric, bad):
     with pytest.raises(ValueError, match="reference 1 is not an option letter"):
-        mc_accuracy(["A", "A"], ["A", bad])
+        metric(["A", "A"], ["A", bad])
     with pytest.raises(ValueError, match="1 predictions for 2 references"):
-        mc_accuracy(["A"], ["A", "B"])
+        metric(["A"], ["A", "B"])
+
+
+@pytest.mark.parametrize("metric,preds,refs", [
+    ("vqa_accuracy", ["Two.", "red", None, "dont"], ["2", "blue", "x", "don't"]),
+    ("iou@0.5", ["[0, 0, 1, 0.5]", "nothing", "[0, 0, 1, 0.4]"], ["[0, 0, 1, 1]"] * 3),
+    ("mc_accuracy", ["B", "(C)", "The answer is A."], ["B", "C", "A"]),
+    ("mc_accuracy_lenient", ["B", "(C)", "banana"], ["B", "C", "A"]),
+])
+def test_score_items_mean_is_the_metric(metric, preds, refs):
+    value, items = score_items(metric, preds, refs)
+    assert value == score(metric, preds, refs)
+    assert value == sum(items) / len(items)
+    assert set(items) <= {0.0, 1.0} and 0.0 < value < 1.0
+
+
+def test_cider_per_item_scores_average_to_the_corpus_score(perfect):
+    preds = [CAPTIONS[0], "a dog on a sofa .", CAPTIONS[2], "a large yellow square at the top right ."]
+    corpus, items = cider_scores(preds, CAPTIONS)
+    assert corpus == cider(preds, CAPTIONS)
+    # pycocoevalcap takes np.mean of its per-item array: float64, summation order may
+    # differ from Python's sum by an ulp or so, hence the relative 1e-12.
+    assert corpus == pytest.approx(sum(items) / 4, rel=1e-12)
+    assert items[1] < 0.05 < items[3] < items[0]
+
+
+def test_prediction_rows_carry_the_answer_file_fields(tmp_path):
+    from types import SimpleNamespace
+
+    from pilot_hpc.data.records import Sample
+    from pilot_hpc.metrics.generation import Evaluation, prediction_rows, read_predictions, write_predictions
+
+    samples = [Sample(id=f"q{i}", image_path=f"/img/{i}.png", turns=[(f"question {i}", ref)])
+               for i, ref in enumerate(["B", "C"])]
+    dataset = SimpleNamespace(samples=samples, references=lambda i: [samples[i].turns[0][1]])
+    ev = Evaluation(0.5, ["B", "(C)"], ["B", "C"], [1.0, 0.0])
+    rows = prediction_rows(dataset, ev, "mc_accuracy", "m")
+    assert [r["parsed"] for r in rows] == ["B", None]  # LLaVA's rules: "(C)" names no option
+    want = {"question_id": "q1", "text": "(C)", "prompt": "<image>\nquestion 1", "answer_id": "m/q1",
+            "model_id": "m", "reference": "C", "score": 0.0, "metadata": {"image": "/img/1.png"}}
+    assert {k: rows[1][k] for k in want} == want
+    path = str(tmp_path / "p" / "client_00.jsonl")
+    write_predictions(path, rows)
+    assert read_predictions(path) == rows and not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "p"))
+    assert tuple(ev) == (0.5, ["B", "(C)"])  # unpacks as (value, predictions)

@@ -12,7 +12,9 @@ another on one shared model, swapping their personal state in and out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, numel, to_wire
 from pilot_hpc.fl.stream import StreamedExchange
 from pilot_hpc.fl.strategies import Strategy
-from pilot_hpc.metrics.generation import evaluate_client
+from pilot_hpc.metrics.generation import evaluate_client, prediction_rows, write_predictions
+from pilot_hpc.metrics.scores import mc_unparsed
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
@@ -36,6 +39,9 @@ log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps")
+# Per-step numbers each client keeps during its local round (for TensorBoard, run.tensorboard),
+# gathered by the leader with the round's statistics: step, its loss terms, its seconds.
+TRACE_KEYS = ("step", "ce", "diff", "balance", "z", "prox", "seconds")
 
 
 class Preempted(Exception):
@@ -47,6 +53,9 @@ class Preempted(Exception):
 
 
 class Federation:
+    # Rank 0's TensorBoard writer (pilot_hpc.tensorboard.Board), set by main; None: no logging.
+    board = None
+
     def __init__(self, cfg: Config, comm: Comm | None, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
                  device: torch.device, world: Comm | None = None, group: Comm | None = None):
         """comm: the federation's ranks (one per client host; None on a rank that is not
@@ -82,7 +91,7 @@ class Federation:
         if start is None:
             self.init_server()
             t0 = time.perf_counter()
-            self.record_round(history, 0, 0, self.evaluate(stage=0), t0)
+            self.record_round(history, 0, 0, self.evaluate(stage=0, round_=0), t0)
             first = 1
         else:
             first = start.round + 1 if start.complete else start.round
@@ -94,7 +103,7 @@ class Federation:
                 raise Preempted(self.checkpoint(round_, complete=False, history=history))
             self.exchange(round_)
             self.sync_group()
-            rows = self.evaluate(stage)
+            rows = self.evaluate(stage, round_=round_)
             if rows is not None:
                 history.append({"round": round_, "clients": rows})
             self.checkpoint(round_, complete=True, history=history)
@@ -166,6 +175,7 @@ class Federation:
                                     first_step=resume_from.step if resume_from is not None else 0)
             hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step),
                           progress=line)
+            hooks = self.traced(slot, hooks)
             res = train_steps(self.pm.model, dataset, params, spec, pad_id=self.pm.tokenizer.pad_token_id,
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
             if res.stopped is not None:
@@ -182,6 +192,26 @@ class Federation:
                             "keeps its parameters from the start of the round", slot.k, round_)
                 slot.exclude()
         return False
+
+    def traced(self, slot: ClientSlot, hooks: Hooks) -> Hooks:
+        """hooks whose progress callback also appends each step's loss terms and seconds
+        to slot.trace (run.tensorboard only; any progress callback already there still runs).
+        Members of a client group keep none: their leader's trace is the client's."""
+        if not self.cfg.run.tensorboard or not self.leader:
+            return hooks
+        inner, last = hooks.progress, [time.perf_counter()]
+        if getattr(slot, "trace", None) is None:  # gather_traces clears it after each evaluation
+            slot.trace = []
+
+        def progress(step: int, terms: dict) -> None:
+            now = time.perf_counter()
+            slot.trace.append([step] + [float(terms[k].detach()) if k in terms else float("nan")
+                                        for k in TRACE_KEYS[1:-1]] + [now - last[0]])
+            last[0] = now
+            if inner is not None:
+                inner(step, terms)
+
+        return dataclasses.replace(hooks, progress=progress)
 
     def stop_vote(self, stopped: bool) -> bool:
         """Everyone meets here; one stopped rank makes all of them checkpoint and exit."""
@@ -212,9 +242,11 @@ class Federation:
                     local[i] = flatten(strat.visual_params(pm) + strat.text_params(pm), device=self.device).to(dtype)
         meta = np.array([[s.n, int(s.finite)] for s in self.slots], dtype=np.int64).reshape(-1, 2)
         tasks = torch.tensor([self.cfg.tasks.index(t) for t in self.cfg.fl.client_tasks])
-        t0 = time.perf_counter()
+        t0, n_traffic = time.perf_counter(), len(comm.traffic)
         got = StreamedExchange(comm, self.blocks, self.device, self.cfg.fl.chunk_mb).run(
             strat, local, meta, p_vis, tasks, self.num_tasks)
+        # This rank's bytes (sent + received) and seconds of the exchange, for TensorBoard.
+        self.exchange_stats = (sum(t.sent + t.received for t in comm.traffic[n_traffic:]), time.perf_counter() - t0)
         del local
         if got.excluded:
             log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_, got.excluded)
@@ -226,32 +258,77 @@ class Federation:
                     slot.state = pm.get_state()
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, stage: int) -> list[dict] | None:
+    def evaluate(self, stage: int, round_: int = 0) -> list[dict] | None:
         """Every client on its own held-out split; the table rows land on rank 0 (None
-        elsewhere, and on the members of a client group, whose leader evaluates)."""
+        elsewhere, and on the members of a client group, whose leader evaluates). Each
+        leader writes its clients' per-sample predictions (predictions_path)."""
         if not self.leader:
             return None
         t = self.cfg.train
         rows = []
         for slot in self.slots:
+            metric = self.cfg.metric(slot.task)
             with hosting(self.pm, slot):
                 self.pm.set_stage(stage)
-                value, _ = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, self.cfg.metric(slot.task),
-                                           t.eval_batch_size, t.max_new_tokens, self.device,
-                                           EvalProgressLog(client=slot.k, every=self.cfg.run.log_every,
-                                                           device=self.device))
+                ev = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, metric,
+                                     t.eval_batch_size, t.max_new_tokens, self.device,
+                                     EvalProgressLog(client=slot.k, every=self.cfg.run.log_every, device=self.device))
+            value = ev.value
+            model_id = f"pilot_hpc-{self.cfg.fl.strategy}-client{slot.k:02d}-round{round_:03d}"
+            write_predictions(self.predictions_path(round_, slot.k), prediction_rows(slot.eval, ev, metric, model_id))
+            if metric.startswith("mc_accuracy"):
+                unparsed = mc_unparsed(ev.predictions, lenient=metric == "mc_accuracy_lenient")
+                if unparsed:
+                    log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
+                             len(ev.predictions))
             rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
-        if got is None:
+        table = None if got is None else got.reshape(self.num_clients, width)
+        self.gather_traces(round_, table)
+        if table is None:
             return None
-        table = got.reshape(self.num_clients, width)
         return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
                 for k in range(self.num_clients)]
+
+    def predictions_path(self, round_: int, k: int) -> str:
+        return os.path.join(self.cfg.run.output_dir, "predictions", f"round_{round_:03d}", f"client_{k:02d}.jsonl")
+
+    def gather_traces(self, round_: int, table: np.ndarray | None) -> None:
+        """run.tensorboard: every client's per-step trace of this round to rank 0 in one
+        gather, kept in self.traces {client: rows}. Each client sends exactly `steps` rows
+        (the table's last column, which rank 0 has just gathered, so it knows the counts):
+        steps taken before a restart left no trace and travel as NaN rows. Round 0 trains
+        nothing and gathers nothing. The clients' traces are cleared for the next round."""
+        self.traces: dict[int, np.ndarray] = {}
+        if not self.cfg.run.tensorboard or round_ == 0:
+            return
+        width = len(TRACE_KEYS)
+        mine = []
+        for slot in self.slots:
+            trace = np.asarray(getattr(slot, "trace", None) or [], dtype=np.float64).reshape(-1, width)
+            steps = int(slot.steps)
+            pad = np.full((max(steps - len(trace), 0), width), np.nan)
+            mine.append(np.concatenate([pad, trace[len(trace) - min(steps, len(trace)):]]))
+            slot.trace = None
+        counts = [0] * self.comm.size  # gatherv reads all counts on rank 0 only, its own elsewhere
+        counts[self.comm.rank] = sum(m.size for m in mine)
+        if table is not None:
+            steps_of = table[:, -1].astype(np.int64)
+            counts = [int(sum(steps_of[k] for k in b)) * width for b in self.blocks]
+        local = np.concatenate([m.reshape(-1) for m in mine]) if mine else np.zeros(0)
+        got = self.comm.gatherv(local, counts, tag="trace", fast=False)
+        if got is None:
+            return
+        offset = 0
+        for k in range(self.num_clients):
+            n = int(steps_of[k]) * width
+            self.traces[k] = got[offset:offset + n].reshape(-1, width)
+            offset += n
 
     def log_round(self, round_: int, stage: int, rows: list[dict], seconds: float) -> None:
         by_task: dict[str, list[float]] = {}
@@ -263,6 +340,14 @@ class Federation:
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores)
+        if self.board is not None:
+            self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
+                                 getattr(self, "traces", {}), getattr(self, "exchange_stats", None), seconds,
+                                 lr=self.strategy_lr(stage), batch_size=self.cfg.train.batch_size)
+            self.exchange_stats = None
+
+    def strategy_lr(self, stage: int) -> float:
+        return TrainSpec.for_round(self.cfg.train, stage=stage, seed=0).lr
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, round_: int, *, complete: bool, history: list) -> str:
