@@ -295,21 +295,25 @@ def first_checks(args) -> "object | int":
     return cfg
 
 
-def world_checks(cfg, comm) -> bool:
-    """Checks that need the MPI world or torch; all ranks agree on the verdict. An error
-    every rank shares is printed by rank 0; one of a single rank (a node without GPU),
-    by that rank when rank 0 is fine."""
-    from pilot_hpc.config import ConfigError, check_world
+def check_pooled(cfg, world: int) -> None:
+    from pilot_hpc.config import ConfigError
     from pilot_hpc.fl.strategies import get_strategy
+
+    if get_strategy(cfg.fl.strategy, cfg).pooled and world > 1:
+        raise ConfigError(f"fl.strategy={cfg.fl.strategy} trains one model on all clients' data in one "
+                          f"process: run it without mpiexec (or with -n 1), not with {world} ranks")
+
+
+def agree(comm, checks) -> bool:
+    """Runs the checks (callables raising ConfigError) on every rank; all ranks agree on
+    the verdict. An error every rank shares is printed by rank 0; one of a single rank
+    (a node without a GPU), by that rank when rank 0 is fine."""
+    from pilot_hpc.config import ConfigError
 
     problem = None
     try:
-        check_world(cfg, comm.size)
-        check_slurm_world(comm.size)
-        if get_strategy(cfg.fl.strategy, cfg).pooled and comm.size > 1:
-            raise ConfigError(f"fl.strategy={cfg.fl.strategy} trains one model on all clients' data in one "
-                              f"process: run it without mpiexec (or with -n 1), not with {comm.size} ranks")
-        check_device(cfg)
+        for check in checks:
+            check()
     except ConfigError as err:
         problem = err
     if comm.all_ok(problem is None):
@@ -323,7 +327,8 @@ def world_checks(cfg, comm) -> bool:
 
 def take_folder(cfg, comm):
     """Rank 0 locks run.output_dir before anything else is written there; every rank
-    learns the verdict in a collective. The lock (or None), or EXIT_BAD_INPUT."""
+    learns the verdict in a collective: (ok, the lock on rank 0 or None).
+    The lock lives as long as this process: the kernel releases it at exit."""
     lock, ok = None, True
     if comm.rank == 0:
         try:
@@ -341,7 +346,7 @@ def take_folder(cfg, comm):
                   f"({err.strerror or err}): fix its permissions or set another run.output_dir",
                   file=sys.stderr, flush=True)
             ok = False
-    return lock if comm.all_ok(ok) else EXIT_BAD_INPUT
+    return comm.all_ok(ok), lock
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -352,7 +357,6 @@ def cli(argv: list[str] | None = None) -> int:
     from pilot_hpc.fl.comm import Comm
 
     comm = Comm()
-    setup_logging(comm.rank)
 
     def abort_on_exception(kind, value, tb):
         # An uncaught error on one rank must end the whole job, not leave the others
@@ -394,11 +398,17 @@ def cli(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if not world_checks(cfg, comm):
+    from pilot_hpc.config import check_world
+
+    # Cheap checks, then the folder's lock (before torch and transformers load, so that a
+    # second job in the folder is told in about a second), then the checks needing torch.
+    ok = agree(comm, [lambda: check_world(cfg, comm.size), lambda: check_slurm_world(comm.size)])
+    if ok:
+        ok, lock = take_folder(cfg, comm)  # noqa: F841 - held (by rank 0) until the process exits
+    if not ok or not agree(comm, [lambda: check_pooled(cfg, comm.size), lambda: check_device(cfg)]):
+        comm.close()  # no stop request left pending in MPI (UCX warns about it at exit)
         return EXIT_BAD_INPUT
-    lock = take_folder(cfg, comm)
-    if isinstance(lock, int):
-        return EXIT_BAD_INPUT
+    setup_logging(comm.rank)
     return run(cfg, comm)
 
 
