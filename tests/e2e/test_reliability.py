@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -81,6 +82,36 @@ def test_cuda_without_a_gpu_is_bad_input(cache_dir, tmp_path):
     assert "run.device=cuda but no CUDA device is visible" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_grid_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    from pilot_hpc import launch
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\nconfig: c.yaml\ngrid:\n  fl.rounds: [1, 2\n  x: 3\n")
+    assert launch.main(["--grid", str(grid), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{grid}:5:4: not valid YAML: expected ',' or ']', but got ':'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_too_little_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from pilot_hpc import main
+    from pilot_hpc.config import load_config
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path / 'out'}"])
+    state = {"w": torch.zeros(1024, 256)}  # 1 MiB per client: 4 x 9 x 1 MiB needed
+    real = os.statvfs
+
+    class Nearly:
+        f_frsize, f_bavail = 4096, 256  # 1 MiB free
+
+    assert main.check_writable(cfg, state, 9)
+    monkeypatch.setattr(os, "statvfs", lambda path: Nearly() if str(tmp_path) in str(path) else real(path))
+    assert not main.check_writable(cfg, state, 9)
+    assert "has 1.0 MiB free but one checkpoint needs about 36.0 MiB" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- data files
 def _image(folder):
     from PIL import Image
@@ -147,6 +178,26 @@ def test_unwritable_checkpoint_folder_is_refused_before_training(cache_dir, tmp_
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"{out}/checkpoints cannot be written" in proc.stderr
     assert "round 0/" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(cache_dir, tmp_path):
+    out = tmp_path / "twice"
+    cmd = [sys.executable, "-m", "pilot_hpc.main"] + args_for(cache_dir, out)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # logged before the model is built: seconds before any step
+            if "clients on 1 rank(s)" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)  # more than main.SIGINT_REPEAT_S: a second Ctrl-C, not the same one twice
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "got SIGINT" in err and "second SIGINT: aborting now, without a checkpoint" in err
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
 
 
 def test_a_second_job_in_the_folder_is_refused_and_ctrl_c_checkpoints_and_resumes_bitwise(runs, cache_dir,

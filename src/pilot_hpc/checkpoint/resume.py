@@ -60,6 +60,11 @@ def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[
             for path, r, done in store.candidates(folder):
                 if not done and r <= round_:
                     os.remove(path)
+    # Nobody moves on before the file is final: rank 0's digest and rename take a moment
+    # (~0.1 s here), and a rank that dies early in the next round would otherwise end the
+    # job (mpiexec kills the rest) before round_NNN.h5 exists (tests/e2e/test_resilience.py
+    # saw exactly that).
+    comm.barrier()
     return final
 
 
