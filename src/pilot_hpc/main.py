@@ -383,8 +383,10 @@ def cli(argv: list[str] | None = None) -> int:
         if signum == signal.SIGINT:
             now = time.monotonic()
             if first_sigint and now - first_sigint[0] > SIGINT_REPEAT_S:
-                print(f"pilot_hpc: rank {comm.rank}: second SIGINT: aborting now, without a checkpoint",
-                      file=sys.stderr, flush=True)
+                # os.write, not print: the handler may run while the main thread is inside a
+                # write to sys.stderr (a reentrant buffered write raises instead of printing).
+                os.write(2, f"pilot_hpc: rank {comm.rank}: second SIGINT: aborting now, without a "
+                            "checkpoint\n".encode())
                 runlock.remove_segments(runlock.own_segments())
                 if comm.size > 1:
                     comm.abort(EXIT_INTERRUPTED)
@@ -393,8 +395,8 @@ def cli(argv: list[str] | None = None) -> int:
                 return  # the same Ctrl-C delivered twice
             first_sigint.append(now)
         comm.request_stop()
-        print(f"pilot_hpc: rank {comm.rank}: got {signal.Signals(signum).name}; checkpointing at the next "
-              "local step", file=sys.stderr, flush=True)
+        os.write(2, f"pilot_hpc: rank {comm.rank}: got {signal.Signals(signum).name}; checkpointing at the next "
+                    "local step\n".encode())
 
     for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, on_signal)
