@@ -8,9 +8,9 @@ checkpoint was written; rerun the same command to resume); 1 a failure while run
 collective); 130 a second Ctrl-C (aborted at once, no checkpoint).
 
 Startup order (issue 16): the config is parsed and checked first, with only the
-standard library and PyYAML loaded, so that a typo costs well under a second instead
-of the ~13 s (68 s under `mpiexec -n 9`) that importing torch, transformers and MPI
-takes on the 2-core test machine; only then MPI starts, rank 0 locks the output folder,
+standard library and PyYAML loaded, so that a typo costs 0.2-0.3 s (1.1 s under
+`mpiexec -n 9`, measured on the 2-core test machine at load ~6) instead of the 13 s (68 s)
+that issue 16 measured when torch, transformers and MPI loaded first; only then MPI starts, rank 0 locks the output folder,
 and the heavy stack loads.
 """
 
