@@ -10,8 +10,8 @@ collective); 130 a second Ctrl-C (aborted at once, no checkpoint).
 Startup order (issue 16): the config is parsed and checked first, with only the
 standard library and PyYAML loaded, so that a typo costs 0.2-0.3 s (1.1 s under
 `mpiexec -n 9`, measured on the 2-core test machine at load ~6) instead of the 13 s (68 s)
-that issue 16 measured when torch, transformers and MPI loaded first; only then MPI starts, rank 0 locks the output folder,
-and the heavy stack loads.
+that issue 16 measured when torch, transformers and MPI loaded first; only then MPI
+starts, rank 0 locks the output folder, and the heavy stack loads.
 """
 
 from __future__ import annotations
