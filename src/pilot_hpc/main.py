@@ -233,9 +233,8 @@ def run(cfg, comm) -> int:
     except (ValueError, OSError) as err:
         print(f"pilot_hpc: error: rank {comm.rank} (clients {mine}): {err}", file=sys.stderr, flush=True)
         ok = False
+    ok = ok and (comm.rank != 0 or check_writable(cfg, initial, cfg.fl.num_clients))
     if not comm.all_ok(ok):
-        return EXIT_BAD_INPUT
-    if not comm.all_ok(comm.rank != 0 or check_writable(cfg, initial, cfg.fl.num_clients)):
         return EXIT_BAD_INPUT
 
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
@@ -304,33 +303,35 @@ def check_pooled(cfg, world: int) -> None:
                           f"process: run it without mpiexec (or with -n 1), not with {world} ranks")
 
 
-def agree(comm, checks) -> bool:
-    """Runs the checks (callables raising ConfigError) on every rank; all ranks agree on
-    the verdict. An error every rank shares is printed by rank 0; one of a single rank
-    (a node without a GPU), by that rank when rank 0 is fine."""
+def same_everywhere(comm, checks) -> bool:
+    """Checks that depend only on the config and the world size, so every rank reaches
+    the same verdict without a collective: rank 0 prints the one message."""
     from pilot_hpc.config import ConfigError
 
-    problem = None
     try:
         for check in checks:
             check()
     except ConfigError as err:
-        problem = err
-    if comm.all_ok(problem is None):
-        return True
-    root_ok = comm.all_ok(comm.rank != 0 or problem is None)
-    if problem is not None and (comm.rank == 0 or root_ok):
-        where = "" if comm.rank == 0 else f"rank {comm.rank}: "
-        print(f"pilot_hpc: config error: {where}{problem}", file=sys.stderr, flush=True)
-    return False
+        if comm.rank == 0:
+            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def take_folder(cfg, comm):
-    """Rank 0 locks run.output_dir before anything else is written there; every rank
-    learns the verdict in a collective: (ok, the lock on rank 0 or None).
-    The lock lives as long as this process: the kernel releases it at exit."""
+    """Rank 0 locks run.output_dir before anything else is written there, while every rank
+    checks its device (a node may lack the GPU); all learn the verdict in one collective:
+    (ok, the lock on rank 0 or None). The lock lives as long as this process: the kernel
+    releases it at exit."""
+    from pilot_hpc.config import ConfigError
+
     lock, ok = None, True
-    if comm.rank == 0:
+    try:
+        check_device(cfg)  # imports torch only for run.device=cuda
+        device_problem = None
+    except ConfigError as err:
+        device_problem, ok = err, False
+    if comm.rank == 0 and ok:
         try:
             lock = runlock.RunLock(cfg.run.output_dir).acquire()
             removed = lock.clean_previous()
@@ -346,7 +347,18 @@ def take_folder(cfg, comm):
                   f"({err.strerror or err}): fix its permissions or set another run.output_dir",
                   file=sys.stderr, flush=True)
             ok = False
-    return comm.all_ok(ok), lock
+    if comm.all_ok(ok):
+        return True, lock
+    if device_problem is not None or comm.rank == 0:
+        # One message: rank 0's when it has a device problem, else every rank's that has one
+        # (a second collective, on this failure path only, tells them which case it is).
+        root_device_ok = comm.all_ok(comm.rank != 0 or device_problem is None)
+        if device_problem is not None and (comm.rank == 0 or root_device_ok):
+            where = "" if comm.rank == 0 else f"rank {comm.rank}: "
+            print(f"pilot_hpc: config error: {where}{device_problem}", file=sys.stderr, flush=True)
+    else:
+        comm.all_ok(True)
+    return False, lock
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -403,11 +415,13 @@ def cli(argv: list[str] | None = None) -> int:
     from pilot_hpc.config import check_world
 
     # Cheap checks, then the folder's lock (before torch and transformers load, so that a
-    # second job in the folder is told in about a second), then the checks needing torch.
-    ok = agree(comm, [lambda: check_world(cfg, comm.size), lambda: check_slurm_world(comm.size)])
+    # second job in the folder is told in about two seconds), then the checks needing torch.
+    # One collective in all (the lock's verdict): the others reach the same verdict on
+    # every rank by themselves.
+    ok = same_everywhere(comm, [lambda: check_world(cfg, comm.size), lambda: check_slurm_world(comm.size)])
     if ok:
         ok, lock = take_folder(cfg, comm)  # noqa: F841 - held (by rank 0) until the process exits
-    if not ok or not agree(comm, [lambda: check_pooled(cfg, comm.size), lambda: check_device(cfg)]):
+    if not ok or not same_everywhere(comm, [lambda: check_pooled(cfg, comm.size)]):
         comm.close()  # no stop request left pending in MPI (UCX warns about it at exit)
         return EXIT_BAD_INPUT
     setup_logging(comm.rank)

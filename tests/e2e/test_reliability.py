@@ -185,9 +185,12 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(cache_dir, tmp_path
     cmd = [sys.executable, "-m", "pilot_hpc.main"] + args_for(cache_dir, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stdout:  # logged before the model is built: seconds before any step
-            if "clients on 1 rank(s)" in line:
-                break
+        # The lock file appears once the handlers are installed and before torch and
+        # transformers load: seconds before any step (a first Ctrl-C during training would
+        # checkpoint and exit before the second one).
+        deadline = time.monotonic() + 120
+        while not (out / runlock.LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         time.sleep(1.5)  # more than main.SIGINT_REPEAT_S: a second Ctrl-C, not the same one twice
         proc.send_signal(signal.SIGINT)
