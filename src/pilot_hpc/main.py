@@ -118,6 +118,7 @@ def check_writable(cfg, state: dict, num_clients: int) -> bool:
     need = 4 * num_clients * sum(t.numel() * t.element_size() for t in state.values())
     for folder in (cfg.run.output_dir, folder_of(cfg)):
         probe = os.path.join(folder, f".write_probe.{os.getpid()}")
+        created = not os.path.lexists(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             with open(probe, "wb") as fh:
@@ -126,6 +127,8 @@ def check_writable(cfg, state: dict, num_clients: int) -> bool:
                 os.fsync(fh.fileno())
             os.remove(probe)
             st = os.statvfs(folder)
+            if created:  # leave nothing behind if another rank's data stops the job
+                os.rmdir(folder)
         except OSError as err:
             print(f"pilot_hpc: error: {folder} cannot be written ({err.strerror or err}); checkpoints go to "
                   f"{folder_of(cfg)}: fix its permissions or set another run.output_dir", file=sys.stderr, flush=True)
