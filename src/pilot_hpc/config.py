@@ -81,7 +81,8 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
     def __post_init__(self):
-        if not self.path and self.image_size % self.patch_size:
+        # patch_size < 1 is BOUNDS's to report (with its key), not a ZeroDivisionError here.
+        if not self.path and self.patch_size >= 1 and self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
             )
@@ -318,7 +319,10 @@ class Config:
 # Numeric ranges, checked in one place (check_bounds) with the key named; a value out of
 # range would otherwise fail later, after the models load, with a traceback per rank.
 BOUNDS = {
-    "run.threads_per_rank": ">= 1", "run.log_every": ">= 1", "run.ranks_per_client": ">= 1",
+    "run.threads_per_rank": ">= 1", "run.log_every": ">= 1", "run.ranks_per_client": ">= 1", "run.seed": ">= 0",
+    "model.image_size": ">= 1", "model.patch_size": ">= 1", "model.vision_hidden": ">= 1",
+    "model.vision_layers": ">= 1", "model.vision_heads": ">= 1", "model.text_hidden": ">= 1",
+    "model.text_layers": ">= 1", "model.text_heads": ">= 1", "model.text_intermediate": ">= 1",
     "model.lora_r": ">= 1", "model.lora_alpha": "> 0", "model.lora_dropout": "[0, 1)",
     "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
     "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",

@@ -72,7 +72,15 @@ def load_grid(path: str) -> Grid:
     if not os.path.isfile(path):
         raise ConfigError(f"grid file {path!r} does not exist")
     with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:  # one line: file, line, column, the parser's complaint
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            what = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (name, config, grid, ...)")
     valid = {"name", "config", "output_root", "overrides", "grid", "slurm", "local_parallel", "variants"}
     unknown = sorted(set(raw) - valid)
     if unknown:

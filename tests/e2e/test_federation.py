@@ -75,10 +75,10 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     for rank in (0, 1, 2):
         with open(out / "w3" / "traffic" / f"rank_{rank:03d}.json") as fh:
             log = json.load(fh)
-        assert [t["tag"] for t in log] == ["all_ok", "all_ok", "resume", "metrics"] + per_round * rounds
+        assert [t["tag"] for t in log] == ["all_ok", "all_ok", "all_ok", "resume", "metrics"] + per_round * rounds
         sizes = {"gram": txt, "update": vis + txt, "shared": vis, "personal": txt}
         for r in range(rounds):
-            entries = log[4 + r * len(per_round):4 + (r + 1) * len(per_round)]
+            entries = log[5 + r * len(per_round):5 + (r + 1) * len(per_round)]
             for tag, widths in sizes.items():
                 got = [(t["sent"], t["received"]) for t in entries if t["tag"] == tag]
                 if tag in ("gram", "update"):  # gathers: the two others' rows into rank 0

@@ -4,6 +4,7 @@ checkpoints, bad updates, exceptions, and a changed config on resume.
 Each resumed run must end with exactly the uninterrupted run's metrics (bitwise on CPU).
 """
 
+import json
 import os
 import shutil
 import time
@@ -61,7 +62,10 @@ def test_sigterm_mid_round_checkpoints_exits_75_and_resumes_bitwise(runs, cache_
     assert_same_result(out, runs)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+# history: digits changed inside the `history` attribute, written back consistently through
+# HDF5 (so no HDF5 checksum can see it): before the whole-file digest, this loaded silently
+# and metrics.json reported round 2's caption CIDEr as 99.29 instead of 11.29 (issue 16).
+@pytest.mark.parametrize("damage", ["truncate", "flip", "history"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, cache_dir, tmp_path, damage):
     out = tmp_path / damage
     shutil.copytree(runs[0] / "w3", out)
@@ -70,6 +74,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, cache_dir, t
     if damage == "truncate":
         with open(newest, "r+b") as fh:
             fh.truncate(os.path.getsize(newest) // 3)
+    elif damage == "history":
+        with h5py.File(newest, "a") as f:
+            history = json.loads(f.attrs["history"])
+            history[-1]["clients"][1]["value"] = 99.29  # the caption client's CIDEr
+            f.attrs["history"] = json.dumps(history)
     else:
         with h5py.File(newest, "r") as f:
             offset = f["clients/client_01/state"][next(iter(f["clients/client_01/state"]))].id.get_chunk_info(0).byte_offset
@@ -104,6 +113,10 @@ def test_an_exception_on_one_rank_aborts_the_job_naming_rank_and_client(cache_di
                     env={"PILOT_HPC_INJECT": "raise:client=2,round=1"})
     assert proc.returncode != 0 and time.monotonic() - t0 < 60
     assert "rank 2, client 2: RuntimeError: injected failure" in proc.stderr
+    # The aborting rank unlinked its node's MPICH segment (rank 0 recorded its name).
+    segments = json.loads((tmp_path / "boom" / ".pilot_hpc.lock").read_text())["shm_segments"]
+    assert segments and all(s.startswith("/dev/shm/mpich_shm_") for s in segments), segments
+    assert not any(os.path.exists(s) for s in segments), segments
 
 
 def test_resume_with_a_result_changing_config_is_refused(runs, cache_dir, tmp_path):

@@ -179,7 +179,7 @@ def test_bad_engine_settings_fail_early(client):
     pm, ds, start, _ = client
     with pytest.raises(ValueError, match="offload_optimizer needs ZeRO"):
         run(pm, ds, start, engine="deepspeed", zero_stage=0, offload_optimizer=True)
-    with pytest.raises(ValueError, match="train engine must be one of"):
+    with pytest.raises(ValueError, match="train.engine must be torch or deepspeed"):
         run(pm, ds, start, engine="jax")
 
 

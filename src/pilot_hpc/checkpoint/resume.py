@@ -60,15 +60,34 @@ def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[
             for path, r, done in store.candidates(folder):
                 if not done and r <= round_:
                     os.remove(path)
+    # Nobody moves on before the file is final: rank 0's digest and rename take a moment
+    # (~0.1 s here), and a rank that dies early in the next round would otherwise end the
+    # job (mpiexec kills the rest) before round_NNN.h5 exists (tests/e2e/test_resilience.py
+    # saw exactly that).
+    comm.barrier()
     return final
+
+
+def verify(path: str, num_clients: int, expected: dict) -> store.Checkpoint:
+    """The whole file read, its content digest checked, and its structure checked against
+    the model: the one check a checkpoint passes before it is chosen (the fuzz test in
+    tests/unit/test_checkpoint_integrity.py drives exactly this). Raises CheckpointError."""
+    ck = store.read(path)
+    try:
+        store.validate(ck, num_clients, expected)
+    except store.CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any surprise in a file means "unusable", never a crash
+        raise store.CheckpointError(f"checkpoint {path}: {type(err).__name__}: {err}") from None
+    return ck
 
 
 def _choose(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
     """(round, complete) of the newest usable checkpoint, (-1, 0) for none (rank 0)."""
-    for path, round_, complete in store.candidates(folder_of(cfg)):
+    found = store.candidates(folder_of(cfg))
+    for path, round_, complete in found:
         try:
-            ck = store.read(path)
-            store.validate(ck, num_clients, expected)
+            ck = verify(path, num_clients, expected)
         except store.CheckpointError as err:
             log.warning("resume: skipping %s: %s", path, err)
             continue
@@ -83,6 +102,9 @@ def _choose(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
         log.info("resume: continuing from %s (round %d, %s)", path, round_,
                  "complete" if complete else "interrupted mid-round")
         return round_, int(complete)
+    if found:
+        log.warning("resume: none of the %d checkpoint file(s) in %s is usable: starting over from round 0",
+                    len(found), folder_of(cfg))
     return -1, 0
 
 
@@ -104,6 +126,17 @@ def locate(comm, cfg, expected: dict[str, tuple[int, ...]], my_clients: list[int
         return None
     round_, complete = int(choice[0]), bool(choice[1])
     path = os.path.join(folder_of(cfg), store.file_name(round_, complete))
-    ck = store.read(path, clients=my_clients)
+    # Rank 0 verified the whole file (digest included); a rank that still cannot read
+    # its clients (the file replaced meanwhile, a failing disk) stops every rank cleanly.
+    ck, problem = None, None
+    try:
+        ck = store.read(path, clients=my_clients)
+    except store.CheckpointError as err:
+        problem = err
+        log.error("resume: rank %d: %s", comm.rank, err)
+    if not comm.all_ok(problem is None):
+        raise ConfigError(f"resume: {problem}" if problem is not None else
+                          f"resume: another rank could not read its clients from {path} (see its message); "
+                          "move the file aside or use run.resume=never")
     return ResumePoint(path=path, round=round_, complete=complete, history=ck.history, clients=ck.clients,
                        server=ck.server)

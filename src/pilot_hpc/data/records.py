@@ -7,6 +7,7 @@ of records `{"id", "image", "conversations": [{"from": "human", "value": "<image
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
             raise _record_error(path, index, rid, f"turns {t}-{t + 1} need string 'value' fields")
         if (IMAGE_TOKEN in q) != (t == 0):
             raise _record_error(path, index, rid, f"{IMAGE_TOKEN} must appear in the first human turn only")
+        if q.count(IMAGE_TOKEN) > 1:  # one image per record: a second token would have no features
+            raise _record_error(path, index, rid, f"{IMAGE_TOKEN} appears {q.count(IMAGE_TOKEN)} times in the "
+                                "first human turn; a record has one image, so write it once")
         turns.append((q.replace(IMAGE_TOKEN, "").strip(), a.strip()))
     refs = record.get("references")
     if refs is not None and (not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs)):
@@ -65,11 +69,36 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
     return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs)
 
 
+def _check_shape(path: str) -> None:
+    """A LLaVA file is a JSON list (JSON Lines, one record per line, also loads). HF's json
+    loader takes a lone object as a one-row table: a file holding one record object (or a
+    dict of records) would silently become a 1-sample client."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if head[:1] == b"[" or not head:
+        return
+    if head[:1] != b"{":
+        raise ValueError(f"{path}: expected a JSON list of LLaVA records ([{{...}}, ...]), but the file starts "
+                         f"with {head[:20]!r}")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    try:
+        obj, end = json.JSONDecoder().raw_decode(text.lstrip())
+    except ValueError:
+        return  # not one JSON value: datasets reports the syntax error with its position
+    if text.lstrip()[end:].strip():
+        return  # more after the first object: JSON Lines
+    what = "one record object" if isinstance(obj, dict) and "conversations" in obj else "one JSON object"
+    raise ValueError(f"{path}: the file holds {what}, not a list of records: write the records as a JSON list "
+                     "[{...}, {...}] (or one record per line, JSON Lines)")
+
+
 def load_records(path: str, image_root: str | None = None, cache_dir: str | None = None) -> list[Sample]:
     """Reads a LLaVA-format JSON file through HF datasets and validates every record."""
     if not os.path.isfile(path):
         raise ValueError(f"data file {path} does not exist")
     root = image_root or os.path.dirname(os.path.abspath(path))
+    _check_shape(path)
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir,
