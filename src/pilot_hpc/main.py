@@ -226,7 +226,8 @@ def run(cfg, comm) -> int:
         for k in mine:
             task = cfg.fl.client_tasks[k]
             sets = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
-                                       pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images)
+                                       pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
+                                       image_aspect_ratio=cfg.data.image_aspect_ratio)
                     for path in (train_files[k], eval_files[k])]
             for ds in sets if cfg.data.verify_images else ():
                 for i in range(len(ds)):  # over-long samples and undecodable images surface now
