@@ -100,9 +100,9 @@ def test_dispatch_logs_the_path_once(fresh_dispatch, caplog):
 
 
 _FORCED_SCRIPT = r'''
-import logging, sys, torch
+import logging, os, sys, torch
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # this test's folder, and tests/ (helpers)
 from test_ctmoa_dispatch_run import make_problem
 from pilot_hpc.model import ctmoa_dispatch
 from pilot_hpc.model.ctmoa import ctmoa_reference

@@ -94,6 +94,9 @@ class OneRank:
     def bcast(self, array, tag=""):
         return array
 
+    def all_ok(self, ok: bool) -> bool:
+        return ok
+
 
 def test_save_and_locate_without_a_federation(tmp_path):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "fl.num_clients=2", "fl.client_tasks=[vqa, caption]",
