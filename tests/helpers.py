@@ -64,3 +64,16 @@ def run_mpi_check(script: str, ranks: int, timeout: int = 240) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Ranks print concurrently and mpiexec may join their lines: find the marks, not lines.
     assert sorted(int(r) for r in re.findall(r"rank (\d+): ok", proc.stdout)) == list(range(ranks)), proc.stdout
+
+
+def args_for(cache_dir, out) -> list[str]:
+    """pilot_hpc.main arguments of the small federation writing to `out`."""
+    return ["--config", SMOKE] + small_overrides(cache_dir, str(out))
+
+
+def assert_same_result(out, runs):
+    """The run in `out` ended with the uninterrupted W = 3 run's metrics (the `runs` fixture)."""
+    ref = load_metrics(runs[0] / "w3")
+    got = load_metrics(out)
+    assert got["final"] == ref["final"]
+    assert got["rounds"] == ref["rounds"]

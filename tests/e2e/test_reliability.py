@@ -14,19 +14,8 @@ import time
 
 import pytest
 
-from helpers import REPO, SMOKE, load_metrics, mpiexec, run_main, small_overrides
+from helpers import REPO, SMOKE, args_for, assert_same_result, mpiexec, run_main
 from pilot_hpc import runlock
-
-
-def args_for(cache_dir, out):
-    return ["--config", SMOKE] + small_overrides(cache_dir, str(out))
-
-
-def assert_same_result(out, runs):
-    ref = load_metrics(runs[0] / "w3")
-    got = load_metrics(out)
-    assert got["final"] == ref["final"]
-    assert got["rounds"] == ref["rounds"]
 
 
 # ---------------------------------------------------------------- values at the boundary

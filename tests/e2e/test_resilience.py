@@ -13,19 +13,8 @@ import h5py
 import pytest
 import torch
 
-from helpers import SMOKE, load_metrics, run_main, small_overrides
+from helpers import args_for, assert_same_result, run_main
 from pilot_hpc import checkpoint
-
-
-def args_for(cache_dir, out):
-    return ["--config", SMOKE] + small_overrides(cache_dir, str(out))
-
-
-def assert_same_result(out, runs):
-    ref = load_metrics(runs[0] / "w3")
-    got = load_metrics(out)
-    assert got["final"] == ref["final"]
-    assert got["rounds"] == ref["rounds"]
 
 
 def test_sigkill_of_a_rank_ends_the_job_and_the_rerun_resumes(runs, cache_dir, tmp_path):
