@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,19 +46,16 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check_lib beside this file
 # (the tests read some of these names through this module)
-from gpu_check_lib import (CAPTION_NOTE, Command, Context, FED_RANKS, Step, StepResult, TOTAL_S, _read, base_env,
-                           judge_cuda_tests, judge_exchange_bench, judge_federation, judge_kernel_bench,
-                           judge_kernel_tests, judge_realscale, locate_prefix, make_shim, parse_pytest_summary,
-                           plan_wheels, returned_files_problem, write_summary)
+from gpu_check_lib import (CAPTION_NOTE, Command, Context, FED_RANKS, KILL_GRACE_S, Step, StepResult, TOTAL_S, _read,
+                           append_log, base_env, judge_cuda_tests, judge_exchange_bench, judge_federation,
+                           judge_kernel_bench, judge_kernel_tests, judge_realscale, locate_prefix, make_shim,
+                           parse_pytest_summary, plan_wheels, returned_files_problem, run_command, tail,
+                           write_summary)
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_NO_CUDA = 2
 # Kept back from the steps for start-up (nvidia-smi, git) and writing the summary.
 RESERVE_S = 15
-# A step that runs out of time gets TERM, then KILL, each followed by this long a wait,
-# inside its own time: the kill never eats into the next step's.
-KILL_GRACE_S = 3
-LOG_KEEP_BYTES = 2 * 2 ** 20  # per step in gpu_check.log (head + tail), far below the 16 MiB a file may have
 REALSCALE_MODULE = "pilot_hpc.tools.realscale_round"
 BENCH_MODULES = ("pilot_hpc.tools.bench", "pilot_hpc.bench")  # the new name first (the move is under way)
 # Federation: FED_RANKS ranks share the one GPU (resolve_device gives every rank cuda:0).
@@ -232,52 +228,6 @@ def step_timeout(now_s: float, later_budgets: int, total_s: int = TOTAL_S, reser
 
 
 # ------------------------------------------------------------------------- running
-
-
-def run_command(cmd: Command, env: dict[str, str], cwd: Path, timeout: float, log_path: Path) -> tuple[int, float]:
-    """(exit status, wall seconds); -9 on timeout. The command runs in a session of its own
-    so that a timeout ends all of it (mpiexec's ranks, pytest's workers), by its group id.
-    Killing included, it ends within timeout seconds (give or take a second)."""
-    t0 = time.monotonic()
-    wait_s = max(1.0, timeout - 2 * KILL_GRACE_S)
-    with open(log_path, "w") as log:
-        log.write(f"$ {' '.join(cmd.argv)}\n")
-        log.flush()
-        try:
-            proc = subprocess.Popen(cmd.argv, cwd=cwd, env={**env, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as err:
-            log.write(f"gpu_check: cannot start {cmd.argv[0]}: {err}\n")
-            return 127, time.monotonic() - t0
-        try:
-            rc = proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=KILL_GRACE_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            log.write(f"\ngpu_check: TIMEOUT after {wait_s:.0f} s: the step's process group was ended\n")
-            rc = -9
-    return rc, time.monotonic() - t0
-
-
-def tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def append_log(combined: Path, name: str, log_path: Path) -> None:
-    data = log_path.read_bytes() if log_path.exists() else b""
-    if len(data) > LOG_KEEP_BYTES:
-        keep = LOG_KEEP_BYTES // 2
-        data = data[:keep] + f"\n[... {len(data) - 2 * keep} bytes cut ...]\n".encode() + data[-keep:]
-    with open(combined, "ab") as fh:
-        fh.write(f"\n===== step {name} =====\n".encode() + data)
 
 
 def execute(step: Step, ctx: Context, timeout: float) -> StepResult:

@@ -10,7 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -377,6 +380,60 @@ def judge_realscale(rc: int, text: str, ctx: Context, cmd: Command) -> StepResul
     elif not files:
         res.status, res.reason = "fail", f"exit 0 but no JSON or Markdown written to {folder}"
     return res
+
+
+# ------------------------------------------------------------------------- running a command
+
+# A step that runs out of time gets TERM, then KILL, each followed by this long a wait,
+# inside its own time: the kill never eats into the next step's.
+KILL_GRACE_S = 3
+LOG_KEEP_BYTES = 2 * 2 ** 20  # per step in gpu_check.log (head + tail), far below the 16 MiB a file may have
+
+
+def run_command(cmd: Command, env: dict[str, str], cwd: Path, timeout: float, log_path: Path) -> tuple[int, float]:
+    """(exit status, wall seconds); -9 on timeout. The command runs in a session of its own
+    so that a timeout ends all of it (mpiexec's ranks, pytest's workers), by its group id.
+    Killing included, it ends within timeout seconds (give or take a second)."""
+    t0 = time.monotonic()
+    wait_s = max(1.0, timeout - 2 * KILL_GRACE_S)
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(cmd.argv)}\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd.argv, cwd=cwd, env={**env, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as err:
+            log.write(f"gpu_check: cannot start {cmd.argv[0]}: {err}\n")
+            return 127, time.monotonic() - t0
+        try:
+            rc = proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=KILL_GRACE_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            log.write(f"\ngpu_check: TIMEOUT after {wait_s:.0f} s: the step's process group was ended\n")
+            rc = -9
+    return rc, time.monotonic() - t0
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def append_log(combined: Path, name: str, log_path: Path) -> None:
+    data = log_path.read_bytes() if log_path.exists() else b""
+    if len(data) > LOG_KEEP_BYTES:
+        keep = LOG_KEEP_BYTES // 2
+        data = data[:keep] + f"\n[... {len(data) - 2 * keep} bytes cut ...]\n".encode() + data[-keep:]
+    with open(combined, "ab") as fh:
+        fh.write(f"\n===== step {name} =====\n".encode() + data)
 
 
 # ------------------------------------------------------------------------- the summary
