@@ -77,3 +77,35 @@ def assert_same_result(out, runs):
     got = load_metrics(out)
     assert got["final"] == ref["final"]
     assert got["rounds"] == ref["rounds"]
+
+
+def build_client(small_world, *, client: int = 0, **model):
+    """(PilotModel at stage 1, client `client`'s training set, its round-start state) of
+    the small world, with `model` fields (e.g. lora_dropout, dtype) replaced."""
+    import dataclasses
+
+    import torch
+
+    from pilot_hpc.data.records import InstructionDataset, load_records
+    from pilot_hpc.data.synthetic import client_files
+    from pilot_hpc.model.llava import build_pilot_model
+
+    cfg, folder, base = small_world
+    m = dataclasses.replace(cfg.model, **model)
+    pm = build_pilot_model(base, m, 3, client, seed=0, device=torch.device("cpu"))
+    ds = InstructionDataset(load_records(client_files(folder, 3)[0][client]), pm.tokenizer, pm.image_processor,
+                            pm.num_image_tokens, cfg.data.max_length)
+    pm.set_stage(1)
+    return pm, ds, pm.get_state()
+
+
+def trainable(pm):
+    """Every trainable parameter of the model, flattened into one tensor (a copy)."""
+    import torch
+
+    return torch.cat([p.detach().flatten().clone() for p in pm.model.parameters() if p.requires_grad])
+
+
+def update_error(a, b, start) -> float:
+    """Relative error of a round's update: ||a - b|| / ||b - start||."""
+    return float((a - b).norm() / (b - start).norm())

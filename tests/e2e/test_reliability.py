@@ -20,6 +20,8 @@ from pilot_hpc import runlock
 
 # ---------------------------------------------------------------- values at the boundary
 @pytest.mark.parametrize("override,message", [
+    ("fl.bogus=1", "unknown key fl.bogus"),
+    ("pilot.top_m=9", "must satisfy 1 <= M < K"),
     ("train.lr_stage1=-1", "train.lr_stage1 must be > 0, got -1.0"),
     ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
     ("train.local_epochs=0", "train.local_epochs must be >= 1, got 0"),

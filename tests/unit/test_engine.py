@@ -18,7 +18,6 @@ steps. Forgetting to weight each rank's ce by its share of the answer tokens giv
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -27,6 +26,11 @@ import time
 
 import pytest
 import torch
+
+if __name__ == "__main__":  # run as a data-parallel worker script: tests/ (helpers.py) is not on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from helpers import build_client, trainable, update_error  # noqa: E402
 
 from pilot_hpc.data.records import collate_train
 from pilot_hpc.train.engines import train_steps
@@ -41,17 +45,7 @@ SEED = 3
 
 def build(small_world, dropout: float | None = None, client: int = 0):
     """(PilotModel at stage 1, the client's training set, its round-start state)."""
-    from pilot_hpc.data.records import InstructionDataset, load_records
-    from pilot_hpc.data.synthetic import client_files
-    from pilot_hpc.model.llava import build_pilot_model
-
-    cfg, folder, base = small_world
-    m = cfg.model if dropout is None else dataclasses.replace(cfg.model, lora_dropout=dropout)
-    pm = build_pilot_model(base, m, 3, client, seed=0, device=torch.device("cpu"))
-    ds = InstructionDataset(load_records(client_files(folder, 3)[0][client]), pm.tokenizer, pm.image_processor,
-                            pm.num_image_tokens, cfg.data.max_length)
-    pm.set_stage(1)
-    return pm, ds, pm.get_state()
+    return build_client(small_world, client=client, **({} if dropout is None else {"lora_dropout": dropout}))
 
 
 def run(pm, ds, start, *, engine: str, steps: int = 6, batch_size: int = 8, clip: float = CLIP, epochs: int = 100,
@@ -68,14 +62,6 @@ def run(pm, ds, start, *, engine: str, steps: int = 6, batch_size: int = 8, clip
                                                       seed=SEED, grad_clip=clip, engine=engine, **spec),
                       pad_id=pm.tokenizer.pad_token_id, hooks=hooks, resume=resume, group=group)
     return res, seen
-
-
-def trainable(pm) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in pm.model.parameters() if p.requires_grad])
-
-
-def update_error(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
-    return float((a - b).norm() / (b - start).norm())
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +235,4 @@ def test_two_ranks_train_like_one_with_the_whole_batch(small_world, cache_dir, t
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dp-worker"]:
-    # Run as a script: tests/ (helpers.py) is not on the path as it is under pytest.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _dp_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])

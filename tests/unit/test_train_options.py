@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import build_client, trainable
+from helpers import update_error as rel
 from pilot_hpc.train import torch_engine
 from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.schedule import lr_factor, warmup_steps
@@ -35,21 +37,7 @@ TOL_ACCUM = 1e-5
 
 
 def build(small_world, *, dropout: float = 0.0, dtype: str = "float32", client: int = 0, **model):
-    from pilot_hpc.data.records import InstructionDataset, load_records
-    from pilot_hpc.data.synthetic import client_files
-    from pilot_hpc.model.llava import build_pilot_model
-
-    cfg, folder, base = small_world
-    m = dataclasses.replace(cfg.model, lora_dropout=dropout, dtype=dtype, **model)
-    pm = build_pilot_model(base, m, 3, client, seed=0, device=torch.device("cpu"))
-    ds = InstructionDataset(load_records(client_files(folder, 3)[0][client]), pm.tokenizer, pm.image_processor,
-                            pm.num_image_tokens, cfg.data.max_length)
-    pm.set_stage(1)
-    return pm, ds, pm.get_state()
-
-
-def trainable(pm) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in pm.model.parameters() if p.requires_grad])
+    return build_client(small_world, client=client, lora_dropout=dropout, dtype=dtype, **model)
 
 
 def run(pm, ds, start=None, *, steps: int = 3, batch_size: int = 8, epochs: int = 100, lr: float = 5e-4,
@@ -66,10 +54,6 @@ def run(pm, ds, start=None, *, steps: int = 3, batch_size: int = 8, epochs: int 
     s = TrainSpec(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=steps, seed=SEED, engine=engine, **spec)
     res = train_steps(pm.model, ds, params, s, pad_id=pm.tokenizer.pad_token_id, hooks=hooks, resume=resume)
     return res, seen
-
-
-def rel(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
-    return float((a - b).norm() / (b - start).norm())
 
 
 @pytest.fixture(scope="module")
