@@ -79,6 +79,8 @@ class ClientSlot:
     pre_state: dict[str, torch.Tensor] | None = None
     progress: TrainProgress | None = None  # PARTIAL: where its training stands
     finite: bool = True
+    # This round's per-step loss rows (run.tensorboard; Federation.traced / gather_traces).
+    trace: list | None = None
 
     @property
     def n(self) -> int:

@@ -53,9 +53,6 @@ class Preempted(Exception):
 
 
 class Federation:
-    # Rank 0's TensorBoard writer (pilot_hpc.tensorboard.Board), set by main; None: no logging.
-    board = None
-
     def __init__(self, cfg: Config, comm: Comm | None, pm: PilotModel, strategy: Strategy, slots: list[ClientSlot],
                  device: torch.device, world: Comm | None = None, group: Comm | None = None):
         """comm: the federation's ranks (one per client host; None on a rank that is not
@@ -77,6 +74,10 @@ class Federation:
         self.client_group = ClientGroup(rank=0, size=1, share=lambda value: value)
         if group is not None:
             self.client_group = ClientGroup(rank=group.rank, size=group.size, share=group.bcast_object)
+        # Rank 0's TensorBoard writer (pilot_hpc.tensorboard.Board), set by main; None: no logging.
+        self.board = None
+        self.traces: dict[int, np.ndarray] = {}  # this round's per-step traces on rank 0 (gather_traces)
+        self.exchange_stats: tuple[int, float] | None = None  # this round's exchange bytes and seconds
 
     # ------------------------------------------------------------------ the run
     def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
@@ -139,19 +140,21 @@ class Federation:
         """Local training of this rank's clients on the datasets the strategy names; True
         when a stop request interrupted it."""
         stopped = False
-        for slot, dataset in self.strategy.local_jobs(self.slots):
+        jobs = self.strategy.local_jobs(self.slots)
+        for slot, dataset in jobs:
             if slot.status is Status.DONE:  # finished before an interruption of this round
                 continue
             if self.world.stop_requested():
                 stopped = True
                 continue  # stays pending (or partial)
-            stopped |= self.train_one(slot, dataset, round_, stage)
+            stopped |= self.train_one(slot, dataset, round_, stage, jobs)
         if not stopped:
             self.strategy.after_local(self.slots)
         return stopped
 
-    def train_one(self, slot: ClientSlot, dataset, round_: int, stage: int) -> bool:
-        """One client's local training on `dataset`; True when a stop request interrupted it."""
+    def train_one(self, slot: ClientSlot, dataset, round_: int, stage: int, jobs: list = ()) -> bool:
+        """One client's local training on `dataset`; True when a stop request interrupted it.
+        jobs: this rank's (client, dataset) jobs of the round (the rank's ETA counts the later ones)."""
         with hosting(self.pm, slot):
             resume_from = slot.start()
             self.strategy.begin_round(self.pm, round_, slot.pre_state)
@@ -169,8 +172,7 @@ class Federation:
 
             line = TrainProgressLog(round_=round_, client=slot.k, steps=total, n=len(dataset),
                                     batch_size=spec.batch_size * g, every=self.cfg.run.log_every, lr=lr,
-                                    later_steps=steps_after(self.strategy.local_jobs(self.slots), slot,
-                                                            lambda n: spec.steps(n, g)),
+                                    later_steps=steps_after(list(jobs), slot, lambda n: spec.steps(n, g)),
                                     tokens_per_sample=tokens_per_sample(dataset), device=self.device,
                                     first_step=resume_from.step if resume_from is not None else 0)
             hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step),
@@ -200,7 +202,7 @@ class Federation:
         if not self.cfg.run.tensorboard or not self.leader:
             return hooks
         inner, last = hooks.progress, [time.perf_counter()]
-        if getattr(slot, "trace", None) is None:  # gather_traces clears it after each evaluation
+        if slot.trace is None:  # gather_traces clears it after each evaluation
             slot.trace = []
 
         def progress(step: int, terms: dict) -> None:
@@ -304,13 +306,13 @@ class Federation:
         (the table's last column, which rank 0 has just gathered, so it knows the counts):
         steps taken before a restart left no trace and travel as NaN rows. Round 0 trains
         nothing and gathers nothing. The clients' traces are cleared for the next round."""
-        self.traces: dict[int, np.ndarray] = {}
+        self.traces = {}
         if not self.cfg.run.tensorboard or round_ == 0:
             return
         width = len(TRACE_KEYS)
         mine = []
         for slot in self.slots:
-            trace = np.asarray(getattr(slot, "trace", None) or [], dtype=np.float64).reshape(-1, width)
+            trace = np.asarray(slot.trace or [], dtype=np.float64).reshape(-1, width)
             steps = int(slot.steps)
             pad = np.full((max(steps - len(trace), 0), width), np.nan)
             mine.append(np.concatenate([pad, trace[len(trace) - min(steps, len(trace)):]]))
@@ -342,7 +344,7 @@ class Federation:
                  time.perf_counter() - self.t_start, losses, scores)
         if self.board is not None:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
-                                 getattr(self, "traces", {}), getattr(self, "exchange_stats", None), seconds,
+                                 self.traces, self.exchange_stats, seconds,
                                  lr=self.strategy_lr(stage), batch_size=self.cfg.train.batch_size)
             self.exchange_stats = None
 
