@@ -66,6 +66,7 @@ class Element:
     output_dir: str
     argv: list[str]  # pilot_hpc.main arguments
     variant: str = ""  # the grid's variant this element belongs to (or "")
+    config_hash: str = ""  # of the element's config (what metrics.json records)
 
 
 def load_grid(path: str) -> Grid:
@@ -122,9 +123,9 @@ def expand(grid: Grid) -> list[Element]:
             out = os.path.join(grid.output_root, name)
             overrides = grid.overrides + list(extra) + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                                                         for k, v in zip(keys, values)] + [f"run.output_dir={out}"]
-            load_config(grid.config, overrides)  # fail before submitting anything
+            cfg = load_config(grid.config, overrides)  # fail before submitting anything
             elements.append(Element(name=name, output_dir=out, argv=["--config", grid.config] + overrides,
-                                    variant=variant))
+                                    variant=variant, config_hash=cfg.hash()))
     return elements
 
 
@@ -139,7 +140,7 @@ def finished(e: Element) -> bool:
             done = json.load(fh).get("config_hash")
     except (OSError, ValueError):
         return False
-    return done == load_config(e.argv[1], e.argv[2:]).hash()
+    return done == e.config_hash
 
 
 class GridElement:
