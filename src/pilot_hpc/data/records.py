@@ -200,6 +200,11 @@ class InstructionDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(i)}
 
 
+def answer_tokens(labels: torch.Tensor) -> int:
+    """The tokens LLaVA's (shifted) cross-entropy averages over in a batch's labels."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate_train(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right padding; padded positions are masked out of attention and loss."""
     width = max(len(b["input_ids"]) for b in batch)

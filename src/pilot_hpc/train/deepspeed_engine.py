@@ -23,12 +23,12 @@ import socket
 
 import torch
 
-from pilot_hpc.data.records import IGNORE_INDEX
+from pilot_hpc.data.records import answer_tokens
 from pilot_hpc.train.activations import checkpointing
 from pilot_hpc.train.loader import micro_batch_stream
 from pilot_hpc.train.schedule import set_lr
 from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
-                                  micro_batches)
+                                  micro_batches, warn_non_finite)
 
 log = logging.getLogger("pilot_hpc.engine")
 
@@ -261,7 +261,7 @@ def _step(engine, batch: dict, m_r: int, M: int, R: int, hooks: Hooks, i: int) -
     loss = sum(terms.values())
     total = loss if R == 1 else sum(shown.values())  # the group's: non-finite on all members or none
     if not torch.isfinite(total):
-        _warn_non_finite(i, shown)
+        warn_non_finite(i, shown)
         return None
     engine.backward(loss)
     engine.step()
@@ -277,7 +277,7 @@ def _accumulated_step(engine, mbs: list[tuple[dict, int]], M: int, R: int, hooks
     group-averaged sum is the gradient of the global batch's loss."""
     import torch.distributed as dist
 
-    counts = [float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) if m else 0.0 for b, m in mbs]
+    counts = [float(answer_tokens(b["labels"])) if m else 0.0 for b, m in mbs]
     N = torch.tensor([sum(counts)], dtype=torch.float64, device=device)
     if R > 1:
         dist.all_reduce(N)
@@ -296,7 +296,7 @@ def _accumulated_step(engine, mbs: list[tuple[dict, int]], M: int, R: int, hooks
         if R > 1:
             dist.all_reduce(stats)
         if stats[0] > 0:
-            _warn_non_finite(i, raw)
+            warn_non_finite(i, raw)
             return None
         for j, k in enumerate(part):
             shown[k] = shown[k] + stats[1 + j].float() if k in shown else stats[1 + j].float()
@@ -304,10 +304,6 @@ def _accumulated_step(engine, mbs: list[tuple[dict, int]], M: int, R: int, hooks
         engine.step()
     return shown
 
-
-def _warn_non_finite(i: int, terms: dict) -> None:
-    log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
-                ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))
 
 
 def _group_terms(terms: dict[str, torch.Tensor], labels: torch.Tensor, m_r: int, M: int,
@@ -324,7 +320,7 @@ def _group_terms(terms: dict[str, torch.Tensor], labels: torch.Tensor, m_r: int,
     import torch.distributed as dist
 
     names = list(terms)
-    n_r = float((labels[:, 1:] != IGNORE_INDEX).sum()) if m_r else 0.0  # the tokens the shifted ce counts
+    n_r = float(answer_tokens(labels)) if m_r else 0.0
     raw = [terms[k].detach().double() for k in names]
     bad = 0.0 if bool(torch.isfinite(torch.stack(raw)).all()) else 1.0
     stats = torch.tensor([n_r, bad] + [0.0] * len(names), dtype=torch.float64, device=labels.device)

@@ -7,6 +7,7 @@ import it, and it imports none of them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -208,3 +209,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
         state.setdefault(int(idx), {})[key] = value.clone()
     sd["state"] = state
     opt.load_state_dict(sd)
+
+
+def warn_non_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
+    """Both engines stop a client's round at a NaN/Inf loss and say so with its terms."""
+    logging.getLogger("pilot_hpc.train").warning(
+        "non-finite loss at step %d (%s): stopping this client's round", step,
+        ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))

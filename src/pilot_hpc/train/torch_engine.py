@@ -18,23 +18,14 @@ exactly as before (no weights).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from pilot_hpc.data.records import IGNORE_INDEX
+from pilot_hpc.data.records import answer_tokens
 from pilot_hpc.train.activations import checkpointing
 from pilot_hpc.train.loader import micro_batch_stream
 from pilot_hpc.train.schedule import set_lr
 from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
-                                  load_optimizer_state, micro_batches, optimizer_state)
-
-log = logging.getLogger("pilot_hpc.train")
-
-
-def answer_tokens(labels: torch.Tensor) -> int:
-    """The tokens the (shifted) LLaVA cross-entropy averages over."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+                                  load_optimizer_state, micro_batches, optimizer_state, warn_non_finite)
 
 
 def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spec: TrainSpec, *, pad_id: int,
@@ -85,7 +76,7 @@ def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i:
         terms = {"ce": out.loss, **hooks.aux_loss()}
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            _warn_non_finite(i, terms)
+            warn_non_finite(i, terms)
             return None
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,7 +92,7 @@ def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i:
             part = {"ce": out.loss * (n_j / N), **{k: v * (m_j / M) for k, v in hooks.aux_loss().items()}}
             loss = sum(part.values())
             if not torch.isfinite(loss):
-                _warn_non_finite(i, part)
+                warn_non_finite(i, part)
                 opt.zero_grad(set_to_none=True)
                 return None
             loss.backward()
@@ -111,8 +102,3 @@ def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i:
         torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
     opt.step()
     return terms
-
-
-def _warn_non_finite(i: int, terms: dict) -> None:
-    log.warning("non-finite loss at step %d (%s): stopping this client's round", i,
-                ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))
