@@ -149,7 +149,8 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         "plain_projector": stage in (0, PLAIN),
         # What evaluation used: batch mode of pilot_hpc.generate repeats it for equal answers.
         "generation": {"max_new_tokens": cfg.train.max_new_tokens, "batch_size": cfg.train.eval_batch_size,
-                       "max_length": cfg.data.max_length, "num_image_tokens": pm.num_image_tokens},
+                       "max_length": cfg.data.max_length, "num_image_tokens": pm.num_image_tokens,
+                       "image_aspect_ratio": cfg.data.image_aspect_ratio},
     }
     if merged and info["plain_projector"]:
         write_merged(pm, os.path.join(out, MERGED))

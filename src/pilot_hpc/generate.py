@@ -27,17 +27,27 @@ def load(folder: str, device: str):
     return load_client(folder, device=device)
 
 
+def dataset_of(model, samples: list):
+    """The samples as the run's evaluation reads them: its prompt template, image
+    processing (data.image_aspect_ratio) and token limit."""
+    from pilot_hpc.data.records import InstructionDataset
+
+    gen = model.pilot_export["generation"]
+    return InstructionDataset(samples, model.tokenizer, model.image_processor, gen["num_image_tokens"],
+                              gen["max_length"], cache_pixels=False,
+                              image_aspect_ratio=gen.get("image_aspect_ratio", "crop"))
+
+
 def answer_one(model, image_path: str, prompt: str, max_new_tokens: int, device: str, sample: bool = False,
                temperature: float = 1.0) -> str:
     import torch
 
-    from pilot_hpc.data.records import IMAGE_TOKEN, collate_prompts, load_image
+    from pilot_hpc.data.records import IMAGE_TOKEN, Sample, collate_prompts
 
-    n = model.pilot_export["generation"]["num_image_tokens"]
-    text = f"USER: {IMAGE_TOKEN * n}\n{prompt.replace(IMAGE_TOKEN, '').strip()} ASSISTANT:"
-    ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
-    pixels = model.image_processor(images=[load_image(image_path)], return_tensors="pt")["pixel_values"][0]
-    batch = {k: v.to(device) for k, v in collate_prompts([ids], [pixels], model.tokenizer.pad_token_id).items()}
+    ds = dataset_of(model, [Sample(id="prompt", image_path=image_path,
+                                   turns=[(prompt.replace(IMAGE_TOKEN, "").strip(), "")])])
+    batch = collate_prompts([ds.encode_prompt(0)], [ds.pixels(0)], model.tokenizer.pad_token_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
     extra = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, **extra)
@@ -48,13 +58,11 @@ def answer_file(model, data: str, image_root: str | None, batch_size: int, max_n
                 device: str) -> list[dict]:
     import torch
 
-    from pilot_hpc.data.records import InstructionDataset, load_records
+    from pilot_hpc.data.records import load_records
     from pilot_hpc.metrics.generation import generate_answers
 
-    gen = model.pilot_export["generation"]
     samples = load_records(data, image_root)
-    dataset = InstructionDataset(samples, model.tokenizer, model.image_processor, gen["num_image_tokens"],
-                                 gen["max_length"])
+    dataset = dataset_of(model, samples)
     answers = generate_answers(model, model.tokenizer, dataset, batch_size, max_new_tokens, torch.device(device))
     return [{"id": s.id, "prediction": a} for s, a in zip(samples, answers)]
 
