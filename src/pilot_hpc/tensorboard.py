@@ -7,7 +7,7 @@ so there is one event file per run, not one per rank.
 
 Tags:
   client_KK/loss/<term>      per local step (global step = (round - 1) * 100000 + step)
-  client_KK/lr, client_KK/samples_per_s (batch_size / step seconds)
+  client_KK/lr (as the schedule set it), client_KK/samples_per_s (batch_size / step seconds)
   client_KK/<metric>         per round, the client's metric (percent, as in metrics.json)
   task/<task>                per round, the mean over the task's clients
   exchange/bytes, exchange/seconds   per round, rank 0's exchange traffic and time
@@ -54,9 +54,10 @@ class Board:
             self.wandb.log({tag: float(value), "step": step})
 
     def log_round(self, round_: int, rows: list[dict], by_task: dict[str, float], traces: dict, exchange,
-                  seconds: float, *, lr: float, batch_size: int) -> None:
-        """traces: {client: [[step, ce, diff, balance, z, prox, seconds], ...]} of this round;
-        exchange: (bytes, seconds) of rank 0's exchange, or None (round 0, no exchange)."""
+                  seconds: float, *, lr, batch_size: int) -> None:
+        """traces: {client: [[step, ce, diff, balance, z, prox, seconds], ...]} of this round
+        (one row per step of the client's round); exchange: (bytes, seconds) of rank 0's
+        exchange, or None (round 0, no exchange); lr(step, total): the scheduled rate."""
         for k, trace in sorted(traces.items()):
             for row in trace:
                 if math.isnan(row[0]):  # a step taken before a restart: no trace of it
@@ -64,7 +65,7 @@ class Board:
                 step = (round_ - 1) * STEPS_PER_ROUND + int(row[0])
                 for term, value in zip(TRACE_TERMS, row[1:1 + len(TRACE_TERMS)]):
                     self.scalar(f"client_{k:02d}/loss/{term}", float(value), step)
-                self.scalar(f"client_{k:02d}/lr", lr, step)
+                self.scalar(f"client_{k:02d}/lr", lr(int(row[0]), len(trace)), step)
                 if row[-1] > 0:
                     self.scalar(f"client_{k:02d}/samples_per_s", batch_size / float(row[-1]), step)
         for row in rows:

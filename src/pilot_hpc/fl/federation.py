@@ -32,7 +32,6 @@ from pilot_hpc.metrics.scores import mc_unparsed
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
-from pilot_hpc.train.schedule import lr_factor
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, seed_for
 
 log = logging.getLogger("pilot_hpc.fl")
@@ -166,12 +165,9 @@ class Federation:
                                        num_workers=self.cfg.data.num_workers)
             g = self.client_group.size
             total = spec.steps(len(dataset), g)
-
-            def lr(step: int) -> float:  # progress counts steps from 1, the schedule from 0
-                return spec.lr * lr_factor(step - 1, total, spec.lr_schedule, spec.warmup_ratio)
-
             line = TrainProgressLog(round_=round_, client=slot.k, steps=total, n=len(dataset),
-                                    batch_size=spec.batch_size * g, every=self.cfg.run.log_every, lr=lr,
+                                    batch_size=spec.batch_size * g, every=self.cfg.run.log_every,
+                                    lr=lambda step: spec.lr_at(step - 1, total),  # progress counts from 1
                                     later_steps=steps_after(list(jobs), slot, lambda n: spec.steps(n, g)),
                                     tokens_per_sample=tokens_per_sample(dataset), device=self.device,
                                     first_step=resume_from.step if resume_from is not None else 0)
@@ -345,11 +341,14 @@ class Federation:
         if self.board is not None:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
                                  self.traces, self.exchange_stats, seconds,
-                                 lr=self.strategy_lr(stage), batch_size=self.cfg.train.batch_size)
+                                 lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size)
             self.exchange_stats = None
 
-    def strategy_lr(self, stage: int) -> float:
-        return TrainSpec.for_round(self.cfg.train, stage=stage, seed=0).lr
+    def scheduled_lr(self, stage: int):
+        """lr(step, total) of this stage's rounds: step counted from 1 (as the traces do)
+        in a client's round of `total` steps (the schedule restarts every round)."""
+        spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=0)
+        return lambda step, total: spec.lr_at(step - 1, total)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, round_: int, *, complete: bool, history: list) -> str:

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from pilot_hpc.train.schedule import lr_factor
+
 
 def seed_for(run_seed: int, client: int, round_: int) -> int:
     """The seed of one client's round: its batch order and dropout do not depend on
@@ -72,6 +74,10 @@ class TrainSpec:
                    engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                    grad_accum_steps=t.grad_accum_steps, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
                    gradient_checkpointing=t.gradient_checkpointing, num_workers=num_workers)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of optimiser step `step` (0-based) of a round of `total` steps."""
+        return self.lr * lr_factor(step, total, self.lr_schedule, self.warmup_ratio)
 
     def steps(self, n: int, group_size: int = 1) -> int:
         """Optimisation steps of a round over n samples (global batch = group_size x batch)."""
