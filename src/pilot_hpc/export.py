@@ -9,6 +9,7 @@ DIR then holds
   connector.safetensors, connector.json   the whole Pilot connector (task, client,
                         foreign and cross-task adapters, router) and what rebuilds it
                         (tasks, own task, stage, switches, base model, generation settings)
+  ct_clip.safetensors   (pilot.ct_clip runs) every CLIP MLP's connector, "<layer>.<name>"
   tokenizer and image processor files (the base model's)
   merged/               (when the evaluated connector is a plain LLaVA projector: FedAvg,
                         FedProx, FedAdam, Shepherd, local, centralized, FedDPA, and any
@@ -29,6 +30,7 @@ import sys
 EXIT_BAD_INPUT = 2
 CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_CONFIG = "connector.json"
+CT_CLIP_FILE = "ct_clip.safetensors"  # pilot.ct_clip runs: the CLIP MLPs' connectors
 MERGED = "merged"
 
 
@@ -136,6 +138,10 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
             json.dump(adapter, fh, indent=2, sort_keys=True)
     connector = {k: v.detach().cpu().contiguous() for k, v in pm.connector.state_dict().items()}
     save_file(connector, os.path.join(out, CONNECTOR_FILE))
+    if pm.clip_mlps:  # CT-CLIP: every CLIP MLP's connector, keyed "<layer>.<name>"
+        clip = {f"{i}.{k}": v.detach().cpu().contiguous() for i, m in enumerate(pm.clip_mlps)
+                for k, v in m.state_dict().items()}
+        save_file(clip, os.path.join(out, CT_CLIP_FILE))
     pm.tokenizer.save_pretrained(out)
     pm.image_processor.save_pretrained(out)
     import dataclasses
@@ -200,6 +206,7 @@ def load_client(folder: str, device: str = "cpu"):
 
     from pilot_hpc.config import PilotConfig
     from pilot_hpc.model.connector import PilotConnector
+    from pilot_hpc.model.ct_clip import attach_ct_clip
     from pilot_hpc.model.llava import configure_generation, load_base
 
     info_path = os.path.join(folder, CONNECTOR_CONFIG)
@@ -211,8 +218,20 @@ def load_client(folder: str, device: str = "cpu"):
     connector = PilotConnector(model.model.multi_modal_projector, info["num_tasks"], info["own_task"],
                                pilot=PilotConfig(**info["pilot"]), ctmoa_impl=info["ctmoa_impl"], seed=info["seed"])
     connector.load_state_dict(load_file(os.path.join(folder, CONNECTOR_FILE)))
+    # As the run held them (model/llava.py attach_pilot): float32 adapters in a model of
+    # any dtype, the connector casting at its boundary.
+    connector.to(torch.float32)
     connector.set_stage(info["stage"])
     model.model.multi_modal_projector = connector
+    switches = PilotConfig(**info["pilot"])
+    if switches.ct_clip:
+        clip = load_file(os.path.join(folder, CT_CLIP_FILE))
+        mlps = attach_ct_clip(model.model.vision_tower, info["num_tasks"], info["own_task"], pilot=switches,
+                              ctmoa_impl=info["ctmoa_impl"], seed=info["seed"])
+        for i, m in enumerate(mlps):
+            m.load_state_dict({k[len(f"{i}."):]: v for k, v in clip.items() if k.startswith(f"{i}.")})
+            m.to(torch.float32)
+            m.set_stage(info["stage"])
     peft_model = PeftModel.from_pretrained(model, folder)
     for name in info["adapters"]:
         if name != "default":
