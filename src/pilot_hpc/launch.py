@@ -12,12 +12,21 @@ Each array element is one multi-task MPI job: submitit starts `ntasks` tasks wit
 Preemption and time limits: Slurm's USR2 makes every rank checkpoint at its next step
 (pilot_hpc.main exits 75), the batch script's teardown requeues the element once srun
 returns (REQUEUE_ON_75), and the requeued element resumes from its HDF5 checkpoint (run.resume=auto).
+
+A run that another grid next to this one (a sibling folder of output_root) already
+finished with the same configuration, bar its output folder, is not run again: the
+element's folder gets a reused.json naming that run, and the tables read its metrics.
+A study whose tables share a row (Pilot with its defaults in Tables 1, 3, 5, ...) runs
+it once. This relies on a run being a function of its configuration (W-independent,
+bitwise resumable), which the tests check.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
+import glob
 import itertools
 import json
 import os
@@ -129,18 +138,61 @@ def expand(grid: Grid) -> list[Element]:
     return elements
 
 
-def finished(e: Element) -> bool:
-    """The element's run wrote its metrics.json with the config it would run now (a
-    rerun of the grid command skips it)."""
-    path = os.path.join(e.output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return False
+REUSED = "reused.json"  # in an element's folder: the equivalent finished run it stands for
+
+
+def _recorded_hash(run_dir: str) -> str | None:
+    """The config hash a finished run's metrics.json records (None: not finished)."""
     try:
-        with open(path) as fh:
-            done = json.load(fh).get("config_hash")
-    except (OSError, ValueError):
+        with open(os.path.join(run_dir, "metrics.json")) as fh:
+            return json.load(fh).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _hash_as_if_in(e: Element, run_dir: str) -> str:
+    """The element's config hash had its run.output_dir been run_dir."""
+    cfg = copy.deepcopy(load_config(e.argv[1], e.argv[2:]))
+    cfg.run.output_dir = run_dir
+    return cfg.hash()
+
+
+def result_dir(e: Element) -> str:
+    """Where the element's metrics.json is: its own folder, or the run it reuses."""
+    try:
+        with open(os.path.join(e.output_dir, REUSED)) as fh:
+            return json.load(fh)["from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return e.output_dir
+
+
+def finished(e: Element) -> bool:
+    """The element's run wrote its metrics.json with the config it would run now, or the
+    run it reuses did with the same config bar the folder (a rerun of the grid command
+    skips it)."""
+    where = result_dir(e)
+    done = _recorded_hash(where)
+    if done is None:
         return False
-    return done == e.config_hash
+    return done == (e.config_hash if where == e.output_dir else _hash_as_if_in(e, where))
+
+
+def reuse_equivalent(grid: Grid, e: Element) -> str | None:
+    """A finished run in a sibling grid folder with the element's configuration bar the
+    output folder: recorded in the element's reused.json, and returned."""
+    cfg = load_config(e.argv[1], e.argv[2:])
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(grid.output_root), "*", "*", "metrics.json"))):
+        run_dir = os.path.dirname(path)
+        if os.path.abspath(run_dir) == os.path.abspath(e.output_dir) or not os.path.isfile(path):
+            continue
+        probe = copy.deepcopy(cfg)
+        probe.run.output_dir = run_dir
+        if _recorded_hash(run_dir) == probe.hash():
+            os.makedirs(e.output_dir, exist_ok=True)
+            with open(os.path.join(e.output_dir, REUSED), "w") as fh:
+                json.dump({"from": run_dir, "config_hash": e.config_hash}, fh, indent=1)
+            return run_dir
+    return None
 
 
 class GridElement:
@@ -253,7 +305,7 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
         value = ({**dict(zip(grid.axes, _axis_values(e, grid))), "variant": e.variant}[group_by] if group_by
                  else e.name)
         docs = groups.setdefault(str(value), [])
-        path = os.path.join(e.output_dir, "metrics.json")
+        path = os.path.join(result_dir(e), "metrics.json")
         if os.path.isfile(path):
             with open(path) as fh:
                 docs.append(json.load(fh))
@@ -310,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(todo) < len(elements):
         print(f"{len(elements) - len(todo)} of {len(elements)} runs already finished (metrics.json with the same "
               "config): skipped", flush=True)
+    for e in list(todo):
+        source = reuse_equivalent(grid, e)
+        if source is not None:
+            todo.remove(e)
+            print(f"{e.name}: reuses {source} (the same configuration, finished by another grid)", flush=True)
     if args.local:
         code = run_local(grid, todo)
         print(collect(grid, elements, args.group_by))

@@ -108,3 +108,55 @@ def test_a_run_with_another_config_is_not_finished(tmp_path):
     with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
         json.dump({"config_hash": "something-else"}, fh)
     assert not launch.finished(e)
+
+
+def _finish(e, value=1.0):
+    """A fake finished run of element e: a metrics.json with its config hash."""
+    os.makedirs(e.output_dir, exist_ok=True)
+    clients = [{"client": k, "task": t, "metric": "x", "value": value}
+               for k, t in enumerate(["vqa"] * 3 + ["caption"] * 3 + ["grounding"] * 3)]
+    with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+        json.dump({"config_hash": e.config_hash, "rounds": [{"round": 0, "clients": clients}], "final": clients}, fh)
+
+
+def test_a_run_finished_by_a_sibling_grid_with_the_same_config_is_reused_not_rerun(tmp_path):
+    """Two tables of one study share a row (here pilot.top_m=6, the default, in a grid that
+    does not name top_m): the second grid reuses the first's run; a different config
+    (top_m=5) or a grid outside the study's folder is not reused."""
+    cfg = f"{REPO}/configs/smoke_9client.yaml"
+    (tmp_path / "a.yaml").write_text(f"name: a\nconfig: {cfg}\noutput_root: {tmp_path}/study/a\n"
+                                     "grid:\n  fl.strategy: [pilot]\n  run.seed: [0]\n")
+    (tmp_path / "b.yaml").write_text(f"name: b\nconfig: {cfg}\noutput_root: {tmp_path}/study/b\n"
+                                     "grid:\n  pilot.top_m: [5, 6]\n  run.seed: [0]\n")
+    (tmp_path / "c.yaml").write_text(f"name: c\nconfig: {cfg}\noutput_root: {tmp_path}/elsewhere/c\n"
+                                     "grid:\n  pilot.top_m: [6]\n  run.seed: [0]\n")
+    (a,) = launch.expand(launch.load_grid(str(tmp_path / "a.yaml")))
+    _finish(a, 42.0)
+    grid_b = launch.load_grid(str(tmp_path / "b.yaml"))
+    m5, m6 = launch.expand(grid_b)
+    assert not launch.finished(m6)
+    assert launch.reuse_equivalent(grid_b, m5) is None  # another configuration
+    assert launch.reuse_equivalent(grid_b, m6) == a.output_dir
+    assert launch.finished(m6) and launch.result_dir(m6) == a.output_dir
+    assert "| 42.0" in launch.collect(grid_b, [m6], None)
+    grid_c = launch.load_grid(str(tmp_path / "c.yaml"))
+    assert launch.reuse_equivalent(grid_c, launch.expand(grid_c)[0]) is None  # not a sibling folder
+    # The reused run changes (rerun with another config): the element is no longer finished.
+    with open(os.path.join(a.output_dir, "metrics.json"), "w") as fh:
+        json.dump({"config_hash": "changed"}, fh)
+    assert not launch.finished(m6)
+
+
+def test_the_grid_command_runs_nothing_when_every_run_is_reused(tmp_path, capsys):
+    cfg = f"{REPO}/configs/smoke_9client.yaml"
+    (tmp_path / "a.yaml").write_text(f"name: a\nconfig: {cfg}\noutput_root: {tmp_path}/study/a\n"
+                                     "grid:\n  run.seed: [0, 1]\n")
+    (tmp_path / "b.yaml").write_text(f"name: b\nconfig: {cfg}\noutput_root: {tmp_path}/study/b\n"
+                                     "grid:\n  pilot.ct_clip: [false]\n  run.seed: [0, 1]\n")
+    for e in launch.expand(launch.load_grid(str(tmp_path / "a.yaml"))):
+        _finish(e)
+    assert launch.main(["--grid", str(tmp_path / "b.yaml"), "--local", "--group-by", "pilot.ct_clip"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reuses") == 2 and "runs without metrics.json" not in out
+    assert launch.main(["--grid", str(tmp_path / "b.yaml"), "--local"]) == 0  # the rerun: both finished
+    assert "2 of 2 runs already finished" in capsys.readouterr().out
