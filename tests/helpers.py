@@ -109,3 +109,14 @@ def trainable(pm):
 def update_error(a, b, start) -> float:
     """Relative error of a round's update: ||a - b|| / ||b - start||."""
     return float((a - b).norm() / (b - start).norm())
+
+
+def llava_json_args(small_world, out, train_files):
+    """The real-data path: a local HF LLaVA folder (model.path) and LLaVA JSON files."""
+    cfg, folder, base = small_world
+    from pilot_hpc.data.synthetic import client_files
+
+    _, evals = client_files(folder, 3)
+    return ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
+        "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
+        f"data.train_files=[{', '.join(train_files)}]", f"data.eval_files=[{', '.join(evals)}]"]

@@ -136,6 +136,12 @@ class DataConfig:
     # pad: to a square in the processor's mean colour before resizing (LLaVA-1.5);
     # crop: the HF image processor's resize and centre crop.
     image_aspect_ratio: Literal["crop", "pad"] = "crop"
+    # A training sample whose image cannot be decoded or whose text cannot be encoded, met
+    # at run time (verify_images=false): skip leaves it out of its batch with a warning
+    # naming the file and record, counted per client and round (metrics.json
+    # "bad_samples"); fail checkpoints the round at that step, like a preemption, and
+    # exits 2 naming the record, so the rerun after the fix resumes there.
+    on_bad_sample: Literal["skip", "fail"] = "skip"
 
     def __post_init__(self):
         if self.train_max < self.train_min:
@@ -361,8 +367,9 @@ def check_bounds(cfg: "Config") -> None:
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
 # The chunk size only changes how bytes travel (the mixes agree to float rounding); the
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
+# on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`.
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb",
-                     "data.num_workers", "run.tensorboard", "run.wandb_project"}
+                     "data.num_workers", "data.on_bad_sample", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def run(cfg, comm) -> int:
     from pilot_hpc.config import ConfigError
     from pilot_hpc.fl.client import ClientSlot
     from pilot_hpc.fl.comm import block_ranges
-    from pilot_hpc.fl.federation import Federation, Preempted
+    from pilot_hpc.fl.federation import BadSampleStop, Federation, Preempted
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.model.llava import build_pilot_model
 
@@ -229,10 +229,14 @@ def run(cfg, comm) -> int:
                                        pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
                                        image_aspect_ratio=cfg.data.image_aspect_ratio)
                     for path in (train_files[k], eval_files[k])]
-            for ds in sets if cfg.data.verify_images else ():
-                for i in range(len(ds)):  # over-long samples and undecodable images surface now
-                    ds.encode_train(i)
-                    ds.pixels(i)
+            # Over-long samples and undecodable images surface now (data.verify_images).
+            # The evaluation split's images are always decoded now (a few thousand per
+            # client at most, cached nowhere): a bad one met at evaluation would cost the
+            # round just trained, at every rerun.
+            for i in range(len(sets[0])) if cfg.data.verify_images else ():
+                sets[0].check(i)
+            for i in range(len(sets[1])):
+                sets[1].check(i, full=cfg.data.verify_images)
             slots.append(ClientSlot(k, task, cfg.tasks.index(task), sets[0], sets[1], dict(initial)))
     except (ValueError, OSError) as err:
         print(f"pilot_hpc: error: rank {comm.rank} (clients {mine}): {err}", file=sys.stderr, flush=True)
@@ -266,6 +270,16 @@ def run(cfg, comm) -> int:
         fed.board = open_board(cfg)
     try:
         history = fed.run(start)
+    except BadSampleStop as stop:  # data.on_bad_sample=fail: bad input, with the round kept
+        write_traffic(cfg, comm)
+        comm.close()
+        if stop.sample is not None:
+            print(f"pilot_hpc: error: rank {comm.rank}: unreadable sample (data.on_bad_sample=fail): {stop.sample}",
+                  file=sys.stderr, flush=True)
+        if comm.rank == 0:
+            print(f"pilot_hpc: the round so far is in checkpoint {stop.path}: fix the sample and rerun the same "
+                  "command to resume there (or set data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     except Preempted as stop:
         write_traffic(cfg, comm)
         comm.close()

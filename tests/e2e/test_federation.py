@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import CHUNK_MB, SMOKE, load_metrics, run_main, small_overrides
+from helpers import CHUNK_MB, llava_json_args, load_metrics, run_main
 from pilot_hpc import checkpoint
 
 
@@ -63,7 +63,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     cfg = small_world[0]
     p_vis, p_lora = expected_sizes(cfg)
     f32, i64, f64 = 4, 8, 8
-    num_tasks, rounds, stats = 3, 2, 7
+    num_tasks, rounds, stats = 3, 2, 8
     cols = int(CHUNK_MB * 2 ** 20) // f32
     vis = [min(cols, p_vis - a) for a in range(0, p_vis, cols)]
     txt = [min(cols, p_lora - a) for a in range(0, p_lora, cols)]
@@ -94,17 +94,6 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
                 assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
             if t["tag"] == "trace":  # TensorBoard's per-step loss trace: 3 steps x 7 numbers per client
                 assert (t["sent"], t["received"]) == ((0, 2 * 3 * 7 * f64) if rank == 0 else (3 * 7 * f64, 0))
-
-
-def llava_json_args(small_world, out, train_files):
-    """The real-data path: a local HF LLaVA folder (model.path) and LLaVA JSON files."""
-    cfg, folder, base = small_world
-    from pilot_hpc.data.synthetic import client_files
-
-    _, evals = client_files(folder, 3)
-    return ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
-        "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
-        f"data.train_files=[{', '.join(train_files)}]", f"data.eval_files=[{', '.join(evals)}]"]
 
 
 def test_real_data_path_reproduces_the_synthetic_run(runs, small_world, tmp_path):

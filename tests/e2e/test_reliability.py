@@ -230,3 +230,53 @@ def test_a_second_job_in_the_folder_is_refused_and_ctrl_c_checkpoints_and_resume
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted mid-round" in again.stdout
     assert_same_result(out, runs)
+
+
+def test_a_bad_image_at_run_time_is_skipped_and_counted_or_stops_with_a_checkpoint(small_world, tmp_path):
+    """data.verify_images=false, one record's image undecodable. skip: the run finishes
+    and counts every draw of it (8 records, one epoch of one batch of 8: once a round).
+    fail: the round is checkpointed, exit 2 names the record; after the image is fixed,
+    the same command resumes there and ends as a run that never met the bad image."""
+    import shutil
+
+    from helpers import llava_json_args, load_metrics
+    from pilot_hpc.data.synthetic import client_files
+
+    train, _ = client_files(small_world[1], 3)
+    with open(train[1]) as fh:
+        records = json.load(fh)[:8]
+    image = tmp_path / "record3.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+    good_image = os.path.join(small_world[1], records[3]["image"])
+    records[3]["image"] = str(image)  # an absolute path: the shared image folder stays untouched
+    shard = tmp_path / "client_01_train.json"
+    shard.write_text(json.dumps(records))
+    files = [train[0], str(shard), train[2]]
+
+    def args(out, policy):
+        return llava_json_args(small_world, tmp_path / out, files) + ["data.verify_images=false",
+                                                                      f"data.on_bad_sample={policy}"]
+
+    skip = run_main(args("skip", "skip"), timeout=300)
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    said = skip.stdout + skip.stderr  # the warnings go where the run's log goes
+    assert "skipped an unreadable sample (data.on_bad_sample=skip): " + str(shard) + \
+        ": record 3 (id 'client_01_train-000003'): image" in said
+    assert "round 1: unreadable samples skipped (data.on_bad_sample=skip): client 1: 1" in said
+    counts = [[c["bad_samples"] for c in r["clients"]] for r in load_metrics(tmp_path / "skip")["rounds"]]
+    assert counts == [[0, 0, 0], [0, 1, 0], [0, 1, 0]]
+
+    fail = run_main(args("fail", "fail"), np=3, timeout=300)
+    assert fail.returncode == 2, fail.stdout[-2000:] + fail.stderr[-2000:]
+    assert ("unreadable sample (data.on_bad_sample=fail): " + str(shard) +
+            ": record 3 (id 'client_01_train-000003'): image") in fail.stderr
+    assert "Traceback" not in fail.stderr
+    assert (tmp_path / "fail" / "checkpoints" / "round_001.preempt.h5").exists()
+    shutil.copyfile(good_image, image)  # the fix
+    resumed = run_main(args("fail", "fail"), np=3, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "interrupted mid-round" in resumed.stdout
+    clean = run_main(args("clean", "fail"), timeout=300)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    a, b = load_metrics(tmp_path / "fail"), load_metrics(tmp_path / "clean")
+    assert a["final"] == b["final"] and a["rounds"] == b["rounds"]

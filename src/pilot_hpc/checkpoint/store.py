@@ -8,12 +8,13 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
                         config (YAML), config_hash, result_hash, versions (JSON), git_commit
   /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
   /clients/client_KK/   attrs: task, num_samples, status (pending|partial|done), steps, finite,
-                        losses (JSON)
+                        losses (JSON), skipped (unreadable samples its round left out;
+                        absent in files written before data.on_bad_sample: 0)
       state/<key>       the client's personal state: connector.* (task, client, foreign and
                         cross-task adapters, router) and lora.* (its LoRA A/B)
       pre_state/<key>   (status partial) its state at the round's start: the "last good"
                         parameters if the rest of the round goes bad
-      progress/         (status partial) attrs step, samples, sums (JSON);
+      progress/         (status partial) attrs step, samples, sums (JSON), skipped;
                         torch_rng, optimizer/<param index>.<exp_avg|exp_avg_sq|step>
 Every dataset carries a fletcher32 checksum and attrs dtype and shape; bf16 is stored
 as its uint16 words with dtype="bfloat16" (lossless; HDF5 has no bf16 type). Files
@@ -67,6 +68,7 @@ class ClientCheckpoint:
     state: dict[str, torch.Tensor]
     status: str = "pending"  # pending | partial | done (within an interrupted round)
     steps: int = 0
+    skipped: int = 0  # unreadable samples its last round left out (data.on_bad_sample=skip)
     finite: bool = True
     losses: dict[str, float] = field(default_factory=dict)
     pre_state: dict[str, torch.Tensor] | None = None
@@ -171,13 +173,14 @@ def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
         for k, c in sorted(clients.items()):
             g = f["clients"].create_group(f"client_{k:02d}")
             g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status, steps=c.steps,
-                           finite=int(c.finite), losses=json.dumps(c.losses))
+                           skipped=c.skipped, finite=int(c.finite), losses=json.dumps(c.losses))
             _write_dict(g, "state", c.state)
             if c.pre_state is not None:
                 _write_dict(g, "pre_state", c.pre_state)
             if c.progress is not None:
                 p = g.create_group("progress")
-                p.attrs.update(step=c.progress.step, samples=c.progress.samples, sums=json.dumps(c.progress.sums))
+                p.attrs.update(step=c.progress.step, samples=c.progress.samples, sums=json.dumps(c.progress.sums),
+                               skipped=c.progress.skipped)
                 _write_tensor(p, "torch_rng", c.progress.torch_rng)
                 _write_dict(p, "optimizer", c.progress.optimizer)
 
@@ -292,13 +295,13 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
     c = ClientCheckpoint(task=str(g.attrs["task"]), num_samples=int(g.attrs["num_samples"]),
                          state=_read_dict(g["state"], f"{where}/state"), status=str(g.attrs["status"]),
                          steps=int(g.attrs["steps"]), finite=bool(g.attrs["finite"]),
-                         losses=json.loads(g.attrs["losses"]))
+                         losses=json.loads(g.attrs["losses"]), skipped=int(g.attrs.get("skipped", 0)))
     if "pre_state" in g:
         c.pre_state = _read_dict(g["pre_state"], f"{where}/pre_state")
     if "progress" in g:
         p = g["progress"]
         c.progress = TrainProgress(step=int(p.attrs["step"]), samples=int(p.attrs["samples"]),
-                                   sums=json.loads(p.attrs["sums"]),
+                                   sums=json.loads(p.attrs["sums"]), skipped=int(p.attrs.get("skipped", 0)),
                                    torch_rng=_read_tensor(p["torch_rng"], f"{where}/progress/torch_rng"),
                                    optimizer=_read_dict(p["optimizer"], f"{where}/progress/optimizer"))
     if c.status == "partial" and (c.progress is None or c.pre_state is None):

@@ -27,11 +27,17 @@ class Sample:
     # Evaluation splits may carry every reference answer of the benchmark (e.g. COCO's
     # five captions) in an optional "references" list; the gpt turn is the first.
     references: list[str] | None = None
+    # Where the record came from ("<file>: record <i> (id <id>)"), for the messages
+    # about a sample that cannot be read at run time (data.on_bad_sample).
+    where: str = ""
+
+def _where(path: str, index: int, record_id) -> str:
+    rid = f" (id {record_id!r})" if record_id is not None else ""
+    return f"{path}: record {index}{rid}"
 
 
 def _record_error(path: str, index: int, record_id, message: str) -> ValueError:
-    rid = f" (id {record_id!r})" if record_id is not None else ""
-    return ValueError(f"{path}: record {index}{rid}: {message}")
+    return ValueError(f"{_where(path, index, record_id)}: {message}")
 
 
 def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample:
@@ -66,7 +72,8 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
     full = image if os.path.isabs(image) else os.path.join(image_root, image)
     if not os.path.isfile(full):
         raise _record_error(path, index, rid, f"image file {full} does not exist")
-    return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs)
+    return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs,
+                  where=_where(path, index, rid))
 
 
 def _check_shape(path: str) -> None:
@@ -138,7 +145,13 @@ class InstructionDataset(torch.utils.data.Dataset):
     """Samples -> (input_ids, labels, pixel_values); answer tokens are the only labels.
 
     image_aspect_ratio (data.image_aspect_ratio): crop is the image processor's own
-    resize and centre crop; pad pads to a square first (pad_to_square)."""
+    resize and centre crop; pad pads to a square first (pad_to_square).
+
+    A training sample that cannot be read (its image does not decode, its text is
+    refused) comes back as {"unreadable": "<file>: record <i> (id ...): <why>"} instead
+    of raising: in a DataLoader worker an exception would reach the engine as a
+    traceback text, and the engine, not the dataset, decides (data.on_bad_sample) whether
+    to skip it or to stop the round there."""
 
     def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
                  max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop"):
@@ -195,9 +208,29 @@ class InstructionDataset(torch.utils.data.Dataset):
     def references(self, i: int) -> list[str]:
         return self.samples[i].references or [self.answer(i)]
 
+    def _named(self, i: int, err: Exception) -> str:
+        return f"{self.samples[i].where or 'sample ' + self.samples[i].id}: {err}"
+
+    def check(self, i: int, full: bool = True) -> None:
+        """Reads sample i as training would (full: tokenised and through the image
+        processor; else its image decoded only, cached nowhere); a ValueError naming the
+        file and record if it cannot be read."""
+        try:
+            if full:
+                self.encode_train(i)
+                self.pixels(i)
+            else:
+                load_image(self.samples[i].image_path)
+        except (ValueError, OSError) as err:
+            raise ValueError(self._named(i, err)) from None
+
     def __getitem__(self, i: int) -> dict:
-        ids, labels = self.encode_train(i)
-        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(i)}
+        try:
+            ids, labels = self.encode_train(i)
+            pixels = self.pixels(i)
+        except (ValueError, OSError) as err:  # an undecodable image, text the tokenizer or max_length refuses
+            return {"unreadable": self._named(i, err)}
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
 
 def answer_tokens(labels: torch.Tensor) -> int:
@@ -205,8 +238,17 @@ def answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def collate_train(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right padding; padded positions are masked out of attention and loss."""
+def collate_train(batch: list[dict], pad_id: int) -> dict:
+    """Right padding; padded positions are masked out of attention and loss. Unreadable
+    samples (InstructionDataset.__getitem__) are left out and their messages listed
+    under "unreadable" (only when there are any; a batch of nothing else is that list
+    alone)."""
+    unreadable = [b["unreadable"] for b in batch if "unreadable" in b]
+    if unreadable:
+        batch = [b for b in batch if "unreadable" not in b]
+        if not batch:
+            return {"unreadable": unreadable}
+        return {**collate_train(batch, pad_id), "unreadable": unreadable}
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -74,6 +74,7 @@ class ClientSlot:
     state: dict[str, torch.Tensor]
     losses: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    skipped: int = 0  # unreadable samples its last round left out (data.on_bad_sample=skip)
     status: Status = Status.PENDING
     # The state at the round's start: the "last good" parameters a bad update falls back to.
     pre_state: dict[str, torch.Tensor] | None = None
@@ -109,7 +110,7 @@ class ClientSlot:
         if self.status is Status.DONE:
             raise TransitionError(f"client {self.k}: finish, but it already trained in this round")
         self.state, self.status, self.progress = state, Status.DONE, None
-        self.losses, self.steps = result.losses, result.steps
+        self.losses, self.steps, self.skipped = result.losses, result.steps, result.skipped
 
     def exclude(self) -> None:
         """A non-finite update: leave it out of the aggregation, back to the round start."""
@@ -121,6 +122,7 @@ class ClientSlot:
     def adopt(self, other: "ClientSlot") -> None:
         """Take another client's finished round (centralized: one model for everyone)."""
         self.state, self.losses, self.steps, self.status = other.state, other.losses, other.steps, Status.DONE
+        self.skipped = other.skipped
 
     def next_round(self) -> None:
         self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True
@@ -131,10 +133,11 @@ class ClientSlot:
         partial = not complete and self.status is Status.PARTIAL
         return ClientCheckpoint(task=self.task, num_samples=self.n, state=self.state,
                                 status=Status.PENDING.value if complete else self.status.value, steps=self.steps,
-                                finite=self.finite, losses=self.losses, pre_state=self.pre_state if partial else None,
+                                skipped=self.skipped, finite=self.finite, losses=self.losses, pre_state=self.pre_state if partial else None,
                                 progress=self.progress if partial else None)
 
     def restore(self, rec: ClientCheckpoint, complete: bool) -> None:
         self.state, self.losses, self.steps, self.finite = rec.state, rec.losses, rec.steps, rec.finite
+        self.skipped = rec.skipped
         self.status = Status.PENDING if complete else Status(rec.status)
         self.pre_state, self.progress = rec.pre_state, rec.progress

@@ -37,7 +37,9 @@ from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, seed_for
 log = logging.getLogger("pilot_hpc.fl")
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
-STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps")
+# bad_samples: the unreadable samples its round left out (data.on_bad_sample=skip).
+STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps", "bad_samples")
+LOSS_KEYS = STAT_KEYS[1:-2]
 # Per-step numbers each client keeps during its local round (for TensorBoard, run.tensorboard),
 # gathered by the leader with the round's statistics: step, its loss terms, its seconds.
 TRACE_KEYS = ("step", "ce", "diff", "balance", "z", "prox", "seconds")
@@ -49,6 +51,16 @@ class Preempted(Exception):
     def __init__(self, path: str):
         super().__init__(f"preempted: checkpoint {path} written; rerun the same command to resume")
         self.path = path
+
+
+class BadSampleStop(Preempted):
+    """data.on_bad_sample=fail: a client met an unreadable sample, every rank stopped as
+    for a preemption and the round's checkpoint is written; `sample` is the message
+    (file, record, why) on the rank that met it, None on the others."""
+
+    def __init__(self, path: str, sample: str | None):
+        super().__init__(path)
+        self.sample = sample
 
 
 class Federation:
@@ -77,6 +89,8 @@ class Federation:
         self.board = None
         self.traces: dict[int, np.ndarray] = {}  # this round's per-step traces on rank 0 (gather_traces)
         self.exchange_stats: tuple[int, float] | None = None  # this round's exchange bytes and seconds
+        # data.on_bad_sample=fail: the unreadable sample a client of this rank stopped at
+        self.bad_sample: str | None = None
 
     # ------------------------------------------------------------------ the run
     def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
@@ -100,7 +114,10 @@ class Federation:
             stage = self.strategy.stage(round_)
             stopped = self.train_clients(round_, stage)
             if self.stop_vote(stopped):
-                raise Preempted(self.checkpoint(round_, complete=False, history=history))
+                path = self.checkpoint(round_, complete=False, history=history)
+                if self.world.any(self.bad_sample is not None, tag="bad_sample"):
+                    raise BadSampleStop(path, self.bad_sample)
+                raise Preempted(path)
             self.exchange(round_)
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
@@ -143,7 +160,7 @@ class Federation:
         for slot, dataset in jobs:
             if slot.status is Status.DONE:  # finished before an interruption of this round
                 continue
-            if self.world.stop_requested():
+            if self.world.stop_requested() or self.bad_sample is not None:
                 stopped = True
                 continue  # stays pending (or partial)
             stopped |= self.train_one(slot, dataset, round_, stage, jobs)
@@ -162,7 +179,8 @@ class Federation:
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
             params = [p for p in self.pm.model.parameters() if p.requires_grad]
             spec = TrainSpec.for_round(self.cfg.train, stage=stage, seed=seed_for(self.cfg.run.seed, slot.k, round_),
-                                       num_workers=self.cfg.data.num_workers)
+                                       num_workers=self.cfg.data.num_workers,
+                                       on_bad_sample=self.cfg.data.on_bad_sample)
             g = self.client_group.size
             total = spec.steps(len(dataset), g)
             line = TrainProgressLog(round_=round_, client=slot.k, steps=total, n=len(dataset),
@@ -178,6 +196,7 @@ class Federation:
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
             if res.stopped is not None:
                 slot.interrupt(res.stopped, self.pm.get_state())
+                self.bad_sample = res.bad_sample
                 return True
             slot.finish(res, self.pm.get_state())
             if faults.hit("nan_update", client=slot.k, round=round_):
@@ -279,7 +298,7 @@ class Federation:
                 if unparsed:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
-            rows.append([value] + [slot.losses.get(k, float("nan")) for k in STAT_KEYS[1:-1]] + [slot.steps])
+            rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + [slot.steps, slot.skipped])
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
@@ -299,7 +318,7 @@ class Federation:
     def gather_traces(self, round_: int, table: np.ndarray | None) -> None:
         """run.tensorboard: every client's per-step trace of this round to rank 0 in one
         gather, kept in self.traces {client: rows}. Each client sends exactly `steps` rows
-        (the table's last column, which rank 0 has just gathered, so it knows the counts):
+        (the table's steps column, which rank 0 has just gathered, so it knows the counts):
         steps taken before a restart left no trace and travel as NaN rows. Round 0 trains
         nothing and gathers nothing. The clients' traces are cleared for the next round."""
         self.traces = {}
@@ -316,7 +335,7 @@ class Federation:
         counts = [0] * self.comm.size  # gatherv reads all counts on rank 0 only, its own elsewhere
         counts[self.comm.rank] = sum(m.size for m in mine)
         if table is not None:
-            steps_of = table[:, -1].astype(np.int64)
+            steps_of = table[:, STAT_KEYS.index("steps")].astype(np.int64)
             counts = [int(sum(steps_of[k] for k in b)) * width for b in self.blocks]
         local = np.concatenate([m.reshape(-1) for m in mine]) if mine else np.zeros(0)
         got = self.comm.gatherv(local, counts, tag="trace", fast=False)
@@ -338,6 +357,10 @@ class Federation:
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores)
+        skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
+        if skipped:
+            log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,
+                        ", ".join(f"client {k}: {n}" for k, n in skipped.items()))
         if self.board is not None:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
                                  self.traces, self.exchange_stats, seconds,

@@ -164,6 +164,11 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     start": DeepSpeed's partitioned optimizer state is not carried over, so the caller
     restores the parameters of the round's start and calls again (a `resume` with step 0
     starts fresh). The per-step losses and the model are left as they were at the stop.
+
+    Unreadable samples (spec.on_bad_sample): skip leaves them out (the ce stays the token
+    mean of what remains; their share of the auxiliary terms is dropped for that step);
+    fail, or a member's micro-batch with no readable sample left, stops the group the
+    same way, with result.bad_sample set on the member that read it.
     """
     if resume is not None and resume.step != 0:
         raise ValueError(f"the deepspeed engine restarts an interrupted round from its start, but resume is at "
@@ -222,23 +227,39 @@ def _run(engine, dataset, group: ClientGroup, gen: torch.Generator, spec: TrainS
                                 num_workers=spec.num_workers, device=device)
     try:
         for i, idx in enumerate(plan):
-            if hooks.should_stop is not None:
-                stop = torch.tensor([float(bool(hooks.should_stop(i)))], device=device)
-                if R > 1:  # a signal on any member stops the whole group (no member waits alone)
-                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                if stop.item():
-                    result.stopped = TrainProgress.restart(rng_at_start)
-                    break
+            # This member's micro-batches first: an unreadable sample (on_bad_sample=fail,
+            # or a micro-batch left empty by skip, which has nothing to run the forward on)
+            # stops the whole group, like a signal on any member, before anyone steps.
+            fetched = [next(stream) for _ in parts[i]]
+            # A skipped sample leaves its micro-batch's weight (its share of the auxiliary
+            # terms; the ce is weighted by the tokens that remain, exactly).
+            weights = [max(0, m - len(b.get("unreadable", []))) for b, (_, m) in zip(fetched, parts[i])]
+            emptied = [b["unreadable"][0] for b in fetched if "input_ids" not in b]
+            mbs = steps.readable(fetched, spec.on_bad_sample)
+            if mbs is not None and emptied:
+                result.bad_sample = (f"every sample of a micro-batch of step {i} is unreadable, which the deepspeed "
+                                     f"engine cannot skip (its members step together); the first: {emptied[0]}")
+                mbs = None
+            stop = float(mbs is None or (hooks.should_stop is not None and bool(hooks.should_stop(i))))
+            stop = torch.tensor([stop], device=device)
+            if R > 1:  # any member's stop stops the whole group (no member waits alone)
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item():
+                result.stopped = TrainProgress.restart(rng_at_start)
+                break
             set_lr(engine.optimizer, spec.lr, i, total, spec.lr_schedule, spec.warmup_ratio)
             if A == 1:
-                shown = _step(engine, next(stream), mine[i][1], len(idx), R, hooks, i)
+                shown = _step(engine, mbs[0], weights[0], len(idx), R, hooks, i)
             else:
-                shown = _accumulated_step(engine, [(next(stream), m) for _, m in parts[i]], len(idx), R, hooks,
-                                          i, device)
+                shown = _accumulated_step(engine, list(zip(mbs, weights)), len(idx), R, hooks, i, device)
             if shown is None:
                 result.finite = False
                 break
             steps.record(shown, len(idx), hooks)
+        if R > 1:  # the client's count: every member's skipped samples (all members get here together)
+            skipped = torch.tensor([float(result.skipped)], dtype=torch.float64, device=device)
+            dist.all_reduce(skipped)
+            result.skipped = int(skipped.item())
     finally:
         stream.close()
     return steps.finish()

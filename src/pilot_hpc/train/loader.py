@@ -87,11 +87,12 @@ def close_loaders() -> None:
 
 
 def micro_batch_stream(dataset, plan: list[list[int]], *, pad_id: int, num_workers: int, device: torch.device):
-    """The collated micro-batches of `plan` (a list of index lists), in order, on `device`."""
+    """The collated micro-batches of `plan` (a list of index lists), in order, on `device`
+    (an "unreadable" list of messages stays a list: collate_train)."""
     if num_workers == 0:  # on the training thread, exactly as the engines always did
         for idx in plan:
             batch = collate_train([dataset[j] for j in idx], pad_id)
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return
     if not plan:
         return
@@ -99,4 +100,4 @@ def micro_batch_stream(dataset, plan: list[list[int]], *, pad_id: int, num_worke
     sampler, loader = _loader(dataset, pad_id, num_workers, pin)
     sampler.plan = plan
     for batch in loader:
-        yield {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
+        yield {k: v.to(device, non_blocking=pin) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -17,6 +17,8 @@ import torch
 
 from pilot_hpc.train.schedule import lr_factor
 
+_log = logging.getLogger("pilot_hpc.train")
+
 
 def seed_for(run_seed: int, client: int, round_: int) -> int:
     """The seed of one client's round: its batch order and dropout do not depend on
@@ -47,6 +49,9 @@ class TrainSpec:
     # DataLoader worker processes (0: load on the training thread). Not a result field:
     # the batches are the same index lists either way.
     num_workers: int = 0
+    # data.on_bad_sample, for a sample the dataset cannot read: skip (leave it out of its
+    # batch, count it) or fail (stop the round before that step, like a preemption).
+    on_bad_sample: str = "fail"
 
     def __post_init__(self):
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
@@ -60,20 +65,24 @@ class TrainSpec:
                              f"warmup_ratio lie in [0, 1) (got {self.warmup_ratio})")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.on_bad_sample not in ("skip", "fail"):
+            raise ValueError(f"data.on_bad_sample must be skip or fail, got {self.on_bad_sample!r}")
 
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum_steps
 
     @classmethod
-    def for_round(cls, t, *, stage: int, seed: int, num_workers: int = 0) -> "TrainSpec":
+    def for_round(cls, t, *, stage: int, seed: int, num_workers: int = 0,
+                  on_bad_sample: str = "fail") -> "TrainSpec":
         """The spec of a round in `stage` from the config's `train` section (TrainConfig);
-        num_workers from data.num_workers."""
+        num_workers and on_bad_sample from the data section."""
         return cls(lr=t.lr_stage1 if stage == 1 else t.lr_stage2, batch_size=t.batch_size, epochs=t.local_epochs,
                    seed=seed, max_steps=t.max_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
                    engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                    grad_accum_steps=t.grad_accum_steps, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
-                   gradient_checkpointing=t.gradient_checkpointing, num_workers=num_workers)
+                   gradient_checkpointing=t.gradient_checkpointing, num_workers=num_workers,
+                   on_bad_sample=on_bad_sample)
 
     def lr_at(self, step: int, total: int) -> float:
         """The learning rate of optimiser step `step` (0-based) of a round of `total` steps."""
@@ -114,6 +123,7 @@ class TrainProgress:
     sums: dict[str, float]  # running loss sums (for the round's mean losses)
     optimizer: dict[str, torch.Tensor]  # flattened AdamW state, see optimizer_state()
     torch_rng: torch.Tensor  # torch's CPU RNG state (LoRA dropout) at the stop
+    skipped: int = 0  # unreadable samples left out so far (data.on_bad_sample=skip)
 
     @classmethod
     def restart(cls, torch_rng: torch.Tensor) -> "TrainProgress":
@@ -150,6 +160,14 @@ class TrainResult:
     seconds: float = 0.0
     finite: bool = True  # False: a loss went NaN/Inf and training stopped there
     stopped: TrainProgress | None = None  # set when should_stop() interrupted the run
+    skipped: int = 0  # unreadable samples left out of their batches (data.on_bad_sample=skip)
+    # data.on_bad_sample=fail: the unreadable sample the round stopped at (stopped is set)
+    bad_sample: str | None = None
+
+
+# Warnings per local round about skipped samples; the rest are counted, and summed up at
+# the round's end (a folder of broken images would otherwise print one line per draw).
+MAX_SKIP_WARNINGS = 5
 
 
 class StepLog:
@@ -161,7 +179,29 @@ class StepLog:
         if resume is not None:
             self.sums = dict(resume.sums)
             self.result.steps, self.result.samples = resume.step, resume.samples
+            self.result.skipped = resume.skipped
         self.t0 = time.perf_counter()
+        self.warned = 0
+
+    def readable(self, mbs: list[dict], policy: str) -> list[dict] | None:
+        """A step's micro-batches without their unreadable samples (collate_train's
+        "unreadable" lists). policy skip: each one is counted (and the first few named in
+        a warning); micro-batches left empty drop out. policy fail: None, with
+        result.bad_sample the first one's message."""
+        out = []
+        for b in mbs:
+            messages = b.pop("unreadable", [])
+            if messages and policy == "fail":
+                self.result.bad_sample = messages[0]
+                return None
+            for message in messages:
+                self.result.skipped += 1
+                if self.warned < MAX_SKIP_WARNINGS:
+                    self.warned += 1
+                    _log.warning("skipped an unreadable sample (data.on_bad_sample=skip): %s", message)
+            if "input_ids" in b:
+                out.append(b)
+        return out
 
     def record(self, terms: dict[str, torch.Tensor], samples: int, hooks: Hooks) -> None:
         for k, v in terms.items():
@@ -175,6 +215,8 @@ class StepLog:
         r = self.result
         r.losses = {k: v / max(r.steps, 1) for k, v in self.sums.items()}
         r.seconds = time.perf_counter() - self.t0
+        if r.skipped > self.warned:
+            _log.warning("skipped %d unreadable sample(s) in this round (%d named above)", r.skipped, self.warned)
         return r
 
 
@@ -219,6 +261,6 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
 
 def warn_non_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
     """Both engines stop a client's round at a NaN/Inf loss and say so with its terms."""
-    logging.getLogger("pilot_hpc.train").warning(
+    _log.warning(
         "non-finite loss at step %d (%s): stopping this client's round", step,
         ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))

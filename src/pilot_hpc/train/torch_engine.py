@@ -14,6 +14,11 @@ of the weighted gradients is then the gradient of the whole batch's loss, up to 
 rounding; stage 2's load-balance loss (a product of two token means) is approximated
 by the weighted mean of the micro-batches' values. With A = 1 the step is computed
 exactly as before (no weights).
+
+Unreadable samples (spec.on_bad_sample): skip leaves them out of their micro-batch, so
+the step's loss is the mean over the samples that remain (a step with none left takes
+no update but still counts, so the schedule and a resume keep their step numbers);
+fail stops the round before that step with the same progress a stop request gives.
 """
 
 from __future__ import annotations
@@ -51,18 +56,23 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     try:
         with checkpointing(model, spec.gradient_checkpointing):
             for i in range(first, total):
-                if hooks.should_stop is not None and hooks.should_stop(i):
+                stop = hooks.should_stop is not None and hooks.should_stop(i)
+                mbs = None if stop else steps.readable([next(stream) for _ in parts[i]], spec.on_bad_sample)
+                if mbs is None:  # a stop request, or an unreadable sample with on_bad_sample=fail
                     steps.result.stopped = TrainProgress(step=i, samples=steps.result.samples, sums=dict(steps.sums),
                                                          optimizer=optimizer_state(opt),
-                                                         torch_rng=torch.get_rng_state())
+                                                         torch_rng=torch.get_rng_state(),
+                                                         skipped=steps.result.skipped)
                     break
                 set_lr(opt, spec.lr, i, total, spec.lr_schedule, spec.warmup_ratio)
-                mbs = [next(stream) for _ in parts[i]]
+                if not mbs:  # every sample of this step was unreadable (skipped): no update
+                    steps.record({}, 0, hooks)
+                    continue
                 terms = _step(model, opt, params, mbs, spec, hooks, i)
                 if terms is None:
                     steps.result.finite = False
                     break
-                steps.record(terms, len(plan[i]), hooks)
+                steps.record(terms, sum(b["input_ids"].shape[0] for b in mbs), hooks)
     finally:
         stream.close()
         model.eval()
