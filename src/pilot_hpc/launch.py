@@ -302,7 +302,7 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
     groups: dict[str, list[dict]] = {}
     missing = []
     for e in elements:
-        value = ({**dict(zip(grid.axes, _axis_values(e, grid))), "variant": e.variant}[group_by] if group_by
+        value = ({**dict(zip(grid.axes, axis_values(e, grid))), "variant": e.variant}[group_by] if group_by
                  else e.name)
         docs = groups.setdefault(str(value), [])
         path = os.path.join(result_dir(e), "metrics.json")
@@ -323,7 +323,7 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
     return table + note
 
 
-def _axis_values(e: Element, grid: Grid) -> list:
+def axis_values(e: Element, grid: Grid) -> list:
     overrides = dict(a.split("=", 1) for a in e.argv if "=" in a and not a.startswith("--"))
     return [overrides[k] for k in grid.axes]
 

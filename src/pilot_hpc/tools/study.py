@@ -1,0 +1,134 @@
+"""A study's tables across grids, with paired per-seed differences.
+
+    python -m pilot_hpc.tools.study \\
+        --grid configs/grids/synthetic_fedmit_table1.yaml --group-by fl.strategy \\
+        --grid configs/grids/synthetic_fedmit_fedadam.yaml --group-by fl.strategy \\
+        --pair pilot:local --pair local:fedavg --plot docs/results_synthetic_fedmit.png
+
+Each --grid (with its --group-by, as `launch` takes them) contributes its groups (one
+per value of the axis, or per variant); the groups of all grids form one table, the
+paper's layout (per client, then per task, mean ± std over the runs). A --pair A:B
+lists, per task, the difference A - B of the task average in every seed (runs of the
+two groups with the same run.seed: the same data and the same base model), its mean,
+and in how many seeds A > B. A paired difference cancels what a seed does to both
+(its data, its warm start), which the standard deviations of the table do not.
+Reading finished runs only (metrics.json, or the run a reused.json names), it never
+starts one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from pilot_hpc.config import ConfigError
+
+
+def _seed(e) -> int:
+    from pilot_hpc.config import load_config
+
+    return load_config(e.argv[1], e.argv[2:]).run.seed
+
+
+def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
+    """group label -> {seed: metrics document}, over (grid file, group-by) pairs; a label
+    met in two grids is an error (the tables would mix two different runs)."""
+    from pilot_hpc import launch
+
+    groups: dict[str, dict[int, dict]] = {}
+    for path, by in grids:
+        grid = launch.load_grid(path)
+        axes = list(grid.axes) + (["variant"] if grid.variants else [])
+        if by not in axes:
+            raise ConfigError(f"--group-by {by!r} is not an axis of grid {path}: {axes}")
+        mine: dict[str, dict[int, dict]] = {}
+        for e in launch.expand(grid):
+            values = {**dict(zip(grid.axes, launch.axis_values(e, grid))), "variant": e.variant}
+            label = str(values[by])
+            metrics = os.path.join(launch.result_dir(e), "metrics.json")
+            slot = mine.setdefault(label, {})
+            if launch.finished(e):
+                with open(metrics) as fh:
+                    slot[_seed(e)] = json.load(fh)
+        for label, runs in mine.items():
+            if label in groups:
+                raise ConfigError(f"group {label!r} of {path} is already a group of an earlier --grid")
+            groups[label] = runs
+    return groups
+
+
+def task_means(doc: dict) -> dict[str, float]:
+    """The final per-task averages of one run."""
+    tasks = list(dict.fromkeys(c["task"] for c in doc["final"]))
+    return {t: float(np.mean([c["value"] for c in doc["final"] if c["task"] == t])) for t in tasks}
+
+
+def paired(groups: dict[str, dict[int, dict]], a: str, b: str) -> list[dict]:
+    """Per task: the seeds both groups ran, A - B per seed, the mean, and the seeds with A > B."""
+    for g in (a, b):
+        if g not in groups:
+            raise ConfigError(f"--pair {a}:{b}: no group {g!r}; groups: {sorted(groups)}")
+    seeds = sorted(set(groups[a]) & set(groups[b]))
+    if not seeds:
+        return []
+    ta = {s: task_means(groups[a][s]) for s in seeds}
+    tb = {s: task_means(groups[b][s]) for s in seeds}
+    rows = []
+    for task in ta[seeds[0]]:
+        diffs = [ta[s][task] - tb[s][task] for s in seeds]
+        rows.append({"pair": f"{a} - {b}", "task": task, "seeds": seeds, "diffs": diffs,
+                     "mean": float(np.mean(diffs)), "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    width = max((len(r["seeds"]) for r in rows), default=0)
+    seeds = next((r["seeds"] for r in rows if len(r["seeds"]) == width), [])
+    head = ["difference", "task"] + [f"seed {s}" for s in seeds] + ["mean", "A > B in"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        per_seed = [f"{d:+.1f}" for d in r["diffs"]] + [""] * (width - len(r["diffs"]))
+        lines.append("| " + " | ".join([r["pair"], r["task"]] + per_seed +
+                                       [f"{r['mean']:+.1f}", f"{r['wins']} of {len(r['diffs'])}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pilot_hpc import report
+
+    ap = argparse.ArgumentParser(prog="python -m pilot_hpc.tools.study", description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", action="append", required=True, help="a grid YAML (repeat for more)")
+    ap.add_argument("--group-by", action="append", required=True, help="its axis or 'variant' (one per --grid)")
+    ap.add_argument("--pair", action="append", default=[], help="A:B, two group labels (repeatable)")
+    ap.add_argument("--plot", default=None, help="PNG: task averages per round of every group")
+    args = ap.parse_args(argv)
+    try:
+        if len(args.grid) != len(args.group_by):
+            raise ConfigError(f"{len(args.grid)} --grid but {len(args.group_by)} --group-by: give one per grid")
+        groups = collect(list(zip(args.grid, args.group_by)))
+        rows = [r for p in args.pair for r in paired(groups, *(p.split(":", 1) if ":" in p else (p, "")))]
+    except ConfigError as err:
+        print(f"pilot_hpc.tools.study: {err}", file=sys.stderr)
+        return 2
+    docs = {label: [runs[s] for s in sorted(runs)] for label, runs in groups.items()}
+    if not any(docs.values()):
+        print("no run of these grids has finished yet")
+        return 1
+    print(report.comparison_table(docs))
+    missing = [label for label, d in docs.items() if not d]
+    if missing:
+        print(f"\ngroups without a finished run yet: {', '.join(missing)}")
+    if rows:
+        print("\n" + paired_table(rows))
+    if args.plot:
+        report.comparison_plot({k: v for k, v in docs.items() if v}, args.plot, "task average per round")
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

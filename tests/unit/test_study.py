@@ -1,0 +1,65 @@
+"""The study tool: groups of several grids in one table, paired per-seed differences."""
+
+import json
+import os
+
+import pytest
+
+from helpers import REPO
+from pilot_hpc import launch
+from pilot_hpc.config import ConfigError
+from pilot_hpc.tools import study
+
+TASKS = ["vqa"] * 3 + ["caption"] * 3 + ["grounding"] * 3
+
+
+def _grid(tmp_path, name, body):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nconfig: {REPO}/configs/smoke_9client.yaml\noutput_root: {tmp_path}/study/{name}\n"
+                    + body)
+    return str(path)
+
+
+def _finish(e, values):
+    """A fake finished run of element e whose clients score `values` (per task)."""
+    os.makedirs(e.output_dir, exist_ok=True)
+    clients = [{"client": k, "task": t, "metric": "x", "value": values[t]} for k, t in enumerate(TASKS)]
+    with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+        json.dump({"config_hash": e.config_hash, "rounds": [{"round": 0, "clients": clients}], "final": clients}, fh)
+
+
+def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
+    a = _grid(tmp_path, "a", "grid:\n  fl.strategy: [pilot, local]\n  run.seed: [0, 1, 2]\n")
+    b = _grid(tmp_path, "b", "overrides: [fedadam.server_lr=0.01]\ngrid:\n  fl.strategy: [fedadam]\n"
+                             "  run.seed: [0, 1]\n")
+    score = {("pilot", 0): 50, ("pilot", 1): 60, ("pilot", 2): 70, ("local", 0): 55, ("local", 1): 50,
+             ("local", 2): 65}
+    for e in launch.expand(launch.load_grid(a)):
+        s, strategy = int(e.name[-1]), e.name.split("_")[0].replace("strategy", "")
+        _finish(e, {"vqa": score[strategy, s], "caption": 500.0 + s, "grounding": 10.0})
+    elements_b = launch.expand(launch.load_grid(b))
+    _finish(elements_b[1], {"vqa": 40.0, "caption": 400.0, "grounding": 20.0})  # seed 1 only
+    groups = study.collect([(a, "fl.strategy"), (b, "fl.strategy")])
+    assert sorted(groups) == ["fedadam", "local", "pilot"] and sorted(groups["fedadam"]) == [1]
+    rows = study.paired(groups, "pilot", "local")
+    vqa = next(r for r in rows if r["task"] == "vqa")
+    assert vqa["seeds"] == [0, 1, 2] and vqa["diffs"] == [-5.0, 10.0, 5.0] and vqa["wins"] == 2
+    assert vqa["mean"] == pytest.approx(10 / 3)
+    assert next(r for r in rows if r["task"] == "caption")["wins"] == 0  # equal in every seed: no win
+    (adam,) = [r for r in study.paired(groups, "pilot", "fedadam") if r["task"] == "grounding"]
+    assert adam["seeds"] == [1] and adam["diffs"] == [-10.0]  # only the seed both ran
+    assert "| pilot - local | vqa | -5.0 | +10.0 | +5.0 | +3.3 | 2 of 3 |" in study.paired_table(rows)
+    assert study.main(["--grid", a, "--group-by", "fl.strategy", "--grid", b, "--group-by", "fl.strategy",
+                       "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| fedadam | 1 |" in out and "2 of 3" in out and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_a_label_in_two_grids_and_an_unknown_pair_are_errors(tmp_path):
+    a = _grid(tmp_path, "a", "grid:\n  fl.strategy: [pilot]\n  run.seed: [0]\n")
+    c = _grid(tmp_path, "c", "grid:\n  fl.strategy: [pilot]\n  run.seed: [1]\n")
+    with pytest.raises(ConfigError, match="group 'pilot' of .*c.yaml is already a group"):
+        study.collect([(a, "fl.strategy"), (c, "fl.strategy")])
+    with pytest.raises(ConfigError, match="no group 'nope'"):
+        study.paired(study.collect([(a, "fl.strategy")]), "pilot", "nope")
+    assert study.main(["--grid", a, "--group-by", "run.seed", "--grid", c]) == 2
