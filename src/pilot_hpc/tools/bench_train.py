@@ -6,18 +6,17 @@ sample at 7B width with and without checkpointing, next to the memory planner.
 
 It replaces its own section of --out (between its markers) or appends one.
 
-(a) is standalone: this branch's torch engine collates on the training thread and has
-no DataLoader yet, so the benchmark drives torch.utils.data.DataLoader over
-pilot_hpc.data.records.InstructionDataset items (cache_images off: every item decodes
-its JPEG and runs the CLIP image processor) with collate_train, the way a DataLoader in
-the engine would, and times the wait for each batch against the step (forward, backward,
-AdamW) of a mid-size LLaVA-shaped model with the Pilot connector and LoRA in stage 1.
+(a) reads its batches through the engines' own input pipeline
+(pilot_hpc.train.loader.micro_batch_stream, on the training thread or in data.num_workers
+processes) over InstructionDataset items (cache_images off: every item decodes its JPEG
+and runs the CLIP image processor), and times the wait for each batch against the step
+(forward, backward, AdamW) of a mid-size LLaVA-shaped model with the Pilot connector and
+LoRA in stage 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -89,8 +88,9 @@ def build(vision_layers: int, text_layers: int):
 
 
 def data_wait(args) -> list[dict]:
-    from pilot_hpc.data.records import InstructionDataset, Sample, collate_train
+    from pilot_hpc.data.records import InstructionDataset, Sample
     from pilot_hpc.model.llava import PilotModel
+    from pilot_hpc.train.loader import close_loaders, micro_batch_stream
 
     torch.set_num_threads(1)  # run.threads_per_rank's default: one training thread per rank
     peft_model, connector, tok, processor, image_tokens = build(args.vision_layers, args.text_layers)
@@ -104,11 +104,11 @@ def data_wait(args) -> list[dict]:
         samples = [Sample(id=str(i), image_path=p, turns=[("what color is the object at the top left ?", "red")])
                    for i, p in enumerate(paths)]
         ds = InstructionDataset(samples, tok, processor, image_tokens, max_length=image_tokens + 64, cache_pixels=False)
+        plan = [list(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.steps + 1)]
         for workers in (0, 2):
-            loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=False, num_workers=workers,
-                                                 collate_fn=functools.partial(collate_train, pad_id=tok.pad_token_id))
             waits, steps = [], []
-            it = iter(loader)
+            it = micro_batch_stream(ds, plan, pad_id=tok.pad_token_id, num_workers=workers,
+                                    device=torch.device("cpu"))
             peft_model.train()
             for i in range(args.steps + 1):
                 t0 = time.perf_counter()
@@ -123,7 +123,8 @@ def data_wait(args) -> list[dict]:
                 if i > 0:  # the first batch also starts the workers
                     waits.append(t1 - t0)
                     steps.append(t2 - t1)
-            del it
+            it.close()
+            close_loaders()
             wait, step = sum(waits), sum(steps)
             rows.append({"num_workers": workers, "steps": len(steps), "wait_s": wait, "compute_s": step,
                          "wait_fraction": wait / (wait + step), "step_s": (wait + step) / len(steps)})
@@ -142,13 +143,13 @@ def markdown(wait_rows: list[dict], act: dict, args, seconds: float) -> str:
              f"`python -m pilot_hpc.tools.bench_train --out BENCHMARKS.md --steps {args.steps} --batch {args.batch} "
              f"--seq {args.seq}` ({seconds:.0f} s), one run, on: {machine()}. The machine's 2 cores were shared "
              "with other jobs while it ran: ratios from one run, not absolute speeds.", "",
-             "## Data wait of a training step (standalone DataLoader, real JPEG files)", "",
+             "## Data wait of a training step (the engines' input pipeline, real JPEG files)", "",
              f"CLIP-B/16-like tower ({args.vision_layers} layers, hidden 768, 336 px: 441 image tokens), a "
              f"{args.text_layers}-layer Llama (hidden 512), Pilot connector + LoRA r 8, stage 1, float32, batch "
              f"{args.batch}, one training thread; every item decodes a 640 x 480 JPEG and runs the CLIP image "
              "processor (no image cache). Wait: time blocked on the next batch; step: forward + backward + AdamW; "
-             "the first step (worker start-up) left out. This branch's engine has no DataLoader yet: the loop is "
-             "the benchmark's own, over InstructionDataset and collate_train.", "",
+             "the first step (worker start-up) left out. Batches come through `train.loader.micro_batch_stream`, "
+             "as the engines read them (`data.num_workers` worker processes, or the training thread for 0).", "",
              "| num_workers | steps | wait (s) | step compute (s) | wait fraction |", "|---|---|---|---|---|"]
     lines += [f"| {r['num_workers']} | {r['steps']} | {r['wait_s']:.2f} | {r['compute_s']:.2f} | "
               f"{100 * r['wait_fraction']:.1f}% |" for r in wait_rows]
