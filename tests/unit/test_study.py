@@ -45,14 +45,15 @@ def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
     vqa = next(r for r in rows if r["task"] == "vqa")
     assert vqa["seeds"] == [0, 1, 2] and vqa["diffs"] == [-5.0, 10.0, 5.0] and vqa["wins"] == 2
     assert vqa["mean"] == pytest.approx(10 / 3)
-    assert next(r for r in rows if r["task"] == "caption")["wins"] == 0  # equal in every seed: no win
+    caption = next(r for r in rows if r["task"] == "caption")
+    assert (caption["wins"], caption["ties"]) == (0, 3)  # equal in every seed: ties, no win
     (adam,) = [r for r in study.paired(groups, "pilot", "fedadam") if r["task"] == "grounding"]
     assert adam["seeds"] == [1] and adam["diffs"] == [-10.0]  # only the seed both ran
-    assert "| pilot - local | vqa | -5.0 | +10.0 | +5.0 | +3.3 | 2 of 3 |" in study.paired_table(rows)
+    assert "| pilot - local | vqa | -5.00 | +10.00 | +5.00 | +3.33 | 2 / 0 / 1 |" in study.paired_table(rows)
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--grid", b, "--group-by", "fl.strategy",
                        "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
-    assert "| fedadam | 1 |" in out and "2 of 3" in out and (tmp_path / "p.png").stat().st_size > 0
+    assert "| fedadam | 1 |" in out and "2 / 0 / 1" in out and (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_a_label_in_two_grids_and_an_unknown_pair_are_errors(tmp_path):

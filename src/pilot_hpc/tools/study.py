@@ -10,7 +10,8 @@ per value of the axis, or per variant); the groups of all grids form one table, 
 paper's layout (per client, then per task, mean ± std over the runs). A --pair A:B
 lists, per task, the difference A - B of the task average in every seed (runs of the
 two groups with the same run.seed: the same data and the same base model), its mean,
-and in how many seeds A > B. A paired difference cancels what a seed does to both
+and in how many seeds A > B, A = B (the same score to the metric's 4 decimals) and
+A < B. A paired difference cancels what a seed does to both
 (its data, its warm start), which the standard deviations of the table do not.
 Reading finished runs only (metrics.json, or the run a reused.json names), it never
 starts one.
@@ -81,19 +82,21 @@ def paired(groups: dict[str, dict[int, dict]], a: str, b: str) -> list[dict]:
     for task in ta[seeds[0]]:
         diffs = [ta[s][task] - tb[s][task] for s in seeds]
         rows.append({"pair": f"{a} - {b}", "task": task, "seeds": seeds, "diffs": diffs,
-                     "mean": float(np.mean(diffs)), "wins": sum(d > 0 for d in diffs)})
+                     "mean": float(np.mean(diffs)), "wins": sum(d > 0 for d in diffs),
+                     "ties": sum(d == 0 for d in diffs)})
     return rows
 
 
 def paired_table(rows: list[dict]) -> str:
     width = max((len(r["seeds"]) for r in rows), default=0)
     seeds = next((r["seeds"] for r in rows if len(r["seeds"]) == width), [])
-    head = ["difference", "task"] + [f"seed {s}" for s in seeds] + ["mean", "A > B in"]
+    head = ["difference", "task"] + [f"seed {s}" for s in seeds] + ["mean", "seeds A > B / = / <"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        per_seed = [f"{d:+.1f}" for d in r["diffs"]] + [""] * (width - len(r["diffs"]))
+        per_seed = [f"{d:+.2f}" for d in r["diffs"]] + [""] * (width - len(r["diffs"]))
+        losses = len(r["diffs"]) - r["wins"] - r["ties"]
         lines.append("| " + " | ".join([r["pair"], r["task"]] + per_seed +
-                                       [f"{r['mean']:+.1f}", f"{r['wins']} of {len(r['diffs'])}"]) + " |")
+                                       [f"{r['mean']:+.2f}", f"{r['wins']} / {r['ties']} / {losses}"]) + " |")
     return "\n".join(lines)
 
 
