@@ -150,11 +150,11 @@ def _recorded_hash(run_dir: str) -> str | None:
         return None
 
 
-def _hash_as_if_in(e: Element, run_dir: str) -> str:
-    """The element's config hash had its run.output_dir been run_dir."""
-    cfg = copy.deepcopy(load_config(e.argv[1], e.argv[2:]))
-    cfg.run.output_dir = run_dir
-    return cfg.hash()
+def _hash_as_if_in(cfg, run_dir: str) -> str:
+    """The hash of config `cfg` had its run.output_dir been run_dir."""
+    probe = copy.deepcopy(cfg)
+    probe.run.output_dir = run_dir
+    return probe.hash()
 
 
 def result_dir(e: Element) -> str:
@@ -174,7 +174,8 @@ def finished(e: Element) -> bool:
     done = _recorded_hash(where)
     if done is None:
         return False
-    return done == (e.config_hash if where == e.output_dir else _hash_as_if_in(e, where))
+    return done == (e.config_hash if where == e.output_dir
+                    else _hash_as_if_in(load_config(e.argv[1], e.argv[2:]), where))
 
 
 def reuse_equivalent(grid: Grid, e: Element) -> str | None:
@@ -183,11 +184,9 @@ def reuse_equivalent(grid: Grid, e: Element) -> str | None:
     cfg = load_config(e.argv[1], e.argv[2:])
     for path in sorted(glob.glob(os.path.join(os.path.dirname(grid.output_root), "*", "*", "metrics.json"))):
         run_dir = os.path.dirname(path)
-        if os.path.abspath(run_dir) == os.path.abspath(e.output_dir) or not os.path.isfile(path):
+        if os.path.abspath(run_dir) == os.path.abspath(e.output_dir):
             continue
-        probe = copy.deepcopy(cfg)
-        probe.run.output_dir = run_dir
-        if _recorded_hash(run_dir) == probe.hash():
+        if _recorded_hash(run_dir) == _hash_as_if_in(cfg, run_dir):
             os.makedirs(e.output_dir, exist_ok=True)
             with open(os.path.join(e.output_dir, REUSED), "w") as fh:
                 json.dump({"from": run_dir, "config_hash": e.config_hash}, fh, indent=1)
@@ -296,14 +295,12 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
     """
     from pilot_hpc import report
 
-    axes = list(grid.axes) + (["variant"] if grid.variants else [])
-    if group_by is not None and group_by not in axes:
-        raise ConfigError(f"--group-by {group_by!r} is not an axis of grid {grid.name}: {axes}")
+    if group_by is not None:
+        check_group_by(grid, group_by)
     groups: dict[str, list[dict]] = {}
     missing = []
     for e in elements:
-        value = ({**dict(zip(grid.axes, axis_values(e, grid))), "variant": e.variant}[group_by] if group_by
-                 else e.name)
+        value = group_value(e, grid, group_by) if group_by else e.name
         docs = groups.setdefault(str(value), [])
         path = os.path.join(result_dir(e), "metrics.json")
         if os.path.isfile(path):
@@ -321,6 +318,18 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
                  f"{table}{note}\n")
     report.comparison_plot(groups, os.path.join(grid.output_root, "results.png"), f"grid {grid.name}")
     return table + note
+
+
+def check_group_by(grid: Grid, by: str) -> None:
+    """A --group-by must name an axis of the grid, or "variant" when it has variants."""
+    axes = list(grid.axes) + (["variant"] if grid.variants else [])
+    if by not in axes:
+        raise ConfigError(f"--group-by {by!r} is not an axis of grid {grid.name}: {axes}")
+
+
+def group_value(e: Element, grid: Grid, by: str):
+    """The element's value of axis `by` (or its variant's name)."""
+    return {**dict(zip(grid.axes, axis_values(e, grid))), "variant": e.variant}[by]
 
 
 def axis_values(e: Element, grid: Grid) -> list:
@@ -344,9 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(args.grid)
         elements = expand(grid)
-        axes = list(grid.axes) + (["variant"] if grid.variants else [])
-        if args.group_by is not None and args.group_by not in axes:
-            raise ConfigError(f"--group-by {args.group_by!r} is not an axis of grid {grid.name}: {axes}")
+        if args.group_by is not None:
+            check_group_by(grid, args.group_by)
     except ConfigError as err:
         print(f"pilot_hpc.launch: config error: {err}", file=sys.stderr)
         return 2

@@ -43,13 +43,10 @@ def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
     groups: dict[str, dict[int, dict]] = {}
     for path, by in grids:
         grid = launch.load_grid(path)
-        axes = list(grid.axes) + (["variant"] if grid.variants else [])
-        if by not in axes:
-            raise ConfigError(f"--group-by {by!r} is not an axis of grid {path}: {axes}")
+        launch.check_group_by(grid, by)
         mine: dict[str, dict[int, dict]] = {}
         for e in launch.expand(grid):
-            values = {**dict(zip(grid.axes, launch.axis_values(e, grid))), "variant": e.variant}
-            label = str(values[by])
+            label = str(launch.group_value(e, grid, by))
             metrics = os.path.join(launch.result_dir(e), "metrics.json")
             slot = mine.setdefault(label, {})
             if launch.finished(e):
