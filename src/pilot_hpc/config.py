@@ -40,8 +40,14 @@ class RunConfig:
     # Where the built-in base model and the synthetic data are cached between runs.
     cache_dir: str = "~/.cache/pilot_hpc"
     log_every: int = 50
-    # auto: continue from the newest valid checkpoint in output_dir/checkpoints; never: start over.
+    # auto: continue from the newest valid checkpoint in output_dir/checkpoints (refused when
+    # they come from another configuration); never: start over.
     resume: Literal["auto", "never"] = "auto"
+    # true: start over in output_dir even though it holds another run. Whenever a run
+    # starts over, the folder's earlier files are moved into output_dir/previous/<time>/
+    # first, never overwritten. Meant for one command line, not a YAML file: a preempted
+    # job requeued with it would start over again instead of resuming.
+    restart: bool = False
     # MPI ranks per client (data-parallel inside a client through its DeepSpeed engine).
     # COMM_WORLD splits into groups of this many consecutive ranks; group leaders talk
     # to the server. 1: every rank is a client host (the default).
@@ -154,7 +160,9 @@ class DataConfig:
 
 @dataclass
 class FLConfig:
-    strategy: str = "pilot"
+    # The names pilot_hpc.fl.strategies registers (a unit test keeps the two equal): a typo
+    # is then reported with the config, before torch and MPI load.
+    strategy: Literal["pilot", "fedavg", "fedprox", "fedadam", "shepherd", "feddpa", "local", "centralized"] = "pilot"
     num_clients: int = 9
     # The task of each client; its length must equal num_clients.
     client_tasks: list[str] = field(
@@ -368,7 +376,8 @@ def check_bounds(cfg: "Config") -> None:
 # The chunk size only changes how bytes travel (the mixes agree to float rounding); the
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
 # on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`.
-NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "fl.rounds", "fl.chunk_mb",
+NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
+                     "fl.rounds", "fl.chunk_mb",
                      "data.num_workers", "data.on_bad_sample", "run.tensorboard", "run.wandb_project"}
 
 
@@ -461,27 +470,27 @@ MOVED = {"fl.top_m": "pilot.top_m", "fl.ata_eps": "pilot.ata_eps", "fl.prox_mu":
          "fl.adam_tau": "fedadam.tau", "fl.dpa_local_weight": "feddpa.local_weight"}
 
 
-def _merge(raw: dict[str, Any], source: str) -> Config:
+def _merge(raw: dict[str, Any], origin: dict[str, str]) -> Config:
+    """`origin` names where each `section.key` (and each section) came from: a YAML file,
+    or the command-line override that set it, so an error blames the right one."""
     sections = _section_fields(Config)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections {sorted(sections)}")
     built = {}
     for name, value in raw.items():
+        where = origin.get(name, "<defaults>")
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section {name!r}; valid sections: {sorted(sections)}")
+            raise ConfigError(f"{where}: unknown section {name!r}; valid sections: {sorted(sections)}")
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: section {name!r} must be a mapping, got {type(value).__name__}")
         fields = _section_fields(sections[name])
         for key in value:
+            at = origin.get(f"{name}.{key}", where)
             if f"{name}.{key}" in MOVED:
-                raise ConfigError(f"{source}: {name}.{key} is now {MOVED[f'{name}.{key}']} (each strategy's "
+                raise ConfigError(f"{at}: {name}.{key} is now {MOVED[f'{name}.{key}']} (each strategy's "
                                   "settings have a section of their own)")
             if key not in fields:
-                raise ConfigError(
-                    f"{source}: unknown key {name}.{key}; valid keys of {name}: {sorted(fields)}"
-                )
+                raise ConfigError(f"{at}: unknown key {name}.{key}; valid keys of {name}: {sorted(fields)}")
         built[name] = sections[name](
-            **{k: _coerce(v, fields[k], f"{source}: {name}.{k}") for k, v in value.items()}
+            **{k: _coerce(v, fields[k], f"{origin.get(f'{name}.{k}', where)}: {name}.{k}") for k, v in value.items()}
         )
     return Config(**built)
 
@@ -501,25 +510,46 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, parsed
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file at `path` <- overrides; validated before returning."""
+def _read_yaml(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory: --config takes a YAML file (e.g. "
+                          "configs/smoke_9client.yaml)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(paths: str | list[str] | tuple[str, ...] | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- each YAML file in `paths`, in order (a later file's keys win, section by
+    section) <- overrides; validated before returning."""
+    if isinstance(paths, str):
+        paths = [paths]
     raw: dict[str, Any] = {}
-    source = path or "<defaults>"
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as fh:
-            try:
-                raw = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    origin: dict[str, str] = {}
+    for path in paths or ():
+        for section, values in _read_yaml(path).items():
+            origin.setdefault(section, path)
+            if isinstance(values, dict) and isinstance(raw.get(section, {}), dict):
+                raw.setdefault(section, {}).update(values)
+                origin.update({f"{section}.{k}": path for k in values})
+            else:
+                raw[section] = values
+                origin[section] = path
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})
+        origin.setdefault(section, f"override {text!r}")
         if not isinstance(raw[section], dict):
             raise ConfigError(f"override {text!r}: section {section!r} is not a mapping")
         raw[section][key] = value
-    return _merge(raw, source)
+        origin[f"{section}.{key}"] = f"override {text!r}"
+    return _merge(raw, origin)

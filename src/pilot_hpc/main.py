@@ -43,7 +43,9 @@ log = logging.getLogger("pilot_hpc")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pilot_hpc.main", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=None, help="YAML config (an overlay on the built-in defaults)")
+    ap.add_argument("--config", action="append", default=None,
+                    help="YAML config (an overlay on the built-in defaults); repeat it to stack files, a later "
+                         "file's keys winning (e.g. a paper config, then prepare's overlay.yaml)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. fl.rounds=2 run.output_dir=runs/x")
     return ap.parse_args(argv)
 
@@ -73,9 +75,11 @@ def env_rank() -> int:
 
 
 # What from_pretrained needs in a local LLaVA folder: any one name of each group.
+# transformers 5's processor save_pretrained writes the image processor's settings into
+# processor_config.json and no preprocessor_config.json; AutoImageProcessor reads either.
 MODEL_FILES = {"config.json": ("config.json",),
                "a tokenizer": ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"),
-               "an image preprocessor": ("preprocessor_config.json",)}
+               "an image preprocessor": ("preprocessor_config.json", "processor_config.json")}
 
 
 def check_paths(cfg) -> None:
@@ -89,12 +93,14 @@ def check_paths(cfg) -> None:
     if not os.path.isdir(path):
         raise ConfigError(f"model.path {path!r} is not a folder: it must be a local Hugging Face LLaVA folder "
                           "holding config.json, the tokenizer (tokenizer.json or tokenizer.model) and "
-                          "preprocessor_config.json (e.g. a download of llava-hf/llava-1.5-7b-hf)")
+                          "preprocessor_config.json or processor_config.json (e.g. a download of "
+                          "llava-hf/llava-1.5-7b-hf)")
     missing = [what for what, names in MODEL_FILES.items()
                if not any(os.path.isfile(os.path.join(path, n)) for n in names)]
     if missing:
         raise ConfigError(f"model.path {path!r} lacks {', '.join(missing)}: a Hugging Face LLaVA folder holds "
-                          "config.json, the tokenizer (tokenizer.json or tokenizer.model) and preprocessor_config.json")
+                          "config.json, the tokenizer (tokenizer.json or tokenizer.model) and the image processor's "
+                          "preprocessor_config.json (or processor_config.json, as transformers 5 saves it)")
 
 
 def check_device(cfg) -> None:

@@ -6,6 +6,8 @@ every rank before training.
 """
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -96,13 +98,32 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
                 assert (t["sent"], t["received"]) == ((0, 2 * 3 * 7 * f64) if rank == 0 else (3 * 7 * f64, 0))
 
 
+def processor_saved_copy(base, folder):
+    """The base model's folder as transformers 5 writes a LLaVA checkpoint: the model's
+    files and LlavaProcessor.save_pretrained (processor_config.json, no
+    preprocessor_config.json)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    os.makedirs(folder)
+    for name in os.listdir(base):
+        if name.endswith((".safetensors", ".json")) and "token" not in name and "processor" not in name:
+            shutil.copy(os.path.join(base, name), folder)
+    LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(base), tokenizer=AutoTokenizer.from_pretrained(base),
+                   patch_size=16, vision_feature_select_strategy="default").save_pretrained(folder)
+    assert os.path.isfile(os.path.join(folder, "processor_config.json"))
+    assert not os.path.exists(os.path.join(folder, "preprocessor_config.json"))
+    return folder
+
+
 def test_real_data_path_reproduces_the_synthetic_run(runs, small_world, tmp_path):
-    """model.path + data.kind=llava_json on the same files runs the same code to the same result."""
+    """model.path + data.kind=llava_json on the same files runs the same code to the same
+    result, from a model folder as LlavaProcessor.save_pretrained writes it (issue 21)."""
     from pilot_hpc.data.synthetic import client_files
 
     out, _, _ = runs
     train, _ = client_files(small_world[1], 3)
-    proc = run_main(llava_json_args(small_world, tmp_path / "real", train), timeout=300)
+    model = processor_saved_copy(small_world[2], str(tmp_path / "llava-hf"))
+    proc = run_main(llava_json_args(small_world, tmp_path / "real", train) + [f"model.path={model}"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert load_metrics(tmp_path / "real")["final"] == load_metrics(out / "w1")["final"]
 

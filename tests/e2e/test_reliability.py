@@ -20,7 +20,8 @@ from pilot_hpc import runlock
 
 # ---------------------------------------------------------------- values at the boundary
 @pytest.mark.parametrize("override,message", [
-    ("fl.bogus=1", "unknown key fl.bogus"),
+    ("fl.bogus=1", "override 'fl.bogus=1': unknown key fl.bogus"),
+    ("fl.strategy=fedavgg", "fl.strategy must be one of pilot, fedavg"),
     ("pilot.top_m=9", "must satisfy 1 <= M < K"),
     ("train.lr_stage1=-1", "train.lr_stage1 must be > 0, got -1.0"),
     ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),

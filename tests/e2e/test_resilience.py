@@ -80,6 +80,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, cache_dir, t
     assert "skipping" in proc.stdout and "round_002.h5" in proc.stdout
     assert "continuing from" in proc.stdout and "round_001.h5" in proc.stdout
     assert_same_result(out, runs)
+    # Redoing round 2 did not overwrite the damaged file: it is kept as it was found.
+    assert (out / "checkpoints" / "unusable" / "round_002.h5").exists()
 
 
 def test_nan_update_is_excluded_and_the_client_keeps_its_parameters(runs, cache_dir, tmp_path):
@@ -108,10 +110,21 @@ def test_an_exception_on_one_rank_aborts_the_job_naming_rank_and_client(cache_di
     assert not any(os.path.exists(s) for s in segments), segments
 
 
-def test_resume_with_a_result_changing_config_is_refused(runs, cache_dir, tmp_path):
+def _tree(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f != ".pilot_hpc.lock"}
+
+
+# model.lora_r changes the shapes too: before the config was compared first, both
+# checkpoints were "unusable" and the run started over, overwriting them (issue 21).
+@pytest.mark.parametrize("change, shown", [(["train.lr_stage2=1.0e-3"], "train.lr_stage2: 0.0005 -> 0.001"),
+                                           (["model.lora_r=4"], "model.lora_r: 8 -> 4")])
+def test_resume_with_a_result_changing_config_is_refused(runs, cache_dir, tmp_path, change, shown):
     out = tmp_path / "changed"
     shutil.copytree(runs[0] / "w3", out)
-    proc = run_main(args_for(cache_dir, out) + ["train.lr_stage2=1.0e-3", "run.log_every=7"], timeout=300)
+    before = _tree(out)
+    proc = run_main(args_for(cache_dir, out) + change + ["run.log_every=7"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "train.lr_stage2: 0.0005 -> 0.001" in proc.stderr
+    assert shown in proc.stderr and "run.restart=true" in proc.stderr
     assert "log_every" not in proc.stderr  # not a result-changing field
+    assert _tree(out) == before  # the earlier run's files, byte for byte

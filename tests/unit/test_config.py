@@ -97,3 +97,44 @@ def test_hash_changes_with_values():
     assert load_config(SMOKE).hash() != load_config(SMOKE, ["pilot.top_m=5"]).hash()
 
 
+
+
+def test_several_config_files_stack_in_order(tmp_path):
+    """prepare's overlay.yaml on a paper config: both apply, the later file's keys win
+    (before, argparse kept only the last --config and the defaults filled the rest)."""
+    from pilot_hpc.main import parse_args
+
+    base = tmp_path / "paper.yaml"
+    base.write_text("run: {device: auto}\ndata: {max_length: 700, kind: synthetic}\nfl: {rounds: 5}\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("fl: {rounds: 2}\n")
+    args = parse_args(["--config", str(base), "--config", str(overlay), "train.max_steps=3"])
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.run.device, cfg.data.max_length, cfg.fl.rounds, cfg.train.max_steps) == ("auto", 700, 2, 3)
+
+
+def test_errors_blame_where_the_key_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override 'fl.bogus=1': unknown key fl.bogus"):
+        load_config(SMOKE, ["fl.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^override 'fl.rounds=two': fl.rounds must be an integer"):
+        load_config(SMOKE, ["fl.rounds=two"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fl: {bogus: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: unknown key fl.bogus"):
+        load_config([SMOKE, str(bad)])
+    with pytest.raises(ConfigError, match="is a directory: --config takes a YAML file"):
+        load_config(str(tmp_path))
+
+
+def test_an_unknown_strategy_is_a_config_error_listing_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"fl.strategy must be one of pilot, fedavg, .*got 'fedavgg'"):
+        load_config(SMOKE, ["fl.strategy=fedavgg"])
+
+
+def test_the_strategy_choices_are_the_registered_strategies():
+    import typing
+
+    from pilot_hpc.config import FLConfig
+    from pilot_hpc.fl.strategies import REGISTRY
+
+    assert set(typing.get_args(typing.get_type_hints(FLConfig)["strategy"])) == set(REGISTRY)

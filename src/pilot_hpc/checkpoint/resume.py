@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,25 +83,91 @@ def verify(path: str, num_clients: int, expected: dict) -> store.Checkpoint:
     return ck
 
 
+# What one run writes into run.output_dir. The lock file and launch.log belong to the
+# folder, not to one run, and stay where they are.
+RUN_OUTPUTS = ("checkpoints", "metrics.json", "results.md", "metrics.png", "predictions", "traffic", "tensorboard")
+PREVIOUS = "previous"  # <output_dir>/previous/<time>/: an earlier run's files, moved aside on a start-over
+UNUSABLE = "unusable"  # <output_dir>/checkpoints/unusable/: files found unusable, kept as evidence
+
+
+def _unique(path: str) -> str:
+    n, out = 1, path
+    while os.path.lexists(out):
+        n += 1
+        out = f"{path}.{n}"
+    return out
+
+
+def set_aside_unusable(paths: list[str]) -> list[str]:
+    """Moves checkpoint files found unusable into checkpoints/unusable/, so that redoing
+    their round never overwrites what showed the fault. Returns the new paths."""
+    moved = []
+    for path in paths:
+        folder = os.path.join(os.path.dirname(path), UNUSABLE)
+        os.makedirs(folder, exist_ok=True)
+        dest = _unique(os.path.join(folder, os.path.basename(path)))
+        os.replace(path, dest)
+        log.warning("resume: moved the unusable %s to %s (kept, not overwritten)", path, dest)
+        moved.append(dest)
+    return moved
+
+
+def set_aside_previous(output_dir: str) -> str | None:
+    """A run that starts over in a folder holding an earlier run's files moves them into
+    <output_dir>/previous/<time>/ first: nothing a run wrote is overwritten or deleted by
+    a later run that did not resume it. Returns that folder (None: nothing to move)."""
+    present = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(output_dir, name))]
+    if not present:
+        return None
+    dest = _unique(os.path.join(output_dir, PREVIOUS, time.strftime("%Y%m%d-%H%M%S")))
+    os.makedirs(dest)
+    for name in present:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    log.warning("starting over: moved the earlier run's %s to %s", ", ".join(present), dest)
+    return dest
+
+
+def _refuse_another_config(cfg, found: list[tuple[str, int, bool]]) -> None:
+    """Every checkpoint whose header can be read must come from this configuration, bar
+    the fields that do not change results: compared before any shape or client-count
+    check, which a changed config (model.lora_r, fl.num_clients) would otherwise fail first
+    and turn into "unusable, start over" over the earlier run's files."""
+    for path, _, _ in found:
+        try:
+            attrs = store.read_header(path)
+            if attrs["result_hash"] == cfg.result_hash():
+                continue
+            old = yaml.safe_load(attrs["config"])
+        except (store.CheckpointError, yaml.YAMLError):
+            continue  # unreadable: the full check below finds it unusable
+        diffs = result_differences(old, cfg.to_dict()) if isinstance(old, dict) else ["config: unreadable"]
+        if diffs:
+            out = cfg.run.output_dir
+            raise ConfigError(
+                f"resume: {path} was written by a run with a config that changes results; differing fields: "
+                f"{'; '.join(diffs)}. Nothing in {out} was changed. To keep that run, give this one another "
+                f"run.output_dir (or go back to its config to resume it); to start over in {out}, add "
+                f"run.restart=true: the earlier run's files are then moved to {os.path.join(out, PREVIOUS)}/<time>/, "
+                "not deleted")
+
+
 def _choose(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
     """(round, complete) of the newest usable checkpoint, (-1, 0) for none (rank 0)."""
     found = store.candidates(folder_of(cfg))
+    _refuse_another_config(cfg, found)
+    unusable = []
     for path, round_, complete in found:
         try:
-            ck = verify(path, num_clients, expected)
+            verify(path, num_clients, expected)
         except store.CheckpointError as err:
             log.warning("resume: skipping %s: %s", path, err)
+            unusable.append(path)
             continue
-        if ck.attrs["result_hash"] != cfg.result_hash():
-            diffs = result_differences(yaml.safe_load(ck.attrs["config"]), cfg.to_dict())
-            if diffs:
-                raise ConfigError(f"resume: {path} was written with a config that changes results; differing "
-                                  f"fields: {'; '.join(diffs)}. Use the same config, another run.output_dir, "
-                                  "or run.resume=never")
         if complete and round_ >= cfg.fl.rounds:
             log.info("resume: %s is the last round already", path)
         log.info("resume: continuing from %s (round %d, %s)", path, round_,
                  "complete" if complete else "interrupted mid-round")
+        set_aside_unusable(unusable)
         return round_, int(complete)
     if found:
         log.warning("resume: none of the %d checkpoint file(s) in %s is usable: starting over from round 0",
@@ -108,16 +175,30 @@ def _choose(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
     return -1, 0
 
 
+def _start_point(cfg, num_clients: int, expected: dict) -> tuple[int, int]:
+    """Rank 0: the resume choice; on a start-over, the folder's earlier files set aside."""
+    choice = (-1, 0)
+    if cfg.run.resume == "auto" and not cfg.run.restart:
+        choice = _choose(cfg, num_clients, expected)
+    if choice[0] < 0:
+        set_aside_previous(cfg.run.output_dir)
+    return choice
+
+
 def locate(comm, cfg, expected: dict[str, tuple[int, ...]], my_clients: list[int]) -> ResumePoint | None:
     """Collective over comm: the resume point (None: start over) with this rank's clients'
     records. `expected` maps every state key to its shape in the model being resumed."""
     choice = np.array([-1, 0], dtype=np.int64)
     refused = None
-    if comm.rank == 0 and cfg.run.resume == "auto":
+    if comm.rank == 0:
         try:
-            choice[:] = _choose(cfg, cfg.fl.num_clients, expected)
+            choice[:] = _start_point(cfg, cfg.fl.num_clients, expected)
         except ConfigError as err:
             refused = err
+            choice[:] = (-2, 0)
+        except OSError as err:  # the earlier files could not be moved aside: touch nothing more
+            refused = ConfigError(f"resume: {cfg.run.output_dir}: cannot move an earlier run's files aside "
+                                  f"({err}); fix the folder's permissions or set another run.output_dir")
             choice[:] = (-2, 0)
     comm.bcast(choice, tag="resume")
     if choice[0] == -2:
@@ -137,6 +218,6 @@ def locate(comm, cfg, expected: dict[str, tuple[int, ...]], my_clients: list[int
     if not comm.all_ok(problem is None):
         raise ConfigError(f"resume: {problem}" if problem is not None else
                           f"resume: another rank could not read its clients from {path} (see its message); "
-                          "move the file aside or use run.resume=never")
+                          "move the file aside or add run.restart=true")
     return ResumePoint(path=path, round=round_, complete=complete, history=ck.history, clients=ck.clients,
                        server=ck.server)

@@ -279,6 +279,23 @@ def candidates(folder: str) -> list[tuple[str, int, bool]]:
     return sorted(found, key=lambda c: (c[1], c[2]), reverse=True)
 
 
+def read_header(path: str) -> dict:
+    """The root attributes only (config, result_hash, round, ...), without the digest check
+    or the tensors: enough to tell whose run a file belongs to before anything else. A
+    CheckpointError naming the file when even that cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _attr(f, k, path) for k in f.attrs}
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as in read(): any failure means "unreadable"
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(err).__name__}: {err})") from None
+    for key in ("config", "result_hash"):
+        if key not in attrs:
+            raise CheckpointError(f"checkpoint {path}: missing attribute {key!r}")
+    return attrs
+
+
 def _attr(f: h5py.File, key: str, path: str):
     if key not in f.attrs:
         raise CheckpointError(f"checkpoint {path}: missing attribute {key!r}")
@@ -332,8 +349,8 @@ def _read(path: str, clients: list[int] | None) -> Checkpoint:
         fmt = _attr(f, "format", path)
         if fmt != FORMAT:
             older = isinstance(fmt, str) and fmt.startswith("pilot_hpc-checkpoint-")
-            why = (" (written by an older pilot_hpc: this one does not read it; start over with run.resume=never "
-                   "or another run.output_dir)") if older else ""
+            why = (" (written by an older pilot_hpc: this one does not read it; start over with run.restart=true "
+                   "(the earlier files are moved aside) or another run.output_dir)") if older else ""
             raise CheckpointError(f"checkpoint {path}: format {fmt!r}, expected {FORMAT!r}{why}")
         stored = _attr(f, DIGEST_ATTR, path)
         if clients is None and stored != content_digest(f, f"checkpoint {path}"):
