@@ -183,12 +183,13 @@ def data_files(cfg, comm):
 def write_traffic(cfg, comm) -> None:
     """<output_dir>/traffic/rank_RRR.json: every collective this rank took part in, in bytes."""
     import dataclasses
-    import json
+
+    from pilot_hpc import jsonout
 
     folder = os.path.join(cfg.run.output_dir, "traffic")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank_{comm.rank:03d}.json"), "w") as fh:
-        json.dump([dataclasses.asdict(t) for t in comm.traffic], fh)
+        jsonout.dump([dataclasses.asdict(t) for t in comm.traffic], fh)
 
 
 def run(cfg, comm) -> int:
