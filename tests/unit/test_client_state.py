@@ -48,6 +48,17 @@ def test_exclude_goes_back_to_the_round_start():
     assert not s.finite and torch.equal(s.state["lora.w"], torch.zeros(2))
 
 
+def test_adopting_an_excluded_round_adopts_its_exclusion():
+    """centralized: the other clients take the one trained model's round, so a non-finite one
+    leaves every client without a finite update (and the round's stop vote sees that)."""
+    trained, other = slot(0), slot(1)
+    trained.start()
+    trained.finish(TrainResult(steps=1), {"lora.w": torch.full((2,), float("nan"))})
+    trained.exclude()
+    other.adopt(trained)
+    assert other.status is Status.DONE and not other.finite and torch.equal(other.state["lora.w"], torch.zeros(2))
+
+
 def test_transitions_that_the_round_does_not_allow():
     s = slot()
     with pytest.raises(TransitionError, match="exclude"):
