@@ -206,7 +206,12 @@ class FedAdamConfig:
     server_lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
+    # > 0: a coordinate that no client moved has m = v = 0, and tau = 0 would make it 0/0.
     tau: float = 1e-3
+    # The mean of the clients' models that the pseudo-gradient starts from. samples: weighted
+    # by the clients' sample counts (this project's choice, as FedAvg weights); uniform: the
+    # participants' plain mean, Algorithm 2 as written.
+    weighting: Literal["samples", "uniform"] = "samples"
 
 
 @dataclass
@@ -336,7 +341,7 @@ BOUNDS = {
     "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",
-    "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": ">= 0",
+    "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": "> 0",
     "feddpa.local_weight": "[0, 1]",
     "train.local_epochs": ">= 1", "train.max_steps": ">= 0", "train.batch_size": ">= 1",
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
@@ -378,9 +383,17 @@ def result_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every result-changing field that differs."""
+    """`key: old -> new` for every result-changing field that differs.
+
+    A key missing on one side counts as its default: a checkpoint written before the key
+    existed ran with what the default does now (a new key's default keeps the old
+    behaviour), so it resumes unless the new config sets the key to something else."""
+    defaults = result_fields(Config().to_dict())
     a, b = result_fields(old), result_fields(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(set(a) | set(b))
+    a = {k: a.get(k, defaults.get(k)) for k in keys}
+    b = {k: b.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
 def check_world(cfg: Config, world_size: int) -> None:

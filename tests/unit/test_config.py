@@ -4,7 +4,7 @@
 import pytest
 
 from helpers import SMOKE
-from pilot_hpc.config import ConfigError, check_world, load_config
+from pilot_hpc.config import ConfigError, check_world, load_config, result_differences
 
 
 def test_smoke_config_loads_with_overrides():
@@ -97,3 +97,24 @@ def test_hash_changes_with_values():
     assert load_config(SMOKE).hash() != load_config(SMOKE, ["pilot.top_m=5"]).hash()
 
 
+
+
+def test_fedadam_tau_must_be_positive_and_weighting_is_a_choice():
+    with pytest.raises(ConfigError, match=r"fedadam.tau must be > 0, got 0.0"):
+        load_config(SMOKE, ["fl.strategy=fedadam", "fedadam.tau=0"])
+    with pytest.raises(ConfigError, match="fedadam.weighting must be one of samples, uniform; got 'equal'"):
+        load_config(SMOKE, ["fedadam.weighting=equal"])
+    assert load_config(SMOKE).fedadam.weighting == "samples"
+    assert load_config(SMOKE, ["fedadam.weighting=uniform"]).fedadam.weighting == "uniform"
+
+
+def test_a_key_missing_from_an_older_config_counts_as_its_default():
+    """A checkpoint written before fedadam.weighting existed resumes with the default, and is
+    refused (the key named) when the new config sets it to something else."""
+    old = load_config(SMOKE).to_dict()
+    del old["fedadam"]["weighting"]
+    assert result_differences(old, load_config(SMOKE).to_dict()) == []
+    assert result_differences(old, load_config(SMOKE, ["fedadam.weighting=uniform"]).to_dict()) == [
+        "fedadam.weighting: 'samples' -> 'uniform'"]
+    old["pilot"]["top_m"] = 5  # a real difference is still listed, the missing key is not
+    assert result_differences(old, load_config(SMOKE).to_dict()) == ["pilot.top_m: 5 -> 6"]
