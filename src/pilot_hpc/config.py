@@ -318,13 +318,29 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(_hashed(self.to_dict()), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def result_hash(self) -> str:
         """Hash of the fields that change results (a resume with another one is refused)."""
-        blob = json.dumps(result_fields(self.to_dict()), sort_keys=True).encode()
+        blob = json.dumps(result_fields(_hashed(self.to_dict())), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys added after runs were recorded, with the default that does what those runs did: left
+# out of both hashes while at that default, so a run finished before the key existed keeps
+# its config_hash (launch's finished and reused runs, tools/study) and its checkpoints their
+# result_hash. Set to anything else, the key is hashed like any other.
+UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples"}
+
+
+def _hashed(config: dict[str, Any]) -> dict[str, Any]:
+    out = {section: dict(values) for section, values in config.items()}
+    for key, default in UNHASHED_AT_DEFAULT.items():
+        section, name = key.split(".")
+        if name in out.get(section, {}) and out[section][name] == default:
+            del out[section][name]
+    return out
 
 
 # Numeric ranges, checked in one place (check_bounds) with the key named; a value out of

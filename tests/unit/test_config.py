@@ -118,3 +118,25 @@ def test_a_key_missing_from_an_older_config_counts_as_its_default():
         "fedadam.weighting: 'samples' -> 'uniform'"]
     old["pilot"]["top_m"] = 5  # a real difference is still listed, the missing key is not
     assert result_differences(old, load_config(SMOKE).to_dict()) == ["pilot.top_m: 5 -> 6"]
+
+
+def test_a_key_added_later_leaves_the_hashes_of_older_runs_alone_at_its_default():
+    """config.UNHASHED_AT_DEFAULT: fedadam.weighting=samples hashes as the configs did before the
+    key existed (finished runs stay finished for launch and tools/study); uniform does not."""
+    import hashlib
+    import json
+
+    from pilot_hpc.config import result_fields
+
+    def old_hashes(cfg):
+        d = cfg.to_dict()
+        del d["fedadam"]["weighting"]
+        return [hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+                for x in (d, result_fields(d))]
+
+    for extra in ([], ["fl.strategy=fedadam", "fedadam.tau=0.01"]):
+        cfg = load_config(SMOKE, extra)
+        assert [cfg.hash(), cfg.result_hash()] == old_hashes(cfg)
+    uniform = load_config(SMOKE, ["fedadam.weighting=uniform"])
+    assert uniform.hash() != load_config(SMOKE).hash() and uniform.result_hash() != load_config(SMOKE).result_hash()
+    assert uniform.hash() not in old_hashes(uniform)
