@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pilot_hpc import faults
-from pilot_hpc.checkpoint import resume
+from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl.comm import Comm, block_ranges
@@ -70,8 +70,9 @@ class NoFiniteUpdate(RuntimeError):
     the round writes no checkpoint, so the previous one stays the newest."""
 
     def __init__(self, round_: int, clients: list[int], lr_key: str, lr: float, newest: str | None):
-        where = (f"{newest} is still the newest checkpoint (rerunning the same command resumes there; a changed "
-                 "learning rate needs another run.output_dir or run.resume=never)" if newest
+        where = (f"{newest} is still the newest checkpoint (once the data is fixed, rerunning the same command "
+                 "resumes there; a changed learning rate changes results, so it needs another run.output_dir or "
+                 "run.resume=never)" if newest
                  else "no checkpoint was written before this round")
         super().__init__(f"round {round_}: the update of every client ({clients}) was non-finite (NaN/Inf), so all "
                          f"were excluded and nothing could be aggregated; the run stops without a checkpoint of "
@@ -263,7 +264,7 @@ class Federation:
         named on rank 0 (the one that reports it)."""
         newest = None
         if self.world.rank == 0:
-            found = resume.store.candidates(resume.folder_of(self.cfg))
+            found = candidates(resume.folder_of(self.cfg))
             newest = found[0][0] if found else None
         key = lr_field(stage)
         return NoFiniteUpdate(round_, list(range(self.num_clients)), f"train.{key}", getattr(self.cfg.train, key),
