@@ -214,7 +214,12 @@ class FedAdamConfig:
     server_lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
+    # > 0: a coordinate that no client moved has m = v = 0, and tau = 0 would make it 0/0.
     tau: float = 1e-3
+    # The mean of the clients' models that the pseudo-gradient starts from. samples: weighted
+    # by the clients' sample counts (this project's choice, as FedAvg weights); uniform: the
+    # participants' plain mean, Algorithm 2 as written.
+    weighting: Literal["samples", "uniform"] = "samples"
 
 
 @dataclass
@@ -321,13 +326,29 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(_hashed(self.to_dict()), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def result_hash(self) -> str:
         """Hash of the fields that change results (a resume with another one is refused)."""
-        blob = json.dumps(result_fields(self.to_dict()), sort_keys=True).encode()
+        blob = json.dumps(result_fields(_hashed(self.to_dict())), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys added after runs were recorded, with the default that does what those runs did: left
+# out of both hashes while at that default, so a run finished before the key existed keeps
+# its config_hash (launch's finished and reused runs, tools/study) and its checkpoints their
+# result_hash. Set to anything else, the key is hashed like any other.
+UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False}
+
+
+def _hashed(config: dict[str, Any]) -> dict[str, Any]:
+    out = {section: dict(values) for section, values in config.items()}
+    for key, default in UNHASHED_AT_DEFAULT.items():
+        section, name = key.split(".")
+        if name in out.get(section, {}) and out[section][name] == default:
+            del out[section][name]
+    return out
 
 
 # Numeric ranges, checked in one place (check_bounds) with the key named; a value out of
@@ -344,7 +365,7 @@ BOUNDS = {
     "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",
-    "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": ">= 0",
+    "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": "> 0",
     "feddpa.local_weight": "[0, 1]",
     "train.local_epochs": ">= 1", "train.max_steps": ">= 0", "train.batch_size": ">= 1",
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
@@ -387,9 +408,17 @@ def result_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every result-changing field that differs."""
+    """`key: old -> new` for every result-changing field that differs.
+
+    A key missing on one side counts as its default: a checkpoint written before the key
+    existed ran with what the default does now (a new key's default keeps the old
+    behaviour), so it resumes unless the new config sets the key to something else."""
+    defaults = result_fields(Config().to_dict())
     a, b = result_fields(old), result_fields(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(set(a) | set(b))
+    a = {k: a.get(k, defaults.get(k)) for k in keys}
+    b = {k: b.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
 def check_world(cfg: Config, world_size: int) -> None:

@@ -27,6 +27,8 @@ import json
 import os
 import sys
 
+from pilot_hpc import jsonout
+
 EXIT_BAD_INPUT = 2
 CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_CONFIG = "connector.json"
@@ -135,7 +137,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         if mix.get(name, 1.0) != 1.0:
             adapter["lora_alpha"] = mix[name] * adapter["lora_alpha"]
         with open(cfg_path, "w") as fh:
-            json.dump(adapter, fh, indent=2, sort_keys=True)
+            jsonout.dump(adapter, fh, indent=2, sort_keys=True)
     connector = {k: v.detach().cpu().contiguous() for k, v in pm.connector.state_dict().items()}
     save_file(connector, os.path.join(out, CONNECTOR_FILE))
     if pm.clip_mlps:  # CT-CLIP: every CLIP MLP's connector, keyed "<layer>.<name>"
@@ -162,7 +164,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         write_merged(pm, os.path.join(out, MERGED))
         info["merged"] = MERGED
     with open(os.path.join(out, CONNECTOR_CONFIG), "w") as fh:
-        json.dump(info, fh, indent=2, sort_keys=True)
+        jsonout.dump(info, fh, indent=2, sort_keys=True)
     return info
 
 

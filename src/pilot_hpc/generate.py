@@ -14,9 +14,10 @@ answers equal that client's predictions file). Exit codes: 0, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from pilot_hpc import jsonout
 
 EXIT_BAD_INPUT = 2
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
         for row in rows:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(jsonout.dumps(row) + "\n")
     os.replace(tmp, args.out)
     print(f"wrote {len(rows)} answers to {args.out}")
     return 0

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pilot_hpc import jsonout
 from pilot_hpc.config import ConfigError, load_config
 from pilot_hpc.tools.mpiexec import find_mpiexec
 
@@ -189,7 +190,7 @@ def reuse_equivalent(grid: Grid, e: Element) -> str | None:
         if _recorded_hash(run_dir) == _hash_as_if_in(cfg, run_dir):
             os.makedirs(e.output_dir, exist_ok=True)
             with open(os.path.join(e.output_dir, REUSED), "w") as fh:
-                json.dump({"from": run_dir, "config_hash": e.config_hash}, fh, indent=1)
+                jsonout.dump({"from": run_dir, "config_hash": e.config_hash}, fh, indent=1)
             return run_dir
     return None
 
@@ -304,8 +305,7 @@ def collect(grid: Grid, elements: list[Element], group_by: str | None = None) ->
         docs = groups.setdefault(str(value), [])
         path = os.path.join(result_dir(e), "metrics.json")
         if os.path.isfile(path):
-            with open(path) as fh:
-                docs.append(json.load(fh))
+            docs.append(report.read_metrics(path))
         else:
             missing.append(e.name)
     if not any(groups.values()):

@@ -3,9 +3,11 @@
 Exit codes: 0 done; 2 bad input (config, data records, images, a resume refused, an
 output folder in use by another job or not writable), reported before any rank trains;
 75 preempted (SIGTERM/SIGUSR2/SIGINT: every rank stopped at its next local step and a
-checkpoint was written; rerun the same command to resume); 1 a failure while running
-(the whole MPI job is ended through MPI_Abort so that no rank is left waiting in a
-collective); 130 a second Ctrl-C (aborted at once, no checkpoint).
+checkpoint was written; rerun the same command to resume); 1 a failure while running:
+a round in which no client produced a finite update (every rank stops after the round's
+stop vote, no checkpoint is written for that round), or an error on one rank (the whole
+MPI job is ended through MPI_Abort so that no rank is left waiting in a collective);
+130 a second Ctrl-C (aborted at once, no checkpoint).
 
 Startup order (issue 16): the config is parsed and checked first, with only the
 standard library and PyYAML loaded, so that a typo costs 0.2-0.3 s (1.1 s under
@@ -189,12 +191,13 @@ def data_files(cfg, comm):
 def write_traffic(cfg, comm) -> None:
     """<output_dir>/traffic/rank_RRR.json: every collective this rank took part in, in bytes."""
     import dataclasses
-    import json
+
+    from pilot_hpc import jsonout
 
     folder = os.path.join(cfg.run.output_dir, "traffic")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank_{comm.rank:03d}.json"), "w") as fh:
-        json.dump([dataclasses.asdict(t) for t in comm.traffic], fh)
+        jsonout.dump([dataclasses.asdict(t) for t in comm.traffic], fh)
 
 
 def run(cfg, comm) -> int:
@@ -205,7 +208,7 @@ def run(cfg, comm) -> int:
     from pilot_hpc.config import ConfigError
     from pilot_hpc.fl.client import ClientSlot
     from pilot_hpc.fl.comm import block_ranges
-    from pilot_hpc.fl.federation import BadSampleStop, Federation, Preempted
+    from pilot_hpc.fl.federation import BadSampleStop, Federation, NoFiniteUpdate, Preempted
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.model.llava import build_pilot_model
 
@@ -292,6 +295,12 @@ def run(cfg, comm) -> int:
         if comm.rank == 0:
             log.info("%s (exit code %d)", stop, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    except NoFiniteUpdate as err:  # every rank raised it after the same vote: no one is left waiting
+        write_traffic(cfg, comm)
+        comm.close()
+        if comm.rank == 0:
+            print(f"pilot_hpc: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     finally:
         if fed.board is not None:
             fed.board.close()

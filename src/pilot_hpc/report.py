@@ -14,12 +14,30 @@ import os
 
 import numpy as np
 
+from pilot_hpc import jsonout
+
+NAN = float("nan")
 METRIC_LABEL = {"vqa_accuracy": "VQA acc", "cider": "CIDEr", "iou@0.5": "Acc@IoU0.5"}
 
 
 def metrics_document(history: list[dict], cfg) -> dict:
     return {"strategy": cfg.fl.strategy, "config_hash": cfg.hash(), "rounds": history,
             "final": history[-1]["clients"] if history else []}
+
+
+def read_metrics(path: str) -> dict:
+    """A metrics.json document with its nulls (non-finite values, see jsonout) read back as
+    NaN in the client rows, so means and tables treat them as before: no value. One NaN
+    object for all of them, as json.load uses for a bare NaN: list and dict equality
+    check identity first, so two documents with no value in the same places compare equal
+    (tools/parity compares runs this way)."""
+    with open(path) as fh:
+        doc = json.load(fh)
+    for row in [c for r in doc.get("rounds", []) for c in r["clients"]] + doc.get("final", []):
+        for key, value in row.items():
+            if value is None or value != value:  # null, or a bare NaN (older files)
+                row[key] = NAN
+    return doc
 
 
 def results_table(history: list[dict]) -> str:
@@ -76,7 +94,7 @@ def write_outputs(history: list[dict], cfg) -> dict[str, str]:
     doc = metrics_document(history, cfg)
     tmp = paths["metrics"] + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
+        jsonout.dump(doc, fh, indent=1)
     os.replace(tmp, paths["metrics"])
     table = results_table(history)
     with open(paths["results"], "w") as fh:

@@ -98,6 +98,29 @@ def test_nan_update_is_excluded_and_the_client_keeps_its_parameters(runs, cache_
     assert all(torch.isfinite(t.float()).all() for t in after.values())
 
 
+@pytest.mark.parametrize("strategy,np_,how", [
+    # Pilot's round 2 is stage 2: every client's first step at lr = inf makes its update NaN.
+    ("pilot", 3, {"overrides": ["train.lr_stage2=.inf"]}),
+    # local exchanges nothing, so only the stop vote can notice that nobody trained.
+    ("local", None, {"env": {"PILOT_HPC_INJECT": ";".join(f"nan_update:client={k},round=2" for k in range(3))}}),
+])
+def test_a_round_where_every_update_is_non_finite_exits_1_keeping_the_last_checkpoint(cache_dir, tmp_path, strategy,
+                                                                                       np_, how):
+    out = tmp_path / strategy
+    proc = run_main(args_for(cache_dir, out) + [f"fl.strategy={strategy}"] + how.get("overrides", []), np=np_,
+                    timeout=300, env=how.get("env"))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "aborting the MPI job" not in proc.stderr  # a clean stop on every rank
+    newest = out / "checkpoints" / "round_001.h5"
+    assert proc.stderr.count("pilot_hpc: error: round 2: the update of every client ([0, 1, 2]) was non-finite") == 1
+    assert "Lower the learning rate (train.lr_stage2=" in proc.stderr and "or check the clients' data" in proc.stderr
+    assert f"{newest} is still the newest checkpoint" in proc.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["round_001.h5"]  # nothing written for round 2
+    assert not (out / "metrics.json").exists()
+    ck = checkpoint.read(str(newest))
+    assert ck.complete and ck.round == 1 and all(c.finite for c in ck.clients.values())
+
+
 def test_an_exception_on_one_rank_aborts_the_job_naming_rank_and_client(cache_dir, tmp_path):
     t0 = time.monotonic()
     proc = run_main(args_for(cache_dir, tmp_path / "boom"), np=3, timeout=120,

@@ -48,6 +48,17 @@ def test_exclude_goes_back_to_the_round_start():
     assert not s.finite and torch.equal(s.state["lora.w"], torch.zeros(2))
 
 
+def test_adopting_an_excluded_round_adopts_its_exclusion():
+    """centralized: the other clients take the one trained model's round, so a non-finite one
+    leaves every client without a finite update (and the round's stop vote sees that)."""
+    trained, other = slot(0), slot(1)
+    trained.start()
+    trained.finish(TrainResult(steps=1), {"lora.w": torch.full((2,), float("nan"))})
+    trained.exclude()
+    other.adopt(trained)
+    assert other.status is Status.DONE and not other.finite and torch.equal(other.state["lora.w"], torch.zeros(2))
+
+
 def test_transitions_that_the_round_does_not_allow():
     s = slot()
     with pytest.raises(TransitionError, match="exclude"):
@@ -115,6 +126,34 @@ def test_save_and_locate_without_a_federation(tmp_path):
     assert back[0].status is Status.PENDING and back[1].status is Status.PARTIAL
     assert back[1].progress.step == 2 and torch.equal(back[1].state["lora.w"], torch.ones(2))
     assert torch.equal(back[1].pre_state["lora.w"], torch.zeros(2))
+
+
+def test_a_checkpoint_from_before_a_new_config_key_resumes_at_its_default(tmp_path, monkeypatch):
+    """A checkpoint whose config lacks fedadam.weighting (written before the key existed) resumes
+    when the key is at its default, and is refused naming it otherwise."""
+    import dataclasses
+
+    from pilot_hpc.config import Config, ConfigError
+
+    args = [f"run.output_dir={tmp_path}", "fl.num_clients=2", "fl.client_tasks=[vqa, caption]", "pilot.top_m=1",
+            "fl.task_metrics={vqa: vqa_accuracy, caption: cider}", "fl.strategy=fedadam"]
+    cfg = load_config(None, args)
+
+    def older(self):
+        d = dataclasses.asdict(self)
+        del d["fedadam"]["weighting"]
+        return d
+
+    with monkeypatch.context() as m:
+        m.setattr(Config, "to_dict", older)
+        old_hash = cfg.result_hash()
+        resume.save(OneRank(), cfg, 1, complete=True, history=[], server={},
+                    clients={s.k: s.record(complete=True) for s in (slot(0), slot(1))})
+    assert old_hash == cfg.result_hash()  # config.UNHASHED_AT_DEFAULT
+    start = resume.locate(OneRank(), cfg, {"lora.w": (2,)}, [0, 1])
+    assert (start.round, start.complete) == (1, True)
+    with pytest.raises(ConfigError, match="fedadam.weighting: 'samples' -> 'uniform'"):
+        resume.locate(OneRank(), load_config(None, args + ["fedadam.weighting=uniform"]), {"lora.w": (2,)}, [0, 1])
 
 
 def test_an_older_checkpoint_format_is_refused_with_the_reason(tmp_path):

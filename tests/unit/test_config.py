@@ -4,7 +4,7 @@
 import pytest
 
 from helpers import SMOKE
-from pilot_hpc.config import ConfigError, check_world, load_config
+from pilot_hpc.config import ConfigError, check_world, load_config, result_differences
 
 
 def test_smoke_config_loads_with_overrides():
@@ -138,3 +138,46 @@ def test_the_strategy_choices_are_the_registered_strategies():
     from pilot_hpc.fl.strategies import REGISTRY
 
     assert set(typing.get_args(typing.get_type_hints(FLConfig)["strategy"])) == set(REGISTRY)
+
+
+def test_fedadam_tau_must_be_positive_and_weighting_is_a_choice():
+    with pytest.raises(ConfigError, match=r"fedadam.tau must be > 0, got 0.0"):
+        load_config(SMOKE, ["fl.strategy=fedadam", "fedadam.tau=0"])
+    with pytest.raises(ConfigError, match="fedadam.weighting must be one of samples, uniform; got 'equal'"):
+        load_config(SMOKE, ["fedadam.weighting=equal"])
+    assert load_config(SMOKE).fedadam.weighting == "samples"
+    assert load_config(SMOKE, ["fedadam.weighting=uniform"]).fedadam.weighting == "uniform"
+
+
+def test_a_key_missing_from_an_older_config_counts_as_its_default():
+    """A checkpoint written before fedadam.weighting existed resumes with the default, and is
+    refused (the key named) when the new config sets it to something else."""
+    old = load_config(SMOKE).to_dict()
+    del old["fedadam"]["weighting"]
+    assert result_differences(old, load_config(SMOKE).to_dict()) == []
+    assert result_differences(old, load_config(SMOKE, ["fedadam.weighting=uniform"]).to_dict()) == [
+        "fedadam.weighting: 'samples' -> 'uniform'"]
+    old["pilot"]["top_m"] = 5  # a real difference is still listed, the missing key is not
+    assert result_differences(old, load_config(SMOKE).to_dict()) == ["pilot.top_m: 5 -> 6"]
+
+
+def test_a_key_added_later_leaves_the_hashes_of_older_runs_alone_at_its_default():
+    """config.UNHASHED_AT_DEFAULT: fedadam.weighting=samples hashes as the configs did before the
+    key existed (finished runs stay finished for launch and tools/study); uniform does not."""
+    import hashlib
+    import json
+
+    from pilot_hpc.config import result_fields
+
+    def old_hashes(cfg):
+        d = cfg.to_dict()
+        del d["fedadam"]["weighting"]
+        return [hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+                for x in (d, result_fields(d))]
+
+    for extra in ([], ["fl.strategy=fedadam", "fedadam.tau=0.01"]):
+        cfg = load_config(SMOKE, extra)
+        assert [cfg.hash(), cfg.result_hash()] == old_hashes(cfg)
+    uniform = load_config(SMOKE, ["fedadam.weighting=uniform"])
+    assert uniform.hash() != load_config(SMOKE).hash() and uniform.result_hash() != load_config(SMOKE).result_hash()
+    assert uniform.hash() not in old_hashes(uniform)

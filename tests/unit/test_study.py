@@ -1,6 +1,7 @@
 """The study tool: groups of several grids in one table, paired per-seed differences."""
 
 import json
+import math
 import os
 
 import pytest
@@ -64,3 +65,18 @@ def test_a_label_in_two_grids_and_an_unknown_pair_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="no group 'nope'"):
         study.paired(study.collect([(a, "fl.strategy")]), "pilot", "nope")
     assert study.main(["--grid", a, "--group-by", "run.seed", "--grid", c]) == 2
+
+
+def test_a_null_value_reads_as_no_value(tmp_path, capsys):
+    """metrics.json writes a non-finite value as null (pilot_hpc.jsonout): the study reads it
+    as NaN, so the task mean and the table say nan instead of failing on None."""
+    a = _grid(tmp_path, "a", "grid:\n  fl.strategy: [pilot, local]\n  run.seed: [0]\n")
+    pilot, local = launch.expand(launch.load_grid(a))
+    _finish(pilot, {"vqa": None, "caption": 500.0, "grounding": 10.0})
+    _finish(local, {"vqa": 40.0, "caption": 400.0, "grounding": 20.0})
+    groups = study.collect([(a, "fl.strategy")])
+    assert math.isnan(study.task_means(groups["pilot"][0])["vqa"])
+    (vqa,) = [r for r in study.paired(groups, "pilot", "local") if r["task"] == "vqa"]
+    assert math.isnan(vqa["mean"]) and vqa["wins"] == vqa["ties"] == 0
+    assert study.main(["--grid", a, "--group-by", "fl.strategy", "--pair", "pilot:local"]) == 0
+    assert "| pilot | 1 | nan | nan | nan | 500.0 |" in capsys.readouterr().out

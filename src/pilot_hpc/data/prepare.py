@@ -41,7 +41,6 @@ task get the same evaluation file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from pilot_hpc import jsonout
 from pilot_hpc.data import benchmarks
 
 CLIENTS_PER_TASK = 3
@@ -136,7 +136,7 @@ def _write_json(path: str, records: list[dict]) -> None:
     # Written aside and renamed, so an interrupted run never leaves a truncated file.
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(records, fh, ensure_ascii=False)
+        jsonout.dump(records, fh, ensure_ascii=False)
     os.replace(tmp, path)
 
 

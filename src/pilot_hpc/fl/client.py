@@ -122,7 +122,7 @@ class ClientSlot:
     def adopt(self, other: "ClientSlot") -> None:
         """Take another client's finished round (centralized: one model for everyone)."""
         self.state, self.losses, self.steps, self.status = other.state, other.losses, other.steps, Status.DONE
-        self.skipped = other.skipped
+        self.skipped, self.finite = other.skipped, other.finite
 
     def next_round(self) -> None:
         self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True

@@ -214,11 +214,16 @@ class Comm:
 
     def any(self, flag: bool, tag: str) -> bool:
         """True when any rank says True (e.g. "a client of mine was stopped")."""
-        send = np.array([1 if flag else 0], dtype=np.int32)
-        out = np.empty(1, dtype=np.int32)
+        return self.any_each([flag], tag)[0]
+
+    def any_each(self, flags: list[bool], tag: str) -> list[bool]:
+        """Several `any` votes in one allreduce: position i is True when any rank says
+        True there."""
+        send = np.array([1 if f else 0 for f in flags], dtype=np.int32)
+        out = np.empty(len(flags), dtype=np.int32)
         self._wait(self.world.Iallreduce(send, out, op=MPI.MAX))
         self._log("allreduce", tag, send.nbytes, out.nbytes)
-        return bool(out[0])
+        return [bool(v) for v in out]
 
     def abort(self, code: int) -> None:
         """Ends every rank of the job (a rank stuck in a collective would wait forever)."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pilot_hpc import faults
-from pilot_hpc.checkpoint import resume
+from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl.comm import Comm, block_ranges
@@ -32,7 +32,7 @@ from pilot_hpc.metrics.scores import mc_unparsed
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
-from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, seed_for
+from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, lr_field, seed_for
 
 log = logging.getLogger("pilot_hpc.fl")
 
@@ -61,6 +61,23 @@ class BadSampleStop(Preempted):
     def __init__(self, path: str, sample: str | None):
         super().__init__(path)
         self.sample = sample
+
+
+class NoFiniteUpdate(RuntimeError):
+    """No client of the round produced a finite update: every one was excluded, so there is
+    nothing to aggregate, and going on would repeat the round's start state as if it had
+    trained. Raised on every rank (they learn it in the stop vote) before the exchange;
+    the round writes no checkpoint, so the previous one stays the newest."""
+
+    def __init__(self, round_: int, clients: list[int], lr_key: str, lr: float, newest: str | None):
+        where = (f"{newest} is still the newest checkpoint (once the data is fixed, rerunning the same command "
+                 "resumes there; a changed learning rate changes results, so it needs another run.output_dir or "
+                 "run.resume=never)" if newest
+                 else "no checkpoint was written before this round")
+        super().__init__(f"round {round_}: the update of every client ({clients}) was non-finite (NaN/Inf), so all "
+                         f"were excluded and nothing could be aggregated; the run stops without a checkpoint of "
+                         f"round {round_}. Lower the learning rate ({lr_key}={lr!r} in this round's stage) or check "
+                         f"the clients' data; {where}")
 
 
 class Federation:
@@ -113,11 +130,14 @@ class Federation:
             t0 = time.perf_counter()
             stage = self.strategy.stage(round_)
             stopped = self.train_clients(round_, stage)
-            if self.stop_vote(stopped):
+            stop, finite = self.stop_vote(stopped)
+            if stop:
                 path = self.checkpoint(round_, complete=False, history=history)
                 if self.world.any(self.bad_sample is not None, tag="bad_sample"):
                     raise BadSampleStop(path, self.bad_sample)
                 raise Preempted(path)
+            if not finite:
+                raise self.no_finite_update(round_, stage)
             self.exchange(round_)
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
@@ -230,9 +250,25 @@ class Federation:
 
         return dataclasses.replace(hooks, progress=progress)
 
-    def stop_vote(self, stopped: bool) -> bool:
-        """Everyone meets here; one stopped rank makes all of them checkpoint and exit."""
-        return self.world.any(stopped or self.world.stop_requested(), tag="stop")
+    def stop_vote(self, stopped: bool) -> tuple[bool, bool]:
+        """Everyone meets here after local training: (stop, finite) in one allreduce. stop: one
+        stopped rank makes all of them checkpoint and exit. finite: some client, on some
+        rank, has a finite update; False (every client excluded) ends the run, whatever the
+        strategy (one that exchanges nothing would otherwise carry on as if it had trained)."""
+        stop, finite = self.world.any_each([stopped or self.world.stop_requested(),
+                                            any(slot.finite for slot in self.slots)], tag="stop")
+        return stop, finite
+
+    def no_finite_update(self, round_: int, stage: int) -> NoFiniteUpdate:
+        """The error of a round whose every client was excluded; the newest checkpoint is
+        named on rank 0 (the one that reports it)."""
+        newest = None
+        if self.world.rank == 0:
+            found = candidates(resume.folder_of(self.cfg))
+            newest = found[0][0] if found else None
+        key = lr_field(stage)
+        return NoFiniteUpdate(round_, list(range(self.num_clients)), f"train.{key}", getattr(self.cfg.train, key),
+                              newest)
 
     # ------------------------------------------------------------------ exchange
     def exchange(self, round_: int) -> None:

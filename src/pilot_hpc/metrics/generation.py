@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from pilot_hpc import jsonout
 from pilot_hpc.data.records import InstructionDataset, collate_prompts
 from pilot_hpc.metrics import scores
 
@@ -98,7 +99,7 @@ def write_predictions(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         for row in rows:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.write(jsonout.dumps(row, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

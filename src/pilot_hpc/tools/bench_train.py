@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 
+from pilot_hpc import jsonout
 from pilot_hpc.tools import memplan
 
 START, END = "<!-- bench_train: start -->", "<!-- bench_train: end -->"
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(wait_rows, act, a, seconds)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"data_wait": wait_rows, "activations": act, "seconds": seconds}, fh, indent=1)
+            jsonout.dump({"data_wait": wait_rows, "activations": act, "seconds": seconds}, fh, indent=1)
     if a.out:
         write_section(a.out, text)
     print(text)

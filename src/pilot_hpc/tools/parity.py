@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -36,8 +35,9 @@ def run_once(config: str, strategy: str, ranks: int, out: str, extra: list[str])
 
 
 def load(folder: str) -> dict:
-    with open(os.path.join(folder, "metrics.json")) as fh:
-        return json.load(fh)
+    from pilot_hpc.report import read_metrics
+
+    return read_metrics(os.path.join(folder, "metrics.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

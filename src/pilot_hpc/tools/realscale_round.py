@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import warnings
 
 import torch
 
+from pilot_hpc import jsonout
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
 from pilot_hpc.tools import memplan
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(a)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "realscale_round.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+        jsonout.dump(result, fh, indent=1)
     text = markdown(result)
     with open(os.path.join(a.out, "realscale_round.md"), "w") as fh:
         fh.write(text)

@@ -20,7 +20,6 @@ starts one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -38,7 +37,7 @@ def _seed(e) -> int:
 def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
     """group label -> {seed: metrics document}, over (grid file, group-by) pairs; a label
     met in two grids is an error (the tables would mix two different runs)."""
-    from pilot_hpc import launch
+    from pilot_hpc import launch, report
 
     groups: dict[str, dict[int, dict]] = {}
     for path, by in grids:
@@ -50,8 +49,7 @@ def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
             metrics = os.path.join(launch.result_dir(e), "metrics.json")
             slot = mine.setdefault(label, {})
             if launch.finished(e):
-                with open(metrics) as fh:
-                    slot[_seed(e)] = json.load(fh)
+                slot[_seed(e)] = report.read_metrics(metrics)
         for label, runs in mine.items():
             if label in groups:
                 raise ConfigError(f"group {label!r} of {path} is already a group of an earlier --grid")

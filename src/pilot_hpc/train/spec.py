@@ -26,6 +26,12 @@ def seed_for(run_seed: int, client: int, round_: int) -> int:
     return (run_seed * 1_000_003 + client * 10_007 + round_ * 101) % (2 ** 31)
 
 
+def lr_field(stage: int) -> str:
+    """The train-section key of a stage's learning rate: stage 1 (Pilot's first round)
+    lr_stage1, every other stage (Pilot's stage 2, the baselines' PLAIN) lr_stage2."""
+    return "lr_stage1" if stage == 1 else "lr_stage2"
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """One client's local round: everything that decides what the optimiser does."""
@@ -77,7 +83,7 @@ class TrainSpec:
                   on_bad_sample: str = "fail") -> "TrainSpec":
         """The spec of a round in `stage` from the config's `train` section (TrainConfig);
         num_workers and on_bad_sample from the data section."""
-        return cls(lr=t.lr_stage1 if stage == 1 else t.lr_stage2, batch_size=t.batch_size, epochs=t.local_epochs,
+        return cls(lr=getattr(t, lr_field(stage)), batch_size=t.batch_size, epochs=t.local_epochs,
                    seed=seed, max_steps=t.max_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
                    engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                    grad_accum_steps=t.grad_accum_steps, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,

@@ -1,20 +1,26 @@
 """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).
 
-Server step on the pseudo-gradient delta = weighted_avg(w_k) - w_global:
+Server step on the pseudo-gradient delta = mean(w_k) - w_global over the clients with a
+usable update:
     m = b1 m + (1 - b1) delta
     v = b2 v + (1 - b2) delta^2
     w_global = w_global + eta * m / (sqrt(v) + tau)
-Convention: the paper's, with delta^2 in v, sample-weighted averaging and no bias
-correction (Flower's FedAdam adds bias correction; OpenFedLLM uses m^2 and an
-unweighted mean). Defaults (section fedadam): eta = server_lr 1e-3, b1 0.9, b2 0.99, tau 1e-3.
-m, v and w_global are the server state: they persist across rounds and in checkpoints.
+As in Algorithm 2: delta^2 in v and no bias correction (Flower's FedAdam adds bias
+correction; OpenFedLLM uses m^2). The mean is this project's choice, not the paper's:
+by default (fedadam.weighting=samples) weighted by the clients' sample counts, as FedAvg
+weights, while Algorithm 2 averages the participants' deltas unweighted
+(fedadam.weighting=uniform: the plain mean of the models minus w_global, which is the
+mean of the deltas when the clients started the round from w_global). Defaults (section fedadam):
+eta = server_lr 1e-3, b1 0.9, b2 0.99, tau 1e-3 (> 0: a coordinate no client moved has
+m = v = 0). m, v and w_global are the server state: they persist across rounds and in
+checkpoints.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pilot_hpc.fl.strategies.base import register
+from pilot_hpc.fl.strategies.base import MixPlan, register
 from pilot_hpc.fl.strategies.fedavg import FedAvg
 
 
@@ -32,6 +38,13 @@ class FedAdam(FedAvg):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.state: dict[str, torch.Tensor] = {}
+
+    def plan(self, n, tasks, num_tasks, good, gram) -> MixPlan:
+        """FedAvg's plan, with every good client weighing the same under
+        fedadam.weighting=uniform (equal counts give equal weights)."""
+        if self.cfg.fedadam.weighting == "uniform":
+            n = torch.ones_like(n)
+        return super().plan(n, tasks, num_tasks, good, gram)
 
     def init_server(self, visual: torch.Tensor, text: torch.Tensor) -> None:
         w = torch.cat([visual.float(), text.float()])
