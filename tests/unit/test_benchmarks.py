@@ -21,7 +21,7 @@ from pilot_hpc.data.records import IMAGE_TOKEN, load_records
 SHORT = "\nAnswer the question using a single word or phrase."
 
 
-def _image(path, size=(8, 6)):
+def _image(path, size=(32, 24)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, (200, 30, 30)).save(path)
 
@@ -30,6 +30,15 @@ def _dump(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh)
+    return str(path)
+
+
+def _dump_pairs(path, pairs):
+    """A JSON object written from (key, value) pairs, a repeated key as often as listed
+    (json.dump of a dict cannot write one)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}")
     return str(path)
 
 
@@ -44,56 +53,85 @@ def _answer(rec):
 # ------------------------------------------------------------------ fixtures (shipped formats)
 
 
-def make_gqa(root) -> dict:
+# trouble=True adds, in each benchmark's own format, ids that the file lists twice (the
+# later entry differs, so a test sees which one is kept) and images below MIN_IMAGE_SIDE
+# = 14 px on a side, next to one of exactly 14 x 14 px that is kept.
+
+
+def make_gqa(root, trouble=False) -> dict:
     for name in ("n1", "n2", "n3"):
         _image(f"{root}/gqa/images/{name}.jpg")
-    train = {f"{i:03d}": {"imageId": f"n{i % 3 + 1}", "question": f"What is item {i}?", "answer": f"thing{i}",
-                          "fullAnswer": "unused", "types": {}} for i in range(7)}
-    train["099"] = {"imageId": "gone", "question": "Lost?", "answer": "yes"}  # no image file
+    train = [(f"{i:03d}", {"imageId": f"n{i % 3 + 1}", "question": f"What is item {i}?", "answer": f"thing{i}",
+                           "fullAnswer": "unused", "types": {}}) for i in range(7)]
+    train.append(("099", {"imageId": "gone", "question": "Lost?", "answer": "yes"}))  # no image file
+    if trouble:
+        for name, size in (("n4", (1, 1)), ("n5", (13, 40)), ("n6", (14, 14))):
+            _image(f"{root}/gqa/images/{name}.jpg", size)
+        train += [("200", {"imageId": "n4", "question": "Tiny?", "answer": "yes"}),
+                  ("201", {"imageId": "n4", "question": "Tiny again?", "answer": "yes"}),
+                  ("202", {"imageId": "n5", "question": "Narrow?", "answer": "yes"}),
+                  ("203", {"imageId": "n6", "question": "Just big enough?", "answer": "yes"}),
+                  ("000", {"imageId": "n2", "question": "Listed twice?", "answer": "later"}),
+                  ("005", {"imageId": "n1", "question": "Listed twice?", "answer": "later"})]
     test = {"t1": {"imageId": "n1", "question": "Is the car red?", "answer": "no"},
             "t2": {"imageId": "n2", "question": "Which side?", "answer": "left"},
             "t3": {"imageId": "n3", "question": "What color?", "answer": "blue"}}
-    return {"train": _dump(f"{root}/gqa/train_balanced_questions.json", train),
+    return {"train": _dump_pairs(f"{root}/gqa/train_balanced_questions.json", train),
             "eval": _dump(f"{root}/gqa/testdev_balanced_questions.json", test), "images": f"{root}/gqa/images"}
 
 
-def _coco_file(root, name, ids, no_caption=(), no_file=()):
+def _coco_file(root, name, ids, no_caption=(), no_file=(), tiny=(), twice=()):
     images, anns = [], []
     for i in ids:
-        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 6})
+        size = (2, 2) if i in tiny else (32, 24)
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": size[0], "height": size[1]})
         if i not in no_file:
-            _image(f"{root}/coco/{name}/{i:012d}.jpg")
+            _image(f"{root}/coco/{name}/{i:012d}.jpg", size)
         if i not in no_caption:
             anns += [{"id": 10 * i + k, "image_id": i, "caption": f" A  photo {i}, caption {k}.\n"} for k in range(3)]
+    images += [dict(images[ids.index(i)], file_name="listed_twice.jpg") for i in twice]
     return _dump(f"{root}/coco/annotations/captions_{name}.json", {"images": images, "annotations": anns})
 
 
-def make_coco(root) -> dict:
-    return {"train": _coco_file(root, "train2017", [1, 2, 3, 4, 5, 6], no_caption=[5], no_file=[6]),
+def make_coco(root, trouble=False) -> dict:
+    extra = {"tiny": [9], "twice": [1]} if trouble else {}
+    ids = [1, 2, 3, 4, 5, 6] + ([9] if trouble else [])
+    return {"train": _coco_file(root, "train2017", ids, no_caption=[5], no_file=[6], **extra),
             "eval": _coco_file(root, "val2017", [7, 8]),
             "images": f"{root}/coco/train2017", "eval_images": f"{root}/coco/val2017"}
 
 
 REFS = [
-    # image 100 is 200 x 100 px, image 101 is 50 x 80 px.
+    # image 100 is 200 x 100 px, image 101 is 50 x 80 px, image 103 is 40 x 20 px.
     {"ref_id": 0, "ann_id": 1000, "image_id": 100, "split": "train", "file_name": "COCO_train2014_100_1000.jpg",
      "sentences": [{"sent": "left  man", "raw": "Left man"}, {"sent": "guy on the left"}]},
     {"ref_id": 1, "ann_id": 1001, "image_id": 101, "split": "train", "sentences": [{"sent": "tall dog"}]},
     {"ref_id": 2, "ann_id": 1000, "image_id": 100, "split": "train", "sentences": [{"sent": "man again"}]},
     {"ref_id": 3, "ann_id": 1001, "image_id": 101, "split": "val", "sentences": [{"sent": "the dog"}]},
     {"ref_id": 4, "ann_id": 1002, "image_id": 102, "split": "train", "sentences": [{"sent": "a"}, {"sent": "b"}]},
+    {"ref_id": 5, "ann_id": 1003, "image_id": 103, "split": "train", "sentences": [{"sent": "red  ball"}]},
 ]
 
 
-def make_refcoco(root, refs=REFS) -> dict:
+def make_refcoco(root, refs=REFS, trouble=False) -> dict:
     images = [{"id": 100, "file_name": "COCO_train2014_000000000100.jpg", "width": 200, "height": 100},
               {"id": 101, "file_name": "COCO_train2014_000000000101.jpg", "width": 50, "height": 80},
-              {"id": 102, "file_name": "COCO_train2014_000000000102.jpg", "width": 10, "height": 10}]
-    for img in images[:2]:  # image 102's file is missing
-        _image(f"{root}/coco/train2014/{img['file_name']}", (img["width"], img["height"]))
+              {"id": 102, "file_name": "COCO_train2014_000000000102.jpg", "width": 10, "height": 10},
+              {"id": 103, "file_name": "COCO_train2014_000000000103.jpg", "width": 40, "height": 20}]
+    if trouble:
+        images.append({"id": 104, "file_name": "COCO_train2014_000000000104.jpg", "width": 13, "height": 13})
+        refs = refs + [{"ref_id": 6, "ann_id": 1004, "image_id": 104, "split": "train",
+                        "sentences": [{"sent": "tiny thing"}]},
+                       {"ref_id": 0, "ann_id": 1001, "image_id": 101, "split": "train",
+                        "sentences": [{"sent": "listed twice"}, {"sent": "again"}]}]
+    for img in images:
+        if img["id"] != 102:  # image 102's file is missing
+            _image(f"{root}/coco/train2014/{img['file_name']}", (img["width"], img["height"]))
     anns = [{"id": 1000, "image_id": 100, "bbox": [20, 10, 50, 40], "category_id": 1},
             {"id": 1001, "image_id": 101, "bbox": [5, 8, 20, 40], "category_id": 18},
-            {"id": 1002, "image_id": 102, "bbox": [0, 0, 5, 5], "category_id": 1}]
+            {"id": 1002, "image_id": 102, "bbox": [0, 0, 5, 5], "category_id": 1},
+            {"id": 1003, "image_id": 103, "bbox": [4, 2, 10, 10], "category_id": 37},
+            {"id": 1004, "image_id": 104, "bbox": [1, 1, 5, 5], "category_id": 37}]
     os.makedirs(f"{root}/refcoco", exist_ok=True)
     with open(f"{root}/refcoco/refs(unc).p", "wb") as fh:
         pickle.dump(refs, fh, protocol=2)
@@ -101,7 +139,7 @@ def make_refcoco(root, refs=REFS) -> dict:
             "instances": _dump(f"{root}/refcoco/instances.json", {"images": images, "annotations": anns})}
 
 
-def make_scienceqa(root) -> dict:
+def make_scienceqa(root, trouble=False) -> dict:
     def problem(split, q, choices, answer, image="image.png", hint=""):
         return {"question": q, "choices": choices, "answer": answer, "hint": hint, "image": image, "split": split,
                 "task": "closed choice", "lecture": "", "solution": ""}
@@ -114,13 +152,17 @@ def make_scienceqa(root) -> dict:
         "6": problem("test", "Pick one.", ["up", "down"], 0, hint="Context here"),
         "7": problem("val", "Val?", ["a", "b"], 1),
     }
-    for pid, p in problems.items():
+    pairs = list(problems.items())
+    if trouble:
+        pairs += [("8", problem("train", "Too narrow?", ["yes", "no"], 0)),
+                  ("2", problem("train", "Listed twice?", ["yes", "no"], 0))]
+    for pid, p in pairs:
         if p["image"]:
-            _image(f"{root}/scienceqa/images/{p['split']}/{pid}/image.png")
-    return {"problems": _dump(f"{root}/scienceqa/problems.json", problems), "images": f"{root}/scienceqa/images"}
+            _image(f"{root}/scienceqa/images/{p['split']}/{pid}/image.png", (40, 13) if pid == "8" else (32, 24))
+    return {"problems": _dump_pairs(f"{root}/scienceqa/problems.json", pairs), "images": f"{root}/scienceqa/images"}
 
 
-def make_ocrvqa(root) -> dict:
+def make_ocrvqa(root, trouble=False) -> dict:
     def book(split, n):
         return {"imageURL": "http://x/y.jpg", "questions": [f"Q{k} of this book?" for k in range(n)],
                 "answers": [f"ans {k}" for k in range(n)], "title": "T", "genre": "G", "split": split}
@@ -131,7 +173,11 @@ def make_ocrvqa(root) -> dict:
     _image(f"{root}/ocrvqa/images/b3.png")
     _image(f"{root}/ocrvqa/images/b4.jpg")
     _image(f"{root}/ocrvqa/images/b6.jpg")  # b5's cover is missing
-    return {"dataset": _dump(f"{root}/ocrvqa/dataset.json", data), "images": f"{root}/ocrvqa/images"}
+    pairs = list(data.items())
+    if trouble:
+        _image(f"{root}/ocrvqa/images/b7.gif", (1, 1))  # what a dead cover URL serves
+        pairs += [("b7", book(1, 2)), ("b1", book(1, 3))]
+    return {"dataset": _dump_pairs(f"{root}/ocrvqa/dataset.json", pairs), "images": f"{root}/ocrvqa/images"}
 
 
 # ------------------------------------------------------------------ readers
@@ -170,12 +216,14 @@ def test_refcoco_boxes_hand_computed(tmp_path):
     train = bm.refcoco(f["refs"], f["instances"], f["images"], "train")
     # Image 100 (200 x 100), bbox [20, 10, 50, 40]: x 20/200, 70/200; y 10/100, 50/100.
     # Image 101 (50 x 80), bbox [5, 8, 20, 40]: x 5/50, 25/50; y 8/80, 48/80.
+    # Image 103 (40 x 20), bbox [4, 2, 10, 10]: x 4/40, 14/40; y 2/20, 12/20.
     got = {r["id"]: (_question(r), _answer(r)) for r in train.records}
     prompt = f"{IMAGE_TOKEN}\nPlease provide the bounding box coordinate of the region this sentence describes: "
     assert got == {"refcoco-0-0": (prompt + "left man", "[0.10, 0.10, 0.35, 0.50]"),
                    "refcoco-0-1": (prompt + "guy on the left", "[0.10, 0.10, 0.35, 0.50]"),
                    "refcoco-1-0": (prompt + "tall dog", "[0.10, 0.10, 0.50, 0.60]"),
-                   "refcoco-2-0": (prompt + "man again", "[0.10, 0.10, 0.35, 0.50]")}
+                   "refcoco-2-0": (prompt + "man again", "[0.10, 0.10, 0.35, 0.50]"),
+                   "refcoco-5-0": (prompt + "red ball", "[0.10, 0.10, 0.35, 0.60]")}
     assert train.skipped == {"missing_image": 2}  # ref 4's two sentences
     val = bm.refcoco(f["refs"], f["instances"], f["images"], "val")
     assert [(r["id"], _answer(r)) for r in val.records] == [("refcoco-3-0", "[0.10, 0.10, 0.50, 0.60]")]
@@ -246,6 +294,52 @@ def test_ocrvqa_any_extension_and_missing_covers(tmp_path):
     assert _answer(train.records[1]) == "ans 1"
     assert train.skipped == {"missing_image": 3}  # b5's three questions
     assert [r["id"] for r in bm.ocrvqa(f["dataset"], f["images"], "test").records] == ["ocrvqa-b4-0", "ocrvqa-b4-1"]
+
+
+def test_repeated_ids_keep_the_first_and_small_images_are_skipped(tmp_path):
+    g = make_gqa(tmp_path, trouble=True)
+    gqa = bm.gqa(g["train"], g["images"])
+    assert gqa.skipped == {"missing_image": 1, "small_image": 3, "duplicate_id": 2}  # 1 x 1 twice, 13 x 40 once
+    first = gqa.records[0]
+    assert (first["id"], _answer(first), os.path.basename(first["image"])) == ("gqa-000", "thing0", "n1.jpg")
+    assert gqa.records[-1]["id"] == "gqa-203"  # 14 x 14: kept
+    assert "duplicate_id 2 (the first of each id kept), missing_image 1, small_image 3" in gqa.summary()
+    c = make_coco(tmp_path, trouble=True)
+    coco = bm.coco_captions(c["train"], c["images"], references=False)
+    assert coco.skipped == {"no_caption": 1, "missing_image": 1, "small_image": 1, "duplicate_id": 1}
+    assert [os.path.basename(r["image"]) for r in coco.records][0] == "000000000001.jpg"
+    r = make_refcoco(tmp_path, trouble=True)
+    ref = bm.refcoco(r["refs"], r["instances"], r["images"], "train")
+    assert ref.skipped == {"missing_image": 2, "small_image": 1, "duplicate_id": 2}  # ref 0 again: 2 sentences
+    assert [_question(x).split(": ")[-1] for x in ref.records if x["id"].startswith("refcoco-0-")] == \
+        ["left man", "guy on the left"]
+    s = make_scienceqa(tmp_path, trouble=True)
+    sqa = bm.scienceqa(s["problems"], s["images"], "train")
+    assert sqa.skipped == {"no_image": 1, "small_image": 1, "duplicate_id": 1}
+    assert [(x["id"], _answer(x)) for x in sqa.records][1] == ("scienceqa-2", "B")
+    o = make_ocrvqa(tmp_path, trouble=True)
+    ocr = bm.ocrvqa(o["dataset"], o["images"], "train")
+    assert ocr.skipped == {"missing_image": 3, "small_image": 2, "duplicate_id": 3}  # b1 again: 3 questions
+    assert [x["id"] for x in ocr.records][:2] == ["ocrvqa-b1-0", "ocrvqa-b1-1"]
+
+
+def test_unreadable_image_header_is_counted(tmp_path):
+    f = make_gqa(tmp_path)
+    with open(f"{f['images']}/n2.jpg", "wb") as fh:
+        fh.write(b"<html>not found</html>")
+    assert bm.gqa(f["train"], f["images"]).skipped == {"missing_image": 1, "unreadable_image": 2}
+
+
+def test_non_utf8_benchmark_file_names_the_entry(tmp_path):
+    f = make_gqa(tmp_path)
+    text = open(f["eval"]).read().replace("Which side?", "Which c\u00f4t\u00e9?")
+    path = tmp_path / "questions_latin1.json"
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xf4")
+    with pytest.raises(ValueError, match=rf"questions_latin1\.json: not UTF-8 text: byte 0xf4 at byte offset "
+                                         rf"{offset} \(line 1, column {offset + 1}\), in \['t2'\]\['question'\]; "
+                                         r"JSON files are UTF-8"):
+        bm.gqa(str(path), f["images"])
 
 
 # ------------------------------------------------------------------ errors
@@ -331,11 +425,73 @@ def test_train_max_caps_each_shard_and_eval_subset():
     assert np.array_equal(prepare.eval_subset(5, 8, seed=3), np.arange(5))
 
 
+def _images_with_records(seed=0, count=40, most=5):
+    """Image names of the records of `count` images with 1..most records each, interleaved."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, most + 1, size=count)
+    images = [f"img{k}" for k, size in enumerate(sizes) for _ in range(size)]
+    return [images[i] for i in rng.permutation(len(images))], int(sizes.max())
+
+
+def test_split_by_image_keeps_each_image_in_one_balanced_seeded_shard():
+    images, most = _images_with_records()
+    n = len(images)
+    shards = prepare.split_by_image(images, 3, seed=5)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(n))  # disjoint and covering
+    owner = {images[i]: k for k, shard in enumerate(shards) for i in shard}
+    assert all(owner[images[i]] == k for k, shard in enumerate(shards) for i in shard)
+    assert all(abs(len(shard) - n / 3) <= most for shard in shards)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, prepare.split_by_image(images, 3, seed=5)))
+    assert any(not np.array_equal(a, b) for a, b in zip(shards, prepare.split_by_image(images, 3, seed=6)))
+    # The documented rule by hand: permuted images, cuts nearest the question rule's bounds.
+    distinct = list(dict.fromkeys(images))
+    perm = np.random.default_rng(5).permutation(len(distinct))
+    counts = np.cumsum([0] + [images.count(distinct[p]) for p in perm])
+    bounds = [n // 3 + (n % 3 > 0), 2 * (n // 3) + min(2, n % 3)]
+    cuts = [0] + [int(np.argmin(np.abs(counts - b))) for b in bounds] + [len(distinct)]
+    for k in range(3):
+        mine = {distinct[p] for p in perm[cuts[k]:cuts[k + 1]]}
+        assert shards[k].tolist() == [i for i, image in enumerate(images) if image in mine]
+
+
+def test_split_by_image_with_train_max_and_uneven_images():
+    images, _ = _images_with_records(seed=1)
+    capped = prepare.split_by_image(images, 3, seed=2, per_shard_max=7)
+    assert [len(s) for s in capped] == [7, 7, 7]
+    owner = {images[i]: k for k, shard in enumerate(capped) for i in shard}
+    assert all(owner[images[i]] == k for k, shard in enumerate(capped) for i in shard)
+    # The documented rule by hand: images dealt out in permuted order, 7 records or more
+    # to a shard, then its first 7 records, image by image.
+    distinct = list(dict.fromkeys(images))
+    perm = np.random.default_rng(2).permutation(len(distinct))
+    want = [[]]
+    for p in perm:
+        if len(want) == 3 and len(want[-1]) >= 7:
+            break
+        if len(want[-1]) >= 7:
+            want.append([])
+        want[-1] += [i for i, image in enumerate(images) if image == distinct[p]]
+    assert [s.tolist() for s in capped] == [sorted(w[:7]) for w in want]
+    # Every shard gets an image even when one image holds most records.
+    lopsided = ["a"] + ["b"] + ["c"] * 100
+    assert [s.tolist() for s in sorted(prepare.split_by_image(lopsided, 3, seed=0), key=len)] == \
+        [[0], [1], list(range(2, 102))]
+    with pytest.raises(ValueError, match="5 records show 2 distinct images, too few for 3 client shards by image"):
+        prepare.split_by_image(["a", "b", "a", "b", "a"], 3, seed=0)
+
+
+@pytest.mark.parametrize("n,cap", [(3, None), (10, None), (11, None), (100, None), (100, 5), (10, 50)])
+def test_split_by_image_with_one_record_per_image_is_the_question_rule(n, cap):
+    by_image = prepare.split_by_image([f"i{j}" for j in range(n)], 3, seed=4, per_shard_max=cap)
+    by_question = prepare.split_shards(n, 3, seed=4, per_shard_max=cap)
+    assert [s.tolist() for s in by_image] == [s.tolist() for s in by_question]
+
+
 # ------------------------------------------------------------------ CLI and configs
 
 
-def _visual_argv(tmp_path, out):
-    g, c, r = make_gqa(tmp_path), make_coco(tmp_path), make_refcoco(tmp_path)
+def _visual_argv(tmp_path, out, trouble=False):
+    g, c, r = make_gqa(tmp_path, trouble), make_coco(tmp_path, trouble), make_refcoco(tmp_path, trouble=trouble)
     return ["--scenario", "visual", "--out", str(out), "--seed", "3",
             "--gqa-questions-train", g["train"], "--gqa-questions-eval", g["eval"], "--gqa-images", g["images"],
             "--coco-train", c["train"], "--coco-eval", c["eval"], "--coco-images", c["images"],
@@ -348,8 +504,8 @@ def test_prepare_visual_end_to_end(tmp_path, capsys):
     out = tmp_path / "fedmit_visual"
     assert prepare.main(_visual_argv(tmp_path, out) + ["--eval-max", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "client 00 [gqa]: 3 train records, 2 eval records (gqa skipped: train missing_image 1; eval none)" in printed
-    assert "client 08 [refcoco]: 1 train records, 1 eval records" in printed
+    assert "client 00 [gqa]: 2 train records, 2 eval records (gqa skipped: train missing_image 1; eval none)" in printed
+    assert "client 08 [refcoco]: 3 train records, 1 eval records" in printed
     overlay = yaml.safe_load(open(out / "overlay.yaml"))
     assert overlay["fl"] == {"num_clients": 9, "client_tasks": ["gqa"] * 3 + ["coco"] * 3 + ["refcoco"] * 3,
                              "task_metrics": {"gqa": "vqa_accuracy", "coco": "cider", "refcoco": "iou@0.5"}}
@@ -360,11 +516,14 @@ def test_prepare_visual_end_to_end(tmp_path, capsys):
         for part in ("train", "eval"):
             samples[k, part] = load_records(str(out / f"client_{k:02d}_{part}.json"), cache_dir=str(tmp_path / "hf"))
     ids = {k: [s.id for s in samples[k, "train"]] for k in range(9)}
-    # GQA's 7 usable questions: shards of 3, 2, 2, disjoint and covering, in file order.
-    assert [len(ids[k]) for k in range(3)] == [3, 2, 2]
+    # GQA's 7 usable questions on 3 images (3, 2 and 2 questions): one image per client,
+    # disjoint and covering, in file order.
+    assert sorted(len(ids[k]) for k in range(3)) == [2, 2, 3]
+    assert all(len({s.image_path for s in samples[k, "train"]}) == 1 for k in range(3))
     assert sorted(ids[0] + ids[1] + ids[2]) == [f"gqa-{i:03d}" for i in range(7)]
     assert all(ids[k] == sorted(ids[k]) for k in range(3))
-    assert sorted(ids[6] + ids[7] + ids[8]) == ["refcoco-0-0", "refcoco-0-1", "refcoco-1-0", "refcoco-2-0"]
+    assert sorted(ids[6] + ids[7] + ids[8]) == ["refcoco-0-0", "refcoco-0-1", "refcoco-1-0", "refcoco-2-0",
+                                                "refcoco-5-0"]
     # The three clients of a task share one evaluation subset (--eval-max 2 of GQA's 3).
     assert [s.id for s in samples[0, "eval"]] == [s.id for s in samples[2, "eval"]] and len(samples[0, "eval"]) == 2
     assert samples[3, "eval"][0].references == [f"A photo 7, caption {k}." for k in range(3)]
@@ -378,6 +537,85 @@ def test_prepare_visual_end_to_end(tmp_path, capsys):
     cfg = load_config(os.path.join(REPO, "configs", "fedmit_visual_9client.yaml"),
                       [f"data.{k}={json.dumps(v)}" for k, v in overlay["data"].items()])
     assert cfg.data.train_files == overlay["data"]["train_files"]
+
+
+def _vqa_argv(tmp_path, out, trouble=False):
+    s, g, o = make_scienceqa(tmp_path, trouble), make_gqa(tmp_path, trouble), make_ocrvqa(tmp_path, trouble)
+    return ["--scenario", "vqa", "--out", str(out), "--seed", "3",
+            "--scienceqa-problems", s["problems"], "--scienceqa-images", s["images"],
+            "--gqa-questions-train", g["train"], "--gqa-questions-eval", g["eval"], "--gqa-images", g["images"],
+            "--ocrvqa-dataset", o["dataset"], "--ocrvqa-images", o["images"]]
+
+
+SKIP_REPORTS = {  # the trouble fixtures' training splits, as prepare prints them
+    "gqa": "train 8 records (skipped: duplicate_id 2 (the first of each id kept), missing_image 1, small_image 3)",
+    "coco": "train 4 records (skipped: duplicate_id 1 (the first of each id kept), missing_image 1, no_caption 1, "
+            "small_image 1)",
+    "refcoco": "train 5 records (skipped: duplicate_id 2 (the first of each id kept), missing_image 2, "
+               "small_image 1)",
+    "scienceqa": "train 4 records (skipped: duplicate_id 1 (the first of each id kept), no_image 1, small_image 1)",
+    "ocrvqa": "train 5 records (skipped: duplicate_id 3 (the first of each id kept), missing_image 3, "
+              "small_image 2)",
+}
+
+
+def _train_files(out) -> list[list[dict]]:
+    return [json.load(open(out / f"client_{k:02d}_train.json")) for k in range(9)]
+
+
+@pytest.mark.parametrize("scenario", ["visual", "vqa"])
+def test_prepare_official_formats_counts_skips_and_shards_by_image(tmp_path, capsys, scenario):
+    """python -m pilot_hpc.data.prepare's main on every benchmark's own file format, with
+    repeated ids and too-small images: both counted in the report; no image in two
+    clients' training files; --shard-by question gives the record-by-record shards."""
+    argv_for = _visual_argv if scenario == "visual" else _vqa_argv
+    out = tmp_path / "by_image"
+    assert prepare.main(argv_for(tmp_path, out, trouble=True)) == 0
+    printed = capsys.readouterr().out
+    tasks = prepare.SCENARIOS[scenario]
+    for task in tasks:
+        assert f"{task}: {SKIP_REPORTS[task]};" in printed
+    clients = _train_files(out)
+    for t, task in enumerate(tasks):
+        mine = clients[3 * t:3 * t + 3]
+        images = [{r["image"] for r in c} for c in mine]
+        assert all(not (images[a] & images[b]) for a in range(3) for b in range(a + 1, 3)), task
+        assert sum(len(c) for c in mine) == int(SKIP_REPORTS[task].split()[1])
+    gqa = clients[3 * tasks.index("gqa"):3 * tasks.index("gqa") + 3]
+    first = next(r for c in gqa for r in c if r["id"] == "gqa-000")
+    assert _answer(first) == "thing0"  # the file's first entry of a repeated id
+
+    flat = tmp_path / "by_question"
+    argv = argv_for(tmp_path, flat, trouble=True) + ["--shard-by", "question"]
+    assert prepare.main(argv) == 0
+    args = prepare.parser().parse_args(argv)
+    clients = _train_files(flat)
+    shared = 0
+    for t, task in enumerate(tasks):
+        records = prepare.convert(task, args, "train").records
+        n = len(records)
+        perm = np.random.default_rng(3).permutation(n)  # the question rule, by hand
+        sizes = [n // 3 + (k < n % 3) for k in range(3)]
+        bounds = np.cumsum([0] + sizes)
+        for k in range(3):
+            want = [records[i]["id"] for i in sorted(perm[bounds[k]:bounds[k + 1]])]
+            assert [r["id"] for r in clients[3 * t + k]] == want, (task, k)
+        images = [{r["image"] for r in c} for c in clients[3 * t:3 * t + 3]]
+        shared += sum(len(images[a] & images[b]) for a in range(3) for b in range(a + 1, 3))
+    assert shared > 0  # what sharding by image prevents does happen on these files
+
+
+def test_prepare_too_few_images_to_shard_by_image(tmp_path, capsys):
+    argv = _visual_argv(tmp_path, tmp_path / "out")
+    refs = [r for r in REFS if r["image_id"] != 103]  # two images left in the training split
+    r = make_refcoco(tmp_path / "two", refs=refs)
+    argv[argv.index("--refcoco-refs") + 1] = r["refs"]
+    argv[argv.index("--refcoco-images") + 1] = r["images"]
+    argv[argv.index("--refcoco-instances") + 1] = r["instances"]
+    assert prepare.main(argv) == 2
+    assert "refs(unc).p: 4 records show 2 distinct images, too few for 3 client shards by image; " \
+           "--shard-by question splits by record instead" in capsys.readouterr().err
+    assert prepare.main(argv + ["--shard-by", "question"]) == 0
 
 
 def test_prepare_vqa_end_to_end(tmp_path, capsys):
@@ -423,3 +661,17 @@ def test_shipped_configs_validate_and_match_prepare(scenario):
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.train.lr_stage1, cfg.train.lr_stage2, cfg.pilot.top_m) == \
         (64, 128, 2e-5, 4e-5, 6)
     assert (cfg.model.dtype, cfg.run.device, cfg.data.kind) == ("bfloat16", "cuda", "llava_json")
+
+
+def test_scienceqa_examples_name_the_download_scripts_image_folder():
+    """ScienceQA's tools/download.sh unpacks the images into data/scienceqa/images, beside
+    data/scienceqa/problems.json: the examples in prepare's docstring and the config say so."""
+    import re
+
+    texts = {"prepare.py": prepare.__doc__,
+             "fedmit_vqa_9client.yaml": open(os.path.join(REPO, "configs", "fedmit_vqa_9client.yaml")).read()}
+    for name, text in texts.items():
+        problems = re.search(r"--scienceqa-problems (\S+)", text).group(1)
+        images = re.search(r"--scienceqa-images (\S+)", text).group(1)
+        assert problems.endswith("data/scienceqa/problems.json"), name
+        assert images == os.path.dirname(problems) + "/images", name

@@ -97,3 +97,36 @@ def test_empty_shard_and_undecodable_image(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot be decoded"):
         load_image(str(bad))
+
+
+def test_symlink_loop_and_broken_link_are_named_as_such(tmp_path):
+    os.symlink("loop_b.png", tmp_path / "loop_a.png")
+    os.symlink("loop_a.png", tmp_path / "loop_b.png")
+    os.symlink("nowhere.png", tmp_path / "broken.png")
+    with pytest.raises(ValueError, match=r"f\.json: record 2 \(id 'r1'\): image file .*loop_a\.png is a "
+                                         r"symbolic-link loop"):
+        parse_record(_record(image="loop_a.png"), "f.json", 2, str(tmp_path))
+    with pytest.raises(ValueError, match=r"record 3 \(id 'r1'\): image file .*broken\.png is a broken symbolic "
+                                         r"link \(to nowhere\.png, which does not exist\)"):
+        parse_record(_record(image="broken.png"), "f.json", 3, str(tmp_path))
+    with pytest.raises(ValueError, match=r"image file .*gone\.png does not exist"):
+        parse_record(_record(image="gone.png"), "f.json", 3, str(tmp_path))
+
+
+@pytest.mark.parametrize("lines", [False, True], ids=["json_list", "json_lines"])
+def test_non_utf8_file_names_the_record_and_the_byte(tmp_path, lines):
+    Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
+    records = [_record(id="r0"), _record(id="r1"), _record(id="r2", conversations=[
+        {"from": "human", "value": "<image>\nwhat colour is the caf\u00e9 ?"}, {"from": "gpt", "value": "red"}])]
+    if lines:
+        text = json.dumps(records[0]) + "\n\n" + "\n".join(json.dumps(r, ensure_ascii=False) for r in records[1:])
+    else:
+        text = json.dumps(records[:2])[:-1] + ",\n " + json.dumps(records[2], ensure_ascii=False) + "]"
+    path = tmp_path / "latin1.json"
+    path.write_bytes(text.encode("latin-1"))  # the é as one byte, 0xe9: not UTF-8
+    offset = text.encode("latin-1").index(b"\xe9")
+    line = 4 if lines else 2
+    with pytest.raises(ValueError) as err:
+        load_records(str(path), cache_dir=str(tmp_path / "hf"))
+    assert f"latin1.json: record 2 (id 'r2'): not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}, " \
+        in str(err.value) and "re-encode" in str(err.value)

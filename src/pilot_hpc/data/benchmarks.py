@@ -26,13 +26,18 @@ Choices made here:
   `references` (CIDEr scores against all of them).
 - RefCOCO: one record per referring sentence (a ref has 1-3), in both splits, as the
   standard RefCOCO evaluation scores every sentence.
-- Skip policy: an item whose image file is absent, a ScienceQA problem without an
-  image (the suite's records need one), a COCO image without captions and an item
-  with an empty answer are skipped and counted in `Converted.skipped` (reason ->
-  records). A split left with no record at all is an error, so a wrong image folder
-  or split name cannot pass as "everything skipped".
-- Malformed input (a missing or mistyped key, a file that is not the expected JSON)
-  raises ValueError naming the file, the record and the key.
+- Skip policy: what is skipped is counted in `Converted.skipped` (reason -> records):
+  `missing_image` (no such file), `unreadable_image` (PIL does not recognise its
+  header), `small_image` (narrower or lower than MIN_IMAGE_SIDE = 14 px: below),
+  `no_image` (a ScienceQA problem without one; the suite's records need one),
+  `no_caption` (a COCO image without captions), `empty_answer`, and `duplicate_id`:
+  a question, problem, book, image or ref id that the file lists again. The first
+  occurrence is kept and each later one skipped (json alone would keep the last one
+  and say nothing). A split left with no record at all is an error, so a wrong image
+  folder or split name cannot pass as "everything skipped".
+- Image checks read each image file's header only (PIL's lazy open), once per file.
+- Malformed input (a missing or mistyped key, a file that is not the expected JSON,
+  one that is not UTF-8) raises ValueError naming the file, the record and the key.
 
 How the records become 9 clients (3 seeded shards per dataset, a shared evaluation
 split per task) is `pilot_hpc.data.prepare`'s module docstring.
@@ -46,6 +51,10 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
+from pilot_hpc.data import jsonfile
+
 # records.IMAGE_TOKEN (tests check they agree); not imported, because records pulls in
 # torch and datasets, which converting JSON files does not need.
 IMAGE_TOKEN = "<image>"
@@ -56,6 +65,19 @@ MC_PROMPT = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDE"  # ScienceQA has at most five choices; mc_accuracy scores A-E
 OCRVQA_SPLITS = {"train": 1, "val": 2, "test": 3}  # dataset.json's "split" codes
 BOX_FRAMES = ("image", "square")
+# Images narrower or lower than MIN_IMAGE_SIDE px are skipped. 14 px is one patch of
+# LLaVA-1.5's vision tower (CLIP ViT-L/14): such an image holds less than one patch of
+# detail along that side, and the processor's upscaling to 336 px (24 patches) only
+# smears those few pixels over all of them. In the benchmarks such files are
+# placeholders, not pictures (a 1 x 1 GIF saved where a cover could not be downloaded).
+MIN_IMAGE_SIDE = 14
+DUPLICATE = "duplicate_id"
+
+
+def skip_text(skipped: dict[str, int]) -> str:
+    """"reason count, ..." in reason order, or "none"."""
+    return ", ".join(f"{k} {v}" + (" (the first of each id kept)" if k == DUPLICATE else "")
+                     for k, v in sorted(skipped.items())) or "none"
 
 
 @dataclass
@@ -65,9 +87,17 @@ class Converted:
     source: str
     records: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    _ids: set = field(default_factory=set, repr=False)
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def repeated(self, key: str) -> bool:
+        """Whether `key` (an item's id in its file) was met before; remembers it."""
+        if key in self._ids:
+            return True
+        self._ids.add(key)
+        return False
 
     def add(self, rid: str, image: str, question: str, answer: str, references: list[str] | None = None) -> None:
         # An empty answer would train on nothing but the end-of-sequence token.
@@ -82,8 +112,7 @@ class Converted:
         self.records.append(rec)
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{len(self.records)} records (skipped: {skipped})"
+        return f"{len(self.records)} records (skipped: {skip_text(self.skipped)})"
 
     def finish(self, what: str, images: "_Images") -> "Converted":
         if not self.records:
@@ -120,38 +149,67 @@ def _get(obj: Any, key: str, typ, path: str, where: str) -> Any:
     return _check(obj[key], typ, path, f"{where}: key {key!r}")
 
 
-def load_json(path: str) -> Any:
+def load_json(path: str, object_pairs_hook=None) -> Any:
     if not os.path.isfile(path):
         raise ValueError(f"file {path} does not exist")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return json.load(fh, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a valid JSON file ({err})") from None
+    except UnicodeDecodeError as err:
+        bad = jsonfile.first_bad_byte(path)
+        if bad is None:  # the file decoded when read again: say what the codec said
+            raise ValueError(f"{path}: not UTF-8 text ({err}); {jsonfile.REENCODE}") from None
+        inside = bad.json_path()
+        raise ValueError(f"{path}: not UTF-8 text: {bad.where}{', in ' + inside if inside else ''}; "
+                         f"{jsonfile.REENCODE}") from None
 
 
-def load_json_object(path: str, expected: str) -> dict:
-    """A JSON file whose top level must be an object (`expected` says of what, for the error)."""
-    data = load_json(path)
+def load_json_object(path: str, expected: str) -> list[tuple[str, Any]]:
+    """A JSON file whose top level must be an object (`expected` says of what, for the
+    error), as its (key, value) pairs in file order: a repeated key comes back as often
+    as it is written, where a dict would keep its last value and say nothing."""
+    last: list = [None]
+
+    def keep_pairs(items: list) -> dict:
+        last[0] = items  # the top-level object is the last one the parser closes
+        return dict(items)
+
+    data = load_json(path, keep_pairs)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}")
-    return data
+    return last[0]
+
+
+def image_problem(path: str) -> str | None:
+    """The skip reason of an image file (module docstring), or None when it is usable.
+    Image.open reads the header only; the pixels are decoded by training."""
+    if not os.path.isfile(path):
+        return "missing_image"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError):
+        return "unreadable_image"
+    return "small_image" if min(width, height) < MIN_IMAGE_SIDE else None
 
 
 class _Images:
-    """An image folder; remembers which files exist (many records share an image)."""
+    """An image folder; remembers each file's verdict (many records share an image)."""
 
     def __init__(self, folder: str, what: str):
         if not os.path.isdir(folder):
             raise ValueError(f"{what} image folder {folder} does not exist")
         self.folder = os.path.abspath(folder)
-        self._exists: dict[str, bool] = {}
+        self._problem: dict[str, str | None] = {}
 
-    def find(self, *parts: str) -> str | None:
+    def find(self, *parts: str) -> tuple[str, str | None]:
+        """(the file's path, its skip reason or None when it is usable)."""
         path = os.path.join(self.folder, *parts)
-        if path not in self._exists:
-            self._exists[path] = os.path.isfile(path)
-        return path if self._exists[path] else None
+        if path not in self._problem:
+            self._problem[path] = image_problem(path)
+        return path, self._problem[path]
 
 
 # ----------------------------------------------------------------------- readers
@@ -162,14 +220,17 @@ def gqa(questions_path: str, images_dir: str) -> Converted:
     data = load_json_object(questions_path, "question id -> question (GQA *_questions.json)")
     images = _Images(images_dir, "GQA")
     out = Converted(questions_path)
-    for qid, q in data.items():
+    for qid, q in data:
+        if out.repeated(qid):
+            out.skip(DUPLICATE)
+            continue
         where = f"question {qid!r}"
         image_id = _get(q, "imageId", str, questions_path, where)
         question = _get(q, "question", str, questions_path, where)
         answer = _get(q, "answer", str, questions_path, where)
-        image = images.find(f"{image_id}.jpg")
-        if image is None:
-            out.skip("missing_image")
+        image, problem = images.find(f"{image_id}.jpg")
+        if problem:
+            out.skip(problem)
             continue
         out.add(f"gqa-{qid}", image, f"{question}\n{SHORT_ANSWER}", answer)
     return out.finish("GQA questions", images)
@@ -194,13 +255,16 @@ def coco_captions(annotations_path: str, images_dir: str, references: bool) -> C
         where = f"images[{i}]"
         image_id = _get(img, "id", (int, str), annotations_path, where)
         file_name = _get(img, "file_name", str, annotations_path, where)
+        if out.repeated(f"coco-{image_id}"):
+            out.skip(DUPLICATE)
+            continue
         caps = captions.get(image_id)
         if not caps:
             out.skip("no_caption")
             continue
-        image = images.find(file_name)
-        if image is None:
-            out.skip("missing_image")
+        image, problem = images.find(file_name)
+        if problem:
+            out.skip(problem)
             continue
         out.add(f"coco-{image_id}", image, CAPTION_PROMPT, caps[0], caps if references else None)
     return out.finish("COCO captions", images)
@@ -292,13 +356,17 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
     for i, ref in enumerate(refs):
         ref_split = _get(ref, "split", str, refs_path, f"ref {i}")
         splits_seen.add(ref_split)
+        ref_id = _get(ref, "ref_id", (int, str), refs_path, f"ref {i}")
+        repeated = out.repeated(f"refcoco-{ref_id}")  # across splits: the first in the file is kept
         if ref_split != split:
             continue
-        ref_id = _get(ref, "ref_id", (int, str), refs_path, f"ref {i}")
         where = f"ref {i} (ref_id {ref_id})"
+        sentences = _get(ref, "sentences", list, refs_path, where)
+        if repeated:
+            out.skip(DUPLICATE, len(sentences))
+            continue
         ann_id = _get(ref, "ann_id", (int, str), refs_path, where)
         image_id = _get(ref, "image_id", (int, str), refs_path, where)
-        sentences = _get(ref, "sentences", list, refs_path, where)
         if ann_id not in boxes:
             raise ValueError(f"{refs_path}: {where}: ann_id {ann_id} is not an annotation of {instances_path}")
         if image_id not in sizes:
@@ -310,9 +378,9 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
                              f"with w, h >= 0, got {bbox!r}")
         file_name, width, height = sizes[image_id]
         answer = box_text(bbox, width, height, box_frame)
-        image = images.find(file_name)
-        if image is None:
-            out.skip("missing_image", len(sentences))
+        image, problem = images.find(file_name)
+        if problem:
+            out.skip(problem, len(sentences))
             continue
         for j, s in enumerate(sentences):
             sent = " ".join(_get(s, "sent", str, refs_path, f"{where} sentences[{j}]").split())
@@ -328,11 +396,15 @@ def scienceqa(problems_path: str, images_dir: str, split: str) -> Converted:
     images = _Images(images_dir, "ScienceQA")
     out = Converted(problems_path)
     splits_seen: set[str] = set()
-    for pid, p in data.items():
+    for pid, p in data:
+        repeated = out.repeated(pid)  # across splits: the first in the file is kept
         where = f"problem {pid!r}"
         p_split = _get(p, "split", str, problems_path, where)
         splits_seen.add(p_split)
         if p_split != split:
+            continue
+        if repeated:
+            out.skip(DUPLICATE)
             continue
         question = _get(p, "question", str, problems_path, where)
         choices = _get(p, "choices", list, problems_path, where)
@@ -352,9 +424,9 @@ def scienceqa(problems_path: str, images_dir: str, split: str) -> Converted:
             out.skip("no_image")
             continue
         _check(image_name, str, problems_path, f"{where}: key 'image'")
-        image = images.find(p_split, str(pid), image_name)
-        if image is None:
-            out.skip("missing_image")
+        image, problem = images.find(p_split, str(pid), image_name)
+        if problem:
+            out.skip(problem)
             continue
         context = f"Context: {hint.strip()}\n" if hint.strip() else ""
         options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(choices))
@@ -384,20 +456,24 @@ def ocrvqa(dataset_path: str, images_dir: str, split: str) -> Converted:
     # The download script keeps each cover's own extension (.jpg, .gif, .png ...).
     names = _stem_index(images.folder)
     out = Converted(dataset_path)
-    for book_id, item in data.items():
+    for book_id, item in data:
+        repeated = out.repeated(book_id)  # across splits: the first in the file is kept
         where = f"entry {book_id!r}"
         if _get(item, "split", int, dataset_path, where) != OCRVQA_SPLITS[split]:
             continue
         questions = _get(item, "questions", list, dataset_path, where)
+        if repeated:
+            out.skip(DUPLICATE, len(questions))
+            continue
         answers = _get(item, "answers", list, dataset_path, where)
         if len(questions) != len(answers):
             raise ValueError(f"{dataset_path}: {where}: {len(questions)} questions but {len(answers)} answers")
         for j, (q, a) in enumerate(zip(questions, answers)):
             _check(q, str, dataset_path, f"{where}: questions[{j}]")
             _check(a, str, dataset_path, f"{where}: answers[{j}]")
-        image = images.find(names[book_id]) if book_id in names else None
-        if image is None:
-            out.skip("missing_image", len(questions))
+        image, problem = images.find(names[book_id]) if book_id in names else (None, "missing_image")
+        if problem:
+            out.skip(problem, len(questions))
             continue
         for j, (q, a) in enumerate(zip(questions, answers)):
             out.add(f"ocrvqa-{book_id}-{j}", image, f"{q}\n{SHORT_ANSWER}", a)

@@ -9,7 +9,8 @@
         --refcoco-images coco/train2014 [--eval-max 500] [--seed 0]
 
     python -m pilot_hpc.data.prepare --scenario vqa --out data/fedmit_vqa \\
-        --scienceqa-problems ScienceQA/data/scienceqa/problems.json --scienceqa-images ScienceQA/images \\
+        --scienceqa-problems ScienceQA/data/scienceqa/problems.json \\
+        --scienceqa-images ScienceQA/data/scienceqa/images \\
         --gqa-questions-train ... --gqa-questions-eval ... --gqa-images ... \\
         --ocrvqa-dataset OCR-VQA/dataset.json --ocrvqa-images OCR-VQA/images
 
@@ -24,13 +25,30 @@ absolute image paths, so data.image_root is not needed) and OUT/overlay.yaml wit
 the same keys for the default output folders).
 
 Client split rule (the paper: "each dataset split at random into 3 equal client
-shards"): a dataset's training records, in the order its file lists them (after the
-skips of `pilot_hpc.data.benchmarks`), are permuted with
-`numpy.random.default_rng(seed).permutation(n)`; with --train-max N the permutation is
-cut to its first 3 N entries; the result is cut into 3 contiguous parts, of n // 3
-records each, and the n % 3 left over go one each to the first shards. Each shard keeps
-the file order of its records. The same files and seed give the same shards, in either
-scenario (GQA's shards are the same in both).
+shards"). By default (--shard-by image) all records of one image go to the same client,
+so no client trains on another client's images (GQA, RefCOCO and OCR-VQA ask several
+questions about one image):
+1. the distinct images of a dataset's training records, in the order of their first
+   record in the file (after the skips of `pilot_hpc.data.benchmarks`), are permuted
+   with `numpy.random.default_rng(seed).permutation(m)` (m images);
+2. the permuted images are cut into 3 contiguous runs; with n records in all, the k-th
+   cut (k = 1, 2) follows the image whose running record count is closest to
+   k (n // 3) + min(k, n % 3) (the shorter run on a tie; each run keeps at least one
+   image), so a shard's count differs from the ideal by about one image's records;
+3. with --train-max N the images are instead dealt out in permuted order, the first
+   shard taking images until it holds N records or more, then the second, then the
+   third; each shard keeps the first N of its records taken image by image in that
+   order (an image's records in file order; the rest of its last image goes to no
+   client). When the images run out before the third shard holds N records, step 2's
+   cut applies, and each shard keeps at most N records the same way.
+When every image has one record (COCO captions) this gives the shards of --shard-by
+question, the rule of one record at a time: the records, in file order, are permuted
+with `numpy.random.default_rng(seed).permutation(n)`; with --train-max N the
+permutation is cut to its first 3 N entries; the result is cut into 3 contiguous parts
+of n // 3 records each, and the n % 3 left over go one each to the first shards.
+Either way each shard keeps the file order of its records, and the same files and seed
+give the same shards, in either scenario (GQA's shards are the same in both). A
+dataset with fewer than 3 distinct training images is an error with --shard-by image.
 
 Evaluation: each client is scored on its task's evaluation split. With --eval-max N a
 split longer than N is cut to the records at
@@ -67,13 +85,59 @@ REQUIRED = {
 
 
 def split_shards(n: int, num_shards: int, seed: int, per_shard_max: int | None = None) -> list[np.ndarray]:
-    """Indices of each client's shard (the rule in the module docstring)."""
+    """Indices of each client's shard, one record at a time (--shard-by question: the
+    module docstring)."""
     perm = np.random.default_rng(seed).permutation(n)
     if per_shard_max is not None:
         perm = perm[:per_shard_max * num_shards]
     base, extra = divmod(len(perm), num_shards)
     bounds = np.cumsum([0] + [base + (i < extra) for i in range(num_shards)])
     return [np.sort(perm[bounds[i]:bounds[i + 1]]) for i in range(num_shards)]
+
+
+def split_by_image(images: list[str], num_shards: int, seed: int,
+                   per_shard_max: int | None = None) -> list[np.ndarray]:
+    """Indices of each client's shard, all records of one image in the same shard
+    (--shard-by image: the rule in the module docstring). images[i] is record i's image."""
+    first: dict[str, int] = {}
+    members: list[list[int]] = []
+    for i, image in enumerate(images):
+        if image not in first:
+            first[image] = len(members)
+            members.append([])
+        members[first[image]].append(i)
+    if len(members) < num_shards:
+        raise ValueError(f"{len(images)} records show {len(members)} distinct images, too few for "
+                         f"{num_shards} client shards by image")
+    groups = [members[k] for k in np.random.default_rng(seed).permutation(len(members))]
+    cuts = _dealt(groups, num_shards, per_shard_max) if per_shard_max is not None else None
+    if cuts is None:
+        counts = np.cumsum([0] + [len(g) for g in groups])  # counts[j]: records of the first j images
+        base, extra = divmod(int(counts[-1]), num_shards)
+        cuts = [0]
+        for k in range(1, num_shards):
+            nearest = int(np.argmin(np.abs(counts - (k * base + min(k, extra)))))  # the first of equals
+            cuts.append(min(max(nearest, cuts[-1] + 1), len(groups) - (num_shards - k)))
+        cuts.append(len(groups))
+    shards = []
+    for k in range(num_shards):
+        shard = [i for g in groups[cuts[k]:cuts[k + 1]] for i in g][:per_shard_max]
+        shards.append(np.sort(np.array(shard, dtype=np.int64)))
+    return shards
+
+
+def _dealt(groups: list[list[int]], num_shards: int, cap: int) -> list[int] | None:
+    """Cuts that deal the images out in order, each shard until it holds `cap` records or
+    more; None when the images run out first."""
+    cuts, held = [0], 0
+    for j, group in enumerate(groups, 1):
+        held += len(group)
+        if held >= cap:
+            cuts.append(j)
+            held = 0
+            if len(cuts) == num_shards + 1:
+                return cuts
+    return None
 
 
 def eval_subset(n: int, cap: int | None, seed: int) -> np.ndarray:
@@ -126,7 +190,15 @@ def build(args: argparse.Namespace, log=print) -> list[ClientData]:
             raise ValueError(f"{train.source}: {len(train.records)} training records cannot fill "
                              f"{CLIENTS_PER_TASK} client shards")
         evaluation = [held_out.records[i] for i in eval_subset(len(held_out.records), args.eval_max, args.seed)]
-        for shard in split_shards(len(train.records), CLIENTS_PER_TASK, args.seed, args.train_max):
+        if args.shard_by == "image":
+            try:
+                shards = split_by_image([r["image"] for r in train.records], CLIENTS_PER_TASK, args.seed,
+                                        args.train_max)
+            except ValueError as err:
+                raise ValueError(f"{train.source}: {err}; --shard-by question splits by record instead") from None
+        else:
+            shards = split_shards(len(train.records), CLIENTS_PER_TASK, args.seed, args.train_max)
+        for shard in shards:
             clients.append(ClientData(len(clients), task, [train.records[i] for i in shard], evaluation,
                                       train.skipped, held_out.skipped))
     return clients
@@ -170,6 +242,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the client split and of --eval-max's subsample")
     p.add_argument("--eval-max", type=_positive, default=None, help="at most N evaluation records per task")
     p.add_argument("--train-max", type=_positive, default=None, help="at most N training records per client")
+    p.add_argument("--shard-by", choices=("image", "question"), default="image",
+                   help="image: all records of one image go to one client (default); question: each record "
+                        "on its own, so one image's questions may land in several clients")
     g = p.add_argument_group("GQA")
     g.add_argument("--gqa-questions-train", help="e.g. train_balanced_questions.json")
     g.add_argument("--gqa-questions-eval", help="e.g. testdev_balanced_questions.json")
@@ -188,8 +263,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--refcoco-box-frame", default="image", choices=benchmarks.BOX_FRAMES,
                    help="normalise boxes by the image's width/height, or by the padded square's side")
     g = p.add_argument_group("ScienceQA")
-    g.add_argument("--scienceqa-problems", help="problems.json")
-    g.add_argument("--scienceqa-images", help="folder holding <split>/<pid>/image.png")
+    g.add_argument("--scienceqa-problems", help="data/scienceqa/problems.json")
+    g.add_argument("--scienceqa-images", help="folder holding <split>/<pid>/image.png: data/scienceqa/images, "
+                   "where ScienceQA's tools/download.sh unpacks them")
     g.add_argument("--scienceqa-train-split", default="train")
     g.add_argument("--scienceqa-eval-split", default="test")
     g = p.add_argument_group("OCR-VQA")
@@ -198,10 +274,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ocrvqa-train-split", default="train", choices=sorted(benchmarks.OCRVQA_SPLITS))
     g.add_argument("--ocrvqa-eval-split", default="test", choices=sorted(benchmarks.OCRVQA_SPLITS))
     return p
-
-
-def _counts(skipped: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
 
 
 def _positive(text: str) -> int:
@@ -231,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     write(clients, args.out, header)
     for c in clients:
         print(f"client {c.client:02d} [{c.task}]: {len(c.train)} train records, {len(c.eval)} eval records "
-              f"({c.task} skipped: train {_counts(c.train_skipped)}; eval {_counts(c.eval_skipped)})")
+              f"({c.task} skipped: train {benchmarks.skip_text(c.train_skipped)}; "
+              f"eval {benchmarks.skip_text(c.eval_skipped)})")
     print(f"wrote {len(clients)} clients' files and overlay.yaml to {os.path.abspath(args.out)}")
     return 0
 

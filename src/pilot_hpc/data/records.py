@@ -7,13 +7,17 @@ of records `{"id", "image", "conversations": [{"from": "human", "value": "<image
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 import datasets
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from pilot_hpc.data import jsonfile
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -70,10 +74,31 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
     if refs is not None and (not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs)):
         raise _record_error(path, index, rid, "'references' must be a non-empty list of strings")
     full = image if os.path.isabs(image) else os.path.join(image_root, image)
-    if not os.path.isfile(full):
-        raise _record_error(path, index, rid, f"image file {full} does not exist")
+    problem = _image_file_problem(full)
+    if problem:
+        raise _record_error(path, index, rid, problem)
     return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs,
                   where=_where(path, index, rid))
+
+
+def _image_file_problem(full: str) -> str | None:
+    """Why `full` is not a readable regular file, in words, or None when it is one.
+    os.path.isfile says False alike for a missing file, a broken symbolic link and a
+    link loop, and the fix differs."""
+    try:
+        st = os.stat(full)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"image file {full} is a symbolic-link loop (a link that leads back to itself); " \
+                   "point it at the image"
+        if os.path.islink(full):
+            return f"image file {full} is a broken symbolic link (to {os.readlink(full)}, which does not exist)"
+        if err.errno == errno.ENOENT:
+            return f"image file {full} does not exist"
+        return f"image file {full} cannot be reached: {err.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"image file {full} is not a regular file"
+    return None
 
 
 def _check_shape(path: str) -> None:
@@ -100,6 +125,31 @@ def _check_shape(path: str) -> None:
                      "[{...}, {...}] (or one record per line, JSON Lines)")
 
 
+def _check_utf8(path: str) -> None:
+    """A ValueError naming the record that holds the file's first non-UTF-8 byte, if any
+    (datasets' own message names neither the record nor the line)."""
+    bad = jsonfile.first_bad_byte(path)
+    if bad is None:
+        return
+    text, index, rec = bad.text, None, None
+    try:
+        if text.lstrip().startswith("["):
+            steps = jsonfile.path_at(text, bad.pos, depth=1)
+            if steps:
+                index = steps[0]
+                rec = json.loads(text)[index]
+        else:  # JSON Lines: one record per non-blank line
+            lines = text.split("\n")
+            line = text.count("\n", 0, bad.pos)
+            index = sum(1 for earlier in lines[:line] if earlier.strip())
+            rec = json.loads(lines[line])
+    except ValueError:  # the record's id is only a help; the byte's position is the message
+        pass
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    where = path if index is None else _where(path, index, rid)
+    raise ValueError(f"{where}: not UTF-8 text: {bad.where}; {jsonfile.REENCODE}")
+
+
 def load_records(path: str, image_root: str | None = None, cache_dir: str | None = None) -> list[Sample]:
     """Reads a LLaVA-format JSON file through HF datasets and validates every record."""
     if not os.path.isfile(path):
@@ -111,13 +161,19 @@ def load_records(path: str, image_root: str | None = None, cache_dir: str | None
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir,
                                    keep_in_memory=True)
     except datasets.exceptions.DatasetGenerationError as err:
+        _check_utf8(path)
         cause = err.__cause__ or err
         raise ValueError(f"{path}: not a valid LLaVA JSON file ({type(cause).__name__}: {cause})") from None
     except ValueError as err:  # datasets' way of saying the file has no rows ("[]")
+        _check_utf8(path)
         raise ValueError(f"{path}: the file holds no records (an empty client shard): {err}") from None
     if len(ds) == 0:
         raise ValueError(f"{path}: the file holds no records (an empty client shard)")
-    return [parse_record(rec, path, i, root) for i, rec in enumerate(ds)]
+    try:
+        return [parse_record(rec, path, i, root) for i, rec in enumerate(ds)]
+    except UnicodeDecodeError:  # pyarrow reads JSON Lines' bad bytes; they fail when a row is read
+        _check_utf8(path)
+        raise
 
 
 def load_image(path: str) -> Image.Image:
@@ -187,8 +243,8 @@ class InstructionDataset(torch.utils.data.Dataset):
         ids: list[int] = []
         labels: list[int] = []
         for t, (q, a) in enumerate(self.samples[i].turns):
-            p = self.tok(self.prompt(q, t == 0), add_special_tokens=(t == 0))["input_ids"]
-            ans = self.tok(" " + a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            p, ans = self._encode_turn(i, t, q, a)
+            ans = ans + [self.tok.eos_token_id]
             ids += p + ans
             labels += [IGNORE_INDEX] * len(p) + ans
         if len(ids) > self.max_length:
@@ -197,6 +253,38 @@ class InstructionDataset(torch.utils.data.Dataset):
                 "raise data.max_length"
             )
         return ids, labels
+
+    def _encode_turn(self, i: int, t: int, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of turn t, the answer's tokens as the tokenizer splits
+        `prompt + " " + answer` in one call, the way LLaVA-1.5 tokenises a whole
+        conversation. Tokenised alone, " red" becomes ['▁', '▁red'] under Llama-2's
+        Prepend("▁") normaliser: a first token the model never sees before an answer.
+        The prompt ids are the prompt tokenised alone, so turn 0's equal encode_prompt's,
+        what the model is given at evaluation."""
+        prompt = self.prompt(question, t == 0)
+        special = t == 0  # the first turn carries the tokenizer's BOS, as at evaluation
+        p = self.tok(prompt, add_special_tokens=special)["input_ids"]
+        joint = self.tok(prompt + " " + answer, add_special_tokens=special)["input_ids"]
+        if joint[:len(p)] == p:
+            return p, joint[len(p):]
+        # The joint ids differ inside the prompt (a post-processor that appends an end
+        # token, a tokenizer whose segmentation looks ahead): take the tokens whose
+        # characters start at or after the prompt's end, by a fast tokenizer's offsets.
+        # Zero-width tokens there are special tokens the post-processor added, not text.
+        where = f"sample {self.samples[i].id}: turn {t}"  # check() and __getitem__ add file and record
+        if not getattr(self.tok, "is_fast", False):
+            raise ValueError(f"{where}: the tokenizer splits the prompt differently when the answer "
+                             "follows it, and a slow tokenizer gives no character offsets to find where the "
+                             "answer starts; load the model's fast tokenizer (tokenizer.json)")
+        enc = self.tok(prompt + " " + answer, add_special_tokens=special, return_offsets_mapping=True)
+        cut = len(prompt)
+        across = [self.tok.convert_ids_to_tokens(tid) for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+                  if s < cut < e]
+        if across:
+            raise ValueError(f"{where}: the tokenizer joins the end of the prompt and the start of the "
+                             f"answer {answer[:30]!r} into one token {across[0]!r}, so the answer's tokens cannot "
+                             "be labelled apart from the prompt; change the prompt's last word or the tokenizer")
+        return p, [tid for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if s >= cut and e > s]
 
     def encode_prompt(self, i: int) -> list[int]:
         q = self.samples[i].turns[0][0]
