@@ -36,8 +36,8 @@ def main(path: str) -> None:
         pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=torch.device("cpu"),
                                pilot=cfg.pilot)
         strategy = get_strategy("pilot", cfg)
-        strategy.prepare_model(pm)
-        sent = count(strategy.visual_params(pm)) + count(strategy.text_params(pm))
+        strategy.policy.prepare_model(pm)
+        sent = count(strategy.policy.shared_params(pm)) + count(strategy.policy.personal_params(pm))
         conn, tasks = pm.connector, len(cfg.tasks)
         activated = (count(p for _, p in pm.lora_named_parameters())
                      + (2 * tasks - 1) * count(conn.task_adapter.parameters()) + conn.router.weight.numel())

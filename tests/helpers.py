@@ -120,3 +120,15 @@ def llava_json_args(small_world, out, train_files):
     return ["--config", SMOKE] + small_overrides(cfg.run.cache_dir, str(out)) + [
         "data.kind=llava_json", f"model.path={base}", f"data.image_root={folder}",
         f"data.train_files=[{', '.join(train_files)}]", f"data.eval_files=[{', '.join(evals)}]"]
+
+
+def task_world(tasks: list[int], *extra: str):
+    """A config whose K = len(tasks) clients have these task ids (0 vqa, 1 caption,
+    2 grounding), with only the tasks used, M = 1 unless `extra` says otherwise."""
+    from pilot_hpc.config import DEFAULT_TASK_METRICS, load_config
+
+    names = list(DEFAULT_TASK_METRICS)
+    client_tasks = [names[t] for t in tasks]
+    used = {n: DEFAULT_TASK_METRICS[n] for n in names if n in client_tasks}
+    return load_config(None, [f"fl.num_clients={len(tasks)}", f"fl.client_tasks=[{', '.join(client_tasks)}]",
+                              f"fl.task_metrics={used}", "pilot.top_m=1"] + list(extra))

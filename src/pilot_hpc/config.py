@@ -182,6 +182,10 @@ class FLConfig:
     # them as trained; bfloat16 halves the traffic of a bf16 run but rounds every
     # client's adapters to bf16 once per round (the server still mixes in float32).
     wire_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Registered transforms (pilot_hpc.fl.transforms) applied to every update in this
+    # order, on the client before it leaves and in reverse on the server before mixing;
+    # the wire dtype above always comes last.
+    transforms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -339,7 +343,7 @@ class Config:
 # out of both hashes while at that default, so a run finished before the key existed keeps
 # its config_hash (launch's finished and reused runs, tools/study) and its checkpoints their
 # result_hash. Set to anything else, the key is hashed like any other.
-UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False}
+UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": []}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -522,6 +526,13 @@ def _merge(raw: dict[str, Any], origin: dict[str, str]) -> Config:
             **{k: _coerce(v, fields[k], f"{origin.get(f'{name}.{k}', where)}: {name}.{k}") for k, v in value.items()}
         )
     return Config(**built)
+
+
+def config_from_dict(raw: Any, source: str) -> Config:
+    """A Config from a mapping of sections (e.g. one stored in a checkpoint), errors naming `source`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return _merge(raw, {name: source for name in raw})
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -61,10 +61,10 @@ def find_checkpoint(run_dir: str, round_: int | None) -> str:
 def run_config(attrs: dict, path: str):
     import yaml
 
-    from pilot_hpc.config import ConfigError, _merge
+    from pilot_hpc.config import ConfigError, config_from_dict
 
     try:
-        return _merge(yaml.safe_load(attrs["config"]), f"checkpoint {path}: config")
+        return config_from_dict(yaml.safe_load(attrs["config"]), f"checkpoint {path}: config")
     except (ConfigError, yaml.YAMLError) as err:
         raise ExportError(f"checkpoint {path}: its stored config cannot be read: {err}") from None
 
@@ -113,11 +113,11 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
     record = ck.clients[client]
     task = cfg.fl.client_tasks[client]
     strategy = get_strategy(cfg.fl.strategy, cfg)
-    stage = 0 if ck.round == 0 else strategy.stage(ck.round)
+    stage = 0 if ck.round == 0 else strategy.policy.stage(ck.round)
     base = base_model_folder(cfg)
     pm = build_pilot_model(base, cfg.model, len(cfg.tasks), cfg.tasks.index(task), seed=cfg.run.seed,
                            device=torch.device("cpu"), pilot=cfg.pilot)
-    strategy.prepare_model(pm)
+    strategy.policy.prepare_model(pm)
     expected = pm.get_state()
     missing = sorted(set(expected) - set(record.state))
     if missing:

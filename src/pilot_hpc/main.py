@@ -210,6 +210,8 @@ def run(cfg, comm) -> int:
     from pilot_hpc.fl.comm import block_ranges
     from pilot_hpc.fl.federation import BadSampleStop, Federation, NoFiniteUpdate, Preempted
     from pilot_hpc.fl.strategies import get_strategy
+    from pilot_hpc.fl.stream import StreamedExchange
+    from pilot_hpc.fl.transforms import chain_for
     from pilot_hpc.model.llava import build_pilot_model
 
     torch.set_num_threads(cfg.run.threads_per_rank)
@@ -229,7 +231,7 @@ def run(cfg, comm) -> int:
     slots, ok = [], True
     try:
         pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
-        strategy.prepare_model(pm)
+        strategy.policy.prepare_model(pm)
         initial = pm.get_state()
         cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
         for k in mine:
@@ -261,6 +263,9 @@ def run(cfg, comm) -> int:
         if warning:
             log.warning("rank %d: %s", comm.rank, warning)
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
+    if strategy.communicates and fed_comm is not None:
+        fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
+        fed.transforms = chain_for(cfg)
     ok, start = True, None
     try:
         start = fed.locate({k: tuple(v.shape) for k, v in initial.items()})
@@ -344,6 +349,9 @@ def check_pooled(cfg, world: int) -> None:
     from pilot_hpc.config import ConfigError
     from pilot_hpc.fl.strategies import get_strategy
 
+    from pilot_hpc.fl.transforms import chain_for
+
+    chain_for(cfg)  # every transform named in fl.transforms is registered
     if get_strategy(cfg.fl.strategy, cfg).pooled and world > 1:
         raise ConfigError(f"fl.strategy={cfg.fl.strategy} trains one model on all clients' data in one "
                           f"process: run it without mpiexec (or with -n 1), not with {world} ranks")

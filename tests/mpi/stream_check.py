@@ -7,15 +7,15 @@ the streamed exchange delivered to it. Exits 0 when every case passes on every r
 
 import sys
 
-import numpy as np
 import torch
 
 from pilot_hpc.config import load_config
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.fl.stream import StreamedExchange
+from pilot_hpc.fl.update import ClientUpdate, Part, Participation
 
-# (name, strategy overrides, K, P_visual, P_text, dtype, bad clients, chunk columns)
+# (name, strategy overrides, K, P_visual, P_text, dtype, bad clients, chunk columns[, clients not selected])
 CASES = [
     ("pilot-topm", ["fl.strategy=pilot", "pilot.top_m=2"], 7, 53, 101, torch.float32, [], 17),
     ("pilot-bad-client", ["fl.strategy=pilot", "pilot.top_m=3"], 7, 40, 61, torch.float32, [4], 9),
@@ -26,48 +26,63 @@ CASES = [
     ("fedadam-two-rounds", ["fl.strategy=fedadam", "fedadam.server_lr=0.1"], 6, 19, 23, torch.float32, [2], 6),
     # K = 2: under mpiexec -n 3 a rank (the server itself) hosts no client and sends empty rows.
     ("pilot-empty-rank", ["fl.strategy=pilot", "pilot.top_m=1"], 2, 11, 14, torch.float32, [], 4),
+    # Participation: the last clients sit the round out (under mpiexec -n 3 all of the last
+    # rank's clients, so that rank sends no bytes at all); ATA and FedAdam over the rest.
+    ("pilot-not-selected", ["fl.strategy=pilot", "pilot.top_m=2"], 7, 23, 31, torch.float32, [1], 6, (5, 6)),
+    ("fedadam-not-selected", ["fl.strategy=fedadam", "fedadam.server_lr=0.1"], 5, 9, 13, torch.float32, [], 4, (4,)),
 ]
 
 
-def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols) -> None:
+def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols, skipped=()) -> None:
+    """skipped: clients the aggregator leaves out of the round (not_selected): they send no
+    row, and the server's step must equal the one-shot step over the others alone."""
     client_tasks = (["vqa", "caption", "grounding"] * k)[:k]
     metrics = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
     used = {t: m for t, m in metrics.items() if t in client_tasks}
     cfg = load_config(None, ["pilot.top_m=2"] + overrides + [f"fl.num_clients={k}", f"fl.client_tasks={client_tasks}",
                                                           f"fl.task_metrics={used}"])
-    num_tasks = len(cfg.tasks)
-    tasks = torch.tensor([cfg.tasks.index(t) for t in cfg.fl.client_tasks])
     blocks = block_ranges(k, comm.size)
     mine = blocks[comm.rank]
     # chunk_mb giving exactly `cols` columns (0: unchunked)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     chunk_mb = cols * itemsize / 2 ** 20
-    streamed, reference = get_strategy(cfg.fl.strategy, cfg), get_strategy(cfg.fl.strategy, cfg)
+    streamed, reference = get_strategy(cfg.fl.strategy, cfg).aggregator, get_strategy(cfg.fl.strategy, cfg).aggregator
     gen = torch.Generator().manual_seed(len(name))
-    init_v, init_t = torch.randn(p_vis, generator=gen), torch.randn(p_txt, generator=gen)
-    streamed.init_server(init_v, init_t)
-    reference.init_server(init_v, init_t)
+    init = {Part.SHARED_BY_TASK: torch.randn(p_vis, generator=gen), Part.PERSONAL: torch.randn(p_txt, generator=gen)}
+    streamed.init_server(init)
+    reference.init_server(init)
+    selected = torch.ones(k, dtype=torch.bool)
+    selected[list(skipped)] = False
+    taking_part = selected.nonzero().flatten()
     for round_ in range(2 if name.startswith("fedadam") else 1):
         updates = torch.randn(k, p_vis + p_txt, generator=gen).to(dtype)
         n = torch.randint(3, 20, (k,), generator=gen)
-        good = torch.ones(k, dtype=torch.bool)
-        good[bad] = False
         ref_in = updates.clone()
         ref_in[bad] = float("nan")  # the one-shot reference spots bad rows by their NaN
-        ref = reference.aggregate(ref_in[:, :p_vis], ref_in[:, p_vis:], n, tasks, num_tasks)
-        local = updates[mine.start:mine.stop].clone()
-        local[[i - mine.start for i in bad if i in mine]] = 0.0  # what a bad client sends
-        meta = np.stack([n[mine.start:mine.stop].numpy(), good[mine.start:mine.stop].numpy()], axis=1)
-        got = StreamedExchange(comm, blocks, torch.device("cpu"), chunk_mb).run(streamed, local, meta, p_vis,
-                                                                                  tasks, num_tasks)
+        ref_in[list(skipped)] = float("nan")  # and a client left out is not in the mean
+        ref = reference.aggregate(ref_in[:, :p_vis], ref_in[:, p_vis:], n)
+        mine_sent = [c for c in mine if bool(selected[c])]
+        sent = []
+        for c in mine_sent:
+            row = torch.zeros_like(updates[c]) if c in bad else updates[c].clone()  # what a bad client sends
+            sent.append(ClientUpdate(client=c, num_samples=int(n[c]), parts={Part.SHARED_BY_TASK: row[:p_vis],
+                                                                               Part.PERSONAL: row[p_vis:]},
+                                     status=Participation.EXCLUDED_NONFINITE if c in bad else Participation.PARTICIPATED))
+        traffic = len(comm.traffic)
+        got = StreamedExchange(comm, blocks, torch.device("cpu"), chunk_mb).run(streamed, sent, (p_vis, p_txt), dtype,
+                                                                                  selected)
+        if not mine_sent and comm.rank != 0:  # every client of this rank sat the round out
+            assert all(t.sent == 0 for t in comm.traffic[traffic:]), (name, comm.traffic[traffic:])
         # float32: both sides sum the same <= 7 products per value in another blocking
         # (a few ulp); bf16: the float32 mix is rounded once to bf16 (1 ulp = 2^-8 rel).
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
         torch.testing.assert_close(got.shared, ref.shared, equal_nan=True, **tol, msg=f"{name}: shared")
-        torch.testing.assert_close(got.personal, ref.personal[mine.start:mine.stop], equal_nan=True, **tol,
+        torch.testing.assert_close(got.personal, ref.personal[mine_sent], equal_nan=True, **tol,
                                    msg=f"{name}: personal")
         if comm.rank == 0:
-            assert got.excluded == ref.excluded == bad, (name, got.excluded, ref.excluded)
+            assert got.excluded == bad and ref.excluded == sorted(bad + list(skipped)), \
+                (name, got.excluded, ref.excluded)
+    assert len(taking_part) > 0
     if name.startswith("fedadam"):
         for key in ("w", "m", "v"):
             if comm.rank == 0:

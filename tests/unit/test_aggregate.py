@@ -97,14 +97,14 @@ def test_a_nan_client_changes_no_other_clients_result():
 
     torch.manual_seed(3)
     cfg = load_config(None, ["pilot.top_m=3"])
-    pilot = get_strategy("pilot", cfg)
+    pilot = get_strategy("pilot", cfg).aggregator
     visual, text = torch.randn(9, 11), torch.randn(9, 13)
     n = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7])
     tasks = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     bad_v, bad_t = visual.clone(), text.clone()
     bad_v[2] = float("nan")
     bad_t[2, 4] = float("inf")
-    got = pilot.aggregate(bad_v, bad_t, n, tasks, 3)
+    got = pilot.aggregate(bad_v, bad_t, n)
     assert got.excluded == [2]
     keep = torch.tensor([k for k in range(9) if k != 2])
     ref_shared = aggregate.task_aware_average(visual[keep], n[keep], tasks[keep], 3)

@@ -123,14 +123,14 @@ def test_module_mixture_equals_the_reference_for_gelu_mlps():
 
 def test_pilot_sends_and_installs_every_task_adapter(models):
     cfg, _, ct, _ = models
-    strategy = get_strategy("pilot", load_config(None, ["pilot.ct_clip=true"]))
-    sent = strategy.visual_params(ct)
+    strategy = get_strategy("pilot", load_config(None, ["pilot.ct_clip=true"])).policy
+    sent = strategy.shared_params(ct)
     modules = ct.pilot_modules()
     assert sum(p.numel() for p in sent) == sum(p.numel() for m in modules for p in m.task_adapter.parameters())
     n = sum(p.numel() for p in sent)
     shared = torch.stack([torch.full((n,), float(t + 1)) for t in range(3)])  # task t's row holds t + 1
-    before_lora = flatten(strategy.text_params(ct))
-    strategy.install(ct, shared, before_lora.clone(), round_=1)
+    before_lora = flatten(strategy.personal_params(ct))
+    strategy.install(ct, shared, before_lora.clone())
     for m in modules:
         assert bool((flatten(list(m.task_adapter.parameters())) == m.own_task + 1).all())
         for t, f in zip(m.foreign_tasks(), m.foreign):

@@ -20,7 +20,7 @@ def dpa_model(small_world, a: float | None = 0.5):
     pm = build_pilot_model(base, cfg.model, 3, 0, seed=0, device=torch.device("cpu"))
     s = get_strategy("feddpa", cfg)
     if a is not None:
-        s.prepare_model(pm)
+        s.policy.prepare_model(pm)
     return s, pm, cfg
 
 
@@ -48,10 +48,10 @@ def text_batch(pm, seed: int = 0):
 def test_only_the_global_lora_is_sent_and_averaged(small_world):
     s, pm, _ = dpa_model(small_world, a=None)
     plain_keys = set(pm.get_state())
-    s.prepare_model(pm)
+    s.policy.prepare_model(pm)
     names = {id(p): n for n, p in pm.model.named_parameters()}
-    sent = [names[id(p)] for p in s.visual_params(pm) + s.text_params(pm)]
-    text = [names[id(p)] for p in s.text_params(pm)]
+    sent = [names[id(p)] for p in s.policy.shared_params(pm) + s.policy.personal_params(pm)]
+    text = [names[id(p)] for p in s.policy.personal_params(pm)]
     local = [n for n, _ in pm.lora_named_parameters(LOCAL)]
     n_layers = sum(1 for n, _ in pm.model.named_modules() if n.endswith(".lora_A"))
     # Exactly the global adapter's A and B of every LoRA layer, in model order.
@@ -64,23 +64,23 @@ def test_only_the_global_lora_is_sent_and_averaged(small_world):
     assert {f"lora.{n}" for n in local} <= set(state) and not set(local) & set(sent)
     assert set(state) - plain_keys == {f"lora.{n}" for n in local}  # nothing else was added
     # The projector goes like FedAvg's.
-    assert [id(p) for p in s.visual_params(pm)] == [id(p) for p in pm.connector.task_adapter.parameters()]
+    assert [id(p) for p in s.policy.shared_params(pm)] == [id(p) for p in pm.connector.task_adapter.parameters()]
 
     # Server: FedAvg's sample-weighted mean; n = 2, 1, 1 -> weights 1/2, 1/4, 1/4.
     visual = torch.tensor([[0.0, 2.0], [4.0, 6.0], [2.0, 2.0]])
     txt = torch.tensor([[1.0, 0.0], [3.0, 4.0], [6.0, -2.0]])
-    res = s.aggregate(visual, txt, torch.tensor([2, 1, 1]), torch.tensor([0, 1, 2]), 3)
+    res = s.aggregator.aggregate(visual, txt, torch.tensor([2, 1, 1]))
     torch.testing.assert_close(res.shared, torch.tensor([[1.5, 3.0]]))  # (0+4+2)/4, (4+6+2)/4
     torch.testing.assert_close(res.personal, torch.tensor([[2.75, 0.5]] * 3))  # (2+3+6)/4, (0+4-2)/4
     assert res.excluded == []
 
     # Installing the server's answer writes the global adapter and leaves the local one.
     before = {n: p.detach().clone() for n, p in pm.lora_named_parameters(LOCAL)}
-    width = sum(p.numel() for p in s.text_params(pm))
-    shared = torch.cat([p.detach().reshape(-1) for p in s.visual_params(pm)])[None, :]
+    width = sum(p.numel() for p in s.policy.personal_params(pm))
+    shared = torch.cat([p.detach().reshape(-1) for p in s.policy.shared_params(pm)])[None, :]
     new_text = torch.arange(width, dtype=torch.float32) / width
-    s.install(pm, shared, new_text, 1)
-    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in s.text_params(pm)]), new_text,
+    s.policy.install(pm, shared, new_text)
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in s.policy.personal_params(pm)]), new_text,
                                rtol=0, atol=0)
     for n, p in pm.lora_named_parameters(LOCAL):
         assert torch.equal(p, before[n]), n

@@ -4,14 +4,20 @@ not depend on the world size."""
 import pytest
 import torch
 
+from helpers import task_world
 from pilot_hpc.config import load_config
 from pilot_hpc.fl.strategies import REGISTRY, get_strategy
 from pilot_hpc.fl.strategies.fedadam import adam_server_step
 from pilot_hpc.fl.strategies.fedprox import proximal_term
+from pilot_hpc.fl.update import Part
 
 
 def cfg(*extra):
     return load_config(None, list(extra))
+
+
+def parts(shared, personal):
+    return {Part.SHARED_BY_TASK: shared, Part.PERSONAL: personal}
 
 
 def test_registry_names():
@@ -21,10 +27,10 @@ def test_registry_names():
 
 
 def test_fedavg_is_the_sample_weighted_mean_sent_to_everyone():
-    s = get_strategy("fedavg", cfg())
+    s = get_strategy("fedavg", task_world([0, 1, 2])).aggregator
     visual = torch.tensor([[0.0, 2.0], [4.0, 6.0], [float("nan"), 0.0]])
     text = torch.tensor([[1.0], [3.0], [5.0]])
-    res = s.aggregate(visual, text, torch.tensor([1, 3, 4]), torch.tensor([0, 1, 2]), 3)
+    res = s.aggregate(visual, text, torch.tensor([1, 3, 4]))
     # client 2 is excluded (NaN): weights 1/4, 3/4
     torch.testing.assert_close(res.shared, torch.tensor([[3.0, 5.0]]))
     torch.testing.assert_close(res.personal, torch.tensor([[2.5], [2.5], [2.5]]))
@@ -48,15 +54,16 @@ def test_fedadam_first_two_server_steps_by_hand():
 
 
 def test_fedadam_state_persists_across_rounds():
-    s = get_strategy("fedadam", cfg("fedadam.server_lr=1.0"))
-    s.init_server(torch.zeros(2), torch.zeros(1))
-    one = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
+    world = task_world([0, 1], "fedadam.server_lr=1.0")
+    s = get_strategy("fedadam", world).aggregator
+    s.init_server(parts(torch.zeros(2), torch.zeros(1)))
+    one = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]))
     state = s.server_state()
     assert set(state) == {"w", "m", "v", "split"}
-    again = get_strategy("fedadam", cfg("fedadam.server_lr=1.0"))
+    again = get_strategy("fedadam", world).aggregator
     again.load_server_state(state)
-    a = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
-    b = again.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]), torch.tensor([0, 1]), 2)
+    a = s.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]))
+    b = again.aggregate(torch.ones(2, 2), torch.ones(2, 1), torch.tensor([1, 1]))
     torch.testing.assert_close(a.shared, b.shared)
     assert not torch.equal(one.shared, a.shared)  # the moments moved the second step
 
@@ -69,13 +76,13 @@ def test_fedadam_uniform_weighting_is_the_plain_mean_of_the_good_clients():
     n, tasks, good = torch.tensor([1, 3, 4]), torch.tensor([0, 1, 2]), torch.tensor([True, True, False])
     means = {"uniform": ([2.0, 4.0], [2.0]), "samples": ([3.0, 5.0], [2.5])}  # (0+4)/2 ... ; 1/4, 3/4
     for weighting, (mean_v, mean_t) in means.items():
-        s = get_strategy("fedadam", cfg(f"fedadam.weighting={weighting}", "fedadam.server_lr=0.1",
-                                        "fedadam.beta1=0.5", "fedadam.beta2=0.5"))
+        s = get_strategy("fedadam", task_world(tasks.tolist(), f"fedadam.weighting={weighting}", "fedadam.server_lr=0.1",
+                                               "fedadam.beta1=0.5", "fedadam.beta2=0.5")).aggregator
         want = [0.5, 0.5, 0.0] if weighting == "uniform" else [0.25, 0.75, 0.0]
-        plan = s.plan(n, tasks, 3, good, None)
+        plan = s.plan(n, good, None)
         assert plan.shared.tolist() == [want] and plan.personal.tolist() == [want] * 3 and plan.excluded == [2]
-        s.init_server(torch.zeros(2), torch.zeros(1))
-        res = s.aggregate(visual, text, n, tasks, 3)
+        s.init_server(parts(torch.zeros(2), torch.zeros(1)))
+        res = s.aggregate(visual, text, n)
         # w = 0, so delta is the mean: m = (1 - b1) delta, v = (1 - b2) delta^2
         mean = torch.tensor(mean_v + mean_t)
         state = s.server_state()
@@ -105,10 +112,10 @@ def test_what_each_strategy_sends(small_world):
     lora = [p for _, p in pm.lora_named_parameters()]
     for name, visual in (("pilot", projector), ("fedavg", projector), ("fedprox", projector),
                          ("fedadam", projector), ("shepherd", [])):
-        s = get_strategy(name, c)
-        assert [id(p) for p in s.visual_params(pm)] == [id(p) for p in visual], name
-        assert [id(p) for p in s.text_params(pm)] == [id(p) for p in lora], name
-    assert not get_strategy("local", c).communicates
+        s = get_strategy(name, c).policy
+        assert [id(p) for p in s.shared_params(pm)] == [id(p) for p in visual], name
+        assert [id(p) for p in s.personal_params(pm)] == [id(p) for p in lora], name
+    assert not get_strategy("local", c).communicates and not get_strategy("centralized", c).communicates
 
 
 def test_pilot_selection_ablations_by_hand():
@@ -116,11 +123,13 @@ def test_pilot_selection_ablations_by_hand():
     visual = torch.zeros(4, 1)
     n = torch.tensor([1, 3, 2, 2])
     tasks = torch.tensor([0, 0, 1, 1])
-    same = get_strategy("pilot", cfg("pilot.selection=same_task", "pilot.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    same = get_strategy("pilot", task_world(tasks.tolist(), "pilot.selection=same_task")).aggregator.aggregate(
+        visual, text, n)
     # task 0: (1*0 + 3*2)/4 = 1.5; task 1: only client 2 is good -> 10; client 3 excluded
     torch.testing.assert_close(same.personal[:3], torch.tensor([[1.5], [1.5], [10.0]]))
     assert torch.isnan(same.personal[3]).all() and same.excluded == [3]
-    everyone = get_strategy("pilot", cfg("pilot.selection=all", "pilot.top_m=1")).aggregate(visual, text, n, tasks, 2)
+    everyone = get_strategy("pilot", task_world(tasks.tolist(), "pilot.selection=all")).aggregator.aggregate(
+        visual, text, n)
     torch.testing.assert_close(everyone.personal[:3], torch.full((3, 1), (0 + 6 + 20) / 6))
 
 

@@ -219,7 +219,7 @@ def test_feddpa_local_lora_is_float32_in_a_bf16_model(small_world):
     pm, _, _ = build(small_world, dtype="bfloat16")
     c = load_config(SMOKE, ["fl.strategy=feddpa", "fl.num_clients=3", "fl.client_tasks=[vqa, caption, grounding]",
                             "pilot.top_m=1"])
-    get_strategy("feddpa", c).prepare_model(pm)
+    get_strategy("feddpa", c).policy.prepare_model(pm)
     local = pm.lora_named_parameters("local")
     assert local and all(p.dtype == torch.float32 for _, p in local)
 

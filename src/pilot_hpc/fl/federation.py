@@ -12,6 +12,7 @@ another on one shared model, swapping their personal state in and out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,9 +25,11 @@ from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl.comm import Comm, block_ranges
-from pilot_hpc.fl.flat import flatten, numel, to_wire
-from pilot_hpc.fl.stream import StreamedExchange
+from pilot_hpc.fl.flat import flatten, to_wire
+from pilot_hpc.fl.stream import Exchange
 from pilot_hpc.fl.strategies import Strategy
+from pilot_hpc.fl.transforms import Chain
+from pilot_hpc.fl.update import Part, Participation, build_update, part_params, part_widths
 from pilot_hpc.metrics.generation import evaluate_client, prediction_rows, write_predictions
 from pilot_hpc.metrics.scores import mc_unparsed
 from pilot_hpc.model.llava import PilotModel
@@ -35,6 +38,11 @@ from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, lr_field, seed_for
 
 log = logging.getLogger("pilot_hpc.fl")
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 # bad_samples: the unreadable samples its round left out (data.on_bad_sample=skip).
@@ -93,10 +101,13 @@ class Federation:
         self.leader = group is None or group.rank == 0
         self.pm = pm
         self.strategy = strategy
+        self.policy, self.aggregator = strategy.policy, strategy.aggregator
+        # Set by main (None: a strategy that exchanges nothing).
+        self.exchanger: Exchange | None = None
+        self.transforms = Chain([])
         self.slots = slots
         self.device = device
         self.num_clients = cfg.fl.num_clients
-        self.num_tasks = len(cfg.tasks)
         self.blocks = block_ranges(self.num_clients, self.world.size // cfg.run.ranks_per_client)
         self.t_start = time.perf_counter()
         self.client_group = ClientGroup(rank=0, size=1, share=lambda value: value)
@@ -128,9 +139,9 @@ class Federation:
             first = start.round + 1 if start.complete else start.round
         for round_ in range(first, self.cfg.fl.rounds + 1):
             t0 = time.perf_counter()
-            stage = self.strategy.stage(round_)
+            stage = self.policy.stage(round_)
             stopped = self.train_clients(round_, stage)
-            stop, finite = self.stop_vote(stopped)
+            stop, finite = self.stop_vote(stopped, round_)
             if stop:
                 path = self.checkpoint(round_, complete=False, history=history)
                 if self.world.any(self.bad_sample is not None, tag="bad_sample"):
@@ -153,8 +164,8 @@ class Federation:
         first client's."""
         if self.leader and self.comm.rank == 0 and self.slots:
             with hosting(self.pm, self.slots[0]):
-                self.strategy.init_server(flatten(self.strategy.visual_params(self.pm)),
-                                          flatten(self.strategy.text_params(self.pm)))
+                self.aggregator.init_server({part: flatten(params)
+                                             for part, params in part_params(self.policy, self.pm).items()})
 
     def record_round(self, history: list, round_: int, stage: int, rows: list[dict] | None, t0: float) -> None:
         if rows is not None:
@@ -166,7 +177,7 @@ class Federation:
         aux = self.pm.aux()
         t = self.cfg.train
         weights = {"diff": t.lambda_diff, "balance": t.lambda_balance, "z": t.lambda_z}
-        return {**{k: weights[k] * v for k, v in aux.items()}, **self.strategy.extra_loss(self.pm)}
+        return {**{k: weights[k] * v for k, v in aux.items()}, **self.policy.extra_loss(self.pm)}
 
     def should_stop(self, round_: int, step: int) -> bool:
         faults.maybe_signal(self.world.rank, round_, step)
@@ -176,7 +187,9 @@ class Federation:
         """Local training of this rank's clients on the datasets the strategy names; True
         when a stop request interrupted it."""
         stopped = False
-        jobs = self.strategy.local_jobs(self.slots)
+        selected = self.selected(round_)
+        # A client the aggregator left out of this round trains nothing and keeps its state.
+        jobs = [(slot, data) for slot, data in self.policy.local_jobs(self.slots) if bool(selected[slot.k])]
         for slot, dataset in jobs:
             if slot.status is Status.DONE:  # finished before an interruption of this round
                 continue
@@ -185,7 +198,7 @@ class Federation:
                 continue  # stays pending (or partial)
             stopped |= self.train_one(slot, dataset, round_, stage, jobs)
         if not stopped:
-            self.strategy.after_local(self.slots)
+            self.policy.after_local(self.slots)
         return stopped
 
     def train_one(self, slot: ClientSlot, dataset, round_: int, stage: int, jobs: list = ()) -> bool:
@@ -193,7 +206,7 @@ class Federation:
         jobs: this rank's (client, dataset) jobs of the round (the rank's ETA counts the later ones)."""
         with hosting(self.pm, slot):
             resume_from = slot.start()
-            self.strategy.begin_round(self.pm, round_, slot.pre_state)
+            self.policy.begin_round(self.pm, round_, slot.pre_state)
             self.pm.set_stage(stage)
             if faults.hit("raise", client=slot.k, round=round_):
                 raise RuntimeError(f"injected failure (PILOT_HPC_INJECT) in client {slot.k}, round {round_}")
@@ -221,9 +234,9 @@ class Federation:
             slot.finish(res, self.pm.get_state())
             if faults.hit("nan_update", client=slot.k, round=round_):
                 with torch.no_grad():
-                    for p in self.strategy.visual_params(self.pm):
+                    for p in self.policy.shared_params(self.pm):
                         p.fill_(float("nan"))
-            update = self.strategy.visual_params(self.pm) + self.strategy.text_params(self.pm)
+            update = self.policy.shared_params(self.pm) + self.policy.personal_params(self.pm)
             if not (res.finite and all(bool(torch.isfinite(p).all()) for p in update)):
                 log.warning("client %d: non-finite update in round %d: excluded from aggregation; the client "
                             "keeps its parameters from the start of the round", slot.k, round_)
@@ -250,13 +263,15 @@ class Federation:
 
         return dataclasses.replace(hooks, progress=progress)
 
-    def stop_vote(self, stopped: bool) -> tuple[bool, bool]:
+    def stop_vote(self, stopped: bool, round_: int) -> tuple[bool, bool]:
         """Everyone meets here after local training: (stop, finite) in one allreduce. stop: one
         stopped rank makes all of them checkpoint and exit. finite: some client, on some
         rank, has a finite update; False (every client excluded) ends the run, whatever the
         strategy (one that exchanges nothing would otherwise carry on as if it had trained)."""
+        selected = self.selected(round_)
         stop, finite = self.world.any_each([stopped or self.world.stop_requested(),
-                                            any(slot.finite for slot in self.slots)], tag="stop")
+                                            any(slot.finite for slot in self.slots if bool(selected[slot.k]))],
+                                           tag="stop")
         return stop, finite
 
     def no_finite_update(self, round_: int, stage: int) -> NoFiniteUpdate:
@@ -271,43 +286,49 @@ class Federation:
                               newest)
 
     # ------------------------------------------------------------------ exchange
+    def selected(self, round_: int) -> torch.Tensor:
+        """[K] bool: the round's participants (the aggregator's choice; everyone when the
+        strategy exchanges nothing)."""
+        if self.aggregator is None:
+            return torch.ones(self.num_clients, dtype=torch.bool)
+        return self.aggregator.select(round_)
+
     def exchange(self, round_: int) -> None:
-        """Streamed Gatherv of the updates -> mix on rank 0's device -> Bcast shared,
-        Scatterv personal (fl/stream.py) -> install. Strategies that send nothing (local,
-        centralized) and the members of a client group (their leader exchanges) only
-        close the round."""
-        if self.strategy.communicates and self.leader:
-            self.streamed_exchange(round_)
+        """Each participant's update, encoded -> the exchange (fl/stream.py: streamed Gatherv,
+        mix on rank 0's device, Bcast shared, Scatterv personal) -> install. Strategies that
+        send nothing (local, centralized) and the members of a client group (their leader
+        exchanges) only close the round."""
+        if self.aggregator is not None and self.leader:
+            self.exchange_updates(round_)
         for slot in self.slots:
             slot.next_round()
 
-    def streamed_exchange(self, round_: int) -> None:
-        comm, pm, strat = self.comm, self.pm, self.strategy
-        # fl.wire_dtype (config.py says why float32 by default)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.fl.wire_dtype]
-        p_vis, p_txt = numel(strat.visual_params(pm)), numel(strat.text_params(pm))
-        # [n_local, Pv + Pt] on the model's device; a bad update travels as zeros and
-        # its good flag tells the server to leave it out.
-        local = torch.zeros(len(self.slots), p_vis + p_txt, dtype=dtype, device=self.device)
-        for i, slot in enumerate(self.slots):
-            if slot.finite:
-                with hosting(pm, slot):
-                    local[i] = flatten(strat.visual_params(pm) + strat.text_params(pm), device=self.device).to(dtype)
-        meta = np.array([[s.n, int(s.finite)] for s in self.slots], dtype=np.int64).reshape(-1, 2)
-        tasks = torch.tensor([self.cfg.tasks.index(t) for t in self.cfg.fl.client_tasks])
+    def exchange_updates(self, round_: int) -> None:
+        comm, pm = self.comm, self.pm
+        selected = self.selected(round_)
+        sending = [slot for slot in self.slots if bool(selected[slot.k])]
+        updates = []
+        for slot in sending:
+            # A bad update travels as zeros; its status tells the server to leave it out.
+            status = Participation.PARTICIPATED if slot.finite else Participation.EXCLUDED_NONFINITE
+            with hosting(pm, slot):
+                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, slot.n, status, round_,
+                                                                   device=self.device)))
+        with hosting(pm, self.slots[0]) if self.slots else _nothing():
+            widths = part_widths(self.policy, pm)
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
-        got = StreamedExchange(comm, self.blocks, self.device, self.cfg.fl.chunk_mb).run(
-            strat, local, meta, p_vis, tasks, self.num_tasks)
+        got = self.exchanger.run(self.aggregator, updates, widths, self.transforms.wire_dtype, selected,
+                                 decode=self.transforms.decode)
         # This rank's bytes (sent + received) and seconds of the exchange, for TensorBoard.
         self.exchange_stats = (sum(t.sent + t.received for t in comm.traffic[n_traffic:]), time.perf_counter() - t0)
-        del local
+        del updates
         if got.excluded:
             log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_, got.excluded)
         log.debug("round %d: exchange and aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
-        for i, slot in enumerate(self.slots):
+        for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 with hosting(pm, slot):
-                    strat.install(pm, got.shared, got.personal[i], round_)
+                    self.policy.install(pm, got.shared, got.personal[i])
                     slot.state = pm.get_state()
 
     # ------------------------------------------------------------------ evaluation
@@ -416,7 +437,7 @@ class Federation:
         if not self.leader:
             return ""
         return resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
-                           server=self.strategy.server_state(),
+                           server=self.aggregator.server_state() if self.aggregator is not None else {},
                            clients={s.k: s.record(complete) for s in self.slots})
 
     def locate(self, expected: dict[str, tuple[int, ...]]) -> resume.ResumePoint | None:
@@ -427,7 +448,11 @@ class Federation:
         if start is not None:
             for slot in self.slots:
                 slot.restore(start.clients[slot.k], start.complete)
-            self.strategy.load_server_state(start.server)
+            if self.aggregator is not None:
+                self.aggregator.load_server_state(start.server)
+            elif start.server:
+                raise ValueError(f"strategy {self.strategy.name!r} keeps no server state, but the checkpoint has "
+                                 f"{sorted(start.server)}")
         return start
 
     # ------------------------------------------------------------------ client groups

@@ -34,6 +34,16 @@ import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import from_wire, to_wire
+from pilot_hpc.fl.update import ClientUpdate, Part, Participation
+
+
+@dataclass
+class MixRows:
+    """A MixPlan restricted to the rows that travel: [S, k] and [k, k] over the k sending clients."""
+
+    shared: torch.Tensor
+    personal: torch.Tensor
+    excluded: list[int]
 
 
 # Columns per mixing sub-block on the CPU: a [9, 16384] float32 block (576 KiB) stays in
@@ -147,57 +157,112 @@ def gram_in_place(gram: torch.Tensor, block: torch.Tensor, device: torch.device,
 
 @dataclass
 class Received:
-    shared: torch.Tensor  # [S, Pv] host tensor: the broadcast rows (every rank)
-    personal: torch.Tensor  # [n_local, Pt] host tensor: this rank's clients' rows
-    excluded: list[int] | None  # on the server: clients left out (non-finite update)
+    shared: torch.Tensor  # [S, P_shared] host tensor: the broadcast rows (every rank)
+    personal: torch.Tensor  # [n_sending_local, P_personal] host tensor: this rank's sending clients' rows
+    excluded: list[int] | None  # on the server: clients that sent but were left out (non-finite update)
 
 
-class StreamedExchange:
-    """One round's Gatherv -> mix -> Bcast/Scatterv, chunk by chunk (module docstring)."""
+class Exchange:
+    """One round's exchange between the clients' ranks and the server: given this rank's
+    encoded updates (only those whose status sends), the aggregator and the round's
+    participation mask, returns the shared rows and this rank's personal rows."""
+
+    def run(self, aggregator, updates: list[ClientUpdate], widths: tuple[int, int], dtype: torch.dtype,
+            selected: torch.Tensor, decode=None) -> Received:
+        raise NotImplementedError
+
+
+# Per sending client: (client id, sample count, Participation code).
+META = 3
+
+
+class StreamedExchange(Exchange):
+    """Gatherv -> mix -> Bcast/Scatterv, chunk by chunk (module docstring). A client that
+    was not selected has no row: its rank's counts leave it out, so it sends no bytes."""
 
     def __init__(self, comm, blocks: list[range], device: torch.device, chunk_mb: float, root: int = 0):
         self.comm, self.blocks, self.device, self.chunk_mb, self.root = comm, blocks, device, chunk_mb, root
         self.num_clients = sum(len(b) for b in blocks)
+        self.server = comm.rank == root
+        # Rows per rank and this rank's first row: every client's until run() knows the round's participants.
         self.sizes = [len(b) for b in blocks]
         self.first = blocks[comm.rank].start
-        self.server = comm.rank == root
 
-    def run(self, strategy, local: torch.Tensor, meta: np.ndarray, p_vis: int, tasks: torch.Tensor,
-            num_tasks: int) -> Received:
-        """local [n_local, Pv + Pt]: this rank's clients' updates (zeros for a bad one);
-        meta [n_local, 2]: (samples, good) per client."""
-        comm, k, dtype = self.comm, self.num_clients, local.dtype
-        width = local.shape[1]
+    def run(self, aggregator, updates: list[ClientUpdate], widths: tuple[int, int], dtype: torch.dtype,
+            selected: torch.Tensor, decode=None) -> Received:
+        """updates: this rank's sending clients' updates, in client order (a non-finite one
+        carries zero rows); widths: (P_shared, P_personal); dtype: the rows' wire dtype;
+        selected [K] bool: the round's participants (the same on every rank); decode(part,
+        block, cols): the server's transform chain on each gathered chunk."""
+        comm, k_all = self.comm, self.num_clients
+        p_shared, width = widths[0], widths[0] + widths[1]
+        sel = selected.cpu().bool()
+        # Rows per rank: its selected clients. Every rank knows them without a message.
+        self.sizes = [int(sel[b.start:b.stop].sum()) for b in self.blocks]
+        self.first = sum(self.sizes[:comm.rank])
+        k = sum(self.sizes)
+        if len(updates) != self.sizes[comm.rank]:
+            raise RuntimeError(f"rank {comm.rank}: {len(updates)} updates to send but {self.sizes[comm.rank]} of its "
+                               "clients are selected this round")
+        meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, META)
+        # [n_sending, P] on the model's device. Each update's rows are released once copied,
+        # so a rank holds its rows about once, not twice.
+        local = torch.zeros(len(updates), width, dtype=dtype, device=self.device)
+        for i, u in enumerate(updates):
+            local[i, :p_shared] = u.parts[Part.SHARED_BY_TASK]
+            local[i, p_shared:] = u.parts[Part.PERSONAL]
+            u.parts.clear()
         cols = chunk_columns(self.chunk_mb, local.element_size(), width)
-        meta_all = comm.gatherv(np.ascontiguousarray(meta, dtype=np.int64).reshape(-1),
-                                [2 * s for s in self.sizes], tag="num_samples", root=self.root, fast=False)
-        # The server's window: one [K, c] receive buffer, reused by every chunk.
+        meta_all = comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [META * s for s in self.sizes],
+                                tag="num_samples", root=self.root, fast=False)
+        # The server's window: one [k, c] receive buffer, reused by every chunk.
         recv = host_buffer(k * min(cols, max(width, 1)), dtype, self.device.type == "cuda") if self.server else None
-        plan = gram = None
+        plan = gram = ids = None
         if self.server:
-            counts = torch.from_numpy(meta_all.reshape(k, 2))
-            n, good = counts[:, 0], counts[:, 1].bool()
-            if strategy.needs_gram:
+            got = torch.from_numpy(meta_all.reshape(k, META))
+            ids = got[:, 0]
+            n = torch.zeros(k_all, dtype=torch.int64)
+            n[ids] = got[:, 1]
+            good = torch.zeros(k_all, dtype=torch.bool)
+            good[ids] = got[:, 2] == Participation.PARTICIPATED.code
+            if aggregator.needs_gram:
                 gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
-        if strategy.needs_gram:  # pass 1 (ATA): the Gram matrix of the text updates
-            for block in self.gather_blocks(local, spans(p_vis, width, cols), recv, tag="gram"):
+        if aggregator.needs_gram:  # pass 1 (ATA): the Gram matrix of the personal updates
+            for block in self.gather_blocks(local, spans(p_shared, width, cols), recv, tag="gram"):
                 if block is not None:
-                    gram_in_place(gram, block[1], self.device, ref=int(good.nonzero()[0]) if good.any() else 0)
+                    rows = self._decoded(decode, Part.PERSONAL, block[1], block[0] - p_shared)
+                    sent_good = good[ids]
+                    gram_in_place(gram, rows, self.device, ref=int(sent_good.nonzero()[0]) if sent_good.any() else 0)
         if self.server:
-            plan = strategy.plan(n, tasks, num_tasks, good, gram.cpu() if gram is not None else None)
-        shared = torch.empty(strategy.shared_rows(num_tasks), p_vis, dtype=dtype)
-        personal = torch.empty(self.sizes[comm.rank], width - p_vis, dtype=dtype)
+            full = None
+            if gram is not None:  # the sending clients' Gram, in place in the K x K one
+                full = torch.zeros(k_all, k_all, dtype=torch.float64)
+                full[ids[:, None], ids[None, :]] = gram.cpu()
+            plan = aggregator.plan(n, good, full)
+            # Coefficients over the rows that travel (every client when all take part).
+            plan = MixRows(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
+                           excluded=[c for c in plan.excluded if bool(sel[c])])
+        shared = torch.empty(aggregator.shared_rows(), p_shared, dtype=dtype)
+        personal = torch.empty(self.sizes[comm.rank], width - p_shared, dtype=dtype)
         if not self.server:  # receive buffers, reused by every chunk (fresh ones per chunk
             # grew the clients' resident memory by ~1 GB per 7B exchange, measured)
-            self.shared_in = host_buffer(shared.shape[0] * min(cols, max(p_vis, 1)), dtype, False)
-            self.personal_in = host_buffer(personal.shape[0] * min(cols, max(width - p_vis, 1)), dtype, False)
-        visual = spans(0, p_vis, cols)
-        for (a, b), block in zip(visual, self.gather_blocks(local, visual, recv, "update")):
-            self._send_shared(block, plan, strategy, shared, a, b)
-        text = spans(p_vis, width, cols)
-        for (a, b), block in zip(text, self.gather_blocks(local, text, recv, "update")):
-            self._send_personal(block, plan, strategy, personal, a - p_vis, b - p_vis)
+            self.shared_in = host_buffer(shared.shape[0] * min(cols, max(p_shared, 1)), dtype, False)
+            self.personal_in = host_buffer(personal.shape[0] * min(cols, max(width - p_shared, 1)), dtype, False)
+        part_cols = spans(0, p_shared, cols)
+        for (a, b), block in zip(part_cols, self.gather_blocks(local, part_cols, recv, "update")):
+            if block is not None:
+                block = (a, self._decoded(decode, Part.SHARED_BY_TASK, block[1], a))
+            self._send_shared(block, plan, aggregator, shared, a, b)
+        part_cols = spans(p_shared, width, cols)
+        for (a, b), block in zip(part_cols, self.gather_blocks(local, part_cols, recv, "update")):
+            if block is not None:
+                block = (a, self._decoded(decode, Part.PERSONAL, block[1], a - p_shared))
+            self._send_personal(block, plan, aggregator, personal, a - p_shared, b - p_shared)
         return Received(shared, personal, plan.excluded if plan is not None else None)
+
+    @staticmethod
+    def _decoded(decode, part: Part, block: torch.Tensor, a: int) -> torch.Tensor:
+        return block if decode is None else decode(part, block, (a, a + block.shape[1]))
 
     # ------------------------------------------------------------------ one chunk
     def gather_blocks(self, local: torch.Tensor, chunks: list[tuple[int, int]], recv, tag: str):
@@ -212,29 +277,30 @@ class StreamedExchange:
                 self.comm.gatherv(staged[i], counts, tag=tag, root=self.root)
                 yield None
                 continue
-            block = recv[: self.num_clients * c].view(self.num_clients, c)
+            rows = sum(self.sizes)  # the sending clients
+            block = recv[: rows * c].view(rows, c)
             # The server's own rows go straight to their place (the gather is in place).
             block[self.first:self.first + self.sizes[self.root]].copy_(local[:, a:b])
             self.comm.gatherv(None, counts, tag=tag, root=self.root, out=to_wire(block.reshape(-1)))
             yield a, block
 
-    def _send_shared(self, got, plan, strategy, shared: torch.Tensor, a: int, b: int) -> None:
+    def _send_shared(self, got, plan, aggregator, shared: torch.Tensor, a: int, b: int) -> None:
         rows = shared.shape[0]
         if self.server:
             out = mix_in_place(plan.shared, got[1], self.device,
-                               finish=lambda m, col: strategy.finish("visual", m, a + col))
+                               finish=lambda m, col: aggregator.finish(Part.SHARED_BY_TASK, m, a + col))
             wire = to_wire(out.reshape(-1))  # the block's first S rows: contiguous
         else:
             wire = to_wire(self.shared_in[: rows * (b - a)])
         self.comm.bcast(wire, tag="shared", root=self.root)
         shared[:, a:b] = from_wire(wire, shared.dtype).view(rows, b - a)
 
-    def _send_personal(self, got, plan, strategy, personal: torch.Tensor, a: int, b: int) -> None:
+    def _send_personal(self, got, plan, aggregator, personal: torch.Tensor, a: int, b: int) -> None:
         c = b - a
         counts = [s * c for s in self.sizes]
         if self.server:
             out = mix_in_place(plan.personal, got[1], self.device,
-                               finish=lambda m, col: strategy.finish("text", m, a + col))
+                               finish=lambda m, col: aggregator.finish(Part.PERSONAL, m, a + col))
             self.comm.scatterv(to_wire(out.reshape(-1)), counts, None, tag="personal", root=self.root,
                                root_in_place=True)
             personal[:, a:b] = out[self.first:self.first + self.sizes[self.root]]

@@ -17,13 +17,13 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 
 from pilot_hpc.config import load_config
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.fl.stream import StreamedExchange, chunk_columns, spans
+from pilot_hpc.fl.update import ClientUpdate, Part, Participation
 
 
 def proc_status(key: str) -> int:
@@ -60,11 +60,9 @@ def main(argv: list[str]) -> int:
     client_tasks = (["vqa", "caption", "grounding"] * k)[:k]
     cfg = load_config(None, [f"fl.num_clients={k}", f"fl.client_tasks={client_tasks}",
                              f"pilot.top_m={min(6, k - 1)}", f"fl.chunk_mb={args.chunk_mb}"])
-    tasks = torch.tensor([cfg.tasks.index(t) for t in client_tasks])
     width = args.visual + args.text
     # Drawn in its own dtype: a float32 draw would double every rank's peak (9 x 0.7 GB).
     local = torch.randn(1, width, generator=torch.Generator().manual_seed(comm.rank), dtype=dtype)
-    meta = np.array([[1000 + comm.rank, 1]], dtype=np.int64)
     blocks = block_ranges(k, comm.size)
     ex = StreamedExchange(comm, blocks, torch.device("cpu"), args.chunk_mb)
     cols = chunk_columns(args.chunk_mb, local.element_size(), width)
@@ -80,16 +78,22 @@ def main(argv: list[str]) -> int:
         gather_s.append(time.perf_counter() - t0)
     del recv
 
-    strategy = get_strategy("pilot", cfg)
+    aggregator = get_strategy("pilot", cfg).aggregator
+    everyone = torch.ones(k, dtype=torch.bool)
+
+    def updates() -> list[ClientUpdate]:  # views of `local`: no copy
+        return [ClientUpdate(client=comm.rank, num_samples=1000 + comm.rank, status=Participation.PARTICIPATED,
+                             parts={Part.SHARED_BY_TASK: local[0, :args.visual], Part.PERSONAL: local[0, args.visual:]})]
+
     # A first exchange warms up what every later round reuses (MPI's shared-memory
     # queues, the BLAS thread pool and scratch); the second one is measured.
-    first = ex.run(strategy, local, meta, args.visual, tasks, len(cfg.tasks))
+    first = ex.run(aggregator, updates(), (args.visual, args.text), dtype, everyone)
     del first
     comm.barrier()
     rss0 = proc_status("VmRSS")
     peak_ok = reset_peak()
     t0 = time.perf_counter()
-    got = ex.run(strategy, local, meta, args.visual, tasks, len(cfg.tasks))
+    got = ex.run(aggregator, updates(), (args.visual, args.text), dtype, everyone)
     exchange_s = time.perf_counter() - t0
     peak = proc_status("VmHWM") - rss0
     results = (got.shared.numel() + got.personal.numel()) * got.shared.element_size()

@@ -43,7 +43,7 @@ def report(lora_r: int, lora_alpha: int, num_tasks: int, num_clients: int, dtype
     bytes_per = torch.finfo(getattr(torch, dtype)).bits // 8
     lora = count(p for _, p in pm.lora_named_parameters())
     adapter = count(connector.task_adapter.parameters())
-    sent = count(pilot.visual_params(pm)) + count(pilot.text_params(pm))
+    sent = count(pilot.policy.shared_params(pm)) + count(pilot.policy.personal_params(pm))
     lines = [f"LLaVA-1.5-7B + Pilot connector + LoRA r={lora_r} ({num_tasks} tasks, {num_clients} clients, {dtype})",
              f"  base model (frozen, never sent):  {count(model.parameters()) - lora - count(connector.parameters()) + adapter:>14,}",
              f"  one adapter (projector shape):    {adapter:>14,}",
@@ -69,7 +69,7 @@ def ct_clip_lines(m: ModelConfig, num_tasks: int, sent: int, bytes_per: int, dty
         peft_model, connector = attach_pilot(model, m, num_tasks, 0, seed=0, pilot=PilotConfig(ct_clip=True))
     pm = PilotModel(peft_model, connector, None, None, 576)
     pilot = get_strategy("pilot", load_config(None, ["pilot.ct_clip=true"]))
-    sent_ct = count(pilot.visual_params(pm)) + count(pilot.text_params(pm))
+    sent_ct = count(pilot.policy.shared_params(pm)) + count(pilot.policy.personal_params(pm))
     extra = ct_clip_counts(pm.model.base_model.model.model.vision_tower, num_tasks)
     pm.set_stage(2)
     trainable = count(p for p in peft_model.parameters() if p.requires_grad)

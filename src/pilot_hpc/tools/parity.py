@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.overrides)
         if code1 != 0:
             verdict = f"W = 1 failed (exit {code1}): {err1.strip().splitlines()[-1] if err1.strip() else ''}"
-        elif REGISTRY[name].pooled:
+        elif REGISTRY[name][0].pooled:  # the client policy decides pooling
             verdict = ("W = 1 only, as designed: the MPI run was refused (exit 2)" if code_w == 2
                        else f"the MPI run should be refused with exit 2, got {code_w}")
         elif code_w != 0:

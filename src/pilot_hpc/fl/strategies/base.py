@@ -1,4 +1,16 @@
-"""The strategy contract and its registry (no if/elif ladder over algorithm names)."""
+"""The strategy contract: a client-side policy and a server-side aggregator, registered
+in pairs by name (no if/elif ladder over algorithm names).
+
+ClientPolicy (runs on every client's rank): prepares the model, names the stage of a
+round, adds loss terms to local training, says which parameters leave the client in
+each part of its update (pilot_hpc.fl.update), and installs what comes back.
+
+Aggregator (runs on the server, rank 0): which clients take part in a round (a pure
+function of the seed and the round), the linear mixing plan, the element-wise server
+step applied chunk by chunk, and the state the server keeps across rounds.
+
+A strategy whose aggregator is None exchanges nothing (local training, centralized).
+"""
 
 from __future__ import annotations
 
@@ -8,61 +20,40 @@ import torch
 
 from pilot_hpc.config import ConfigError
 from pilot_hpc.fl import aggregate
+from pilot_hpc.fl.update import Part
 
-REGISTRY: dict[str, type["Strategy"]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-    return wrap
+REGISTRY: dict[str, tuple[type["ClientPolicy"], type["Aggregator"] | None]] = {}
 
 
-def get_strategy(name: str, cfg) -> "Strategy":
-    if name not in REGISTRY:
-        raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
-    return REGISTRY[name](cfg)
+def register(name: str, policy: type["ClientPolicy"], aggregator: type["Aggregator"] | None) -> None:
+    REGISTRY[name] = (policy, aggregator)
 
 
 @dataclass
 class MixPlan:
-    """How the server mixes the stacked updates: every strategy's aggregation is linear
-    in the clients' updates (then an optional element-wise step, see Strategy.finish),
-    so the streamed exchange can apply it to one column chunk at a time."""
+    """How the server mixes the stacked updates: every aggregation is linear in the
+    clients' updates (then an optional element-wise step, see Aggregator.finish), so the
+    streamed exchange can apply it to one column chunk at a time."""
 
-    shared: torch.Tensor  # [S, K] float64: shared row s = sum_k shared[s, k] * visual_k (NaN row: none)
-    personal: torch.Tensor  # [K, K] float64: client k's text = sum_j personal[k, j] * text_j (NaN row: none)
+    shared: torch.Tensor  # [S, K] float64: shared row s = sum_k shared[s, k] * shared_by_task_k (NaN row: none)
+    personal: torch.Tensor  # [K, K] float64: client k's personal = sum_j personal[k, j] * personal_j (NaN row: none)
     excluded: list[int] = field(default_factory=list)  # clients left out (non-finite update)
 
 
 @dataclass
 class ServerResult:
-    shared: torch.Tensor  # [S, Pv]: broadcast to every client (e.g. the T task adapters)
-    personal: torch.Tensor  # [K, Pt]: row k goes to client k only
+    shared: torch.Tensor  # [S, P_shared]: broadcast to every client (e.g. the T task adapters)
+    personal: torch.Tensor  # [K, P_personal]: row k goes to client k only
     excluded: list[int] = field(default_factory=list)  # clients left out (non-finite update)
 
 
-class Strategy:
-    """What a client sends, how the server mixes it, and how a client installs the result.
+class ClientPolicy:
+    """What a client trains, what it sends, and how it installs the server's answer.
 
-    A client's update has two parts that the server treats differently: `visual`
-    (connector adapters) and `text` (LoRA). Both are lists of live parameters in a
-    fixed order, so flattening and installing are slices of one buffer.
-    """
+    The parts are lists of live parameters in a fixed order, so flattening and
+    installing are slices of one buffer."""
 
-    name = "base"
-    communicates = True  # False: no exchange at all (local training, centralized)
     pooled = False  # True: one model trains on every client's data, so the run needs one process
-
-    def local_jobs(self, slots: list) -> list[tuple]:
-        """(client, training set) pairs of a round's local training on this rank: by
-        default every client on its own data."""
-        return [(slot, slot.train) for slot in slots]
-
-    def after_local(self, slots: list) -> None:
-        """After this rank's local training finished (not after an interruption)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -74,63 +65,115 @@ class Strategy:
     def stage(self, round_: int) -> int:
         raise NotImplementedError
 
-    def visual_params(self, pm) -> list[torch.Tensor]:
-        raise NotImplementedError
+    def local_jobs(self, slots: list) -> list[tuple]:
+        """(client, training set) pairs of a round's local training on this rank: by
+        default every client on its own data."""
+        return [(slot, slot.train) for slot in slots]
 
-    def text_params(self, pm) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def shared_rows(self, num_tasks: int) -> int:
-        raise NotImplementedError
+    def after_local(self, slots: list) -> None:
+        """After this rank's local training finished (not after an interruption)."""
 
     def begin_round(self, pm, round_: int, start_state: dict[str, torch.Tensor]) -> None:
-        """Client-side set-up before local training (e.g. entering stage 2). Also called
-        when an interrupted round resumes, so it must be idempotent; start_state is the
-        client's state at the round's start (its `get_state()` keys)."""
-
-    # Server side. needs_gram: plan() wants the K x K Gram matrix of the text updates
-    # (the streamed exchange then makes a first pass over them to build it).
-    needs_gram = False
-
-    def plan(self, n: torch.Tensor, tasks: torch.Tensor, num_tasks: int, good: torch.Tensor,
-             gram: torch.Tensor | None) -> MixPlan:
-        """The mixing coefficients from the sample counts, tasks, good-client mask [K] and,
-        when needs_gram, the float64 Gram matrix of the text updates."""
-        raise NotImplementedError
-
-    def finish(self, part: str, rows: torch.Tensor, offset: int) -> None:
-        """An element-wise server step on mixed rows, in place: `rows` [R, c] are columns
-        offset .. offset + c of `part` ("visual" or "text"). Called once per column chunk,
-        in order (FedAdam's optimizer step lives here)."""
-
-    def aggregate(self, visual: torch.Tensor, text: torch.Tensor, n: torch.Tensor, tasks: torch.Tensor,
-                  num_tasks: int) -> ServerResult:
-        """The whole server step on [K, P] tensors in one go: the reference that the streamed
-        exchange must match. A client whose row holds NaN/Inf is excluded."""
-        good = aggregate.finite_rows(visual) & aggregate.finite_rows(text)
-        gram = None
-        if self.needs_gram:
-            gram = aggregate.gram_matrix(aggregate.zero_bad_rows(text, good))
-        plan = self.plan(n, tasks, num_tasks, good, gram)
-        shared, personal = aggregate.mix(plan.shared, visual, good), aggregate.mix(plan.personal, text, good)
-        self.finish("visual", shared, 0)
-        self.finish("text", personal, 0)
-        return ServerResult(shared=shared, personal=personal, excluded=plan.excluded)
-
-    def install(self, pm, shared: torch.Tensor, personal: torch.Tensor, round_: int) -> None:
-        raise NotImplementedError
-
-    def init_server(self, visual: torch.Tensor, text: torch.Tensor) -> None:
-        """Rank 0, before round 1: the common initial update (what every client starts from)."""
+        """Set-up before local training (e.g. entering stage 2). Also called when an
+        interrupted round resumes, so it must be idempotent; start_state is the client's
+        state at the round's start (its `get_state()` keys)."""
 
     def extra_loss(self, pm) -> dict[str, torch.Tensor]:
         """Terms added to each local step's loss (FedProx's proximal term)."""
         return {}
 
+    def shared_params(self, pm) -> list[torch.Tensor]:
+        """The part the server mixes per task and broadcasts (Part.SHARED_BY_TASK)."""
+        raise NotImplementedError
+
+    def personal_params(self, pm) -> list[torch.Tensor]:
+        """The part the server mixes per client and returns to that client (Part.PERSONAL)."""
+        raise NotImplementedError
+
+    def install(self, pm, shared: torch.Tensor, personal: torch.Tensor) -> None:
+        """Puts the server's answer into the hosted client: `shared` [S, P_shared] (every
+        task's row), `personal` [P_personal] (this client's row). A NaN row means "no
+        answer for it this round": the client keeps what it has."""
+        raise NotImplementedError
+
+
+class Aggregator:
+    """The server's side: participation, the mixing plan, the server step, its state."""
+
+    # plan() wants the K x K Gram matrix of the personal updates (the streamed exchange
+    # then makes a first pass over them to build it).
+    needs_gram = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.num_clients = cfg.fl.num_clients
+        self.num_tasks = len(cfg.tasks)
+        self.tasks = torch.tensor([cfg.tasks.index(t) for t in cfg.fl.client_tasks])  # [K] task ids
+
+    def shared_rows(self) -> int:
+        raise NotImplementedError
+
+    def select(self, round_: int) -> torch.Tensor:
+        """[K] bool: the clients that take part in `round_`, a pure function of the run's
+        seed and the round, so every rank (and a resumed run) computes the same set
+        without a message. Every client by default."""
+        return torch.ones(self.num_clients, dtype=torch.bool)
+
+    def plan(self, n: torch.Tensor, good: torch.Tensor, gram: torch.Tensor | None) -> MixPlan:
+        """The mixing coefficients from the sample counts [K], the good-client mask [K]
+        (taking part and finite) and, when needs_gram, the float64 Gram matrix of the
+        personal updates."""
+        raise NotImplementedError
+
+    def finish(self, part: Part, rows: torch.Tensor, offset: int) -> None:
+        """An element-wise server step on mixed rows, in place: `rows` [R, c] are columns
+        offset .. offset + c of `part`. Called once per column chunk, in order (FedAdam's
+        optimizer step lives here)."""
+
+    def init_server(self, parts: dict[Part, torch.Tensor]) -> None:
+        """Rank 0, before round 1: the common initial update (what every client starts from)."""
+
     def server_state(self) -> dict[str, torch.Tensor]:
-        """What the server keeps across rounds (checkpointed); Pilot keeps nothing."""
+        """What the server keeps across rounds (checkpointed); most aggregators keep nothing."""
         return {}
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise ValueError(f"strategy {self.name!r} keeps no server state, but the checkpoint has {sorted(state)}")
+            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint has {sorted(state)}")
+
+    def aggregate(self, shared: torch.Tensor, personal: torch.Tensor, n: torch.Tensor) -> ServerResult:
+        """The whole server step on [K, P] tensors in one go: the reference that the streamed
+        exchange must match. A client whose row holds NaN/Inf is excluded."""
+        good = aggregate.finite_rows(shared) & aggregate.finite_rows(personal)
+        gram = None
+        if self.needs_gram:
+            gram = aggregate.gram_matrix(aggregate.zero_bad_rows(personal, good))
+        plan = self.plan(n, good, gram)
+        mixed_shared, mixed_personal = aggregate.mix(plan.shared, shared, good), aggregate.mix(plan.personal, personal, good)
+        self.finish(Part.SHARED_BY_TASK, mixed_shared, 0)
+        self.finish(Part.PERSONAL, mixed_personal, 0)
+        return ServerResult(shared=mixed_shared, personal=mixed_personal, excluded=plan.excluded)
+
+
+@dataclass
+class Strategy:
+    """A registered pair: the client policy and the aggregator (None: no exchange)."""
+
+    name: str
+    policy: ClientPolicy
+    aggregator: Aggregator | None
+
+    @property
+    def communicates(self) -> bool:
+        return self.aggregator is not None
+
+    @property
+    def pooled(self) -> bool:
+        return self.policy.pooled
+
+
+def get_strategy(name: str, cfg) -> Strategy:
+    if name not in REGISTRY:
+        raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
+    policy, aggregator = REGISTRY[name]
+    return Strategy(name=name, policy=policy(cfg), aggregator=aggregator(cfg) if aggregator is not None else None)

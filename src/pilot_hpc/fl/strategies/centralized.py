@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pilot_hpc.fl.strategies.base import register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient
 
 
 class PooledDataset(torch.utils.data.Dataset):
@@ -26,9 +26,7 @@ class PooledDataset(torch.utils.data.Dataset):
         return self.parts[part][i - int(self.offsets[part])]
 
 
-@register("centralized")
-class Centralized(FedAvg):
-    communicates = False
+class CentralizedClient(FedAvgClient):
     pooled = True
 
     def local_jobs(self, slots: list) -> list[tuple]:
@@ -39,3 +37,6 @@ class Centralized(FedAvg):
         """Then every client holds that model."""
         for slot in slots[1:]:
             slot.adopt(slots[0])
+
+
+register("centralized", CentralizedClient, None)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from pilot_hpc.fl.strategies.base import MixPlan, register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.base import register
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient, FedAvgServer
+from pilot_hpc.fl.update import Part
 
 
 def adam_server_step(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, avg: torch.Tensor, *, lr: float,
@@ -33,25 +34,25 @@ def adam_server_step(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, avg: tor
     return w + lr * m / (v.sqrt() + tau), m, v
 
 
-@register("fedadam")
-class FedAdam(FedAvg):
+class FedAdamServer(FedAvgServer):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.state: dict[str, torch.Tensor] = {}
 
-    def plan(self, n, tasks, num_tasks, good, gram) -> MixPlan:
-        """FedAvg's plan, with every good client weighing the same under
+    def weights(self, n: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+        """FedAvg's weights, or every good client weighing the same under
         fedadam.weighting=uniform (equal counts give equal weights)."""
         if self.cfg.fedadam.weighting == "uniform":
             n = torch.ones_like(n)
-        return super().plan(n, tasks, num_tasks, good, gram)
+        return super().weights(n, good)
 
-    def init_server(self, visual: torch.Tensor, text: torch.Tensor) -> None:
-        w = torch.cat([visual.float(), text.float()])
+    def init_server(self, parts: dict[Part, torch.Tensor]) -> None:
+        shared, personal = parts[Part.SHARED_BY_TASK], parts[Part.PERSONAL]
+        w = torch.cat([shared.float(), personal.float()])
         self.state = {"w": w, "m": torch.zeros_like(w), "v": torch.zeros_like(w),
-                      "split": torch.tensor(visual.numel())}
+                      "split": torch.tensor(shared.numel())}
 
-    def finish(self, part: str, rows: torch.Tensor, offset: int) -> None:
+    def finish(self, part: Part, rows: torch.Tensor, offset: int) -> None:
         """The server step on this chunk of the FedAvg mean (every row holds it), in place.
 
         The state (float32, on the CPU) is updated one column chunk at a time, so the
@@ -60,7 +61,7 @@ class FedAdam(FedAvg):
             raise RuntimeError("FedAdam: the server state was not initialised (init_server or a checkpoint)")
         if rows.numel() == 0 or not bool(torch.isfinite(rows[0]).all()):
             return  # nobody sent a usable update: the server state stays as it is
-        start = offset + (int(self.state["split"]) if part == "text" else 0)
+        start = offset + (int(self.state["split"]) if part is Part.PERSONAL else 0)
         cols = slice(start, start + rows.shape[1])
         a = self.cfg.fedadam
         w, m, v = adam_server_step(self.state["w"][cols], self.state["m"][cols], self.state["v"][cols],
@@ -77,3 +78,6 @@ class FedAdam(FedAvg):
         if state and missing:
             raise ValueError(f"FedAdam server state lacks {sorted(missing)}")
         self.state = {k: v.clone() for k, v in state.items()}
+
+
+register("fedadam", FedAvgClient, FedAdamServer)

@@ -30,7 +30,7 @@ like FedAvg makes the local LoRA the only difference from FedAvg, so the compari
 measures FedDPA's contribution; keeping the projector on the client (as Shepherd does)
 would add a second, unrelated personalisation.
 
-The server side (aggregation, install) is FedAvg's unchanged: `text_params` is the
+The server side (aggregation, install) is FedAvg's unchanged: `personal_params` is the
 global adapter only, so the local adapter never enters the exchange. The local adapter
 is in `PilotModel.get_state()` (every "lora_" parameter is), hence part of each client's
 personal state: swapped with the client when a rank hosts several, and checkpointed.
@@ -44,7 +44,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from pilot_hpc.fl.strategies.base import register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient, FedAvgServer
 
 GLOBAL = "default"  # the adapter get_peft_model made (attach_pilot): sent and aggregated
 LOCAL = "local"  # added by prepare_model: never leaves the client
@@ -60,8 +60,7 @@ def set_mix(peft_model, weights: dict[str, float]) -> int:
     return len(layers)
 
 
-@register("feddpa")
-class FedDPA(FedAvg):
+class FedDPAClient(FedAvgClient):
     def prepare_model(self, pm) -> None:
         a = self.cfg.feddpa.local_weight
         config = copy.deepcopy(pm.model.peft_config[GLOBAL])
@@ -79,5 +78,8 @@ class FedDPA(FedAvg):
         # set_adapter marks both adapters trainable: restore the current stage's flags.
         pm.set_stage(pm.connector.stage)
 
-    def text_params(self, pm) -> list[torch.Tensor]:
+    def personal_params(self, pm) -> list[torch.Tensor]:
         return [p for _, p in pm.lora_named_parameters(GLOBAL)]
+
+
+register("feddpa", FedDPAClient, FedAvgServer)

@@ -6,15 +6,14 @@ from __future__ import annotations
 import torch
 
 from pilot_hpc.fl.strategies.base import register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient, FedAvgServer
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     return (mu / 2.0) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
-@register("fedprox")
-class FedProx(FedAvg):
+class FedProxClient(FedAvgClient):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.anchor: list[torch.Tensor] = []
@@ -27,5 +26,8 @@ class FedProx(FedAvg):
         self.anchor = [start_state[n].detach().clone() for n in names]
 
     def extra_loss(self, pm) -> dict[str, torch.Tensor]:
-        return {"prox": proximal_term(self.visual_params(pm) + self.text_params(pm), self.anchor,
+        return {"prox": proximal_term(self.shared_params(pm) + self.personal_params(pm), self.anchor,
                                       self.cfg.fedprox.mu)}
+
+
+register("fedprox", FedProxClient, FedAvgServer)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from pilot_hpc.fl.strategies.base import register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient
 
-
-@register("local")
-class Local(FedAvg):
-    communicates = False
+# FedAvg's client (stage PLAIN, projector and LoRA trained) with no aggregator: no exchange.
+register("local", FedAvgClient, None)

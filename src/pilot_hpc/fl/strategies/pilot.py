@@ -6,7 +6,7 @@ import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import unflatten_into
-from pilot_hpc.fl.strategies.base import MixPlan, Strategy, register
+from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 
 
 def _top_m(cfg, n, tasks, num_tasks, good, gram):
@@ -35,21 +35,17 @@ def _task_module(conn, t: int):
     return conn.foreign[conn.foreign_tasks().index(t)]
 
 
-@register("pilot")
-class Pilot(Strategy):
+class PilotClient(ClientPolicy):
     def stage(self, round_: int) -> int:
         return 1 if round_ == 1 else 2
 
-    def visual_params(self, pm) -> list[torch.Tensor]:
+    def shared_params(self, pm) -> list[torch.Tensor]:
         # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module; with
         # CT-CLIP every CLIP MLP's psi_t follows the connector's, aggregated alike.
         return [p for m in pm.pilot_modules() for p in m.task_adapter.parameters()]
 
-    def text_params(self, pm) -> list[torch.Tensor]:
+    def personal_params(self, pm) -> list[torch.Tensor]:
         return [p for _, p in pm.lora_named_parameters()]
-
-    def shared_rows(self, num_tasks: int) -> int:
-        return num_tasks
 
     def begin_round(self, pm, round_: int, start_state) -> None:
         # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
@@ -58,23 +54,34 @@ class Pilot(Strategy):
                 if not m.cross_ready:
                     m.init_cross_adapters()
 
+    def install(self, pm, shared, personal) -> None:
+        for t in range(shared.shape[0]):
+            if torch.isfinite(shared[t]).all():  # NaN row: no good client of task t this round
+                # Task t's adapter goes to the own expert (t = own task) or to foreign
+                # expert t, in every module, in shared_params' order.
+                unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
+        unflatten_into(personal, self.personal_params(pm))
+
+
+class PilotServer(Aggregator):
+    """Task-aware averaging of the task adapters (one row per task) and, for the LoRA,
+    pilot.selection: ATA's top-M (needs the Gram matrix), same-task or all."""
+
+    def shared_rows(self) -> int:
+        return self.num_tasks
+
     @property
     def needs_gram(self) -> bool:
         return self.cfg.pilot.selection == "topm"
 
-    def plan(self, n, tasks, num_tasks, good, gram) -> MixPlan:
-        shared = aggregate.task_aware_coefficients(n, tasks, num_tasks, good)  # [T, K]
+    def plan(self, n, good, gram) -> MixPlan:
+        shared = aggregate.task_aware_coefficients(n, self.tasks, self.num_tasks, good)  # [T, K]
         if good.any():
-            personal = SELECTIONS[self.cfg.pilot.selection](self.cfg, n, tasks, num_tasks, good, gram)  # [K, K]
+            personal = SELECTIONS[self.cfg.pilot.selection](self.cfg, n, self.tasks, self.num_tasks, good, gram)  # [K, K]
         else:
             personal = torch.zeros(len(n), len(n), dtype=torch.float64)
         personal[~good.cpu()] = float("nan")  # an excluded client installs nothing
         return MixPlan(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
 
-    def install(self, pm, shared, personal, round_) -> None:
-        for t in range(shared.shape[0]):
-            if torch.isfinite(shared[t]).all():  # NaN row: no good client of task t this round
-                # Task t's adapter goes to the own expert (t = own task) or to foreign
-                # expert t, in every module, in visual_params' order.
-                unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
-        unflatten_into(personal, self.text_params(pm))
+
+register("pilot", PilotClient, PilotServer)

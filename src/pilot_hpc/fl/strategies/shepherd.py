@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from pilot_hpc.fl.strategies.base import register
-from pilot_hpc.fl.strategies.fedavg import FedAvg
+from pilot_hpc.fl.strategies.fedavg import FedAvgClient, FedAvgServer
 
 
-@register("shepherd")
-class Shepherd(FedAvg):
-    def visual_params(self, pm) -> list[torch.Tensor]:
+class ShepherdClient(FedAvgClient):
+    def shared_params(self, pm) -> list[torch.Tensor]:
         return []
 
+
+register("shepherd", ShepherdClient, FedAvgServer)

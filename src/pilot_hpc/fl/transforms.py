@@ -1,0 +1,116 @@
+"""Transforms of an update on its way: `encode` on the client before it leaves, `decode`
+on the server before mixing.
+
+The place for clipping, noise, masks and quantisation. Each transform is a small object
+built from the config; the chain runs the registered ones named in `fl.transforms`, in
+order, and then the wire dtype (`fl.wire_dtype`), which is always last on the client
+(first on the server). `encode` sees one part of one client's update at a time, `decode`
+one column chunk of one part of every sending client ([K_sending, c]) and must give it
+back in the same shape and dtype (the mix writes its result into that buffer).
+
+Adding one: subclass Transform, `register_transform("name")`, and name it in
+`fl.transforms` (or name a class outside pilot_hpc as `module:Class`); its settings go in
+a config section of its own. ATA's two passes over the personal part (the Gram matrix,
+then the mix) decode each of its chunks once per pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from pilot_hpc.config import ConfigError
+from pilot_hpc.fl.update import ClientUpdate, Part
+
+TRANSFORMS: dict[str, type["Transform"]] = {}
+
+
+def register_transform(name: str):
+    def wrap(cls):
+        cls.name = name
+        TRANSFORMS[name] = cls
+        return cls
+    return wrap
+
+
+class Transform:
+    name = "identity"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def encode(self, part: Part, row: torch.Tensor, update: ClientUpdate) -> torch.Tensor:
+        """Client side: one part's row of `update` -> what travels."""
+        return row
+
+    def decode(self, part: Part, block: torch.Tensor, cols: tuple[int, int]) -> torch.Tensor:
+        """Server side: columns cols[0]..cols[1] of `part` of every sending client."""
+        return block
+
+
+class WireDtype(Transform):
+    """fl.wire_dtype: the rows travel in this dtype (config.py says why float32 is the
+    default). The server mixes in float32 whatever the wire dtype, so decode has nothing
+    to undo."""
+
+    name = "wire_dtype"
+    DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.dtype = self.DTYPES[cfg.fl.wire_dtype]
+
+    def encode(self, part, row, update):
+        return row.to(self.dtype)
+
+
+class Chain:
+    """The transforms of a run, applied part by part: encode in order, decode in reverse."""
+
+    def __init__(self, transforms: list[Transform]):
+        self.transforms = transforms
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        last = self.transforms[-1] if self.transforms else None
+        return last.dtype if isinstance(last, WireDtype) else torch.float32
+
+    def encode(self, update: ClientUpdate) -> ClientUpdate:
+        for part, row in list(update.parts.items()):
+            for t in self.transforms:
+                row = t.encode(part, row, update)
+            update.parts[part] = row
+        return update
+
+    def decode(self, part: Part, block: torch.Tensor, cols: tuple[int, int]) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            out = t.decode(part, block, cols)
+            if out.shape != block.shape or out.dtype != block.dtype:
+                raise RuntimeError(f"transform {t.name!r}: decode changed a [{tuple(block.shape)}] {block.dtype} "
+                                   f"block to [{tuple(out.shape)}] {out.dtype}; it must keep both")
+            block = out
+        return block
+
+
+def resolve(name: str) -> type[Transform]:
+    """A registered name, or `module:Class` for a transform defined outside pilot_hpc (its
+    module importable on every rank)."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"fl.transforms: cannot load {name!r} ({type(err).__name__}: {err}); give "
+                              "module:Class with the module on PYTHONPATH") from None
+        if not (isinstance(cls, type) and issubclass(cls, Transform)):
+            raise ConfigError(f"fl.transforms: {name!r} is not a subclass of pilot_hpc.fl.transforms.Transform")
+        return cls
+    if name not in TRANSFORMS:
+        raise ConfigError(f"fl.transforms: unknown transform {name!r}; registered: {sorted(TRANSFORMS)}, "
+                          "or module:Class")
+    return TRANSFORMS[name]
+
+
+def chain_for(cfg) -> Chain:
+    return Chain([resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])

@@ -1,0 +1,33 @@
+"""The update's path through a whole run: a transform named in the config encodes each
+part of each participant's update once per round on the client, and decodes each part
+once per round on the server."""
+
+import collections
+import json
+import os
+
+from helpers import args_for, run_main
+
+
+def test_a_transform_from_the_config_runs_once_per_part_per_round(cache_dir, tmp_path):
+    probe = tmp_path / "calls.jsonl"
+    out = tmp_path / "run"
+    env = {"TRANSFORM_PROBE": str(probe),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    # FedAvg: one pass per part (ATA decodes the personal part once more, for its Gram pass).
+    proc = run_main(args_for(cache_dir, out) + ["fl.strategy=fedavg", "fl.chunk_mb=0",
+                                                "fl.transforms=[transform_probe:CountingTransform]"],
+                    np=3, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    calls = [json.loads(line) for line in probe.read_text().splitlines()]
+    encodes = collections.Counter((c["round"], c["client"], c["part"]) for c in calls if c["call"] == "encode")
+    assert encodes == {(r, k, p): 1 for r in (1, 2) for k in range(3) for p in ("shared_by_task", "personal")}
+    decodes = collections.Counter(c["part"] for c in calls if c["call"] == "decode")
+    assert decodes == {"shared_by_task": 2, "personal": 2}  # two rounds, one chunk per part
+    assert all(c["rows"] == 3 for c in calls if c["call"] == "decode")  # every client's row, on rank 0
+
+
+def test_an_unknown_transform_is_a_config_error_before_training(tmp_path, cache_dir):
+    proc = run_main(args_for(cache_dir, tmp_path / "x") + ["fl.transforms=[no_such_module:Nope]"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "fl.transforms: cannot load 'no_such_module:Nope'" in proc.stderr

@@ -1,0 +1,21 @@
+"""A transform defined outside pilot_hpc (loaded as `transform_probe:CountingTransform`):
+an identity that appends every call to the file named by $TRANSFORM_PROBE."""
+
+import json
+import os
+
+from pilot_hpc.fl.transforms import Transform
+
+
+class CountingTransform(Transform):
+    def _note(self, **row) -> None:
+        with open(os.environ["TRANSFORM_PROBE"], "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def encode(self, part, row, update):
+        self._note(call="encode", round=update.round, client=update.client, part=part.value, size=row.numel())
+        return row
+
+    def decode(self, part, block, cols):
+        self._note(call="decode", part=part.value, rows=block.shape[0], cols=list(cols))
+        return block
