@@ -46,6 +46,7 @@ setup(
         "tokenizers>=0.20",
         "Pillow>=10.0",
         "numpy>=1.26",
+        "scipy>=1.11",  # Student's t for the study's intervals and tests (tools/stats.py)
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],

@@ -111,6 +111,11 @@ def _task_curve(doc: dict, task: str) -> list[float]:
     return [float(np.mean([c["value"] for c in r["clients"] if c["task"] == task])) for r in doc["rounds"]]
 
 
+# "±" in comparison tables: the population standard deviation over the runs (denominator
+# n), the convention of every table written so far; tools/study states it under its table.
+SD_CONVENTION = "± is the population standard deviation over the runs (denominator n)"
+
+
 def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 

@@ -50,7 +50,10 @@ def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
     assert (caption["wins"], caption["ties"]) == (0, 3)  # equal in every seed: ties, no win
     (adam,) = [r for r in study.paired(groups, "pilot", "fedadam") if r["task"] == "grounding"]
     assert adam["seeds"] == [1] and adam["diffs"] == [-10.0]  # only the seed both ran
-    assert "| pilot - local | vqa | -5.00 | +10.00 | +5.00 | +3.33 | 2 / 0 / 1 |" in study.paired_table(rows)
+    # mean 10/3, sd 7.638 (n - 1), t_{0.975, 2} = 4.3027: [-15.64, +22.31]; t = 0.756 on 2 df: p = 0.529.
+    # No predictions files in these fake runs: no item test.
+    assert ("| pilot - local | vqa | -5.00 | +10.00 | +5.00 | +3.33 | [-15.64, +22.31] | 0.529 | n/a | 2 / 0 / 1 |"
+            in study.paired_table(rows))
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--grid", b, "--group-by", "fl.strategy",
                        "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
@@ -80,3 +83,33 @@ def test_a_null_value_reads_as_no_value(tmp_path, capsys):
     assert math.isnan(vqa["mean"]) and vqa["wins"] == vqa["ties"] == 0
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--pair", "pilot:local"]) == 0
     assert "| pilot | 1 | nan | nan | nan | 500.0 |" in capsys.readouterr().out
+
+
+def test_the_item_bootstrap_reads_the_runs_predictions(tmp_path):
+    """Per item of the shared task split, A - B averaged over the task's clients (x 100): its
+    mean over items and seeds is the paired difference of the task averages."""
+    import numpy as np
+
+    a = _grid(tmp_path, "a", "grid:\n  fl.strategy: [pilot, local]\n  run.seed: [0, 1]\n")
+    rng = np.random.default_rng(0)
+    items = [f"q{i}" for i in range(40)]
+    for e in launch.expand(launch.load_grid(a)):
+        scores = {}
+        folder = os.path.join(e.output_dir, "predictions", "round_000")
+        os.makedirs(folder, exist_ok=True)
+        for k, task in enumerate(TASKS):
+            right = rng.random(len(items)) < (0.8 if "pilot" in e.name else 0.5)
+            with open(os.path.join(folder, f"client_{k:02d}.jsonl"), "w") as fh:
+                for i, ok in zip(items, right):
+                    fh.write(json.dumps({"id": i, "score": float(ok)}) + "\n")
+            scores[k] = 100.0 * right.mean()
+        os.makedirs(e.output_dir, exist_ok=True)
+        clients = [{"client": k, "task": t, "metric": "x", "value": scores[k]} for k, t in enumerate(TASKS)]
+        with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+            json.dump({"config_hash": e.config_hash, "rounds": [{"round": 0, "clients": clients}],
+                       "final": clients}, fh)
+    groups = study.collect([(a, "fl.strategy")])
+    (vqa,) = [r for r in study.paired(groups, "pilot", "local") if r["task"] == "vqa"]
+    boot = vqa["items"]
+    assert boot.items == 80 and boot.mean == pytest.approx(vqa["mean"])
+    assert boot.low < boot.mean < boot.high and boot.low > 0 and boot.p < 0.01  # 0.8 against 0.5

@@ -20,12 +20,14 @@ starts one.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import numpy as np
 
 from pilot_hpc.config import ConfigError
+from pilot_hpc.tools import stats
 
 
 def _seed(e) -> int:
@@ -49,12 +51,50 @@ def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
             metrics = os.path.join(launch.result_dir(e), "metrics.json")
             slot = mine.setdefault(label, {})
             if launch.finished(e):
-                slot[_seed(e)] = report.read_metrics(metrics)
+                doc = report.read_metrics(metrics)
+                doc[RUN_DIR] = launch.result_dir(e)
+                slot[_seed(e)] = doc
         for label, runs in mine.items():
             if label in groups:
                 raise ConfigError(f"group {label!r} of {path} is already a group of an earlier --grid")
             groups[label] = runs
     return groups
+
+
+RUN_DIR = "_run_dir"  # where collect() found a run (its predictions files are read from there)
+
+
+def item_scores(doc: dict, task: str) -> dict[str, list[float]] | None:
+    """item id -> the final round's scores of the task's clients on it (None: no
+    predictions files, e.g. a run written before they existed)."""
+    folder = doc.get(RUN_DIR)
+    if folder is None or not doc.get("rounds"):
+        return None
+    round_ = doc["rounds"][-1]["round"]
+    out: dict[str, list[float]] = {}
+    for c in doc["final"]:
+        if c["task"] != task:
+            continue
+        path = os.path.join(folder, "predictions", f"round_{round_:03d}", f"client_{c['client']:02d}.jsonl")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                out.setdefault(str(row["id"]), []).append(float(row["score"]))
+    return out
+
+
+def item_differences(doc_a: dict, doc_b: dict, task: str) -> np.ndarray | None:
+    """Per item both runs scored: mean over the task's clients of A's score minus B's, x 100
+    (the tables' scale)."""
+    a, b = item_scores(doc_a, task), item_scores(doc_b, task)
+    if a is None or b is None:
+        return None
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return None
+    return np.array([100.0 * (np.mean(a[i]) - np.mean(b[i])) for i in shared])
 
 
 def task_means(doc: dict) -> dict[str, float]:
@@ -76,22 +116,34 @@ def paired(groups: dict[str, dict[int, dict]], a: str, b: str) -> list[dict]:
     rows = []
     for task in ta[seeds[0]]:
         diffs = [ta[s][task] - tb[s][task] for s in seeds]
+        ties = sum(stats.tied(d) for d in diffs)
+        interval = stats.t_interval(diffs)
+        items = [item_differences(groups[a][s], groups[b][s], task) for s in seeds]
+        boot = stats.paired_bootstrap(items) if all(d is not None for d in items) else None
         rows.append({"pair": f"{a} - {b}", "task": task, "seeds": seeds, "diffs": diffs,
-                     "mean": float(np.mean(diffs)), "wins": sum(d > 0 for d in diffs),
-                     "ties": sum(d == 0 for d in diffs)})
+                     "mean": float(np.mean(diffs)), "ci": (interval.low, interval.high),
+                     "p_seeds": stats.paired_t_p(diffs), "items": boot,
+                     "wins": sum(d > 0 and not stats.tied(d) for d in diffs), "ties": ties})
     return rows
 
 
 def paired_table(rows: list[dict]) -> str:
     width = max((len(r["seeds"]) for r in rows), default=0)
     seeds = next((r["seeds"] for r in rows if len(r["seeds"]) == width), [])
-    head = ["difference", "task"] + [f"seed {s}" for s in seeds] + ["mean", "seeds A > B / = / <"]
+    head = ["difference", "task"] + [f"seed {s}" for s in seeds] + [
+        "mean", "95% CI (t, seeds)", "p (t, seeds)", "items: mean [95% CI], p (bootstrap)", "seeds A > B / = / <"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         per_seed = [f"{d:+.2f}" for d in r["diffs"]] + [""] * (width - len(r["diffs"]))
         losses = len(r["diffs"]) - r["wins"] - r["ties"]
+        lo, hi = r["ci"]
+        ci = "n/a" if np.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+        p = "n/a" if np.isnan(r["p_seeds"]) else f"{r['p_seeds']:.3f}"
+        b = r["items"]
+        items = "n/a" if b is None else f"{b.mean:+.2f} [{b.low:+.2f}, {b.high:+.2f}], {b.p:.3f}"
         lines.append("| " + " | ".join([r["pair"], r["task"]] + per_seed +
-                                       [f"{r['mean']:+.2f}", f"{r['wins']} / {r['ties']} / {losses}"]) + " |")
+                                       [f"{r['mean']:+.2f}", ci, p, items,
+                                        f"{r['wins']} / {r['ties']} / {losses}"]) + " |")
     return "\n".join(lines)
 
 
@@ -117,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no run of these grids has finished yet")
         return 1
     print(report.comparison_table(docs))
+    print(f"\n{report.SD_CONVENTION}; the paired rows' conventions: pilot_hpc/tools/stats.py")
     missing = [label for label, d in docs.items() if not d]
     if missing:
         print(f"\ngroups without a finished run yet: {', '.join(missing)}")
