@@ -1,4 +1,5 @@
-"""Benchmark converters and the prepare CLI on tiny fixtures in each benchmark's shipped format."""
+"""Benchmark converters and the prepare CLI on tiny fixtures in each benchmark's shipped format
+(tests/official_formats.py writes them)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pickle
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from helpers import REPO
+from official_formats import (REFS, dump_json, make_coco, make_gqa, make_ocrvqa, make_refcoco, make_scienceqa,
+                              py2_pickle)
 from pilot_hpc.config import load_config
 from pilot_hpc.data import benchmarks as bm
 from pilot_hpc.data import prepare
@@ -21,163 +23,12 @@ from pilot_hpc.data.records import IMAGE_TOKEN, load_records
 SHORT = "\nAnswer the question using a single word or phrase."
 
 
-def _image(path, size=(32, 24)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, (200, 30, 30)).save(path)
-
-
-def _dump(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(obj, fh)
-    return str(path)
-
-
-def _dump_pairs(path, pairs):
-    """A JSON object written from (key, value) pairs, a repeated key as often as listed
-    (json.dump of a dict cannot write one)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write("{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}")
-    return str(path)
-
-
 def _question(rec):
     return rec["conversations"][0]["value"]
 
 
 def _answer(rec):
     return rec["conversations"][1]["value"]
-
-
-# ------------------------------------------------------------------ fixtures (shipped formats)
-
-
-# trouble=True adds, in each benchmark's own format, ids that the file lists twice (the
-# later entry differs, so a test sees which one is kept) and images below MIN_IMAGE_SIDE
-# = 14 px on a side, next to one of exactly 14 x 14 px that is kept.
-
-
-def make_gqa(root, trouble=False) -> dict:
-    for name in ("n1", "n2", "n3"):
-        _image(f"{root}/gqa/images/{name}.jpg")
-    train = [(f"{i:03d}", {"imageId": f"n{i % 3 + 1}", "question": f"What is item {i}?", "answer": f"thing{i}",
-                           "fullAnswer": "unused", "types": {}}) for i in range(7)]
-    train.append(("099", {"imageId": "gone", "question": "Lost?", "answer": "yes"}))  # no image file
-    if trouble:
-        for name, size in (("n4", (1, 1)), ("n5", (13, 40)), ("n6", (14, 14))):
-            _image(f"{root}/gqa/images/{name}.jpg", size)
-        train += [("200", {"imageId": "n4", "question": "Tiny?", "answer": "yes"}),
-                  ("201", {"imageId": "n4", "question": "Tiny again?", "answer": "yes"}),
-                  ("202", {"imageId": "n5", "question": "Narrow?", "answer": "yes"}),
-                  ("203", {"imageId": "n6", "question": "Just big enough?", "answer": "yes"}),
-                  ("000", {"imageId": "n2", "question": "Listed twice?", "answer": "later"}),
-                  ("005", {"imageId": "n1", "question": "Listed twice?", "answer": "later"})]
-    test = {"t1": {"imageId": "n1", "question": "Is the car red?", "answer": "no"},
-            "t2": {"imageId": "n2", "question": "Which side?", "answer": "left"},
-            "t3": {"imageId": "n3", "question": "What color?", "answer": "blue"}}
-    return {"train": _dump_pairs(f"{root}/gqa/train_balanced_questions.json", train),
-            "eval": _dump(f"{root}/gqa/testdev_balanced_questions.json", test), "images": f"{root}/gqa/images"}
-
-
-def _coco_file(root, name, ids, no_caption=(), no_file=(), tiny=(), twice=()):
-    images, anns = [], []
-    for i in ids:
-        size = (2, 2) if i in tiny else (32, 24)
-        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": size[0], "height": size[1]})
-        if i not in no_file:
-            _image(f"{root}/coco/{name}/{i:012d}.jpg", size)
-        if i not in no_caption:
-            anns += [{"id": 10 * i + k, "image_id": i, "caption": f" A  photo {i}, caption {k}.\n"} for k in range(3)]
-    images += [dict(images[ids.index(i)], file_name="listed_twice.jpg") for i in twice]
-    return _dump(f"{root}/coco/annotations/captions_{name}.json", {"images": images, "annotations": anns})
-
-
-def make_coco(root, trouble=False) -> dict:
-    extra = {"tiny": [9], "twice": [1]} if trouble else {}
-    ids = [1, 2, 3, 4, 5, 6] + ([9] if trouble else [])
-    return {"train": _coco_file(root, "train2017", ids, no_caption=[5], no_file=[6], **extra),
-            "eval": _coco_file(root, "val2017", [7, 8]),
-            "images": f"{root}/coco/train2017", "eval_images": f"{root}/coco/val2017"}
-
-
-REFS = [
-    # image 100 is 200 x 100 px, image 101 is 50 x 80 px, image 103 is 40 x 20 px.
-    {"ref_id": 0, "ann_id": 1000, "image_id": 100, "split": "train", "file_name": "COCO_train2014_100_1000.jpg",
-     "sentences": [{"sent": "left  man", "raw": "Left man"}, {"sent": "guy on the left"}]},
-    {"ref_id": 1, "ann_id": 1001, "image_id": 101, "split": "train", "sentences": [{"sent": "tall dog"}]},
-    {"ref_id": 2, "ann_id": 1000, "image_id": 100, "split": "train", "sentences": [{"sent": "man again"}]},
-    {"ref_id": 3, "ann_id": 1001, "image_id": 101, "split": "val", "sentences": [{"sent": "the dog"}]},
-    {"ref_id": 4, "ann_id": 1002, "image_id": 102, "split": "train", "sentences": [{"sent": "a"}, {"sent": "b"}]},
-    {"ref_id": 5, "ann_id": 1003, "image_id": 103, "split": "train", "sentences": [{"sent": "red  ball"}]},
-]
-
-
-def make_refcoco(root, refs=REFS, trouble=False) -> dict:
-    images = [{"id": 100, "file_name": "COCO_train2014_000000000100.jpg", "width": 200, "height": 100},
-              {"id": 101, "file_name": "COCO_train2014_000000000101.jpg", "width": 50, "height": 80},
-              {"id": 102, "file_name": "COCO_train2014_000000000102.jpg", "width": 10, "height": 10},
-              {"id": 103, "file_name": "COCO_train2014_000000000103.jpg", "width": 40, "height": 20}]
-    if trouble:
-        images.append({"id": 104, "file_name": "COCO_train2014_000000000104.jpg", "width": 13, "height": 13})
-        refs = refs + [{"ref_id": 6, "ann_id": 1004, "image_id": 104, "split": "train",
-                        "sentences": [{"sent": "tiny thing"}]},
-                       {"ref_id": 0, "ann_id": 1001, "image_id": 101, "split": "train",
-                        "sentences": [{"sent": "listed twice"}, {"sent": "again"}]}]
-    for img in images:
-        if img["id"] != 102:  # image 102's file is missing
-            _image(f"{root}/coco/train2014/{img['file_name']}", (img["width"], img["height"]))
-    anns = [{"id": 1000, "image_id": 100, "bbox": [20, 10, 50, 40], "category_id": 1},
-            {"id": 1001, "image_id": 101, "bbox": [5, 8, 20, 40], "category_id": 18},
-            {"id": 1002, "image_id": 102, "bbox": [0, 0, 5, 5], "category_id": 1},
-            {"id": 1003, "image_id": 103, "bbox": [4, 2, 10, 10], "category_id": 37},
-            {"id": 1004, "image_id": 104, "bbox": [1, 1, 5, 5], "category_id": 37}]
-    os.makedirs(f"{root}/refcoco", exist_ok=True)
-    with open(f"{root}/refcoco/refs(unc).p", "wb") as fh:
-        pickle.dump(refs, fh, protocol=2)
-    return {"refs": f"{root}/refcoco/refs(unc).p", "images": f"{root}/coco/train2014",
-            "instances": _dump(f"{root}/refcoco/instances.json", {"images": images, "annotations": anns})}
-
-
-def make_scienceqa(root, trouble=False) -> dict:
-    def problem(split, q, choices, answer, image="image.png", hint=""):
-        return {"question": q, "choices": choices, "answer": answer, "hint": hint, "image": image, "split": split,
-                "task": "closed choice", "lecture": "", "solution": ""}
-    problems = {
-        "1": problem("train", "Which animal?", ["cat", "dog", "fish"], 1, hint="A hint."),
-        "2": problem("train", "Which is hot?", ["ice", "fire"], 1),
-        "3": problem("train", "No picture?", ["yes", "no"], 0, image=None),  # text only: skipped
-        "4": problem("train", "Which planet?", ["Mars", "Venus", "Earth", "Moon", "Sun"], 4),
-        "5": problem("train", "Which one?", ["x", "y"], 0),
-        "6": problem("test", "Pick one.", ["up", "down"], 0, hint="Context here"),
-        "7": problem("val", "Val?", ["a", "b"], 1),
-    }
-    pairs = list(problems.items())
-    if trouble:
-        pairs += [("8", problem("train", "Too narrow?", ["yes", "no"], 0)),
-                  ("2", problem("train", "Listed twice?", ["yes", "no"], 0))]
-    for pid, p in pairs:
-        if p["image"]:
-            _image(f"{root}/scienceqa/images/{p['split']}/{pid}/image.png", (40, 13) if pid == "8" else (32, 24))
-    return {"problems": _dump_pairs(f"{root}/scienceqa/problems.json", pairs), "images": f"{root}/scienceqa/images"}
-
-
-def make_ocrvqa(root, trouble=False) -> dict:
-    def book(split, n):
-        return {"imageURL": "http://x/y.jpg", "questions": [f"Q{k} of this book?" for k in range(n)],
-                "answers": [f"ans {k}" for k in range(n)], "title": "T", "genre": "G", "split": split}
-    data = {"b1": book(1, 2), "b2": book(1, 2), "b3": book(1, 1), "b4": book(3, 2), "b5": book(1, 3),
-            "b6": book(2, 1)}
-    _image(f"{root}/ocrvqa/images/b1.jpg")
-    _image(f"{root}/ocrvqa/images/b2.gif")  # the download keeps each cover's own extension
-    _image(f"{root}/ocrvqa/images/b3.png")
-    _image(f"{root}/ocrvqa/images/b4.jpg")
-    _image(f"{root}/ocrvqa/images/b6.jpg")  # b5's cover is missing
-    pairs = list(data.items())
-    if trouble:
-        _image(f"{root}/ocrvqa/images/b7.gif", (1, 1))  # what a dead cover URL serves
-        pairs += [("b7", book(1, 2)), ("b1", book(1, 3))]
-    return {"dataset": _dump_pairs(f"{root}/ocrvqa/dataset.json", pairs), "images": f"{root}/ocrvqa/images"}
 
 
 # ------------------------------------------------------------------ readers
@@ -231,24 +82,8 @@ def test_refcoco_boxes_hand_computed(tmp_path):
     square = bm.refcoco(f["refs"], f["instances"], f["images"], "train", box_frame="square")
     assert _answer(square.records[0]) == "[0.10, 0.30, 0.35, 0.50]"
     # The same refs converted to JSON give the same records.
-    as_json = _dump(tmp_path / "refs.json", REFS)
+    as_json = dump_json(tmp_path / "refs.json", REFS)
     assert bm.refcoco(as_json, f["instances"], f["images"], "train").records == train.records
-
-
-def _py2_pickle(obj) -> bytes:
-    """obj as Python 2's cPickle (protocol 2) writes it: str as 8-bit BINSTRING opcodes.
-
-    Python 3 cannot write those (it pickles bytes through _codecs.encode), so the opcodes
-    are spelled out: EMPTY_DICT/EMPTY_LIST, MARK, items, SETITEMS/APPENDS, BININT.
-    """
-    if isinstance(obj, dict):
-        return b"}(" + b"".join(_py2_pickle(k) + _py2_pickle(v) for k, v in obj.items()) + b"u"
-    if isinstance(obj, list):
-        return b"](" + b"".join(_py2_pickle(v) for v in obj) + b"e"
-    if isinstance(obj, str):
-        raw = obj.encode("utf-8")
-        return b"U" + bytes([len(raw)]) + raw
-    return b"J" + int(obj).to_bytes(4, "little", signed=True)
 
 
 def test_refcoco_python2_pickle_and_refused_classes(tmp_path):
@@ -256,7 +91,7 @@ def test_refcoco_python2_pickle_and_refused_classes(tmp_path):
     f = make_refcoco(tmp_path)
     with open(f["refs"], "wb") as fh:
         refs = REFS[:3] + [dict(REFS[3], sentences=[{"sent": "the caf\u00e9 dog"}])]
-        fh.write(b"\x80\x02" + _py2_pickle(refs) + b".")
+        fh.write(b"\x80\x02" + py2_pickle(refs) + b".")
     assert len(bm.refcoco(f["refs"], f["instances"], f["images"], "train").records) == 4
     val = bm.refcoco(f["refs"], f["instances"], f["images"], "val").records
     assert _question(val[0]).endswith("describes: the caf\u00e9 dog")  # UTF-8 bytes decoded
@@ -349,30 +184,30 @@ def test_missing_or_malformed_keys_name_file_record_and_key(tmp_path):
     f = make_gqa(tmp_path)
     data = json.load(open(f["eval"]))
     del data["t2"]["answer"]
-    bad = _dump(tmp_path / "bad_questions.json", data)
+    bad = dump_json(tmp_path / "bad_questions.json", data)
     with pytest.raises(ValueError, match=r"bad_questions\.json: question 't2': missing key 'answer'"):
         bm.gqa(bad, f["images"])
     s = make_scienceqa(tmp_path)
     problems = json.load(open(s["problems"]))
     problems["2"]["answer"] = 2
     with pytest.raises(ValueError, match=r"problems_bad\.json: problem '2': 'answer' 2 is not an index of its 2"):
-        bm.scienceqa(_dump(tmp_path / "problems_bad.json", problems), s["images"], "train")
+        bm.scienceqa(dump_json(tmp_path / "problems_bad.json", problems), s["images"], "train")
     problems["2"]["answer"] = "B"
     with pytest.raises(ValueError, match=r"problem '2': key 'answer' must be an integer, got str"):
-        bm.scienceqa(_dump(tmp_path / "problems_bad.json", problems), s["images"], "train")
+        bm.scienceqa(dump_json(tmp_path / "problems_bad.json", problems), s["images"], "train")
     o = make_ocrvqa(tmp_path)
     books = json.load(open(o["dataset"]))
     books["b2"]["answers"].pop()
     with pytest.raises(ValueError, match=r"ds\.json: entry 'b2': 2 questions but 1 answers"):
-        bm.ocrvqa(_dump(tmp_path / "ds.json", books), o["images"], "train")
+        bm.ocrvqa(dump_json(tmp_path / "ds.json", books), o["images"], "train")
     r = make_refcoco(tmp_path)
     inst = json.load(open(r["instances"]))
     inst["annotations"][1]["bbox"] = [1, 2, 3]
     with pytest.raises(ValueError, match=r"inst\.json: annotation 1001: 'bbox' must be \[x, y, w, h\]"):
-        bm.refcoco(r["refs"], _dump(tmp_path / "inst.json", inst), r["images"], "train")
+        bm.refcoco(r["refs"], dump_json(tmp_path / "inst.json", inst), r["images"], "train")
     del inst["annotations"][1]
     with pytest.raises(ValueError, match=r"ref 1 \(ref_id 1\): ann_id 1001 is not an annotation of"):
-        bm.refcoco(r["refs"], _dump(tmp_path / "inst.json", inst), r["images"], "train")
+        bm.refcoco(r["refs"], dump_json(tmp_path / "inst.json", inst), r["images"], "train")
 
 
 def test_malformed_files_and_wrong_folders(tmp_path):
@@ -380,7 +215,7 @@ def test_malformed_files_and_wrong_folders(tmp_path):
     broken.write_text('{"images": [')
     with pytest.raises(ValueError, match=r"captions\.json: not a valid JSON file"):
         bm.coco_captions(str(broken), str(tmp_path), references=False)
-    listing = _dump(tmp_path / "listing.json", [{"question": "q"}])
+    listing = dump_json(tmp_path / "listing.json", [{"question": "q"}])
     with pytest.raises(ValueError, match=r"listing\.json: expected a JSON object of question id"):
         bm.gqa(listing, str(tmp_path))
     with pytest.raises(ValueError, match=r"listing\.json: the top level must be an object"):
@@ -644,7 +479,7 @@ def test_prepare_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "scenario vqa needs --scienceqa-problems --scienceqa-images --gqa-questions-train" in err
     argv = _visual_argv(tmp_path, tmp_path / "out")
-    argv[argv.index("--coco-train") + 1] = _dump(tmp_path / "cap.json", {"images": [{"id": 1}], "annotations": []})
+    argv[argv.index("--coco-train") + 1] = dump_json(tmp_path / "cap.json", {"images": [{"id": 1}], "annotations": []})
     assert prepare.main(argv) == 2
     assert "cap.json: images[0]: missing key 'file_name'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "overlay.yaml").exists()  # nothing written on bad input
