@@ -339,7 +339,9 @@ def test_prepare_visual_end_to_end(tmp_path, capsys):
     out = tmp_path / "fedmit_visual"
     assert prepare.main(_visual_argv(tmp_path, out) + ["--eval-max", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "client 00 [gqa]: 2 train records, 2 eval records (gqa skipped: train missing_image 1; eval none)" in printed
+    assert "gqa: train 7 records (skipped: missing_image 1); eval" in printed
+    # A client's line has its own counts only: the dataset's skips are counted before the split.
+    assert "client 00 [gqa]: 2 train records, 2 eval records\n" in printed
     assert "client 08 [refcoco]: 3 train records, 1 eval records" in printed
     overlay = yaml.safe_load(open(out / "overlay.yaml"))
     assert overlay["fl"] == {"num_clients": 9, "client_tasks": ["gqa"] * 3 + ["coco"] * 3 + ["refcoco"] * 3,
@@ -461,8 +463,8 @@ def test_prepare_vqa_end_to_end(tmp_path, capsys):
             "--gqa-questions-train", g["train"], "--gqa-questions-eval", g["eval"], "--gqa-images", g["images"],
             "--ocrvqa-dataset", o["dataset"], "--ocrvqa-images", o["images"]]
     assert prepare.main(argv) == 0
-    assert "client 00 [scienceqa]: 1 train records, 1 eval records (scienceqa skipped: train no_image 1" \
-        in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "client 00 [scienceqa]: 1 train records, 1 eval records\n" in printed and "no_image 1" in printed
     overlay = yaml.safe_load(open(out / "overlay.yaml"))
     assert overlay["fl"]["task_metrics"] == {"scienceqa": "mc_accuracy", "gqa": "vqa_accuracy",
                                              "ocrvqa": "vqa_accuracy"}

@@ -298,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = shlex.join(["python", "-m", "pilot_hpc.data.prepare"] + list(sys.argv[1:] if argv is None else argv))
     header = (f"# Written by: {command}\n"
-              "# The data: and fl: keys of a run config for these files; merge them into one\n"
-              "# (configs/fedmit_*_9client.yaml) or pass them as section.key=value overrides.\n")
+              "# The data: and fl: keys of a run config for these files: give this file as a second\n"
+              "# --config after the scenario's (python -m pilot_hpc.main --config configs/fedmit_<scenario>_9client.yaml\n"
+              "# --config <this file>), whose keys it replaces.\n")
     write(clients, args.out, header)
     for c in clients:
-        print(f"client {c.client:02d} [{c.task}]: {len(c.train)} train records, {len(c.eval)} eval records "
-              f"({c.task} skipped: train {benchmarks.skip_text(c.train_skipped)}; "
-              f"eval {benchmarks.skip_text(c.eval_skipped)})")
-    print(f"wrote {len(clients)} clients' files and overlay.yaml to {os.path.abspath(args.out)}")
+        # The skip counts are the dataset's, before the split: printed once per dataset above.
+        print(f"client {c.client:02d} [{c.task}]: {len(c.train)} train records, {len(c.eval)} eval records")
+    print(f"wrote {len(clients)} clients' files and overlay.yaml to {os.path.abspath(args.out)}; run them with "
+          f"--config configs/fedmit_{args.scenario}_9client.yaml --config {os.path.join(args.out, 'overlay.yaml')}")
     return 0
 
 
