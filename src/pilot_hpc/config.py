@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pilot_hpc.errors import ConfigError
+
 # The synthetic world's task kinds and their metrics (the default of fl.task_metrics).
 SYNTHETIC_TASKS = ("vqa", "caption", "grounding")
 DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": "iou@0.5"}
@@ -23,10 +25,6 @@ DEFAULT_TASK_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "grounding": 
 # The metrics a task can be scored with (pilot_hpc.metrics.scores.METRICS has one
 # function for each; a test keeps the two lists equal).
 Metric = Literal["vqa_accuracy", "cider", "iou@0.5", "mc_accuracy", "mc_accuracy_lenient"]
-
-
-class ConfigError(ValueError):
-    """A config problem that the user fixes in the YAML file or on the command line."""
 
 
 @dataclass
@@ -240,6 +238,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     lr_stage1: float = 5e-4
     lr_stage2: float = 5e-4
+    # The baselines' learning rate (every strategy but pilot: one plain projector, the
+    # connector's stage PLAIN). 0: train.lr_stage2's value, one rate for every round past
+    # Pilot's first stage; > 0: a rate of the baselines' own (train/spec.py:lr_field).
+    lr_baseline: float = 0.0
     weight_decay: float = 0.0
     lambda_diff: float = 0.1
     lambda_balance: float = 0.1
@@ -343,7 +345,8 @@ class Config:
 # out of both hashes while at that default, so a run finished before the key existed keeps
 # its config_hash (launch's finished and reused runs, tools/study) and its checkpoints their
 # result_hash. Set to anything else, the key is hashed like any other.
-UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": []}
+UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
+                       "train.lr_baseline": 0.0}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +376,7 @@ BOUNDS = {
     "feddpa.local_weight": "[0, 1]",
     "train.local_epochs": ">= 1", "train.max_steps": ">= 0", "train.batch_size": ">= 1",
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
-    "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0", "train.lambda_balance": ">= 0",
+    "train.lr_baseline": ">= 0", "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0", "train.lambda_balance": ">= 0",
     "train.lambda_z": ">= 0", "train.grad_clip": ">= 0", "train.max_new_tokens": ">= 1",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
 }

@@ -28,16 +28,13 @@ import os
 import sys
 
 from pilot_hpc import jsonout
+from pilot_hpc.errors import ExportError
 
 EXIT_BAD_INPUT = 2
 CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_CONFIG = "connector.json"
 CT_CLIP_FILE = "ct_clip.safetensors"  # pilot.ct_clip runs: the CLIP MLPs' connectors
 MERGED = "merged"
-
-
-class ExportError(ValueError):
-    """Bad input to export or load_client; the message names the path, round or client."""
 
 
 def find_checkpoint(run_dir: str, round_: int | None) -> str:
@@ -82,10 +79,6 @@ def base_model_folder(cfg) -> str:
         raise ExportError(f"the run's base model folder {folder} is missing (run.cache_dir {cfg.run.cache_dir}): "
                           "export where the run's cache is, or rerun to rebuild it")
     return folder
-
-
-def _peft_lora_state(state: dict) -> dict:
-    return {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
 
 
 def export_client(run_dir: str, client: int, out: str, round_: int | None = None, merged: bool = True) -> dict:
@@ -254,13 +247,13 @@ def load_client(folder: str, device: str = "cpu"):
 
 def quiet() -> None:
     """No weight-loading bars or peft deprecation notices on a command line tool's output."""
-    import warnings
-
     import transformers
+
+    from pilot_hpc.model.llava import quiet_checkpointing_deprecation
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_checkpointing_deprecation()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ make them happen at a chosen place through the same code paths:
   sigkill:rank=R,round=N,step=S   that rank sends itself SIGKILL before local step S
   sigterm:rank=R,round=N,step=S   ... SIGTERM (the preemption path through the handler)
   raise:client=K,round=N          client K's training raises RuntimeError
+  raise_build:rank=R              that rank's model build (main.build_model) raises ValueError:
+                                  a bug, not bad input (exit 1 with a traceback, never exit 2)
   nan_update:client=K,round=N     client K's update turns NaN after training
   sigusr2:rank=R,round=N,step=S   ... SIGUSR2 (Slurm's and submitit's warning signal)
 Every fault may also name restart=C: it then fires only in the C-th run of a requeued
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 
-KINDS = ("sigkill", "sigterm", "sigusr2", "raise", "nan_update")
+KINDS = ("sigkill", "sigterm", "sigusr2", "raise", "nan_update", "raise_build")
 
 
 def parse(text: str) -> list[tuple[str, dict[str, int]]]:

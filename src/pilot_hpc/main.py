@@ -9,11 +9,16 @@ stop vote, no checkpoint is written for that round), or an error on one rank (th
 MPI job is ended through MPI_Abort so that no rank is left waiting in a collective);
 130 a second Ctrl-C (aborted at once, no checkpoint).
 
-Startup order (issue 16): the config is parsed and checked first, with only the
-standard library and PyYAML loaded, so that a typo costs 0.2-0.3 s (1.1 s under
-`mpiexec -n 9`, measured on the 2-core test machine at load ~6) instead of the 13 s (68 s)
-that issue 16 measured when torch, transformers and MPI loaded first; only then MPI
-starts, rank 0 locks the output folder, and the heavy stack loads.
+Bad input is a pilot_hpc.errors.BadInput (ConfigError, DataError, CheckpointError,
+ExportError) or an OSError on a file or folder the user named: caught where it is met,
+printed as one line by `fatal`, exit 2. Any other exception, a ValueError included, is a
+bug: a traceback, exit 1, MPI_Abort.
+
+Startup order: the config is parsed and checked first, with only the standard library
+and PyYAML loaded, so that a typo costs 0.2-0.3 s (1.1 s under `mpiexec -n 9`, measured
+on the 2-core test machine at load ~6) instead of the 13 s (68 s) it took when torch,
+transformers and MPI loaded first; only then MPI starts, rank 0 locks the output folder,
+and the heavy stack loads.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 
 from pilot_hpc import runlock
+from pilot_hpc.errors import BadInput, ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -41,6 +46,12 @@ SIGINT_REPEAT_S = 1.0
 RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
 
 log = logging.getLogger("pilot_hpc")
+
+
+def fatal(kind: str, message: str) -> None:
+    """The one line of an error that ends the run: `pilot_hpc: <kind>: <message>` on
+    stderr; kind is "config error", "error" or where it happened ("rank R, client K")."""
+    print(f"pilot_hpc: {kind}: {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,11 +71,12 @@ def setup_logging(rank: int) -> None:
     import datasets
     import transformers
 
+    from pilot_hpc.model.llava import quiet_checkpointing_deprecation
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    # peft calls a transformers property that warns on every model build (per rank).
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_checkpointing_deprecation()
 
 
 def env_rank() -> int:
@@ -87,8 +99,6 @@ MODEL_FILES = {"config.json": ("config.json",),
 def check_paths(cfg) -> None:
     """Filesystem checks of the config (cheap, before anything loads): a missing model
     folder would otherwise reach Hugging Face's "Repo id must be in the form..."."""
-    from pilot_hpc.config import ConfigError
-
     path = cfg.model.path
     if not path:
         return
@@ -106,8 +116,6 @@ def check_paths(cfg) -> None:
 
 
 def check_device(cfg) -> None:
-    from pilot_hpc.config import ConfigError
-
     if cfg.run.device == "cuda":
         import torch
 
@@ -138,13 +146,13 @@ def check_writable(cfg, state: dict, num_clients: int) -> bool:
             if created:  # leave nothing behind if another rank's data stops the job
                 os.rmdir(folder)
         except OSError as err:
-            print(f"pilot_hpc: error: {folder} cannot be written ({err.strerror or err}); checkpoints go to "
-                  f"{folder_of(cfg)}: fix its permissions or set another run.output_dir", file=sys.stderr, flush=True)
+            fatal("error", f"{folder} cannot be written ({err.strerror or err}); checkpoints go to "
+                           f"{folder_of(cfg)}: fix its permissions or set another run.output_dir")
             return False
         free = st.f_bavail * st.f_frsize
         if free < need:
-            print(f"pilot_hpc: error: {folder} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
-                  f"{need / 2**20:.1f} MiB: free space or set another run.output_dir", file=sys.stderr, flush=True)
+            fatal("error", f"{folder} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
+                           f"{need / 2**20:.1f} MiB: free space or set another run.output_dir")
             return False
     return True
 
@@ -156,14 +164,15 @@ def resolve_device(cfg, rank: int):
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+        if not torch.cuda.is_available():  # check_device has refused this already, on every rank
+            raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def data_files(cfg, comm):
-    """(train files, eval files, image root or None, base model folder). Rank 0 builds caches."""
+    """(train files, eval files, image root or None, base model folder), or None after
+    every rank learnt that rank 0 could not build the caches (it printed why)."""
     from pilot_hpc.data import synthetic
     from pilot_hpc.train.warm_start import base_folder, ensure_base
 
@@ -178,11 +187,11 @@ def data_files(cfg, comm):
             log.info("synthetic FedMIT data: %s", folder)
             synthetic.ensure(spec, cfg.run.cache_dir)
             base = base or ensure_base(cfg, folder, spec.key())
-        except (ValueError, OSError) as err:
-            log.error("pilot_hpc: preparing data/base model failed: %s", err)
+        except (BadInput, OSError) as err:  # OSError: run.cache_dir not writable, or full
+            fatal("error", f"preparing the synthetic data or the base model in {cfg.run.cache_dir} failed: {err}")
             ok = False
     if not comm.all_ok(ok):
-        raise SystemExit(EXIT_BAD_INPUT)
+        return None
     base = base or base_folder(cfg, spec.key())
     train, evals = synthetic.client_files(folder, cfg.fl.num_clients)
     return train, evals, None, base
@@ -201,22 +210,38 @@ def write_traffic(cfg, comm) -> None:
 
 
 def run(cfg, comm) -> int:
+    """One federation after the checks: place the clients, load them, find where to
+    start, run the rounds. Returns the exit code (the same on every rank)."""
     import torch
 
-    from pilot_hpc import report
-    from pilot_hpc.data.records import InstructionDataset, load_records
-    from pilot_hpc.config import ConfigError
-    from pilot_hpc.fl.client import ClientSlot
-    from pilot_hpc.fl.comm import block_ranges
-    from pilot_hpc.fl.federation import BadSampleStop, Federation, NoFiniteUpdate, Preempted
+    from pilot_hpc.fl.federation import Federation
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.fl.stream import StreamedExchange
     from pilot_hpc.fl.transforms import chain_for
-    from pilot_hpc.model.llava import build_pilot_model
 
     torch.set_num_threads(cfg.run.threads_per_rank)
     device = resolve_device(cfg, comm.rank)
     strategy = get_strategy(cfg.fl.strategy, cfg)
+    fed_comm, group, mine = place_clients(cfg, comm, device)
+    loaded = load_clients(cfg, comm, strategy, mine, device)
+    if loaded is None:
+        return EXIT_BAD_INPUT
+    pm, initial, slots = loaded
+    warn_if_too_big(cfg, comm, device)
+    fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
+    if strategy.communicates and fed_comm is not None:
+        fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
+        fed.transforms = chain_for(cfg)
+    ok, start = find_start(cfg, comm, fed, initial)
+    if not ok:
+        return EXIT_BAD_INPUT
+    return federate(cfg, comm, fed, start)
+
+
+def place_clients(cfg, comm, device):
+    """(the federation's communicator, this rank's client group or None, its clients)."""
+    from pilot_hpc.fl.comm import block_ranges
+
     per = cfg.run.ranks_per_client
     # Client groups: ranks r*per .. r*per + per - 1 host the same clients (data-parallel
     # inside each client); their first rank is the group's leader in the federation.
@@ -224,60 +249,98 @@ def run(cfg, comm) -> int:
     mine = list(block_ranges(cfg.fl.num_clients, comm.size // per)[comm.rank // per])
     log.info("%d clients on %d rank(s) (%d per client), strategy %s, engine %s, device %s, output %s",
              cfg.fl.num_clients, comm.size, per, cfg.fl.strategy, cfg.train.engine, device, cfg.run.output_dir)
-    train_files, eval_files, image_root, base = data_files(cfg, comm)
+    return fed_comm, group, mine
 
-    # Every rank loads and checks its own clients' data; all ranks then agree to go on
-    # or to stop, so a bad record ends the job before anyone trains.
-    slots, ok = [], True
+
+def load_clients(cfg, comm, strategy, mine: list[int], device):
+    """Every rank builds its model and loads and checks its own clients' data; all ranks
+    then agree to go on or to stop, so that a bad record ends the job before anyone
+    trains. (model, its initial state, this rank's ClientSlots), or None: exit 2."""
+    files = data_files(cfg, comm)
+    if files is None:
+        return None
+    train_files, eval_files, image_root, base = files
+    ok = True
     try:
-        pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
-        strategy.policy.prepare_model(pm)
-        initial = pm.get_state()
-        cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
-        for k in mine:
-            task = cfg.fl.client_tasks[k]
-            sets = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
-                                       pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
-                                       image_aspect_ratio=cfg.data.image_aspect_ratio)
-                    for path in (train_files[k], eval_files[k])]
-            # Over-long samples and undecodable images surface now (data.verify_images).
-            # The evaluation split's images are always decoded now (a few thousand per
-            # client at most, cached nowhere): a bad one met at evaluation would cost the
-            # round just trained, at every rerun.
-            for i in range(len(sets[0])) if cfg.data.verify_images else ():
-                sets[0].check(i)
-            for i in range(len(sets[1])):
-                sets[1].check(i, full=cfg.data.verify_images)
-            slots.append(ClientSlot(k, task, cfg.tasks.index(task), sets[0], sets[1], dict(initial)))
-    except (ValueError, OSError) as err:
-        print(f"pilot_hpc: error: rank {comm.rank} (clients {mine}): {err}", file=sys.stderr, flush=True)
+        pm, initial = build_model(cfg, strategy, base, device, comm.rank)
+        slots = [client_slot(cfg, k, pm, initial, train_files[k], eval_files[k], image_root) for k in mine]
+    except (BadInput, OSError) as err:  # OSError: a data file or image that cannot be opened
+        fatal("error", f"rank {comm.rank} (clients {mine}): {err}")
         ok = False
     ok = ok and (comm.rank != 0 or check_writable(cfg, initial, cfg.fl.num_clients))
     if not comm.all_ok(ok):
-        return EXIT_BAD_INPUT
+        return None
+    return pm, initial, slots
 
-    if device.type == "cuda":  # before anyone trains: an OOM mid-round costs the round
-        from pilot_hpc.tools.memplan import cuda_warning
 
-        warning = cuda_warning(cfg, device)
-        if warning:
-            log.warning("rank %d: %s", comm.rank, warning)
-    fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
-    if strategy.communicates and fed_comm is not None:
-        fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
-        fed.transforms = chain_for(cfg)
+def build_model(cfg, strategy, base: str, device, rank: int):
+    """(the rank's shared model, prepared for the strategy; its initial state)."""
+    from pilot_hpc import faults
+    from pilot_hpc.model.llava import build_pilot_model
+
+    pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
+    if faults.hit("raise_build", rank=rank):
+        raise ValueError(f"injected failure (PILOT_HPC_INJECT) in the model build on rank {rank}")
+    strategy.policy.prepare_model(pm)
+    return pm, pm.get_state()
+
+
+def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str, image_root: str | None):
+    """Client k with its two splits loaded and checked, holding the initial state."""
+    from pilot_hpc.data.records import InstructionDataset, load_records
+    from pilot_hpc.fl.client import ClientSlot
+
+    cache = os.path.join(os.path.expanduser(cfg.run.cache_dir), "hf_datasets")
+    task = cfg.fl.client_tasks[k]
+    train, evals = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
+                                       pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
+                                       image_aspect_ratio=cfg.data.image_aspect_ratio)
+                    for path in (train_file, eval_file)]
+    # Over-long samples and undecodable images surface now (data.verify_images). The
+    # evaluation split's images are always decoded now (a few thousand per client at
+    # most, cached nowhere): a bad one met at evaluation would cost the round just
+    # trained, at every rerun.
+    for i in range(len(train)) if cfg.data.verify_images else ():
+        train.check(i)
+    for i in range(len(evals)):
+        evals.check(i, full=cfg.data.verify_images)
+    return ClientSlot(k, task, cfg.tasks.index(task), train, evals, dict(initial))
+
+
+def warn_if_too_big(cfg, comm, device) -> None:
+    """On CUDA, before anyone trains: an out-of-memory error mid-round costs the round."""
+    if device.type != "cuda":
+        return
+    from pilot_hpc.memory import cuda_warning
+
+    warning = cuda_warning(cfg, device)
+    if warning:
+        log.warning("rank %d: %s", comm.rank, warning)
+
+
+def find_start(cfg, comm, fed, initial: dict):
+    """(ok, the resume point or None to start over), the same on every rank; not ok: a
+    refused resume, exit 2 (rank 0 printed why)."""
     ok, start = True, None
     try:
         start = fed.locate({k: tuple(v.shape) for k, v in initial.items()})
-    except ConfigError as err:
+    except ConfigError as err:  # resume.locate raises it on every leader alike
         if comm.rank == 0:
-            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+            fatal("config error", str(err))
         ok = False
-    if per > 1 and not comm.all_ok(ok):
-        return EXIT_BAD_INPUT
+    # The members of a client group do not locate: they learn the verdict in this vote.
+    if cfg.run.ranks_per_client > 1 and not comm.all_ok(ok):
+        return False, None
     if not ok:
-        return EXIT_BAD_INPUT
-    start = fed.share_start(start)
+        return False, None
+    return True, fed.share_start(start)
+
+
+def federate(cfg, comm, fed, start) -> int:
+    """The rounds from `start`, then the run's outputs; the exit code."""
+    from pilot_hpc import report
+    from pilot_hpc.fl.federation import BadSampleStop, NoFiniteUpdate, Preempted
+
     if comm.rank == 0:  # one event file per run, written by rank 0 (pilot_hpc.tensorboard)
         from pilot_hpc.tensorboard import open_board
 
@@ -288,11 +351,10 @@ def run(cfg, comm) -> int:
         write_traffic(cfg, comm)
         comm.close()
         if stop.sample is not None:
-            print(f"pilot_hpc: error: rank {comm.rank}: unreadable sample (data.on_bad_sample=fail): {stop.sample}",
-                  file=sys.stderr, flush=True)
+            fatal("error", f"rank {comm.rank}: unreadable sample (data.on_bad_sample=fail): {stop.sample}")
         if comm.rank == 0:
-            print(f"pilot_hpc: the round so far is in checkpoint {stop.path}: fix the sample and rerun the same "
-                  "command to resume there (or set data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+            fatal("error", f"the round so far is in checkpoint {stop.path}: fix the sample and rerun the same "
+                           "command to resume there (or set data.on_bad_sample=skip)")
         return EXIT_BAD_INPUT
     except Preempted as stop:
         write_traffic(cfg, comm)
@@ -304,7 +366,7 @@ def run(cfg, comm) -> int:
         write_traffic(cfg, comm)
         comm.close()
         if comm.rank == 0:
-            print(f"pilot_hpc: error: {err}", file=sys.stderr, flush=True)
+            fatal("error", str(err))
         return EXIT_FAILURE
     finally:
         if fed.board is not None:
@@ -322,8 +384,6 @@ def run(cfg, comm) -> int:
 def check_slurm_world(world: int) -> None:
     """Under srun, the MPI world must span the step's tasks: a wrong PMI plugin starts
     N one-rank worlds that would each run the whole federation."""
-    from pilot_hpc.config import ConfigError
-
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
     if tasks is not None and tasks.isdigit() and int(tasks) != world:
         raise ConfigError(f"the MPI world has {world} rank(s) but this Slurm step started {tasks} tasks: "
@@ -333,22 +393,20 @@ def check_slurm_world(world: int) -> None:
 def first_checks(args) -> "object | int":
     """The config, parsed and checked with only the standard library and PyYAML loaded
     (no torch, no MPI): the Config, or EXIT_BAD_INPUT after one message from rank 0."""
-    from pilot_hpc.config import ConfigError, load_config
+    from pilot_hpc.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
     except ConfigError as err:  # every rank sees the same error: rank 0 says it once
         if env_rank() == 0:
-            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+            fatal("config error", str(err))
         return EXIT_BAD_INPUT
     return cfg
 
 
 def check_pooled(cfg, world: int) -> None:
-    from pilot_hpc.config import ConfigError
     from pilot_hpc.fl.strategies import get_strategy
-
     from pilot_hpc.fl.transforms import chain_for
 
     chain_for(cfg)  # every transform named in fl.transforms is registered
@@ -360,14 +418,12 @@ def check_pooled(cfg, world: int) -> None:
 def same_everywhere(comm, checks) -> bool:
     """Checks that depend only on the config and the world size, so every rank reaches
     the same verdict without a collective: rank 0 prints the one message."""
-    from pilot_hpc.config import ConfigError
-
     try:
         for check in checks:
             check()
     except ConfigError as err:
         if comm.rank == 0:
-            print(f"pilot_hpc: config error: {err}", file=sys.stderr, flush=True)
+            fatal("config error", str(err))
         return False
     return True
 
@@ -377,8 +433,6 @@ def take_folder(cfg, comm):
     checks its device (a node may lack the GPU); all learn the verdict in one collective:
     (ok, the lock on rank 0 or None). The lock lives as long as this process: the kernel
     releases it at exit."""
-    from pilot_hpc.config import ConfigError
-
     lock, ok = None, True
     try:
         check_device(cfg)  # imports torch only for run.device=cuda
@@ -394,12 +448,11 @@ def take_folder(cfg, comm):
                       f"{', '.join(removed)}", file=sys.stderr, flush=True)
             lock.record_segments(runlock.own_segments())
         except runlock.FolderBusy as err:
-            print(f"pilot_hpc: error: {err}", file=sys.stderr, flush=True)
+            fatal("error", str(err))
             ok = False
         except OSError as err:
-            print(f"pilot_hpc: error: run.output_dir {cfg.run.output_dir} cannot be written "
-                  f"({err.strerror or err}): fix its permissions or set another run.output_dir",
-                  file=sys.stderr, flush=True)
+            fatal("error", f"run.output_dir {cfg.run.output_dir} cannot be written ({err.strerror or err}): "
+                           "fix its permissions or set another run.output_dir")
             ok = False
     if comm.all_ok(ok):
         return True, lock
@@ -409,7 +462,7 @@ def take_folder(cfg, comm):
         root_device_ok = comm.all_ok(comm.rank != 0 or device_problem is None)
         if device_problem is not None and (comm.rank == 0 or root_device_ok):
             where = "" if comm.rank == 0 else f"rank {comm.rank}: "
-            print(f"pilot_hpc: config error: {where}{device_problem}", file=sys.stderr, flush=True)
+            fatal("config error", f"{where}{device_problem}")
     else:
         comm.all_ok(True)
     return False, lock
@@ -432,7 +485,7 @@ def cli(argv: list[str] | None = None) -> int:
         traceback.print_exception(kind, value, tb)
         client = hosted_client()
         where = f"rank {comm.rank}" + (f", client {client}" if client is not None else "")
-        print(f"pilot_hpc: {where}: {kind.__name__}: {value}; aborting the MPI job", file=sys.stderr, flush=True)
+        fatal(where, f"{kind.__name__}: {value}; aborting the MPI job")
         if comm.size > 1:
             # MPI_Abort leaves the node's MPICH segment in /dev/shm: unlink this job's own
             # (the other ranks keep their mappings until they are killed).

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers import SMOKE, load_metrics, run_main, small_overrides
+from pilot_hpc.config import ConfigError
 from pilot_hpc.model import ctmoa_dispatch
 from pilot_hpc.model.ctmoa import AdapterWeights, ctmoa_reference, mlp_expert_index
 
@@ -43,7 +44,7 @@ def test_dispatch_auto_on_cpu_and_forced_reference(fresh_dispatch):
     path, reason = fresh_dispatch.resolve_impl(h, "auto")
     assert path == "reference" and "h on cpu" in reason
     assert fresh_dispatch.resolve_impl(h, "reference")[0] == "reference"
-    with pytest.raises(ValueError, match="must be one of"):
+    with pytest.raises(ConfigError, match="must be one of"):
         fresh_dispatch.resolve_impl(h, "cuda")
 
 
@@ -76,7 +77,7 @@ def test_dispatch_env_overrides_argument(fresh_dispatch, monkeypatch):
     path, reason = fresh_dispatch.resolve_impl(h, "triton")
     assert path == "reference" and fresh_dispatch.ENV_VAR in reason
     monkeypatch.setenv(fresh_dispatch.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ConfigError, match="bogus"):
         fresh_dispatch.resolve_impl(h, "auto")
 
 

@@ -1,7 +1,8 @@
-"""Issue 16, "nothing lost, nothing silent": bad values refused at the boundary (exit 2,
-the key named, before torch or MPI load), one job per output folder, Ctrl-C handled like
-SIGTERM, an unwritable checkpoint folder found before training, data-file shapes, and
-MPICH shared-memory segments of an aborted job cleaned up by the next start."""
+"""Nothing lost, nothing silent: bad values refused at the boundary (exit 2, the key
+named, before torch or MPI load) while a bug stays a bug (exit 1, traceback), one job
+per output folder, Ctrl-C handled like SIGTERM, an unwritable checkpoint folder found
+before training, data-file shapes, and MPICH shared-memory segments of an aborted job
+cleaned up by the next start."""
 
 import json
 import mmap
@@ -72,6 +73,17 @@ def test_cuda_without_a_gpu_is_bad_input(cache_dir, tmp_path):
     proc = run_main(args_for(cache_dir, tmp_path / "cuda") + ["run.device=cuda"], timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "run.device=cuda but no CUDA device is visible" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_value_error_in_the_model_build_is_a_bug_not_bad_input(cache_dir, tmp_path):
+    """Exit 2 is for pilot_hpc.errors.BadInput (and OSError on the user's files) only: a
+    plain ValueError raised while the model is built is a bug, so exit 1 with its
+    traceback, and no "error:" line that would blame the input."""
+    proc = run_main(args_for(cache_dir, tmp_path / "bug"), timeout=300, env={"PILOT_HPC_INJECT": "raise_build:rank=0"})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "pilot_hpc: rank 0: ValueError: injected failure (PILOT_HPC_INJECT) in the model build" in proc.stderr
+    assert "pilot_hpc: error:" not in proc.stderr and "round 0/" not in proc.stdout
 
 
 def test_a_grid_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch
 
 from helpers import args_for, assert_same_result, run_main
 from pilot_hpc import checkpoint
+from pilot_hpc.checkpoint import Status
 
 
 def test_sigkill_of_a_rank_ends_the_job_and_the_rerun_resumes(runs, cache_dir, tmp_path):
@@ -43,7 +44,7 @@ def test_sigterm_mid_round_checkpoints_exits_75_and_resumes_bitwise(runs, cache_
     ck = checkpoint.read(str(path))
     assert not ck.complete and ck.round == 2
     c2 = ck.clients[2]
-    assert c2.status == "partial" and c2.progress.step == 2 and c2.progress.optimizer
+    assert c2.status is Status.PARTIAL and c2.progress.step == 2 and c2.progress.optimizer
     again = run_main(args_for(cache_dir, out), np=3, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted mid-round" in again.stdout

@@ -10,7 +10,7 @@ import torch
 
 from helpers import SMOKE
 from pilot_hpc import checkpoint
-from pilot_hpc.checkpoint import CheckpointError, ClientCheckpoint
+from pilot_hpc.checkpoint import CheckpointError, ClientCheckpoint, Status
 from pilot_hpc.config import load_config
 from pilot_hpc.train.spec import TrainProgress
 
@@ -28,7 +28,7 @@ def write(folder, states, round_=1, complete=True, server=None, partial_progress
     checkpoint.append_clients(tmp, {0: client("vqa", 12, states[0], losses={"ce": 0.5}, steps=3)})
     extra = {}
     if partial_progress is not None:
-        extra = dict(status="partial", pre_state=states[1], progress=partial_progress)
+        extra = dict(status=Status.PARTIAL, pre_state=states[1], progress=partial_progress)
     checkpoint.append_clients(tmp, {1: client("caption", 7, states[1], **extra)})
     assert not os.path.exists(final)  # nothing under the final name until finalize
     checkpoint.finalize(tmp, final)
@@ -59,7 +59,9 @@ def test_round_trip_is_exact_including_bf16_and_progress(tmp_path):
             assert torch.equal(got.view(torch.int16) if t.dtype == torch.bfloat16 else got,
                                t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
     c1 = ck.clients[1]
-    assert c1.status == "partial" and c1.progress.step == 4 and c1.progress.sums == {"ce": 1.25}
+    assert c1.status is Status.PARTIAL and c1.progress.step == 4 and c1.progress.sums == {"ce": 1.25}
+    with h5py.File(final, "r") as f:  # the file keeps the plain strings (older files load alike)
+        assert [f[f"clients/client_0{k}"].attrs["status"] for k in (0, 1)] == ["pending", "partial"]
     assert torch.equal(c1.progress.torch_rng, progress.torch_rng)
     assert torch.equal(c1.progress.optimizer["0.exp_avg"], progress.optimizer["0.exp_avg"])
     with h5py.File(final, "r") as f:

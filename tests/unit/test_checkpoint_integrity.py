@@ -15,7 +15,7 @@ import torch
 
 from helpers import SMOKE
 from pilot_hpc import checkpoint
-from pilot_hpc.checkpoint import ClientCheckpoint, resume, store
+from pilot_hpc.checkpoint import ClientCheckpoint, Status, resume, store
 from pilot_hpc.config import load_config
 from pilot_hpc.train.spec import TrainProgress
 
@@ -36,7 +36,7 @@ def write(cfg, folder, round_, st):
     checkpoint.append_clients(tmp, {0: ClientCheckpoint("vqa", 12, st[0], losses={"ce": 0.5}, steps=3)})
     progress = TrainProgress(step=2, samples=16, sums={"ce": 1.25}, torch_rng=torch.get_rng_state()[:64],
                              optimizer={"0.exp_avg": torch.randn(3, 5), "0.step": torch.tensor(2.0)})
-    checkpoint.append_clients(tmp, {1: ClientCheckpoint("caption", 7, st[1], status="partial", pre_state=st[0],
+    checkpoint.append_clients(tmp, {1: ClientCheckpoint("caption", 7, st[1], status=Status.PARTIAL, pre_state=st[0],
                                                         progress=progress, losses={"ce": 0.75})})
     checkpoint.finalize(tmp, final)
     return final

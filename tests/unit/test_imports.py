@@ -108,14 +108,29 @@ def test_no_import_cycles():
 
 # Layers that must not import the named higher ones (a module never imports its caller).
 FORBIDDEN = {
-    "pilot_hpc.config": ("pilot_hpc.",),  # the schema is a leaf (it loads before torch)
     "pilot_hpc.model": ("pilot_hpc.train", "pilot_hpc.fl", "pilot_hpc.checkpoint", "pilot_hpc.metrics",
                         "pilot_hpc.main"),
     "pilot_hpc.train": ("pilot_hpc.fl", "pilot_hpc.checkpoint", "pilot_hpc.metrics", "pilot_hpc.main"),
     "pilot_hpc.metrics": ("pilot_hpc.train", "pilot_hpc.fl", "pilot_hpc.checkpoint", "pilot_hpc.model"),
     "pilot_hpc.checkpoint": ("pilot_hpc.fl", "pilot_hpc.main"),
     "pilot_hpc.data": ("pilot_hpc.model", "pilot_hpc.train", "pilot_hpc.fl", "pilot_hpc.metrics"),
+    # The planner serves the entry point and the tools alike: it sits below both.
+    "pilot_hpc.memory": ("pilot_hpc.tools", "pilot_hpc.main", "pilot_hpc.fl", "pilot_hpc.train",
+                         "pilot_hpc.checkpoint"),
+    # The tools are developer entry points on top: the run's entry point never needs one.
+    "pilot_hpc.main": ("pilot_hpc.tools",),
 }
+
+
+# The bottom: modules that load before torch and MPI (a config error is reported first),
+# with all that each may import of the package.
+LEAVES = {"pilot_hpc.errors": (), "pilot_hpc.config": ("pilot_hpc.errors",)}
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_the_bottom_imports_only_what_it_names(leaf):
+    extra = sorted(import_graph()[leaf] - set(LEAVES[leaf]) - {"pilot_hpc"})
+    assert not extra, f"{leaf} imports {extra}: it must load with the standard library and PyYAML only"
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))

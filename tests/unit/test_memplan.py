@@ -8,10 +8,11 @@ import torch
 
 from helpers import REPO, SMOKE
 from pilot_hpc.config import load_config
+from pilot_hpc import memory
 from pilot_hpc.tools import memplan
 
 VISUAL = os.path.join(REPO, "configs", "fedmit_visual_9client.yaml")
-GB40 = int(40e9 * (1 - memplan.RESERVE))
+GB40 = int(40e9 * (1 - memory.RESERVE))
 
 
 @pytest.fixture(scope="module")
@@ -54,33 +55,33 @@ def test_lm_head_saves_the_float32_log_softmax():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(inputs_embeds=x, labels=torch.randint(0, vocab, (1, seq)))
     big = sum(v for v in seen.values() if v >= seq * vocab)  # the [tokens, vocab] tensors
-    planned, _ = memplan.head_bytes(memplan.Arch(64, 128, 1, 2, vocab, 0, 0, ""), seq)
+    planned, _ = memory.head_bytes(memory.Arch(64, 128, 1, 2, vocab, 0, 0, ""), seq)
     assert abs(planned - big) <= 0.15 * big
 
 
 @pytest.fixture(scope="module")
 def paper():
     cfg = load_config(VISUAL)
-    config, source = memplan.model_config(cfg)
-    return cfg, memplan.llava_arch(config, source), memplan.parameter_bytes(cfg, config)
+    config, source = memory.model_config(cfg)
+    return cfg, memory.llava_arch(config, source), memory.parameter_bytes(cfg, config)
 
 
 def test_paper_config_fits_40gb(paper):
     cfg, arch, params = paper
     assert "config.json not found" in arch.source and arch.layers == 32 and arch.hidden == 4096
     assert cfg.train.gradient_checkpointing and cfg.train.batch_size == 16
-    fits, advice = memplan.advise(cfg, arch, params, GB40)
+    fits, advice = memory.advise(cfg, arch, params, GB40)
     assert fits, advice
 
 
 def test_paper_shapes_without_checkpointing_do_not_fit_and_name_the_settings(paper):
     cfg, arch, params = paper
     bare = load_config(VISUAL, ["train.gradient_checkpointing=false", "train.grad_accum_steps=1"])
-    fits, advice = memplan.advise(bare, arch, params, GB40)
+    fits, advice = memory.advise(bare, arch, params, GB40)
     assert not fits
     assert advice == f"set train.gradient_checkpointing=true train.grad_accum_steps={cfg.train.grad_accum_steps}"
     # and the estimate grows with the micro-batch and shrinks with checkpointing
-    est = {(c, a): memplan.estimate(bare, arch, params, checkpointing=c, accum=a).train_peak
+    est = {(c, a): memory.estimate(bare, arch, params, checkpointing=c, accum=a).train_peak
            for c in (False, True) for a in (1, 2)}
     assert est[False, 1] > est[False, 2] > est[True, 2] and est[False, 1] > est[True, 1] > est[True, 2]
 
@@ -88,16 +89,16 @@ def test_paper_shapes_without_checkpointing_do_not_fit_and_name_the_settings(pap
 def test_generation_too_big_names_the_eval_batch(paper):
     cfg, arch, params = paper
     big = load_config(VISUAL, ["train.eval_batch_size=64"])
-    fits, advice = memplan.advise(big, arch, params, GB40)
+    fits, advice = memory.advise(big, arch, params, GB40)
     assert not fits and advice.startswith("set train.eval_batch_size=")
     eb = int(advice.split("=")[1])
     ok = load_config(VISUAL, [f"train.eval_batch_size={eb}"])
-    assert memplan.advise(ok, arch, params, GB40)[0]
+    assert memory.advise(ok, arch, params, GB40)[0]
 
 
 def test_tiny_smoke_model_sizes_from_the_model_section():
     cfg = load_config(SMOKE)
-    text, fits = memplan.report(cfg, 1.0)
+    text, fits = memory.report(cfg, 1.0)
     assert fits and "2-layer LLM (hidden 128, MLP 256" in text and "the built-in tiny model" in text
 
 
@@ -107,7 +108,7 @@ def test_main_warns_when_the_estimate_exceeds_the_cuda_device(paper):
     cfg, _, _ = paper
     for gib, warns in ((24, True), (80, False)):
         with mock.patch.object(torch.cuda, "get_device_properties", return_value=mock.Mock(total_memory=gib * 2 ** 30)):
-            msg = memplan.cuda_warning(cfg, "cuda:0")
+            msg = memory.cuda_warning(cfg, "cuda:0")
         assert (msg is not None) == warns
     assert msg is None
 

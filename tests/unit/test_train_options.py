@@ -239,9 +239,11 @@ def test_attn_implementation_reaches_both_sub_models(small_world):
 def test_flash_attention_without_the_package_is_refused(small_world):
     import importlib.util
 
+    from pilot_hpc.config import ConfigError
+
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
-    with pytest.raises(RuntimeError, match="model.attn_implementation=flash_attention_2 needs the flash-attn"):
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2 needs the flash-attn"):
         build(small_world, attn_implementation="flash_attention_2")
 
 
@@ -386,6 +388,24 @@ def test_config_keys_and_checks():
                                            ).train, stage=1, seed=7, num_workers=2)
     assert (spec.grad_accum_steps, spec.micro_batch, spec.lr_schedule, spec.warmup_ratio,
             spec.gradient_checkpointing, spec.num_workers) == (4, 4, "cosine", 0.03, True, 2)
+
+
+def test_the_baselines_train_at_lr_baseline_or_else_at_lr_stage2():
+    """Stage PLAIN (every strategy but pilot) takes train.lr_baseline; at its default (0)
+    lr_stage2's value, as Pilot's stage 2 does; Pilot's stages never read it."""
+    from helpers import SMOKE
+    from pilot_hpc.config import ConfigError, load_config
+    from pilot_hpc.model.connector import PLAIN
+    from pilot_hpc.train.spec import lr_field
+
+    def lrs(overrides):
+        t = load_config(SMOKE, ["train.lr_stage1=1e-3", "train.lr_stage2=2e-3"] + overrides).train
+        return [(lr_field(stage, t), TrainSpec.for_round(t, stage=stage, seed=0).lr) for stage in (1, 2, PLAIN)]
+
+    assert lrs([]) == [("lr_stage1", 1e-3), ("lr_stage2", 2e-3), ("lr_stage2", 2e-3)]
+    assert lrs(["train.lr_baseline=3e-3"]) == [("lr_stage1", 1e-3), ("lr_stage2", 2e-3), ("lr_baseline", 3e-3)]
+    with pytest.raises(ConfigError, match="train.lr_baseline must be >= 0, got -1.0"):
+        load_config(SMOKE, ["train.lr_baseline=-1"])
 
 
 # ---------------------------------------------------------------------------- deepspeed engine

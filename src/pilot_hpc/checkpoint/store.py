@@ -33,6 +33,7 @@ open or parse a file, of any exception type, is a CheckpointError naming the fil
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import yaml
 
+from pilot_hpc.errors import CheckpointError
 from pilot_hpc.train.spec import TrainProgress
 
 # 3: strategy hyper-parameters moved to their own config sections (fedprox, fedadam,
@@ -57,8 +59,22 @@ LIBVER = ("earliest", "v110")
 _NAME = re.compile(r"^round_(\d{3,})(\.preempt)?\.h5$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the key."""
+class Status(enum.Enum):
+    """Where a client stands in the current round (fl/client.py's state machine); a
+    checkpoint stores the value string in the client's `status` attribute."""
+
+    PENDING = "pending"  # not trained yet in this round
+    PARTIAL = "partial"  # interrupted inside its local training (progress kept)
+    DONE = "done"  # trained in this round, waiting for the exchange
+
+    @property
+    def code(self) -> int:
+        """A small integer for broadcasts to a client group."""
+        return list(Status).index(self)
+
+    @classmethod
+    def from_code(cls, code: int) -> "Status":
+        return list(Status)[int(code)]
 
 
 @dataclass
@@ -66,7 +82,7 @@ class ClientCheckpoint:
     task: str
     num_samples: int
     state: dict[str, torch.Tensor]
-    status: str = "pending"  # pending | partial | done (within an interrupted round)
+    status: Status = Status.PENDING  # PARTIAL or DONE only within an interrupted round
     steps: int = 0
     skipped: int = 0  # unreadable samples its last round left out (data.on_bad_sample=skip)
     finite: bool = True
@@ -172,7 +188,7 @@ def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
     with h5py.File(tmp_path, "a", libver=LIBVER) as f:
         for k, c in sorted(clients.items()):
             g = f["clients"].create_group(f"client_{k:02d}")
-            g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status, steps=c.steps,
+            g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status.value, steps=c.steps,
                            skipped=c.skipped, finite=int(c.finite), losses=json.dumps(c.losses))
             _write_dict(g, "state", c.state)
             if c.pre_state is not None:
@@ -309,8 +325,11 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
             raise CheckpointError(f"{where}: missing attribute {key!r}")
     if "state" not in g:
         raise CheckpointError(f"{where}: missing group 'state'")
+    statuses = [s.value for s in Status]
+    if str(g.attrs["status"]) not in statuses:
+        raise CheckpointError(f"{where}: status {str(g.attrs['status'])!r} is none of {statuses}")
     c = ClientCheckpoint(task=str(g.attrs["task"]), num_samples=int(g.attrs["num_samples"]),
-                         state=_read_dict(g["state"], f"{where}/state"), status=str(g.attrs["status"]),
+                         state=_read_dict(g["state"], f"{where}/state"), status=Status(str(g.attrs["status"])),
                          steps=int(g.attrs["steps"]), finite=bool(g.attrs["finite"]),
                          losses=json.loads(g.attrs["losses"]), skipped=int(g.attrs.get("skipped", 0)))
     if "pre_state" in g:
@@ -321,7 +340,7 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
                                    sums=json.loads(p.attrs["sums"]), skipped=int(p.attrs.get("skipped", 0)),
                                    torch_rng=_read_tensor(p["torch_rng"], f"{where}/progress/torch_rng"),
                                    optimizer=_read_dict(p["optimizer"], f"{where}/progress/optimizer"))
-    if c.status == "partial" and (c.progress is None or c.pre_state is None):
+    if c.status is Status.PARTIAL and (c.progress is None or c.pre_state is None):
         raise CheckpointError(f"{where}: status 'partial' without progress and pre_state")
     return c
 

@@ -15,28 +15,12 @@ that the failure message of an MPI abort can name it.
 from __future__ import annotations
 
 import contextlib
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from pilot_hpc.checkpoint.store import ClientCheckpoint
+from pilot_hpc.checkpoint.store import ClientCheckpoint, Status
 from pilot_hpc.train.spec import TrainProgress, TrainResult
-
-
-class Status(enum.Enum):
-    PENDING = "pending"  # not trained yet in this round
-    PARTIAL = "partial"  # interrupted inside its local training (progress kept)
-    DONE = "done"  # trained in this round, waiting for the exchange
-
-    @property
-    def code(self) -> int:
-        """A small integer for broadcasts to a client group."""
-        return list(Status).index(self)
-
-    @classmethod
-    def from_code(cls, code: int) -> "Status":
-        return list(Status)[int(code)]
 
 
 class TransitionError(RuntimeError):
@@ -132,12 +116,12 @@ class ClientSlot:
         """This client in a checkpoint: after a complete round it is PENDING for the next."""
         partial = not complete and self.status is Status.PARTIAL
         return ClientCheckpoint(task=self.task, num_samples=self.n, state=self.state,
-                                status=Status.PENDING.value if complete else self.status.value, steps=self.steps,
+                                status=Status.PENDING if complete else self.status, steps=self.steps,
                                 skipped=self.skipped, finite=self.finite, losses=self.losses, pre_state=self.pre_state if partial else None,
                                 progress=self.progress if partial else None)
 
     def restore(self, rec: ClientCheckpoint, complete: bool) -> None:
         self.state, self.losses, self.steps, self.finite = rec.state, rec.losses, rec.steps, rec.finite
         self.skipped = rec.skipped
-        self.status = Status.PENDING if complete else Status(rec.status)
+        self.status = Status.PENDING if complete else rec.status
         self.pre_state, self.progress = rec.pre_state, rec.progress

@@ -100,15 +100,6 @@ class PilotConnector(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(name in trainable)
 
-    def load_task_adapters(self, states: list[dict[str, torch.Tensor]]) -> None:
-        """Installs the server's T aggregated task adapters (indexed by task id)."""
-        if len(states) != self.num_tasks:
-            raise ValueError(f"expected {self.num_tasks} task adapters, got {len(states)}")
-        with torch.no_grad():
-            self.task_adapter.load_state_dict(states[self.own_task])
-            for module, t in zip(self.foreign, self.foreign_tasks()):
-                module.load_state_dict(states[t])
-
     def init_cross_adapters(self) -> None:
         """Stage-2 entry: cross-task adapters from the own task adapter, or at random."""
         gen = torch.Generator().manual_seed(self.seed + 1)

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from pilot_hpc.config import ConfigError
 from pilot_hpc.model.ctmoa import AdapterWeights, CTMoAOutput, ctmoa_reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,7 +102,8 @@ def resolve_impl(h: torch.Tensor, impl: str = "auto", router_weight: torch.Tenso
     env = os.environ.get(ENV_VAR, "").strip().lower()
     requested, source = (env, f"{ENV_VAR}={env}") if env else (impl, f"impl={impl!r}")
     if requested not in IMPLS:
-        raise ValueError(f"CT-MoA implementation must be one of {IMPLS}, got {requested!r} ({source})")
+        raise ConfigError(f"CT-MoA implementation must be one of {IMPLS}, got {requested!r} ({source}): set "
+                          f"model.ctmoa_impl or {ENV_VAR} to one of them")
     if requested == "reference":
         return "reference", source
     if requested == "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
 
-from pilot_hpc.config import ModelConfig, PilotConfig
+from pilot_hpc.config import ConfigError, ModelConfig, PilotConfig
 from pilot_hpc.model.connector import PilotConnector
 from pilot_hpc.model.ct_clip import attach_ct_clip
 
@@ -27,6 +28,14 @@ log = logging.getLogger("pilot_hpc.model")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_checkpointing_deprecation() -> None:
+    """Silences transformers 5's FutureWarning for the gradient_checkpointing names (now
+    activation checkpointing): peft reads `is_gradient_checkpointing` at every model
+    build, per rank, and the memory measurement calls the old enable/disable names.
+    Nothing in pilot_hpc can act on the notice; every entry point calls this once."""
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
 
 
 def tiny_llava_config(m: ModelConfig, vocab_size: int, image_token_id: int, pad_id: int) -> LlavaConfig:
@@ -59,17 +68,26 @@ def load_base(path: str, dtype: str, attn_implementation: str = "sdpa"):
     """(model, tokenizer, image processor) from a local HF LLaVA folder.
 
     attn_implementation (model.attn_implementation) applies to the LLM and the vision
-    tower. sdpa is what from_pretrained picked before the key existed (for the tiny
-    model, checked through config._attn_implementation of both sub-models), so the
-    default reproduces earlier runs bitwise."""
+    tower. sdpa is also what from_pretrained picks by itself for the tiny model (checked
+    through config._attn_implementation of both sub-models), so the default gives the
+    same results as loading without the argument.
+
+    A folder transformers cannot load (another model's config.json, missing weights, a
+    tokenizer it does not know) is bad input, a ConfigError naming the folder: transformers
+    reports these as OSError or ValueError, which would otherwise pass for a bug here."""
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise RuntimeError("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA, "
-                           "bf16/fp16 models), which is not installed: install it or set "
-                           "model.attn_implementation=sdpa")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
-                                                          attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA, "
+                          "bf16/fp16 models), which is not installed: install it or set "
+                          "model.attn_implementation=sdpa")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
+                                                              attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the LLaVA folder {path} cannot be loaded ({type(err).__name__}: {err}): model.path must "
+                          "be a complete Hugging Face LLaVA folder (e.g. a download of llava-hf/llava-1.5-7b-hf); "
+                          "the built-in base model's folder under run.cache_dir is rebuilt once deleted") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer, image_processor

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pilot_hpc import jsonout
+from pilot_hpc import memory
 from pilot_hpc.tools import memplan
 
 START, END = "<!-- bench_train: start -->", "<!-- bench_train: end -->"
@@ -174,14 +175,14 @@ def markdown(wait_rows: list[dict], act: dict, args, seconds: float) -> str:
               "", f"Measured per layer without checkpointing: {', '.join(f'{b / mib:.2f}' for b in m['per_layer'])} "
               "MiB (the first also holds RoPE's cos/sin).", "",
               "At LLaVA-1.5-7B's 32 layers the planner's formula gives, per sample of 677 tokens (576 image + "
-              f"100 text + BOS): {memplan.llm_saved_bytes(_arch7b(), 677, 64, 2, False) / 2**30:.2f} GiB without "
-              f"checkpointing, {memplan.llm_saved_bytes(_arch7b(), 677, 64, 2, True) / 2**30:.2f} GiB with "
+              f"100 text + BOS): {memory.llm_saved_bytes(_arch7b(), 677, 64, 2, False) / 2**30:.2f} GiB without "
+              f"checkpointing, {memory.llm_saved_bytes(_arch7b(), 677, 64, 2, True) / 2**30:.2f} GiB with "
               "(an estimate from the validated formula, not a measurement at 32 layers).", END]
     return "\n".join(lines) + "\n"
 
 
-def _arch7b() -> memplan.Arch:
-    return memplan.llava_arch(memplan.llava_7b_config(), "LLaVA-1.5-7B")
+def _arch7b() -> memory.Arch:
+    return memory.llava_arch(memory.llava_7b_config(), "LLaVA-1.5-7B")
 
 
 def write_section(path: str, text: str) -> None:

@@ -1,6 +1,6 @@
 """LLaVA-1.5-7B with the Pilot connector and LoRA on the meta device: parameter and byte
 counts per client per stage, without weights or memory; with --config, the memory plan
-of one client of that config (tools/memplan.py) and whether it fits --gpu-mem-gb.
+of one client of that config (pilot_hpc/memory.py) and whether it fits --gpu-mem-gb.
 
     python -m pilot_hpc.tools.dryrun [--lora-r 64] [--tasks 3] [--clients 9] [--dtype bfloat16]
     python -m pilot_hpc.tools.dryrun --config CONFIG [--gpu-mem-gb N] [section.key=value ...]
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -25,8 +24,8 @@ from transformers import LlavaForConditionalGeneration
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.model.ct_clip import ct_clip_counts
-from pilot_hpc.model.llava import PilotModel, attach_pilot
-from pilot_hpc.tools.memplan import llava_7b_config
+from pilot_hpc.memory import llava_7b_config
+from pilot_hpc.model.llava import PilotModel, attach_pilot, quiet_checkpointing_deprecation
 
 
 def count(params) -> int:
@@ -91,21 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="device memory (GB, 1e9 bytes): fits or not")
     ap.add_argument("overrides", nargs="*", help="section.key=value on top of --config")
     a = ap.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_checkpointing_deprecation()
     if a.config is None:
         if a.overrides or a.gpu_mem_gb is not None:
             ap.error("--gpu-mem-gb and overrides need --config")
         print(report(a.lora_r, a.lora_alpha, a.tasks, a.clients, a.dtype))
         return 0
     from pilot_hpc.config import ConfigError
-    from pilot_hpc.tools import memplan
+    from pilot_hpc import memory
 
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as err:
         print(f"dryrun: config error: {err}", file=sys.stderr)
         return 2
-    text, fits = memplan.report(cfg, a.gpu_mem_gb)
+    text, fits = memory.report(cfg, a.gpu_mem_gb)
     print(text)
     return 0 if fits else 1
 

@@ -24,13 +24,11 @@ import dataclasses
 import os
 import sys
 import time
-import warnings
 
 import torch
 
-from pilot_hpc import jsonout
+from pilot_hpc import jsonout, memory
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
-from pilot_hpc.tools import memplan
 
 IMAGE_TOKEN = 32000  # LLaVA-1.5's <image> id (vocab 32064)
 
@@ -79,16 +77,16 @@ class RandomSamples(torch.utils.data.Dataset):
 def run(args) -> dict:
     from transformers import LlavaForConditionalGeneration
 
-    from pilot_hpc.model.llava import PilotModel, attach_pilot, num_image_tokens
+    from pilot_hpc.model.llava import PilotModel, attach_pilot, num_image_tokens, quiet_checkpointing_deprecation
     from pilot_hpc.progress import resident_bytes
     from pilot_hpc.train.engines import train_steps
     from pilot_hpc.train.spec import Hooks, TrainSpec
 
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    quiet_checkpointing_deprecation()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = "float32" if args.tiny else "bfloat16"
     config = build_config(args.tiny, args.layers, args.vision_layers)
-    arch = memplan.llava_arch(config, "built from config by realscale_round")
+    arch = memory.llava_arch(config, "built from config by realscale_round")
     image_tokens = num_image_tokens(config)
     seq = 1 + image_tokens + args.text_tokens
     m = ModelConfig(lora_r=8 if args.tiny else 64, lora_alpha=16 if args.tiny else 128, lora_dropout=0.05,
@@ -101,7 +99,7 @@ def run(args) -> dict:
     for d in range(1, args.batch + 1):  # the planner's accumulation: the smallest that fits the device
         if args.batch % d == 0:
             accum = d
-            if args.tiny or memplan.estimate(cfg, arch, memplan.parameter_bytes(cfg, config), checkpointing=True,
+            if args.tiny or memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True,
                                              accum=d).train_peak <= 0.9 * torch.cuda.get_device_properties(
                                                  device).total_memory:
                 break
@@ -112,7 +110,7 @@ def run(args) -> dict:
                              f"data.max_length={seq}", f"train.batch_size={args.batch}", "train.eval_batch_size=1",
                              "train.max_new_tokens=1", "train.gradient_checkpointing=true",
                              f"train.grad_accum_steps={accum}", f"train.max_steps={args.steps}", "train.lr_stage1=2e-5"])
-    est = memplan.estimate(cfg, arch, memplan.parameter_bytes(cfg, config), checkpointing=True, accum=accum)
+    est = memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True, accum=accum)
 
     torch.manual_seed(0)
     old = torch.get_default_dtype()

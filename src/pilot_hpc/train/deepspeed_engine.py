@@ -28,7 +28,7 @@ from pilot_hpc.train.activations import checkpointing
 from pilot_hpc.train.loader import micro_batch_stream
 from pilot_hpc.train.schedule import set_lr
 from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
-                                  micro_batches, warn_non_finite)
+                                  micro_batches, warn_non_finite, weighted_terms)
 
 log = logging.getLogger("pilot_hpc.engine")
 
@@ -272,7 +272,8 @@ def _micro_slices(idx: list[int], m_r: int, A: int) -> list[tuple[list[int], int
 
 
 def _step(engine, batch: dict, m_r: int, M: int, R: int, hooks: Hooks, i: int) -> dict | None:
-    """One step without accumulation (the engine's step as it always was)."""
+    """One step without accumulation: one micro-batch per member, weighted only across
+    the client group (by _group_terms, when it has more than one member)."""
     out = engine(**batch)
     terms = {"ce": out.loss, **hooks.aux_loss()}
     if R > 1:
@@ -307,7 +308,7 @@ def _accumulated_step(engine, mbs: list[tuple[dict, int]], M: int, R: int, hooks
     for (batch, m), n in zip(mbs, counts):
         out = engine(**batch)
         raw = {"ce": out.loss, **hooks.aux_loss()}
-        terms = {k: v * ((R * n / N) if k == "ce" else (R * m / M)) for k, v in raw.items()}
+        terms = weighted_terms(raw, n, N, m, M, members=R)
         # What the group reports: the members' weighted terms summed (divided by R).
         part = {k: v.detach().double() / R for k, v in terms.items()}
         # A weight-0 micro-batch's NaN counts too: 0 x NaN would still poison the gradient.
@@ -349,8 +350,7 @@ def _group_terms(terms: dict[str, torch.Tensor], labels: torch.Tensor, m_r: int,
         stats[2:] = torch.stack([raw[0] * n_r] + [v * m_r for v in raw[1:]])
     dist.all_reduce(stats)
     N = float(stats[0])
-    weighted = {"ce": terms["ce"] * (R * n_r / N)}
-    weighted.update({k: terms[k] * (R * m_r / M) for k in names[1:]})
+    weighted = weighted_terms(terms, n_r, N, m_r, M, members=R)
     shown = {"ce": (stats[2] / N).float()}
     shown.update({k: (stats[3 + j] / M).float() for j, k in enumerate(names[1:])})
     if stats[1] > 0:  # some member's loss is NaN/Inf: so is the group's

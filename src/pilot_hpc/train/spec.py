@@ -26,10 +26,16 @@ def seed_for(run_seed: int, client: int, round_: int) -> int:
     return (run_seed * 1_000_003 + client * 10_007 + round_ * 101) % (2 ** 31)
 
 
-def lr_field(stage: int) -> str:
-    """The train-section key of a stage's learning rate: stage 1 (Pilot's first round)
-    lr_stage1, every other stage (Pilot's stage 2, the baselines' PLAIN) lr_stage2."""
-    return "lr_stage1" if stage == 1 else "lr_stage2"
+def lr_field(stage: int, train=None) -> str:
+    """The train-section key whose value is a stage's learning rate: lr_stage1 in Pilot's
+    stage 1, lr_stage2 in its stage 2, and in the baselines' stage (the connector's PLAIN,
+    any stage but 1 and 2) lr_baseline when `train` (the TrainConfig) sets it above 0,
+    else lr_stage2."""
+    if stage == 1:
+        return "lr_stage1"
+    if stage != 2 and train is not None and train.lr_baseline > 0:
+        return "lr_baseline"
+    return "lr_stage2"
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class TrainSpec:
                   on_bad_sample: str = "fail") -> "TrainSpec":
         """The spec of a round in `stage` from the config's `train` section (TrainConfig);
         num_workers and on_bad_sample from the data section."""
-        return cls(lr=getattr(t, lr_field(stage)), batch_size=t.batch_size, epochs=t.local_epochs,
+        return cls(lr=getattr(t, lr_field(stage, t)), batch_size=t.batch_size, epochs=t.local_epochs,
                    seed=seed, max_steps=t.max_steps, grad_clip=t.grad_clip, weight_decay=t.weight_decay,
                    engine=t.engine, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                    grad_accum_steps=t.grad_accum_steps, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
@@ -244,6 +250,20 @@ def micro_batches(idx: list[int], accum: int) -> list[list[int]]:
     fewer samples than accum, fewer micro-batches)."""
     k = min(accum, len(idx))
     return [idx[r * len(idx) // k:(r + 1) * len(idx) // k] for r in range(k)]
+
+
+def weighted_terms(terms: dict[str, torch.Tensor], tokens: float, all_tokens: float, samples: int,
+                   all_samples: int, members: int = 1) -> dict[str, torch.Tensor]:
+    """A part's loss terms weighted by its share of the whole batch, so that the parts'
+    gradients sum (over micro-batches) or average (over the `members` of a client group,
+    whose gradients DeepSpeed averages) to the gradient of the whole batch's loss.
+
+    The ce is a token mean: the part's, over its `tokens` answer tokens, counts
+    members x tokens / all_tokens. Every other term is a per-sample mean (L_d, L_z,
+    FedProx's term; stage 2's load balance, approximately): members x samples /
+    all_samples. Both engines weight through this one rule."""
+    return {k: v * ((members * tokens / all_tokens) if k == "ce" else (members * samples / all_samples))
+            for k, v in terms.items()}
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

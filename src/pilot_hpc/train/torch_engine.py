@@ -9,11 +9,12 @@ micro-batches (spec.micro_batches), each forward is followed by its backward, an
 optimiser steps once. The cross-entropy is a token mean over the whole batch, so each
 micro-batch's ce (a mean over its n_j answer tokens) is weighted by n_j / N (N: the
 batch's answer tokens) and each auxiliary term (per-sample means: L_d, L_z, FedProx's
-term, which is the same in every forward) by its share of the samples m_j / M. The sum
-of the weighted gradients is then the gradient of the whole batch's loss, up to float
-rounding; stage 2's load-balance loss (a product of two token means) is approximated
-by the weighted mean of the micro-batches' values. With A = 1 the step is computed
-exactly as before (no weights).
+term, which is the same in every forward) by its share of the samples m_j / M
+(spec.weighted_terms, the rule the deepspeed engine uses too). The sum of the weighted
+gradients is then the gradient of the whole batch's loss, up to float rounding; stage
+2's load-balance loss (a product of two token means) is approximated by the weighted
+mean of the micro-batches' values. With A = 1 the step is one forward and backward of
+the batch's loss, with no weights.
 
 Unreadable samples (spec.on_bad_sample): skip leaves them out of their micro-batch, so
 the step's loss is the mean over the samples that remain (a step with none left takes
@@ -30,7 +31,8 @@ from pilot_hpc.train.activations import checkpointing
 from pilot_hpc.train.loader import micro_batch_stream
 from pilot_hpc.train.schedule import set_lr
 from pilot_hpc.train.spec import (ClientGroup, Hooks, StepLog, TrainProgress, TrainResult, TrainSpec, batches,
-                                  load_optimizer_state, micro_batches, optimizer_state, warn_non_finite)
+                                  load_optimizer_state, micro_batches, optimizer_state, warn_non_finite,
+                                  weighted_terms)
 
 
 def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spec: TrainSpec, *, pad_id: int,
@@ -81,7 +83,7 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
 
 def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i: int) -> dict | None:
     """One optimiser step over its micro-batches: the batch's loss terms, None at a NaN/Inf."""
-    if len(mbs) == 1:  # no accumulation: exactly the engine's step as it always was
+    if len(mbs) == 1:  # no accumulation: the batch's own loss, nothing to weight
         out = model(**mbs[0])
         terms = {"ce": out.loss, **hooks.aux_loss()}
         loss = sum(terms.values())
@@ -99,7 +101,7 @@ def _step(model, opt, params, mbs: list[dict], spec: TrainSpec, hooks: Hooks, i:
         for b, n_j, m_j in zip(mbs, counts, sizes):
             out = model(**b)
             # Every record has answer tokens (an eos at least), so n_j > 0.
-            part = {"ce": out.loss * (n_j / N), **{k: v * (m_j / M) for k, v in hooks.aux_loss().items()}}
+            part = weighted_terms({"ce": out.loss, **hooks.aux_loss()}, n_j, N, m_j, M)
             loss = sum(part.values())
             if not torch.isfinite(loss):
                 warn_non_finite(i, part)
