@@ -52,7 +52,7 @@ test-fast: install
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
 
-# ---- GPU check (issue 17; README, "GPU check") ------------------------------------------
+# ---- GPU check (README, "GPU check") ----------------------------------------------------
 # The packages the GPU machine's python3 lacks (its image has torch, triton, transformers,
 # peft, mpi4py, h5py, pyarrow, pandas, fsspec, ...): the MPI library for mpi4py, and
 # `datasets` (pilot_hpc.main imports it) with the two of its needs the image lacks.

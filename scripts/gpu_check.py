@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One command that validates every GPU path of pilot_hpc on one GPU machine (issue 17).
+"""One command that validates every GPU path of pilot_hpc on one GPU machine.
 
     python3 scripts/gpu_check.py --out DIR        (or GPU_CHECK_OUT=DIR; make gpu-check)
     python3 scripts/gpu_check.py --list           (the steps and their budgets; no GPU needed)
@@ -109,7 +109,7 @@ def gate_federation(ctx: Context) -> str | None:
 
 def gate_realscale(ctx: Context) -> str | None:
     if module_file(REALSCALE_MODULE, [ctx.repo / "src"]) is None:
-        return f"real-scale training (issue 12) not landed: no module {REALSCALE_MODULE} under src/"
+        return f"real-scale training is not in this checkout: no module {REALSCALE_MODULE} under src/"
     return None
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# The whole check must end inside 8 minutes of wall time (issue 17): the device machine
+# The whole check must end inside 8 minutes of wall time: the device machine
 # is lent for about 15 minutes in all, its start included, and a rerun must still fit.
 TOTAL_S = 480
 MAX_RETURNED_FILES = 8  # what the device tool brings back from $OUT
@@ -448,7 +448,7 @@ def write_summary(path: Path, results: list[StepResult], facts: dict[str, str], 
     """gpu_check.md from the results so far (pending: the steps not run yet). Returns the text."""
     counts = {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "skipped")}
     device = facts.get("device", "unknown device")
-    lines = ["# GPU check (issue 17)", ""]
+    lines = ["# GPU check", ""]
     if pending:
         lines += [f"**INCOMPLETE: {len(pending)} step(s) not run yet ({', '.join(s.name for s in pending)}); "
                   "the check was still running or was killed.**", ""]

@@ -79,7 +79,8 @@ class ModelConfig:
     lora_dropout: float = 0.05
     ctmoa_impl: Literal["auto", "triton", "reference"] = "auto"
     # Attention kernel of the LLM and the vision tower, passed to from_pretrained. sdpa is
-    # what loaded before this key existed (the default reproduces those runs bitwise);
+    # what from_pretrained picks without the argument (checked for the tiny model), so the
+    # default changes no result;
     # flash_attention_2 needs the flash-attn package (CUDA, bf16/fp16). Not part of the
     # cached base model's key: the warm start always builds with the default.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -254,7 +255,7 @@ class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[0, 1, 2] = 2  # no 3: stage 3 would shard the frozen base
     offload_optimizer: bool = False
-    # Real-scale training (issue 12). batch_size stays the effective batch: each
+    # Real-scale training (7B on one GPU). batch_size stays the effective batch: each
     # optimiser step takes grad_accum_steps micro-batches of batch_size / grad_accum_steps.
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the LLM layers
     grad_accum_steps: int = 1
@@ -341,10 +342,10 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Keys added after runs were recorded, with the default that does what those runs did: left
-# out of both hashes while at that default, so a run finished before the key existed keeps
-# its config_hash (launch's finished and reused runs, tools/study) and its checkpoints their
-# result_hash. Set to anything else, the key is hashed like any other.
+# Keys whose listed default does what a config without the key does: left out of both
+# hashes while at that default, so a run recorded without the key keeps its config_hash
+# (launch's finished and reused runs, tools/study) and its checkpoints their result_hash.
+# Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0}
 
@@ -376,8 +377,9 @@ BOUNDS = {
     "feddpa.local_weight": "[0, 1]",
     "train.local_epochs": ">= 1", "train.max_steps": ">= 0", "train.batch_size": ">= 1",
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
-    "train.lr_baseline": ">= 0", "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0", "train.lambda_balance": ">= 0",
-    "train.lambda_z": ">= 0", "train.grad_clip": ">= 0", "train.max_new_tokens": ">= 1",
+    "train.lr_baseline": ">= 0", "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0",
+    "train.lambda_balance": ">= 0", "train.lambda_z": ">= 0", "train.grad_clip": ">= 0",
+    "train.max_new_tokens": ">= 1",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
 }
 

@@ -28,7 +28,7 @@ import os
 import sys
 
 from pilot_hpc import jsonout
-from pilot_hpc.errors import ExportError
+from pilot_hpc.errors import BadInput, ExportError
 
 EXIT_BAD_INPUT = 2
 CONNECTOR_FILE = "connector.safetensors"
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     try:
         info = export_client(args.run, args.client, args.out, args.round, merged=not args.no_merged)
-    except ExportError as err:
+    except BadInput as err:  # ExportError, or the base model folder's ConfigError (model/llava.py:load_base)
         print(f"pilot_hpc.export: error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     kind = "pilot connector" if not info["plain_projector"] else "plain projector (+ merged/)"

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     single, batch = args.image is not None or args.prompt is not None, args.data is not None or args.out is not None
     if single == batch or (single and not (args.image and args.prompt)) or (batch and not (args.data and args.out)):
         ap.error("give either --image and --prompt, or --data and --out")
-    from pilot_hpc.export import ExportError, quiet
+    from pilot_hpc.errors import BadInput, DataError
+    from pilot_hpc.export import quiet
 
     quiet()
     try:
@@ -95,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         max_new = args.max_new_tokens or gen["max_new_tokens"]
         if single:
             if not os.path.isfile(args.image):
-                raise ValueError(f"image {args.image} does not exist")
+                raise DataError(f"image {args.image} does not exist")
             print(answer_one(model, args.image, args.prompt, max_new, args.device, args.sample, args.temperature))
             return 0
         rows = answer_file(model, args.data, args.image_root, args.batch_size or gen["batch_size"], max_new,
                            args.device)
-    except (ExportError, ValueError, OSError) as err:
+    except (BadInput, OSError) as err:  # OSError: a file or folder named on the command line
         print(f"pilot_hpc.generate: error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

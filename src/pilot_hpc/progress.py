@@ -32,6 +32,8 @@ import math
 import time
 from typing import Callable
 
+from pilot_hpc.errors import DataError
+
 log = logging.getLogger("pilot_hpc.progress")
 log.setLevel(logging.INFO)
 
@@ -96,7 +98,7 @@ def tokens_per_sample(dataset, k: int = 8) -> float | None:
     idx = range(min(k, len(dataset)))
     try:
         return sum(len(encode(i)[0]) for i in idx) / len(idx)
-    except ValueError:  # an over-long sample: training reports it, with its id, when it reaches it
+    except DataError:  # an over-long sample: training reports it, with its id, when it reaches it
         return None
 
 

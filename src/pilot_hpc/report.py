@@ -27,7 +27,7 @@ def metrics_document(history: list[dict], cfg) -> dict:
 
 def read_metrics(path: str) -> dict:
     """A metrics.json document with its nulls (non-finite values, see jsonout) read back as
-    NaN in the client rows, so means and tables treat them as before: no value. One NaN
+    NaN in the client rows, so means and tables treat them as the NaN the run held: no value. One NaN
     object for all of them, as json.load uses for a bare NaN: list and dict equality
     check identity first, so two documents with no value in the same places compare equal
     (tools/parity compares runs this way)."""

@@ -5,7 +5,7 @@ anything else writes there, and holds it until its process ends (the kernel drop
 then, so a crashed job leaves no stale lock: the file stays, the lock does not). The
 file holds the holder as JSON (host, pid, Slurm job id, start time), so that a second
 job can say who has the folder. Two jobs in one folder otherwise interleave their
-checkpoint writes (issue 16: one died on HDF5's file lock, the other left a corrupt
+checkpoint writes (seen: one died on HDF5's file lock, the other left a corrupt
 round_001.h5). flock is per host on some network file systems (NFS without lock
 forwarding): the holder's host is in the message for that reason.
 

@@ -117,7 +117,7 @@ def processor_saved_copy(base, folder):
 
 def test_real_data_path_reproduces_the_synthetic_run(runs, small_world, tmp_path):
     """model.path + data.kind=llava_json on the same files runs the same code to the same
-    result, from a model folder as LlavaProcessor.save_pretrained writes it (issue 21)."""
+    result, from a model folder as LlavaProcessor.save_pretrained writes it."""
     from pilot_hpc.data.synthetic import client_files
 
     out, _, _ = runs

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import REPO, SMOKE, args_for, assert_same_result, mpiexec, run_main
 from pilot_hpc import runlock
+from pilot_hpc.errors import DataError
 
 
 # ---------------------------------------------------------------- values at the boundary
@@ -133,7 +134,7 @@ def test_a_data_file_with_one_record_object_is_refused(tmp_path):
     _image(tmp_path)
     one = tmp_path / "one.json"
     one.write_text(json.dumps(RECORD, indent=1))
-    with pytest.raises(ValueError, match=r"one.json: the file holds one record object, not a list of records"):
+    with pytest.raises(DataError, match=r"one.json: the file holds one record object, not a list of records"):
         load_records(str(one))
     lines = tmp_path / "lines.json"  # JSON Lines: one record per line still loads
     lines.write_text(json.dumps(RECORD) + "\n" + json.dumps(dict(RECORD, id="r1")) + "\n")
@@ -146,7 +147,7 @@ def test_image_token_twice_in_one_turn_is_refused(tmp_path):
     _image(tmp_path)
     rec = json.loads(json.dumps(RECORD))
     rec["conversations"][0]["value"] = "<image>\n<image>\nWhat is it?"
-    with pytest.raises(ValueError, match=r"f.json: record 3 \(id 'r0'\): <image> appears 2 times"):
+    with pytest.raises(DataError, match=r"f.json: record 3 \(id 'r0'\): <image> appears 2 times"):
         parse_record(rec, "f.json", 3, str(tmp_path))
 
 

@@ -53,8 +53,8 @@ def test_sigterm_mid_round_checkpoints_exits_75_and_resumes_bitwise(runs, cache_
 
 
 # history: digits changed inside the `history` attribute, written back consistently through
-# HDF5 (so no HDF5 checksum can see it): before the whole-file digest, this loaded silently
-# and metrics.json reported round 2's caption CIDEr as 99.29 instead of 11.29 (issue 16).
+# HDF5 (so no HDF5 checksum can see it): only the whole-file digest catches it; without it
+# the file loads and metrics.json reports round 2's caption CIDEr as 99.29 instead of 11.29.
 @pytest.mark.parametrize("damage", ["truncate", "flip", "history"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, cache_dir, tmp_path, damage):
     out = tmp_path / damage
@@ -139,8 +139,8 @@ def _tree(folder) -> dict:
             for d, _, files in os.walk(folder) for f in files if f != ".pilot_hpc.lock"}
 
 
-# model.lora_r changes the shapes too: before the config was compared first, both
-# checkpoints were "unusable" and the run started over, overwriting them (issue 21).
+# model.lora_r changes the shapes too: unless the config is compared first, both
+# checkpoints look "unusable" and the run starts over, overwriting them.
 @pytest.mark.parametrize("change, shown", [(["train.lr_stage2=1.0e-3"], "train.lr_stage2: 0.0005 -> 0.001"),
                                            (["model.lora_r=4"], "model.lora_r: 8 -> 4")])
 def test_resume_with_a_result_changing_config_is_refused(runs, cache_dir, tmp_path, change, shown):

@@ -11,6 +11,7 @@ import torch
 
 from helpers import build_client, trainable
 from pilot_hpc.data.records import InstructionDataset, collate_train
+from pilot_hpc.errors import DataError
 from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import Hooks, TrainSpec, batches
 
@@ -53,8 +54,8 @@ def test_an_unreadable_sample_is_named_and_left_out_of_its_batch(client):
     batch = collate_train([bad[0], bad[3], bad[1]], pm.tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2 and batch["unreadable"] == [item["unreadable"]]
     assert collate_train([bad[3]], pm.tokenizer.pad_token_id) == {"unreadable": [item["unreadable"]]}
-    assert "unreadable" not in collate_train([bad[0]], pm.tokenizer.pad_token_id)  # a good batch: as before
-    with pytest.raises(ValueError, match=r"record 3 \(id 'client_00_train-000003'\): image .* cannot be decoded"):
+    assert "unreadable" not in collate_train([bad[0]], pm.tokenizer.pad_token_id)  # a good batch: no "unreadable" key
+    with pytest.raises(DataError, match=r"record 3 \(id 'client_00_train-000003'\): image .* cannot be decoded"):
         bad.check(3)
 
 

@@ -19,6 +19,7 @@ from pilot_hpc.config import load_config
 from pilot_hpc.data import benchmarks as bm
 from pilot_hpc.data import prepare
 from pilot_hpc.data.records import IMAGE_TOKEN, load_records
+from pilot_hpc.errors import DataError
 
 SHORT = "\nAnswer the question using a single word or phrase."
 
@@ -97,11 +98,11 @@ def test_refcoco_python2_pickle_and_refused_classes(tmp_path):
     assert _question(val[0]).endswith("describes: the caf\u00e9 dog")  # UTF-8 bytes decoded
     evil = tmp_path / "evil.p"
     evil.write_bytes(pickle.dumps([collections.OrderedDict(a=1)], protocol=2))
-    with pytest.raises(ValueError, match=r"evil\.p: not a RefCOCO refs pickle.*refuses to load collections"):
+    with pytest.raises(DataError, match=r"evil\.p: not a RefCOCO refs pickle.*refuses to load collections"):
         bm.load_refs(str(evil))
     garbage = tmp_path / "garbage.p"
     garbage.write_bytes(b"\x80\x02not a pickle")
-    with pytest.raises(ValueError, match=r"garbage\.p: not a RefCOCO refs pickle"):
+    with pytest.raises(DataError, match=r"garbage\.p: not a RefCOCO refs pickle"):
         bm.load_refs(str(garbage))
 
 
@@ -171,7 +172,7 @@ def test_non_utf8_benchmark_file_names_the_entry(tmp_path):
     path = tmp_path / "questions_latin1.json"
     path.write_bytes(text.encode("latin-1"))
     offset = text.encode("latin-1").index(b"\xf4")
-    with pytest.raises(ValueError, match=rf"questions_latin1\.json: not UTF-8 text: byte 0xf4 at byte offset "
+    with pytest.raises(DataError, match=rf"questions_latin1\.json: not UTF-8 text: byte 0xf4 at byte offset "
                                          rf"{offset} \(line 1, column {offset + 1}\), in \['t2'\]\['question'\]; "
                                          r"JSON files are UTF-8"):
         bm.gqa(str(path), f["images"])
@@ -185,51 +186,51 @@ def test_missing_or_malformed_keys_name_file_record_and_key(tmp_path):
     data = json.load(open(f["eval"]))
     del data["t2"]["answer"]
     bad = dump_json(tmp_path / "bad_questions.json", data)
-    with pytest.raises(ValueError, match=r"bad_questions\.json: question 't2': missing key 'answer'"):
+    with pytest.raises(DataError, match=r"bad_questions\.json: question 't2': missing key 'answer'"):
         bm.gqa(bad, f["images"])
     s = make_scienceqa(tmp_path)
     problems = json.load(open(s["problems"]))
     problems["2"]["answer"] = 2
-    with pytest.raises(ValueError, match=r"problems_bad\.json: problem '2': 'answer' 2 is not an index of its 2"):
+    with pytest.raises(DataError, match=r"problems_bad\.json: problem '2': 'answer' 2 is not an index of its 2"):
         bm.scienceqa(dump_json(tmp_path / "problems_bad.json", problems), s["images"], "train")
     problems["2"]["answer"] = "B"
-    with pytest.raises(ValueError, match=r"problem '2': key 'answer' must be an integer, got str"):
+    with pytest.raises(DataError, match=r"problem '2': key 'answer' must be an integer, got str"):
         bm.scienceqa(dump_json(tmp_path / "problems_bad.json", problems), s["images"], "train")
     o = make_ocrvqa(tmp_path)
     books = json.load(open(o["dataset"]))
     books["b2"]["answers"].pop()
-    with pytest.raises(ValueError, match=r"ds\.json: entry 'b2': 2 questions but 1 answers"):
+    with pytest.raises(DataError, match=r"ds\.json: entry 'b2': 2 questions but 1 answers"):
         bm.ocrvqa(dump_json(tmp_path / "ds.json", books), o["images"], "train")
     r = make_refcoco(tmp_path)
     inst = json.load(open(r["instances"]))
     inst["annotations"][1]["bbox"] = [1, 2, 3]
-    with pytest.raises(ValueError, match=r"inst\.json: annotation 1001: 'bbox' must be \[x, y, w, h\]"):
+    with pytest.raises(DataError, match=r"inst\.json: annotation 1001: 'bbox' must be \[x, y, w, h\]"):
         bm.refcoco(r["refs"], dump_json(tmp_path / "inst.json", inst), r["images"], "train")
     del inst["annotations"][1]
-    with pytest.raises(ValueError, match=r"ref 1 \(ref_id 1\): ann_id 1001 is not an annotation of"):
+    with pytest.raises(DataError, match=r"ref 1 \(ref_id 1\): ann_id 1001 is not an annotation of"):
         bm.refcoco(r["refs"], dump_json(tmp_path / "inst.json", inst), r["images"], "train")
 
 
 def test_malformed_files_and_wrong_folders(tmp_path):
     broken = tmp_path / "captions.json"
     broken.write_text('{"images": [')
-    with pytest.raises(ValueError, match=r"captions\.json: not a valid JSON file"):
+    with pytest.raises(DataError, match=r"captions\.json: not a valid JSON file"):
         bm.coco_captions(str(broken), str(tmp_path), references=False)
     listing = dump_json(tmp_path / "listing.json", [{"question": "q"}])
-    with pytest.raises(ValueError, match=r"listing\.json: expected a JSON object of question id"):
+    with pytest.raises(DataError, match=r"listing\.json: expected a JSON object of question id"):
         bm.gqa(listing, str(tmp_path))
-    with pytest.raises(ValueError, match=r"listing\.json: the top level must be an object"):
+    with pytest.raises(DataError, match=r"listing\.json: the top level must be an object"):
         bm.coco_captions(listing, str(tmp_path), references=False)
-    with pytest.raises(ValueError, match=r"file .*nothing\.json does not exist"):
+    with pytest.raises(DataError, match=r"file .*nothing\.json does not exist"):
         bm.gqa(str(tmp_path / "nothing.json"), str(tmp_path))
     f = make_gqa(tmp_path)
-    with pytest.raises(ValueError, match=r"GQA image folder .*nowhere does not exist"):
+    with pytest.raises(DataError, match=r"GQA image folder .*nowhere does not exist"):
         bm.gqa(f["train"], str(tmp_path / "nowhere"))
     # Every image missing is an error (a wrong folder), not an empty client.
-    with pytest.raises(ValueError, match=r"no usable record.*missing_image.*right image folder"):
+    with pytest.raises(DataError, match=r"no usable record.*missing_image.*right image folder"):
         bm.gqa(f["train"], str(tmp_path))
     s = make_scienceqa(tmp_path)
-    with pytest.raises(ValueError, match=r"no problem of split 'minival'; splits present: \['test', 'train', 'val'\]"):
+    with pytest.raises(DataError, match=r"no problem of split 'minival'; splits present: \['test', 'train', 'val'\]"):
         bm.scienceqa(s["problems"], s["images"], "minival")
 
 
@@ -311,7 +312,7 @@ def test_split_by_image_with_train_max_and_uneven_images():
     lopsided = ["a"] + ["b"] + ["c"] * 100
     assert [s.tolist() for s in sorted(prepare.split_by_image(lopsided, 3, seed=0), key=len)] == \
         [[0], [1], list(range(2, 102))]
-    with pytest.raises(ValueError, match="5 records show 2 distinct images, too few for 3 client shards by image"):
+    with pytest.raises(DataError, match="5 records show 2 distinct images, too few for 3 client shards by image"):
         prepare.split_by_image(["a", "b", "a", "b", "a"], 3, seed=0)
 
 

@@ -1,4 +1,4 @@
-"""Whole-file checkpoint integrity (issue 16): a seeded fuzz of single 4-byte flips over a
+"""Whole-file checkpoint integrity: a seeded fuzz of single 4-byte flips over a
 real checkpoint file, fed to the function resume uses to choose a file (resume._choose,
 through resume.verify). Every flip must end as "rejected with a warning and fallen back
 to the previous file" or "no effect" (the file loads to exactly the original content);

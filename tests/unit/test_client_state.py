@@ -129,7 +129,7 @@ def test_save_and_locate_without_a_federation(tmp_path):
 
 
 def test_a_checkpoint_from_before_a_new_config_key_resumes_at_its_default(tmp_path, monkeypatch):
-    """A checkpoint whose config lacks fedadam.weighting (written before the key existed) resumes
+    """A checkpoint whose config lacks fedadam.weighting (a key it was written without) resumes
     when the key is at its default, and is refused naming it otherwise."""
     import dataclasses
 

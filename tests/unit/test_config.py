@@ -150,7 +150,7 @@ def test_fedadam_tau_must_be_positive_and_weighting_is_a_choice():
 
 
 def test_a_key_missing_from_an_older_config_counts_as_its_default():
-    """A checkpoint written before fedadam.weighting existed resumes with the default, and is
+    """A checkpoint whose config lacks fedadam.weighting resumes with the default, and is
     refused (the key named) when the new config sets it to something else."""
     old = load_config(SMOKE).to_dict()
     del old["fedadam"]["weighting"]

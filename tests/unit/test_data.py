@@ -8,6 +8,7 @@ from PIL import Image
 
 from pilot_hpc.data import synthetic
 from pilot_hpc.data.records import load_image, load_records, parse_record
+from pilot_hpc.errors import DataError
 
 
 def test_synthetic_files_are_llava_format_and_answers_match_images(small_world):
@@ -63,7 +64,7 @@ def test_missing_image_names_file_and_record(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
     path = tmp_path / "data.json"
     _write(path, [_record(), _record(image="gone.png", id="r2")])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         load_records(str(path))
     msg = str(err.value)
     assert str(path) in msg and "record 1" in msg and "'r2'" in msg and "gone.png" in msg
@@ -72,30 +73,30 @@ def test_missing_image_names_file_and_record(tmp_path):
 def test_malformed_json_names_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"id": "r1", "image": "a.png", "conversations": [}')
-    with pytest.raises(ValueError, match=r"broken.json: not a valid LLaVA JSON file"):
+    with pytest.raises(DataError, match=r"broken.json: not a valid LLaVA JSON file"):
         load_records(str(path))
 
 
 def test_malformed_record_names_the_problem(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
     bad_roles = _record(conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image>\ny"}])
-    with pytest.raises(ValueError, match=r"record 0 \(id 'r1'\): turns 0-1 must be from 'human' then 'gpt'"):
+    with pytest.raises(DataError, match=r"record 0 \(id 'r1'\): turns 0-1 must be from 'human' then 'gpt'"):
         parse_record(bad_roles, "f.json", 0, str(tmp_path))
-    with pytest.raises(ValueError, match="missing 'image'"):
+    with pytest.raises(DataError, match="missing 'image'"):
         parse_record({"id": "x", "conversations": []}, "f.json", 3, str(tmp_path))
     no_image_token = _record(conversations=[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}])
-    with pytest.raises(ValueError, match="<image> must appear in the first human turn"):
+    with pytest.raises(DataError, match="<image> must appear in the first human turn"):
         parse_record(no_image_token, "f.json", 0, str(tmp_path))
 
 
 def test_empty_shard_and_undecodable_image(tmp_path):
     path = tmp_path / "empty.json"
     _write(path, [])
-    with pytest.raises(ValueError, match="empty client shard"):
+    with pytest.raises(DataError, match="empty client shard"):
         load_records(str(path))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot be decoded"):
+    with pytest.raises(DataError, match="cannot be decoded"):
         load_image(str(bad))
 
 
@@ -103,13 +104,13 @@ def test_symlink_loop_and_broken_link_are_named_as_such(tmp_path):
     os.symlink("loop_b.png", tmp_path / "loop_a.png")
     os.symlink("loop_a.png", tmp_path / "loop_b.png")
     os.symlink("nowhere.png", tmp_path / "broken.png")
-    with pytest.raises(ValueError, match=r"f\.json: record 2 \(id 'r1'\): image file .*loop_a\.png is a "
+    with pytest.raises(DataError, match=r"f\.json: record 2 \(id 'r1'\): image file .*loop_a\.png is a "
                                          r"symbolic-link loop"):
         parse_record(_record(image="loop_a.png"), "f.json", 2, str(tmp_path))
-    with pytest.raises(ValueError, match=r"record 3 \(id 'r1'\): image file .*broken\.png is a broken symbolic "
+    with pytest.raises(DataError, match=r"record 3 \(id 'r1'\): image file .*broken\.png is a broken symbolic "
                                          r"link \(to nowhere\.png, which does not exist\)"):
         parse_record(_record(image="broken.png"), "f.json", 3, str(tmp_path))
-    with pytest.raises(ValueError, match=r"image file .*gone\.png does not exist"):
+    with pytest.raises(DataError, match=r"image file .*gone\.png does not exist"):
         parse_record(_record(image="gone.png"), "f.json", 3, str(tmp_path))
 
 
@@ -126,7 +127,7 @@ def test_non_utf8_file_names_the_record_and_the_byte(tmp_path, lines):
     path.write_bytes(text.encode("latin-1"))  # the é as one byte, 0xe9: not UTF-8
     offset = text.encode("latin-1").index(b"\xe9")
     line = 4 if lines else 2
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         load_records(str(path), cache_dir=str(tmp_path / "hf"))
     assert f"latin1.json: record 2 (id 'r2'): not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}, " \
         in str(err.value) and "re-encode" in str(err.value)

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, normalizers, processors
 from transformers import AutoTokenizer, LlavaConfig, PreTrainedTokenizerFast
 
 from pilot_hpc.data.records import IGNORE_INDEX, InstructionDataset, Sample, load_records
+from pilot_hpc.errors import DataError
 from pilot_hpc.model.llava import num_image_tokens
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<image>"]
@@ -71,10 +72,10 @@ def test_offsets_find_the_answer_when_the_prompt_is_not_a_prefix():
 def test_a_token_across_prompt_and_answer_is_refused_naming_the_record():
     tok = llama2_style(WORDS + [":▁red"])
     ds = dataset(tok, [("what color ?", "red")])
-    with pytest.raises(ValueError, match=r"^sample s1: turn 0: the tokenizer joins the end of the prompt and the "
+    with pytest.raises(DataError, match=r"^sample s1: turn 0: the tokenizer joins the end of the prompt and the "
                                          r"start of the answer 'red' into one token ':▁red'"):
         ds.encode_train(0)
-    with pytest.raises(ValueError, match=r"^f\.json: record 4 \(id 's1'\): sample s1: turn 0: the tokenizer joins"):
+    with pytest.raises(DataError, match=r"^f\.json: record 4 \(id 's1'\): sample s1: turn 0: the tokenizer joins"):
         ds.check(0)  # what training's data check and __getitem__ report
 
 

@@ -1,4 +1,4 @@
-"""The CPU side of scripts/gpu_check.py (issue 17): the no-CUDA exit, the step list and
+"""The CPU side of scripts/gpu_check.py: the no-CUDA exit, the step list and
 its time budget, the skip logic, the parsers and the summary writer. Nothing here runs
 on, or claims anything about, a GPU."""
 
@@ -118,7 +118,7 @@ def test_steps_selects_setup_plus_the_named_ones_and_refuses_unknown_names():
 
 def test_realscale_is_skipped_until_its_module_exists(tmp_path):
     ctx = ctx_for(tmp_path, repo=tmp_path)
-    assert "real-scale training (issue 12) not landed" in g.gate_realscale(ctx)
+    assert "real-scale training is not in this checkout" in g.gate_realscale(ctx)
     mod = tmp_path / "src" / "pilot_hpc" / "tools" / "realscale_round.py"
     mod.parent.mkdir(parents=True)
     mod.write_text("")
@@ -336,7 +336,7 @@ def test_summary_lists_each_step_with_result_numbers_and_loud_skips(tmp_path):
                      numbers={"tests": "19 passed, 2 skipped"}, tables=["| a | b |\n|---|---|\n| 1 | 2 |"]),
         g.StepResult("federation", "fail", reason="mpiexec exit 1", wall_s=12.0, budget_s=70,
                      notes=[g.CAPTION_NOTE], log_tail="Traceback: boom"),
-        g.StepResult("realscale", "skipped", reason="real-scale training (issue 12) not landed", budget_s=30),
+        g.StepResult("realscale", "skipped", reason="real-scale training is not in this checkout", budget_s=30),
     ]
     facts = {"device": "FAKE GPU", "device memory GiB": "1.0", "compute capability": "9.0", "driver": "1.2",
              "commit": "abc123", "torch": "2.11.0", "triton": "3.6.0", "datasets": "5.2.0"}
@@ -347,8 +347,8 @@ def test_summary_lists_each_step_with_result_numbers_and_loud_skips(tmp_path):
     assert "torch 2.11.0, triton 3.6.0" in text and "datasets 5.2.0" in text
     assert "| kernel_tests | pass | 80.4 | 110 | tests: 19 passed, 2 skipped |" in text
     assert "| federation | fail: mpiexec exit 1 | 12.0 | 70 |  |" in text
-    assert "| realscale | skipped: real-scale training (issue 12) not landed | 0.0 | 30 |  |" in text
-    assert "- **realscale: SKIPPED**: real-scale training (issue 12) not landed" in text
+    assert "| realscale | skipped: real-scale training is not in this checkout | 0.0 | 30 |  |" in text
+    assert "- **realscale: SKIPPED**: real-scale training is not in this checkout" in text
     assert f"- **federation**: {g.CAPTION_NOTE}" in text
     assert "| 1 | 2 |" in text and "Traceback: boom" in text
     assert "INCOMPLETE" not in text

@@ -4,6 +4,7 @@ import logging
 import re
 
 from pilot_hpc import progress
+from pilot_hpc.errors import DataError
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, fmt_duration, samples_after, steps_after
 
 
@@ -89,7 +90,7 @@ def test_tokens_per_sample_estimate_or_none():
 
         def encode_train(self, i):
             if self.bad:
-                raise ValueError("sample 0: too long")
+                raise DataError("sample 0: too long")
             return [0] * self.lengths[i], []
 
     assert progress.tokens_per_sample(Fake([10, 20, 30]), k=2) == 15.0

@@ -46,7 +46,7 @@ def test_metrics_json_is_strict_json_with_null_for_non_finite(tmp_path):
     assert all(c["ce"] is None and c["diff"] is None for c in doc["rounds"][0]["clients"])
     assert doc["final"] == last
 
-    back = report.read_metrics(paths["metrics"])  # null -> NaN: "no value", as before
+    back = report.read_metrics(paths["metrics"])  # null -> NaN: "no value", as the run held it
     assert math.isnan(back["final"][0]["value"]) and back["final"][1]["value"] == 40.0
     table = report.results_table(back["rounds"])
     assert "| 0 | vqa | VQA acc | 10.0 | nan | +nan |" in table and "| 2 | caption | CIDEr | 30.0 | 50.0 | +20.0 |" in table

@@ -1,4 +1,4 @@
-"""Issue 12's training options on the tiny model: gradient accumulation, activation
+"""The real-scale training options on the tiny model: gradient accumulation, activation
 checkpointing, float32 master weights in a bf16 model, the attention key, the cosine
 schedule with exact mid-round resume, DataLoader workers, the image pad.
 

@@ -23,7 +23,7 @@ under a final name. libver ("earliest", "v110") keeps them readable by HDF5 1.10
 
 Whole-file integrity: fletcher32 covers only tensor chunks, so a flipped byte in an
 attribute (the history, a client's losses) or in HDF5's own metadata could load as a
-different value (issue 16: a lora_B back as zeros, a CIDEr of 99.29 for 11.29). The
+different value (seen: a lora_B back as zeros, a CIDEr of 99.29 for 11.29). The
 root attribute `digest` ("sha256:<hex>") is written last, at finalize, over the logical
 content read back from the file: every group and dataset by path, every attribute
 (name and value) and every dataset's dtype, shape and bytes (see `content_digest`).
@@ -349,8 +349,9 @@ def read(path: str, clients: list[int] | None = None) -> Checkpoint:
     """Reads the file, or only the listed clients' records. A whole-file read verifies
     the content digest (a read of some clients relies on rank 0 having verified the file
     before choosing it). Every failure is a CheckpointError naming the file: a damaged
-    file may make h5py, json or numpy raise almost anything (issue 16 saw JSONDecodeError,
-    KeyError, OSError, RuntimeError and TypeError), and each must mean "unusable"."""
+    file may make h5py, json or numpy raise almost anything (damaged files were seen to
+    raise JSONDecodeError, KeyError, OSError, RuntimeError and TypeError), and each must
+    mean "unusable"."""
     try:
         return _read(path, clients)
     except CheckpointError:

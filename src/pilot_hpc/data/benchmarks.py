@@ -37,7 +37,8 @@ Choices made here:
   folder or split name cannot pass as "everything skipped".
 - Image checks read each image file's header only (PIL's lazy open), once per file.
 - Malformed input (a missing or mistyped key, a file that is not the expected JSON,
-  one that is not UTF-8) raises ValueError naming the file, the record and the key.
+  one that is not UTF-8) raises pilot_hpc.errors.DataError naming the file, the record
+  and the key.
 
 How the records become 9 clients (3 seeded shards per dataset, a shared evaluation
 split per task) is `pilot_hpc.data.prepare`'s module docstring.
@@ -54,6 +55,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from pilot_hpc.data import jsonfile
+from pilot_hpc.errors import DataError
 
 # records.IMAGE_TOKEN (tests check they agree); not imported, because records pulls in
 # torch and datasets, which converting JSON files does not need.
@@ -117,8 +119,8 @@ class Converted:
     def finish(self, what: str, images: "_Images") -> "Converted":
         if not self.records:
             hint = (f"; is {images.folder} the right image folder?" if self.skipped.get("missing_image") else "")
-            raise ValueError(f"{self.source}: no usable record for {what} (skipped: "
-                             f"{self.skipped or 'none'}){hint}")
+            raise DataError(f"{self.source}: no usable record for {what} (skipped: "
+                            f"{self.skipped or 'none'}){hint}")
         return self
 
 
@@ -136,34 +138,34 @@ def _type_name(typ) -> str:
 def _check(value: Any, typ, path: str, where: str) -> Any:
     # bool is an int subclass; a true/false where an id or index belongs is malformed.
     if isinstance(value, bool) or not isinstance(value, typ):
-        raise ValueError(f"{path}: {where} must be {_type_name(typ)}, got {type(value).__name__} {value!r:.60}")
+        raise DataError(f"{path}: {where} must be {_type_name(typ)}, got {type(value).__name__} {value!r:.60}")
     return value
 
 
 def _get(obj: Any, key: str, typ, path: str, where: str) -> Any:
     """obj[key], checked to be of type typ; errors name the file, the record and the key."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: {where} must be an object, got {type(obj).__name__}")
+        raise DataError(f"{path}: {where} must be an object, got {type(obj).__name__}")
     if key not in obj:
-        raise ValueError(f"{path}: {where}: missing key {key!r}")
+        raise DataError(f"{path}: {where}: missing key {key!r}")
     return _check(obj[key], typ, path, f"{where}: key {key!r}")
 
 
 def load_json(path: str, object_pairs_hook=None) -> Any:
     if not os.path.isfile(path):
-        raise ValueError(f"file {path} does not exist")
+        raise DataError(f"file {path} does not exist")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a valid JSON file ({err})") from None
+        raise DataError(f"{path}: not a valid JSON file ({err})") from None
     except UnicodeDecodeError as err:
         bad = jsonfile.first_bad_byte(path)
         if bad is None:  # the file decoded when read again: say what the codec said
-            raise ValueError(f"{path}: not UTF-8 text ({err}); {jsonfile.REENCODE}") from None
+            raise DataError(f"{path}: not UTF-8 text ({err}); {jsonfile.REENCODE}") from None
         inside = bad.json_path()
-        raise ValueError(f"{path}: not UTF-8 text: {bad.where}{', in ' + inside if inside else ''}; "
-                         f"{jsonfile.REENCODE}") from None
+        raise DataError(f"{path}: not UTF-8 text: {bad.where}{', in ' + inside if inside else ''}; "
+                        f"{jsonfile.REENCODE}") from None
 
 
 def load_json_object(path: str, expected: str) -> list[tuple[str, Any]]:
@@ -178,7 +180,7 @@ def load_json_object(path: str, expected: str) -> list[tuple[str, Any]]:
 
     data = load_json(path, keep_pairs)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}")
     return last[0]
 
 
@@ -200,7 +202,7 @@ class _Images:
 
     def __init__(self, folder: str, what: str):
         if not os.path.isdir(folder):
-            raise ValueError(f"{what} image folder {folder} does not exist")
+            raise DataError(f"{what} image folder {folder} does not exist")
         self.folder = os.path.abspath(folder)
         self._problem: dict[str, str | None] = {}
 
@@ -302,16 +304,16 @@ def load_refs(path: str) -> list:
         refs = load_json(path)
     else:
         if not os.path.isfile(path):
-            raise ValueError(f"file {path} does not exist")
+            raise DataError(f"file {path} does not exist")
         try:
             with open(path, "rb") as fh:
                 refs = _text(_PlainDataUnpickler(fh, encoding="bytes").load())
         # What pickle raises on a damaged or foreign file varies with the damage.
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
                 AttributeError, OverflowError) as err:
-            raise ValueError(f"{path}: not a RefCOCO refs pickle ({type(err).__name__}: {err})") from None
+            raise DataError(f"{path}: not a RefCOCO refs pickle ({type(err).__name__}: {err})") from None
     if not isinstance(refs, list):
-        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+        raise DataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return refs
 
 
@@ -345,7 +347,7 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
         image_id = _get(img, "id", (int, str), instances_path, where)
         dims = [_get(img, k, (int, float), instances_path, where) for k in ("width", "height")]
         if min(dims) <= 0:
-            raise ValueError(f"{instances_path}: {where}: width and height must be > 0, got {dims}")
+            raise DataError(f"{instances_path}: {where}: width and height must be > 0, got {dims}")
         sizes[image_id] = (_get(img, "file_name", str, instances_path, where), *dims)
     boxes: dict[Any, Any] = {}
     for i, ann in enumerate(_get(inst, "annotations", list, instances_path, top)):
@@ -368,14 +370,14 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
         ann_id = _get(ref, "ann_id", (int, str), refs_path, where)
         image_id = _get(ref, "image_id", (int, str), refs_path, where)
         if ann_id not in boxes:
-            raise ValueError(f"{refs_path}: {where}: ann_id {ann_id} is not an annotation of {instances_path}")
+            raise DataError(f"{refs_path}: {where}: ann_id {ann_id} is not an annotation of {instances_path}")
         if image_id not in sizes:
-            raise ValueError(f"{refs_path}: {where}: image_id {image_id} is not an image of {instances_path}")
+            raise DataError(f"{refs_path}: {where}: image_id {image_id} is not an image of {instances_path}")
         bbox = _get(boxes[ann_id], "bbox", list, instances_path, f"annotation {ann_id}")
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox) \
                 or bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(f"{instances_path}: annotation {ann_id}: 'bbox' must be [x, y, w, h] "
-                             f"with w, h >= 0, got {bbox!r}")
+            raise DataError(f"{instances_path}: annotation {ann_id}: 'bbox' must be [x, y, w, h] "
+                            f"with w, h >= 0, got {bbox!r}")
         file_name, width, height = sizes[image_id]
         answer = box_text(bbox, width, height, box_frame)
         image, problem = images.find(file_name)
@@ -386,7 +388,7 @@ def refcoco(refs_path: str, instances_path: str, images_dir: str, split: str, bo
             sent = " ".join(_get(s, "sent", str, refs_path, f"{where} sentences[{j}]").split())
             out.add(f"refcoco-{ref_id}-{j}", image, GROUNDING_PROMPT + sent, answer)
     if split not in splits_seen:
-        raise ValueError(f"{refs_path}: no ref of split {split!r}; splits present: {sorted(splits_seen)}")
+        raise DataError(f"{refs_path}: no ref of split {split!r}; splits present: {sorted(splits_seen)}")
     return out.finish(f"split {split!r}", images)
 
 
@@ -412,11 +414,11 @@ def scienceqa(problems_path: str, images_dir: str, split: str) -> Converted:
         for j, c in enumerate(choices):
             _check(c, str, problems_path, f"{where}: choices[{j}]")
         if not 1 <= len(choices) <= len(OPTION_LETTERS):
-            raise ValueError(f"{problems_path}: {where}: 'choices' must hold 1 to {len(OPTION_LETTERS)} "
-                             f"options, got {len(choices)}")
+            raise DataError(f"{problems_path}: {where}: 'choices' must hold 1 to {len(OPTION_LETTERS)} "
+                            f"options, got {len(choices)}")
         if not 0 <= answer < len(choices):
-            raise ValueError(f"{problems_path}: {where}: 'answer' {answer} is not an index of its "
-                             f"{len(choices)} choices")
+            raise DataError(f"{problems_path}: {where}: 'answer' {answer} is not an index of its "
+                            f"{len(choices)} choices")
         hint = p.get("hint") or ""
         _check(hint, str, problems_path, f"{where}: key 'hint'")
         image_name = p.get("image")
@@ -432,7 +434,7 @@ def scienceqa(problems_path: str, images_dir: str, split: str) -> Converted:
         options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(choices))
         out.add(f"scienceqa-{pid}", image, f"{context}{question}\n{options}\n{MC_PROMPT}", OPTION_LETTERS[answer])
     if split not in splits_seen:
-        raise ValueError(f"{problems_path}: no problem of split {split!r}; splits present: {sorted(splits_seen)}")
+        raise DataError(f"{problems_path}: no problem of split {split!r}; splits present: {sorted(splits_seen)}")
     return out.finish(f"split {split!r}", images)
 
 
@@ -467,7 +469,7 @@ def ocrvqa(dataset_path: str, images_dir: str, split: str) -> Converted:
             continue
         answers = _get(item, "answers", list, dataset_path, where)
         if len(questions) != len(answers):
-            raise ValueError(f"{dataset_path}: {where}: {len(questions)} questions but {len(answers)} answers")
+            raise DataError(f"{dataset_path}: {where}: {len(questions)} questions but {len(answers)} answers")
         for j, (q, a) in enumerate(zip(questions, answers)):
             _check(q, str, dataset_path, f"{where}: questions[{j}]")
             _check(a, str, dataset_path, f"{where}: answers[{j}]")

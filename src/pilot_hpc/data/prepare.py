@@ -69,6 +69,7 @@ import yaml
 
 from pilot_hpc import jsonout
 from pilot_hpc.data import benchmarks
+from pilot_hpc.errors import BadInput, DataError
 
 CLIENTS_PER_TASK = 3
 SCENARIOS = {"visual": ("gqa", "coco", "refcoco"), "vqa": ("scienceqa", "gqa", "ocrvqa")}
@@ -107,8 +108,8 @@ def split_by_image(images: list[str], num_shards: int, seed: int,
             members.append([])
         members[first[image]].append(i)
     if len(members) < num_shards:
-        raise ValueError(f"{len(images)} records show {len(members)} distinct images, too few for "
-                         f"{num_shards} client shards by image")
+        raise DataError(f"{len(images)} records show {len(members)} distinct images, too few for "
+                        f"{num_shards} client shards by image")
     groups = [members[k] for k in np.random.default_rng(seed).permutation(len(members))]
     cuts = _dealt(groups, num_shards, per_shard_max) if per_shard_max is not None else None
     if cuts is None:
@@ -187,15 +188,15 @@ def build(args: argparse.Namespace, log=print) -> list[ClientData]:
         train, held_out = convert(task, args, "train"), convert(task, args, "eval")
         log(f"{task}: train {train.summary()}; eval {held_out.summary()}")
         if len(train.records) < CLIENTS_PER_TASK:
-            raise ValueError(f"{train.source}: {len(train.records)} training records cannot fill "
-                             f"{CLIENTS_PER_TASK} client shards")
+            raise DataError(f"{train.source}: {len(train.records)} training records cannot fill "
+                            f"{CLIENTS_PER_TASK} client shards")
         evaluation = [held_out.records[i] for i in eval_subset(len(held_out.records), args.eval_max, args.seed)]
         if args.shard_by == "image":
             try:
                 shards = split_by_image([r["image"] for r in train.records], CLIENTS_PER_TASK, args.seed,
                                         args.train_max)
-            except ValueError as err:
-                raise ValueError(f"{train.source}: {err}; --shard-by question splits by record instead") from None
+            except DataError as err:
+                raise DataError(f"{train.source}: {err}; --shard-by question splits by record instead") from None
         else:
             shards = split_shards(len(train.records), CLIENTS_PER_TASK, args.seed, args.train_max)
         for shard in shards:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"scenario {args.scenario} needs {' '.join(dict.fromkeys(missing))}")
     try:
         clients = build(args)
-    except ValueError as err:
+    except BadInput as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "-m", "pilot_hpc.data.prepare"] + list(sys.argv[1:] if argv is None else argv))

@@ -3,6 +3,11 @@
 The same loader reads the synthetic FedMIT files and real LLaVA-1.5 data: a JSON list
 of records `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": "..."}, ...]}` with `image` relative to an image root.
+
+A file, record or image that cannot be used raises pilot_hpc.errors.DataError naming the
+file and the record. What the libraries underneath (datasets, PIL, the tokenizer and
+the image processor) raise on such input, ValueError and OSError among it, is turned
+into a DataError here, at the one place each is met.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pilot_hpc.data import jsonfile
+from pilot_hpc.errors import DataError
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -40,8 +46,8 @@ def _where(path: str, index: int, record_id) -> str:
     return f"{path}: record {index}{rid}"
 
 
-def _record_error(path: str, index: int, record_id, message: str) -> ValueError:
-    return ValueError(f"{_where(path, index, record_id)}: {message}")
+def _record_error(path: str, index: int, record_id, message: str) -> DataError:
+    return DataError(f"{_where(path, index, record_id)}: {message}")
 
 
 def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample:
@@ -110,8 +116,8 @@ def _check_shape(path: str) -> None:
     if head[:1] == b"[" or not head:
         return
     if head[:1] != b"{":
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records ([{{...}}, ...]), but the file starts "
-                         f"with {head[:20]!r}")
+        raise DataError(f"{path}: expected a JSON list of LLaVA records ([{{...}}, ...]), but the file starts "
+                        f"with {head[:20]!r}")
     with open(path, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
     try:
@@ -121,12 +127,12 @@ def _check_shape(path: str) -> None:
     if text.lstrip()[end:].strip():
         return  # more after the first object: JSON Lines
     what = "one record object" if isinstance(obj, dict) and "conversations" in obj else "one JSON object"
-    raise ValueError(f"{path}: the file holds {what}, not a list of records: write the records as a JSON list "
-                     "[{...}, {...}] (or one record per line, JSON Lines)")
+    raise DataError(f"{path}: the file holds {what}, not a list of records: write the records as a JSON list "
+                    "[{...}, {...}] (or one record per line, JSON Lines)")
 
 
 def _check_utf8(path: str) -> None:
-    """A ValueError naming the record that holds the file's first non-UTF-8 byte, if any
+    """A DataError naming the record that holds the file's first non-UTF-8 byte, if any
     (datasets' own message names neither the record nor the line)."""
     bad = jsonfile.first_bad_byte(path)
     if bad is None:
@@ -147,13 +153,13 @@ def _check_utf8(path: str) -> None:
         pass
     rid = rec.get("id") if isinstance(rec, dict) else None
     where = path if index is None else _where(path, index, rid)
-    raise ValueError(f"{where}: not UTF-8 text: {bad.where}; {jsonfile.REENCODE}")
+    raise DataError(f"{where}: not UTF-8 text: {bad.where}; {jsonfile.REENCODE}")
 
 
 def load_records(path: str, image_root: str | None = None, cache_dir: str | None = None) -> list[Sample]:
     """Reads a LLaVA-format JSON file through HF datasets and validates every record."""
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist")
     root = image_root or os.path.dirname(os.path.abspath(path))
     _check_shape(path)
     datasets.disable_progress_bars()
@@ -163,17 +169,17 @@ def load_records(path: str, image_root: str | None = None, cache_dir: str | None
     except datasets.exceptions.DatasetGenerationError as err:
         _check_utf8(path)
         cause = err.__cause__ or err
-        raise ValueError(f"{path}: not a valid LLaVA JSON file ({type(cause).__name__}: {cause})") from None
+        raise DataError(f"{path}: not a valid LLaVA JSON file ({type(cause).__name__}: {cause})") from None
     except ValueError as err:  # datasets' way of saying the file has no rows ("[]")
         _check_utf8(path)
-        raise ValueError(f"{path}: the file holds no records (an empty client shard): {err}") from None
+        raise DataError(f"{path}: the file holds no records (an empty client shard): {err}") from None
     if len(ds) == 0:
-        raise ValueError(f"{path}: the file holds no records (an empty client shard)")
+        raise DataError(f"{path}: the file holds no records (an empty client shard)")
     try:
         return [parse_record(rec, path, i, root) for i, rec in enumerate(ds)]
-    except UnicodeDecodeError:  # pyarrow reads JSON Lines' bad bytes; they fail when a row is read
+    except UnicodeDecodeError as err:  # pyarrow reads JSON Lines' bad bytes; they fail when a row is read
         _check_utf8(path)
-        raise
+        raise DataError(f"{path}: not UTF-8 text ({err}); {jsonfile.REENCODE}") from None
 
 
 def load_image(path: str) -> Image.Image:
@@ -181,7 +187,7 @@ def load_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image {path} cannot be decoded: {err}") from None
+        raise DataError(f"image {path} cannot be decoded: {err}") from None
 
 
 def pad_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
@@ -248,7 +254,7 @@ class InstructionDataset(torch.utils.data.Dataset):
             ids += p + ans
             labels += [IGNORE_INDEX] * len(p) + ans
         if len(ids) > self.max_length:
-            raise ValueError(
+            raise DataError(
                 f"sample {self.samples[i].id}: {len(ids)} tokens exceed data.max_length={self.max_length}; "
                 "raise data.max_length"
             )
@@ -273,17 +279,17 @@ class InstructionDataset(torch.utils.data.Dataset):
         # Zero-width tokens there are special tokens the post-processor added, not text.
         where = f"sample {self.samples[i].id}: turn {t}"  # check() and __getitem__ add file and record
         if not getattr(self.tok, "is_fast", False):
-            raise ValueError(f"{where}: the tokenizer splits the prompt differently when the answer "
-                             "follows it, and a slow tokenizer gives no character offsets to find where the "
-                             "answer starts; load the model's fast tokenizer (tokenizer.json)")
+            raise DataError(f"{where}: the tokenizer splits the prompt differently when the answer "
+                            "follows it, and a slow tokenizer gives no character offsets to find where the "
+                            "answer starts; load the model's fast tokenizer (tokenizer.json)")
         enc = self.tok(prompt + " " + answer, add_special_tokens=special, return_offsets_mapping=True)
         cut = len(prompt)
         across = [self.tok.convert_ids_to_tokens(tid) for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
                   if s < cut < e]
         if across:
-            raise ValueError(f"{where}: the tokenizer joins the end of the prompt and the start of the "
-                             f"answer {answer[:30]!r} into one token {across[0]!r}, so the answer's tokens cannot "
-                             "be labelled apart from the prompt; change the prompt's last word or the tokenizer")
+            raise DataError(f"{where}: the tokenizer joins the end of the prompt and the start of the "
+                            f"answer {answer[:30]!r} into one token {across[0]!r}, so the answer's tokens cannot "
+                            "be labelled apart from the prompt; change the prompt's last word or the tokenizer")
         return p, [tid for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if s >= cut and e > s]
 
     def encode_prompt(self, i: int) -> list[int]:
@@ -299,9 +305,14 @@ class InstructionDataset(torch.utils.data.Dataset):
     def _named(self, i: int, err: Exception) -> str:
         return f"{self.samples[i].where or 'sample ' + self.samples[i].id}: {err}"
 
+    # What reading one sample may raise on input it cannot use: this module's DataError
+    # (an image that does not decode, max_length exceeded), and the tokenizer's and the
+    # image processor's ValueError or OSError on text or pixels they refuse.
+    UNREADABLE = (DataError, ValueError, OSError)
+
     def check(self, i: int, full: bool = True) -> None:
         """Reads sample i as training would (full: tokenised and through the image
-        processor; else its image decoded only, cached nowhere); a ValueError naming the
+        processor; else its image decoded only, cached nowhere); a DataError naming the
         file and record if it cannot be read."""
         try:
             if full:
@@ -309,14 +320,14 @@ class InstructionDataset(torch.utils.data.Dataset):
                 self.pixels(i)
             else:
                 load_image(self.samples[i].image_path)
-        except (ValueError, OSError) as err:
-            raise ValueError(self._named(i, err)) from None
+        except self.UNREADABLE as err:
+            raise DataError(self._named(i, err)) from None
 
     def __getitem__(self, i: int) -> dict:
         try:
             ids, labels = self.encode_train(i)
             pixels = self.pixels(i)
-        except (ValueError, OSError) as err:  # an undecodable image, text the tokenizer or max_length refuses
+        except self.UNREADABLE as err:  # an undecodable image, text the tokenizer or max_length refuses
             return {"unreadable": self._named(i, err)}
         return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 

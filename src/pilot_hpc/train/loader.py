@@ -5,7 +5,7 @@ Either way the engine gets the same micro-batches in the same order: the index l
 come from spec.batches (the seeded order) cut into micro-batches, and a batch sampler
 hands exactly those lists to the DataLoader, starting at the first step not yet done
 on a resume. Decoding, the image processor and collate_train run in the workers
-(issue 12: ~12 ms per 640x480 JPEG at 336 px, ~0.2 s per batch of 16 on the training
+(measured: ~12 ms per 640x480 JPEG at 336 px, ~0.2 s per batch of 16 on the training
 thread); the tensors they return are the same bytes, so results do not depend on
 num_workers (tests/e2e/test_train_workers.py compares whole runs bitwise).
 
