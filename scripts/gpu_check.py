@@ -57,7 +57,8 @@ EXIT_NO_CUDA = 2
 # Kept back from the steps for start-up (nvidia-smi, git) and writing the summary.
 RESERVE_S = 15
 REALSCALE_MODULE = "pilot_hpc.tools.realscale_round"
-BENCH_MODULES = ("pilot_hpc.tools.bench", "pilot_hpc.bench")  # the new name first (the move is under way)
+# The benchmark module, found under either name (a checkout may still have it at the top).
+BENCH_MODULES = ("pilot_hpc.tools.bench", "pilot_hpc.bench")
 # Federation: FED_RANKS ranks share the one GPU (resolve_device gives every rank cuda:0).
 # Only VQA and grounding clients (CAPTION_NOTE says why).
 FED_OVERRIDES = [
