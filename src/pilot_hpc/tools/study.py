@@ -66,7 +66,7 @@ RUN_DIR = "_run_dir"  # where collect() found a run (its predictions files are r
 
 def item_scores(doc: dict, task: str) -> dict[str, list[float]] | None:
     """item id -> the final round's scores of the task's clients on it (None: no
-    predictions files, e.g. a run written before they existed)."""
+    predictions files, e.g. a run whose folder holds only metrics.json)."""
     folder = doc.get(RUN_DIR)
     if folder is None or not doc.get("rounds"):
         return None
