@@ -247,7 +247,7 @@ def place_clients(cfg, comm, device):
     # inside each client); their first rank is the group's leader in the federation.
     fed_comm, group = comm.split_clients(per) if per > 1 else (comm, None)
     mine = list(block_ranges(cfg.fl.num_clients, comm.size // per)[comm.rank // per])
-    log.info("%d clients on %d rank(s) (%d per client), strategy %s, engine %s, device %s, output %s",
+    log.info("%d clients on %d rank(s) (%d rank(s) per client), strategy %s, engine %s, device %s, output %s",
              cfg.fl.num_clients, comm.size, per, cfg.fl.strategy, cfg.train.engine, device, cfg.run.output_dir)
     return fed_comm, group, mine
 
@@ -324,7 +324,7 @@ def find_start(cfg, comm, fed, initial: dict):
     ok, start = True, None
     try:
         start = fed.locate({k: tuple(v.shape) for k, v in initial.items()})
-    except ConfigError as err:  # resume.locate raises it on every leader alike
+    except BadInput as err:  # a refused resume or server state: every leader raises it alike
         if comm.rank == 0:
             fatal("config error", str(err))
         ok = False

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import task_world
-from pilot_hpc.config import load_config
+from pilot_hpc.config import ConfigError, load_config
 from pilot_hpc.fl.strategies import REGISTRY, get_strategy
 from pilot_hpc.fl.strategies.fedadam import adam_server_step
 from pilot_hpc.fl.strategies.fedprox import proximal_term
@@ -22,7 +22,7 @@ def parts(shared, personal):
 
 def test_registry_names():
     assert {"pilot", "fedavg", "fedprox", "fedadam", "shepherd", "feddpa", "local", "centralized"} <= set(REGISTRY)
-    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
         get_strategy("nope", cfg())
 
 

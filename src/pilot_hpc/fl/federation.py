@@ -17,12 +17,14 @@ import dataclasses
 import logging
 import os
 import time
+
 import numpy as np
 import torch
 
 from pilot_hpc import faults
 from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
+from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
@@ -61,13 +63,15 @@ class Preempted(Exception):
         self.path = path
 
 
-class BadSampleStop(Preempted):
+class BadSampleStop(DataError):
     """data.on_bad_sample=fail: a client met an unreadable sample, every rank stopped as
     for a preemption and the round's checkpoint is written; `sample` is the message
-    (file, record, why) on the rank that met it, None on the others."""
+    (file, record, why) on the rank that met it, None on the others. Bad input (exit 2),
+    not a preemption (exit 75)."""
 
     def __init__(self, path: str, sample: str | None):
-        super().__init__(path)
+        super().__init__(f"unreadable sample (data.on_bad_sample=fail); the round so far is in checkpoint {path}")
+        self.path = path
         self.sample = sample
 
 
@@ -160,9 +164,9 @@ class Federation:
         return history
 
     def init_server(self) -> None:
-        """Rank 0, before round 1: every client starts from the same initial state, rank 0's
-        first client's."""
-        if self.leader and self.comm.rank == 0 and self.slots:
+        """Rank 0, before round 1: the aggregator's common initial update, rank 0's first
+        client's (every client starts from the same state). Nothing without an aggregator."""
+        if self.aggregator is not None and self.leader and self.comm.rank == 0 and self.slots:
             with hosting(self.pm, self.slots[0]):
                 self.aggregator.init_server({part: flatten(params)
                                              for part, params in part_params(self.policy, self.pm).items()})
@@ -281,7 +285,7 @@ class Federation:
         if self.world.rank == 0:
             found = candidates(resume.folder_of(self.cfg))
             newest = found[0][0] if found else None
-        key = lr_field(stage)
+        key = lr_field(stage, self.cfg.train)
         return NoFiniteUpdate(round_, list(range(self.num_clients)), f"train.{key}", getattr(self.cfg.train, key),
                               newest)
 
@@ -451,7 +455,7 @@ class Federation:
             if self.aggregator is not None:
                 self.aggregator.load_server_state(start.server)
             elif start.server:
-                raise ValueError(f"strategy {self.strategy.name!r} keeps no server state, but the checkpoint has "
+                raise CheckpointError(f"strategy {self.strategy.name!r} keeps no server state, but the checkpoint has "
                                  f"{sorted(start.server)}")
         return start
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pilot_hpc.config import ConfigError
+from pilot_hpc.errors import CheckpointError
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.update import Part
 
@@ -139,7 +140,7 @@ class Aggregator:
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint has {sorted(state)}")
+            raise CheckpointError(f"{type(self).__name__} keeps no server state, but the checkpoint has {sorted(state)}")
 
     def aggregate(self, shared: torch.Tensor, personal: torch.Tensor, n: torch.Tensor) -> ServerResult:
         """The whole server step on [K, P] tensors in one go: the reference that the streamed

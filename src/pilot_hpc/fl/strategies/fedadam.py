@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from pilot_hpc.errors import CheckpointError
 from pilot_hpc.fl.strategies.base import register
 from pilot_hpc.fl.strategies.fedavg import FedAvgClient, FedAvgServer
 from pilot_hpc.fl.update import Part
@@ -76,7 +77,7 @@ class FedAdamServer(FedAvgServer):
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = {"w", "m", "v", "split"} - set(state)
         if state and missing:
-            raise ValueError(f"FedAdam server state lacks {sorted(missing)}")
+            raise CheckpointError(f"FedAdam server state lacks {sorted(missing)}")
         self.state = {k: v.clone() for k, v in state.items()}
 
 
