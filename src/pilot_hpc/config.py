@@ -129,6 +129,19 @@ class DataConfig:
     # task -> grid cells (0..8, row-major) that no client of that task sees in training,
     # nor the base model's warm start for that task: only clients of other tasks do.
     unseen_cells: dict[str, list[int]] = field(default_factory=dict)
+    # latin3 (three tasks): each (colour, cell) combination is left out of the training
+    # data (and the warm start) of exactly one task: task t never sees colour c in cell j
+    # when (c + j) % 3 == t (colours and tasks in their canonical order, cells row-major),
+    # while the other two tasks do. Every colour, cell, word and box is still trained by
+    # every task; only combinations transfer. Test items are tagged seen/unseen per task.
+    unseen_combos: Literal["", "latin3"] = ""
+    # Names of the evaluation subsets reported next to each client's metric
+    # (metrics.json value_<name>, the predictions' "subset"): each evaluation record may
+    # carry "subset": <name>; the metric of a subset is the mean of its items' scores.
+    eval_subsets: list[str] = field(default_factory=list)
+    # > 0: every round but the last scores only the first this many items of each
+    # evaluation split (the last round scores all of them).
+    eval_interim_samples: int = 0
     max_length: int = 64
     # Keep decoded images in memory (the tiny world: ~27 KB each). Off for real data:
     # LLaVA-1.5's 665k images at 336 px would need ~900 GB.
@@ -151,6 +164,9 @@ class DataConfig:
     def __post_init__(self):
         if self.train_max < self.train_min:
             raise ConfigError(f"data.train_min ({self.train_min}) must be <= data.train_max ({self.train_max})")
+        if self.unseen_combos and sorted(self.eval_subsets) != ["seen", "unseen"]:
+            raise ConfigError("data.unseen_combos tags the test items seen or unseen: set "
+                              "data.eval_subsets=[seen, unseen] to report both")
         for task, cells in self.unseen_cells.items():
             if not set(cells) <= set(range(9)) or len(set(cells)) == 9:
                 raise ConfigError(f"data.unseen_cells.{task}: cells must lie in 0..8 (row-major 3 x 3 grid) and "
@@ -291,6 +307,9 @@ class Config:
         if idle:
             raise ConfigError(f"task(s) {idle} in fl.task_metrics have no client in fl.client_tasks: "
                               "assign them clients or remove them from fl.task_metrics")
+        if self.data.unseen_combos and len(self.tasks) != 3:
+            raise ConfigError(f"data.unseen_combos={self.data.unseen_combos} spreads the combinations over exactly 3 "
+                              f"tasks; fl.task_metrics has {len(self.tasks)}")
         if self.data.kind == "synthetic" and not set(fl.client_tasks) <= set(SYNTHETIC_TASKS):
             raise ConfigError(f"data.kind=synthetic draws only the tasks {list(SYNTHETIC_TASKS)}; "
                               f"fl.client_tasks has {sorted(set(fl.client_tasks) - set(SYNTHETIC_TASKS))}")
@@ -347,7 +366,8 @@ class Config:
 # (launch's finished and reused runs, tools/study) and its checkpoints their result_hash.
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
-                       "train.lr_baseline": 0.0}
+                       "train.lr_baseline": 0.0, "data.unseen_combos": "", "data.eval_subsets": [],
+                       "data.eval_interim_samples": 0}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +388,7 @@ BOUNDS = {
     "model.text_layers": ">= 1", "model.text_heads": ">= 1", "model.text_intermediate": ">= 1",
     "model.lora_r": ">= 1", "model.lora_alpha": "> 0", "model.lora_dropout": "[0, 1)",
     "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
-    "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
+    "data.train_min": ">= 1", "data.eval_interim_samples": ">= 0", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
     "data.dominant_prob": "[0, 1]", "data.skew_alpha": ">= 0",
     "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
     "pilot.ata_eps": ">= 0",

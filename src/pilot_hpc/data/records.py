@@ -40,6 +40,8 @@ class Sample:
     # Where the record came from ("<file>: record <i> (id <id>)"), for the messages
     # about a sample that cannot be read at run time (data.on_bad_sample).
     where: str = ""
+    # An evaluation record's optional "subset" tag (data.eval_subsets), e.g. seen/unseen.
+    subset: str | None = None
 
 def _where(path: str, index: int, record_id) -> str:
     rid = f" (id {record_id!r})" if record_id is not None else ""
@@ -83,8 +85,11 @@ def parse_record(record: dict, path: str, index: int, image_root: str) -> Sample
     problem = _image_file_problem(full)
     if problem:
         raise _record_error(path, index, rid, problem)
+    subset = record.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise _record_error(path, index, rid, "'subset' must be a string (a name in data.eval_subsets)")
     return Sample(id=str(rid if rid is not None else index), image_path=full, turns=turns, references=refs,
-                  where=_where(path, index, rid))
+                  where=_where(path, index, rid), subset=subset)
 
 
 def _image_file_problem(full: str) -> str | None:

@@ -17,6 +17,10 @@ knobs (config `data`; the defaults are this smoke world) change who sees what:
   - skew_alpha > 0: each client draws colours and cells from its own Dirichlet(alpha) mix;
   - unseen_cells: per task, grid cells that its clients (and the warm start, for that
     task) never see, while the other tasks' clients do: cross-task knowledge.
+  - unseen_combos=latin3: per task, (colour, cell) combinations that its clients (and
+    the warm start, for that task) never see, each combination unseen by exactly one
+    task; every word and box stays in every task's training data. Test records carry
+    "subset": "seen" or "unseen" for their task.
 
 Files are written in the LLaVA-1.5 conversation format (a JSON list of records with
 `id`, `image`, `conversations`) next to PNG images, and read back through the same
@@ -121,10 +125,11 @@ class ClientMix:
     color_weights: tuple[float, ...] | None = None  # skew_alpha > 0: replaces the dominant colour
     cell_weights: tuple[float, ...] | None = None  # over the 9 cells, row-major
     unseen: tuple[int, ...] = ()  # cells never drawn
+    unseen_combos: tuple[tuple[int, int], ...] = ()  # (colour index, cell) pairs never drawn
 
     @property
     def plain(self) -> bool:
-        return self.color_weights is None and self.cell_weights is None and not self.unseen
+        return self.color_weights is None and self.cell_weights is None and not self.unseen and not self.unseen_combos
 
     def cell_probabilities(self) -> list[float]:
         w = list(self.cell_weights) if self.cell_weights is not None else [1.0] * GRID * GRID
@@ -142,6 +147,8 @@ def draw_scene(rng: random.Random, mix: ClientMix) -> Scene:
         color = mix.dominant if mix.dominant and rng.random() < mix.dominant_prob else rng.choice(colors)
         return Scene(color=color, shape=rng.choice(SHAPES), row=rng.randrange(GRID), col=rng.randrange(GRID),
                      size=rng.choice(list(SIZES)))
+    if mix.unseen_combos:
+        return _draw_combo(rng, mix)
     if mix.color_weights is not None:
         color = rng.choices(colors, weights=mix.color_weights)[0]
     else:
@@ -149,6 +156,29 @@ def draw_scene(rng: random.Random, mix: ClientMix) -> Scene:
     shape = rng.choice(SHAPES)
     cell = rng.choices(range(GRID * GRID), weights=mix.cell_probabilities())[0]
     return Scene(color=color, shape=shape, row=cell // GRID, col=cell % GRID, size=rng.choice(list(SIZES)))
+
+
+def _draw_combo(rng: random.Random, mix: ClientMix) -> Scene:
+    """Colour and cell drawn jointly, P(c, j) proportional to colour weight x cell weight
+    over the combinations the mix may see (uniform over those when its weights leave none)."""
+    colors = list(COLORS)
+    color_w = mix.color_weights or tuple(1.0 for _ in colors)
+    cell_p = mix.cell_probabilities()
+    banned = set(mix.unseen_combos)
+    pairs = [(c, j) for c in range(len(colors)) for j in range(GRID * GRID)]
+    weights = [0.0 if (c, j) in banned else color_w[c] * cell_p[j] for c, j in pairs]
+    if sum(weights) <= 0:
+        weights = [0.0 if p in banned else 1.0 for p in pairs]
+    c, cell = rng.choices(pairs, weights=weights)[0]
+    return Scene(color=colors[c], shape=rng.choice(SHAPES), row=cell // GRID, col=cell % GRID,
+                 size=rng.choice(list(SIZES)))
+
+
+def latin3_unseen(task_index: int) -> tuple[tuple[int, int], ...]:
+    """data.unseen_combos=latin3: the (colour index, cell) pairs task `task_index` (0..2)
+    never sees: (c + j) % 3 == t, 12 of the 36, so every colour keeps 6 of its 9 cells and
+    every cell 2 or 3 of its 4 colours."""
+    return tuple((c, j) for c in range(len(COLORS)) for j in range(GRID * GRID) if (c + j) % 3 == task_index)
 
 
 def make_turn(task: str, scene: Scene, image_size: int, rng: random.Random) -> tuple[str, str]:
@@ -166,9 +196,10 @@ def make_turn(task: str, scene: Scene, image_size: int, rng: random.Random) -> t
 
 
 def write_split(folder: str, name: str, tasks: list[str], count: int, seed: int, mix: ClientMix | dict[str, ClientMix],
-                image_size: int) -> str:
+                image_size: int, subset=None) -> str:
     """Writes `count` samples of the given task mix to <folder>/<name>.json (+ PNGs);
-    `mix` is one ClientMix, or one per task."""
+    `mix` is one ClientMix, or one per task; subset(task, scene): the record's "subset"
+    tag (None: no tag)."""
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "images", name), exist_ok=True)
@@ -188,6 +219,9 @@ def write_split(folder: str, name: str, tasks: list[str], count: int, seed: int,
                 {"from": "gpt", "value": answer},
             ],
         })
+        tag = subset(task, scene) if subset is not None else None
+        if tag is not None:
+            records[-1]["subset"] = tag
     path = os.path.join(folder, f"{name}.json")
     with open(path, "w") as fh:
         json.dump(records, fh)
@@ -207,8 +241,22 @@ class SyntheticSpec:
     dominant_prob: float = 0.5
     skew_alpha: float = 0.0
     unseen_cells: dict[str, list[int]] = field(default_factory=dict)
+    unseen_combos: str = ""
 
-    KNOB_DEFAULTS = {"eval_split": "client", "dominant_prob": 0.5, "skew_alpha": 0.0, "unseen_cells": {}}
+    KNOB_DEFAULTS = {"eval_split": "client", "dominant_prob": 0.5, "skew_alpha": 0.0, "unseen_cells": {},
+                     "unseen_combos": ""}
+
+    def combos_unseen_by(self, task: str) -> tuple[tuple[int, int], ...]:
+        if self.unseen_combos != "latin3":
+            return ()
+        return latin3_unseen(sorted(set(self.client_tasks)).index(task))
+
+    def subset(self, task: str, scene: "Scene") -> str | None:
+        """A test item's tag: whether its task trains on its (colour, cell) combination."""
+        if not self.unseen_combos:
+            return None
+        combo = (list(COLORS).index(scene.color), scene.row * GRID + scene.col)
+        return "unseen" if combo in self.combos_unseen_by(task) else "seen"
 
     def key(self) -> str:
         import hashlib
@@ -222,13 +270,15 @@ class SyntheticSpec:
     def client_mix(self, k: int) -> ClientMix:
         colors = list(COLORS)
         unseen = tuple(sorted(self.unseen_cells.get(self.client_tasks[k], ())))
+        combos = self.combos_unseen_by(self.client_tasks[k])
         if self.skew_alpha > 0:
             # Its own generator: the scene streams of the plain world stay as they are.
             gen = np.random.default_rng([self.seed, k, 7919])
             color_w = tuple(float(v) for v in gen.dirichlet([self.skew_alpha] * len(colors)))
             cell_w = tuple(float(v) for v in gen.dirichlet([self.skew_alpha] * GRID * GRID))
-            return ClientMix(color_weights=color_w, cell_weights=cell_w, unseen=unseen)
-        return ClientMix(dominant=colors[k % len(colors)], dominant_prob=self.dominant_prob, unseen=unseen)
+            return ClientMix(color_weights=color_w, cell_weights=cell_w, unseen=unseen, unseen_combos=combos)
+        return ClientMix(dominant=colors[k % len(colors)], dominant_prob=self.dominant_prob, unseen=unseen,
+                         unseen_combos=combos)
 
     def test_split_name(self, task: str) -> str:
         return f"task_{task}_test"
@@ -249,7 +299,8 @@ def generate(spec: SyntheticSpec, folder: str) -> None:
     # Seeds: the base model's warm-start data uses a stream disjoint from every client's.
     # It draws like no client in particular, except that a task's unseen cells stay
     # unseen for that task there too (the base model must not know them either).
-    warm = {t: ClientMix(unseen=tuple(sorted(spec.unseen_cells.get(t, ())))) for t in tasks}
+    warm = {t: ClientMix(unseen=tuple(sorted(spec.unseen_cells.get(t, ()))), unseen_combos=spec.combos_unseen_by(t))
+            for t in tasks}
     write_split(tmp, "pretrain", tasks, spec.pretrain_samples, spec.seed * 1000 + 999, warm, spec.image_size)
     for k, task in enumerate(spec.client_tasks):
         mix = spec.client_mix(k)
@@ -263,7 +314,7 @@ def generate(spec: SyntheticSpec, folder: str) -> None:
         # what all of that task's clients are scored on.
         for i, task in enumerate(tasks):
             write_split(tmp, spec.test_split_name(task), [task], spec.eval_samples, spec.seed * 1000 + 500 + i,
-                        ClientMix(), spec.image_size)
+                        ClientMix(), spec.image_size, subset=spec.subset)
     with open(os.path.join(tmp, "spec.json"), "w") as fh:
         json.dump(spec.__dict__, fh, indent=1)
     if os.path.isdir(folder):  # another process won the race; keep its copy
@@ -278,7 +329,8 @@ def spec_for(cfg) -> SyntheticSpec:
     d = cfg.data
     return SyntheticSpec(list(cfg.fl.client_tasks), sizes, d.eval_samples, cfg.pretrain.samples, cfg.model.image_size,
                          cfg.run.seed, eval_split=d.eval_split, dominant_prob=d.dominant_prob, skew_alpha=d.skew_alpha,
-                         unseen_cells={t: sorted(c) for t, c in sorted(d.unseen_cells.items())})
+                         unseen_cells={t: sorted(c) for t, c in sorted(d.unseen_cells.items())},
+                         unseen_combos=d.unseen_combos)
 
 
 def folder_for(spec: SyntheticSpec, cache_dir: str) -> str:

@@ -34,6 +34,7 @@ from pilot_hpc.fl.transforms import Chain
 from pilot_hpc.fl.update import Part, Participation, build_update, part_params, part_widths
 from pilot_hpc.metrics.generation import evaluate_client, prediction_rows, write_predictions
 from pilot_hpc.metrics.scores import mc_unparsed
+from pilot_hpc.metrics.subsets import eval_view, subset_values
 from pilot_hpc.model.llava import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
@@ -343,25 +344,28 @@ class Federation:
         if not self.leader:
             return None
         t = self.cfg.train
+        subsets = self.cfg.data.eval_subsets
         rows = []
         for slot in self.slots:
             metric = self.cfg.metric(slot.task)
+            data = eval_view(slot.eval, self.cfg.data.eval_interim_samples, final=round_ == self.cfg.fl.rounds)
             with hosting(self.pm, slot):
                 self.pm.set_stage(stage)
-                ev = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, metric,
+                ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
                                      t.eval_batch_size, t.max_new_tokens, self.device,
                                      EvalProgressLog(client=slot.k, every=self.cfg.run.log_every, device=self.device))
             value = ev.value
             model_id = f"pilot_hpc-{self.cfg.fl.strategy}-client{slot.k:02d}-round{round_:03d}"
-            write_predictions(self.predictions_path(round_, slot.k), prediction_rows(slot.eval, ev, metric, model_id))
+            write_predictions(self.predictions_path(round_, slot.k), prediction_rows(data, ev, metric, model_id))
             if metric.startswith("mc_accuracy"):
                 unparsed = mc_unparsed(ev.predictions, lenient=metric == "mc_accuracy_lenient")
                 if unparsed:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
-            rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + [slot.steps, slot.skipped])
+            rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + [slot.steps, slot.skipped]
+                        + subset_values(data, ev.items, subsets))
         local = np.array(rows, dtype=np.float64).reshape(-1)
-        width = len(STAT_KEYS)
+        width = len(STAT_KEYS) + len(subsets)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
         table = None if got is None else got.reshape(self.num_clients, width)
         self.gather_traces(round_, table)
@@ -370,7 +374,9 @@ class Federation:
         return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
-                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
+                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)},
+                 **{f"value_{name}": round(100.0 * float(table[k, len(STAT_KEYS) + i]), 4)
+                    for i, name in enumerate(subsets)}}
                 for k in range(self.num_clients)]
 
     def predictions_path(self, round_: int, k: int) -> str:

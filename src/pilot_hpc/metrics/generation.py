@@ -88,6 +88,8 @@ def prediction_rows(dataset: InstructionDataset, ev: Evaluation, metric: str, mo
             "answer_id": f"{model_id}/{sample.id}", "model_id": model_id,
             "metadata": {"image": sample.image_path},
         })
+        if sample.subset is not None:  # data.eval_subsets: e.g. seen / unseen
+            rows[-1]["subset"] = sample.subset
         if metric in PARSERS:  # the option letter the metric read (None: unparseable, scored wrong)
             rows[-1]["parsed"] = PARSERS[metric](ev.predictions[i])
     return rows
