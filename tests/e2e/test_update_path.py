@@ -31,3 +31,26 @@ def test_an_unknown_transform_is_a_config_error_before_training(tmp_path, cache_
     proc = run_main(args_for(cache_dir, tmp_path / "x") + ["fl.transforms=[no_such_module:Nope]"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "fl.transforms: cannot load 'no_such_module:Nope'" in proc.stderr
+
+
+def test_seen_and_unseen_items_are_scored_apart_and_interim_rounds_score_fewer(cache_dir, tmp_path):
+    """data.unseen_combos (the second research world's knob) on the small world: each
+    client's metric for the items its task trained on and for those it did not, in
+    metrics.json and in the predictions; rounds before the last score the first items."""
+    from helpers import load_metrics
+
+    out = tmp_path / "combos"
+    proc = run_main(args_for(cache_dir, out) + [
+        "data.unseen_combos=latin3", "data.eval_subsets=[seen, unseen]", "data.eval_split=task",
+        "data.eval_samples=36", "data.eval_interim_samples=12", "fl.rounds=1"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = load_metrics(out)
+    for row in doc["final"]:
+        lines = [json.loads(x) for x in (out / "predictions" / "round_001" / f"client_{row['client']:02d}.jsonl")
+                 .read_text().splitlines()]
+        assert len(lines) == 36 and {x["subset"] for x in lines} == {"seen", "unseen"}
+        for name in ("seen", "unseen"):
+            scores = [x["score"] for x in lines if x["subset"] == name]
+            assert row[f"value_{name}"] == round(100 * sum(scores) / len(scores), 4)
+    first = (out / "predictions" / "round_000" / "client_00.jsonl").read_text().splitlines()
+    assert len(first) == 12  # the interim round scored the first 12 items
