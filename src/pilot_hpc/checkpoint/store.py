@@ -33,7 +33,6 @@ open or parse a file, of any exception type, is a CheckpointError naming the fil
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import os
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 import yaml
 
+from pilot_hpc.codes import CodedEnum
 from pilot_hpc.errors import CheckpointError
 from pilot_hpc.train.spec import TrainProgress
 
@@ -59,22 +59,13 @@ LIBVER = ("earliest", "v110")
 _NAME = re.compile(r"^round_(\d{3,})(\.preempt)?\.h5$")
 
 
-class Status(enum.Enum):
+class Status(CodedEnum):
     """Where a client stands in the current round (fl/client.py's state machine); a
     checkpoint stores the value string in the client's `status` attribute."""
 
     PENDING = "pending"  # not trained yet in this round
     PARTIAL = "partial"  # interrupted inside its local training (progress kept)
     DONE = "done"  # trained in this round, waiting for the exchange
-
-    @property
-    def code(self) -> int:
-        """A small integer for broadcasts to a client group."""
-        return list(Status).index(self)
-
-    @classmethod
-    def from_code(cls, code: int) -> "Status":
-        return list(Status)[int(code)]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pilot_hpc.codes import CodedEnum
 from pilot_hpc.fl.flat import flatten
 
 
@@ -28,19 +29,11 @@ class Part(str, enum.Enum):
 PARTS = (Part.SHARED_BY_TASK, Part.PERSONAL)
 
 
-class Participation(enum.Enum):
+class Participation(CodedEnum):
     PARTICIPATED = "participated"
     NOT_SELECTED = "not_selected"  # the aggregator left it out of this round: sends nothing
     EXCLUDED_NONFINITE = "excluded_nonfinite"  # trained, but its update holds NaN/Inf: travels as zeros
     DROPPED = "dropped"  # reserved: a client that failed or ran out of time
-
-    @property
-    def code(self) -> int:
-        return list(Participation).index(self)
-
-    @classmethod
-    def from_code(cls, code: int) -> "Participation":
-        return list(Participation)[int(code)]
 
     @property
     def sends(self) -> bool:
