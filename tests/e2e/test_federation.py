@@ -70,7 +70,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     vis = [min(cols, p_vis - a) for a in range(0, p_vis, cols)]
     txt = [min(cols, p_lora - a) for a in range(0, p_lora, cols)]
     assert len(vis) == 2 and len(txt) == 3 and txt[-1] != cols  # the chunk does not divide the parts
-    # Per round: the stop vote, (samples, good) per client, ATA's Gram pass over the
+    # Per round: the stop vote, (client, samples, participation) per client, ATA's Gram pass over the
     # LoRA, then each visual chunk and its broadcast, each LoRA chunk and its scatter.
     per_round = ["stop", "num_samples"] + ["gram"] * len(txt) + ["update", "shared"] * len(vis) \
         + ["update", "personal"] * len(txt) + ["metrics", "trace"]
@@ -91,7 +91,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
                 assert got == want, (rank, r, tag)
         for t in log:
             if t["tag"] == "num_samples":
-                assert (t["sent"], t["received"]) == ((0, 2 * 2 * i64) if rank == 0 else (2 * i64, 0))
+                assert (t["sent"], t["received"]) == ((0, 2 * 3 * i64) if rank == 0 else (3 * i64, 0))
             if t["tag"] == "metrics":
                 assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))
             if t["tag"] == "trace":  # TensorBoard's per-step loss trace: 3 steps x 7 numbers per client
