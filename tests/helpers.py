@@ -48,10 +48,10 @@ def run_main(args: list[str], np: int | None = None, timeout: int = 600, cwd: st
 
 
 def load_metrics(folder) -> dict:
-    import json
+    """A run's metrics.json as the project reads it back: null (no value) as NaN."""
+    from pilot_hpc.report import read_metrics
 
-    with open(os.path.join(str(folder), "metrics.json")) as fh:
-        return json.load(fh)
+    return read_metrics(os.path.join(str(folder), "metrics.json"))
 
 
 def run_mpi_check(script: str, ranks: int, timeout: int = 240) -> None:

@@ -23,7 +23,7 @@ def test_two_ranks_per_client_run_two_clients(cache_dir, tmp_path):
             "train.engine=deepspeed", "run.ranks_per_client=2"]
     proc = run_main(args, np=4, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 clients on 4 rank(s) (2 per client)" in proc.stdout
+    assert "2 clients on 4 rank(s) (2 rank(s) per client)" in proc.stdout
     final = load_metrics(out)["final"]
     assert [c["client"] for c in final] == [0, 1]
     assert all(math.isfinite(c["value"]) and math.isfinite(c["ce"]) and c["steps"] == 3 for c in final)
