@@ -257,7 +257,7 @@ def test_pytest_judge_failures_and_empty_selection():
 
 
 FED_LOG = """\
-22:09:39 [pilot_hpc] 4 clients on 4 rank(s) (1 per client), strategy pilot, engine torch, device cuda:0, output x
+22:09:39 [pilot_hpc] 4 clients on 4 rank(s) (1 rank(s) per client), strategy pilot, engine torch, device cuda:0, output x
 22:09:41 [pilot_hpc] round 0/2 stage 0 | 0.2 s (elapsed 0.2 s) | vqa 0.0  grounding 0.0
 22:09:42 [pilot_hpc] round 1/2 stage 1 | 0.9 s (elapsed 1.1 s)  loss ce 2.2533 diff 0.0005 | vqa 0.0  grounding 0.0
 22:09:42 [pilot_hpc] CT-MoA implementation: triton (impl='triton')
