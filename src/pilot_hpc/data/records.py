@@ -216,7 +216,7 @@ class InstructionDataset(torch.utils.data.Dataset):
     to skip it or to stop the round there."""
 
     def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
-                 max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop"):
+                 max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop", prompt=None):
         if image_aspect_ratio not in ("crop", "pad"):
             raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         self.samples = samples
@@ -225,6 +225,9 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.image_aspect_ratio = image_aspect_ratio
+        # (question, first turn) -> the user turn as the model family's chat template
+        # writes it (PilotModel.prompt); None: LLaVA-1.5's, the built-in model's.
+        self._prompt = prompt
         self._pixels: dict[int, torch.Tensor] | None = {} if cache_pixels else None
 
     def __len__(self) -> int:
@@ -242,6 +245,8 @@ class InstructionDataset(torch.utils.data.Dataset):
         return px
 
     def prompt(self, question: str, first: bool) -> str:
+        if self._prompt is not None:
+            return self._prompt(question, first)
         image = IMAGE_TOKEN * self.num_image_tokens + "\n" if first else ""
         return f"USER: {image}{question} ASSISTANT:"
 

@@ -143,7 +143,7 @@ class PilotConnector(nn.Module):
         return mlps, mlp_expert_index(self.num_tasks)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
-        """The dtype boundary: the adapters are float32 master weights (model/llava.py)
+        """The dtype boundary: the adapters are float32 master weights (model/build.py)
         in a model of any dtype, so the vision features come in as float32 and the
         output leaves in the features' dtype (both no-ops in a float32 model)."""
         dtype = h.dtype
