@@ -33,14 +33,12 @@ def dataset_of(model, samples: list):
     processing (data.image_aspect_ratio) and token limit."""
     from pilot_hpc.data.records import InstructionDataset
 
-    import functools
-
     gen = model.pilot_export["generation"]
     family = getattr(model, "pilot_family", None)
-    prompt = None if family is None else functools.partial(family.prompt, image_tokens=gen["num_image_tokens"])
+    options = {} if family is None else family.dataset_options()
     return InstructionDataset(samples, model.tokenizer, model.image_processor, gen["num_image_tokens"],
                               gen["max_length"], cache_pixels=False,
-                              image_aspect_ratio=gen.get("image_aspect_ratio", "crop"), prompt=prompt)
+                              image_aspect_ratio=gen.get("image_aspect_ratio", "crop"), **options)
 
 
 def answer_one(model, image_path: str, prompt: str, max_new_tokens: int, device: str, sample: bool = False,

@@ -294,7 +294,7 @@ def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str,
     task = cfg.fl.client_tasks[k]
     train, evals = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
                                        pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
-                                       image_aspect_ratio=cfg.data.image_aspect_ratio, prompt=pm.prompt_format())
+                                       image_aspect_ratio=cfg.data.image_aspect_ratio, **pm.dataset_options())
                     for path in (train_file, eval_file)]
     # Over-long samples and undecodable images surface now (data.verify_images). The
     # evaluation split's images are always decoded now (a few thousand per client at

@@ -92,11 +92,8 @@ def model_config(cfg):
     m = cfg.model
     if not m.path:
         from pilot_hpc.data import synthetic
-        from pilot_hpc.data.tokenizer import build_word_tokenizer
 
-        tok = build_word_tokenizer(synthetic.vocabulary())
-        return (families.DEFAULT.tiny_config(m, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id),
-                "the built-in tiny model (model section)")
+        return families.built_in(m.family).tiny(m, synthetic.vocabulary())[0], "the built-in tiny model (model section)"
     spec = families.detect(m.path, m.family)
     if os.path.isfile(os.path.join(m.path, "config.json")):
         return spec.config_from_folder(m.path), os.path.join(m.path, "config.json")

@@ -9,7 +9,6 @@ built-in tiny model that folder is made once by pilot_hpc.train.warm_start.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import warnings
@@ -37,7 +36,7 @@ def quiet_checkpointing_deprecation() -> None:
 
 def tiny_llava_config(m: ModelConfig, vocab_size: int, image_token_id: int, pad_id: int):
     """The built-in tiny model's config (a LLaVA-1.5: families/llava.py)."""
-    return families.DEFAULT.tiny_config(m, vocab_size, image_token_id, pad_id)
+    return families.DEFAULT.tiny_config(m, vocab_size, image_token_id=image_token_id, pad_id=pad_id)
 
 
 def num_image_tokens(config) -> int:
@@ -100,9 +99,9 @@ class PilotModel:
         """One user turn as the family's chat template writes it (the image's tokens expanded)."""
         return self.family.prompt(question, first, self.num_image_tokens)
 
-    def prompt_format(self):
-        """prompt() as a picklable callable for InstructionDataset (DataLoader workers)."""
-        return functools.partial(self.family.prompt, image_tokens=self.num_image_tokens)
+    def dataset_options(self) -> dict:
+        """InstructionDataset's arguments that come from the family (prompt, image inputs)."""
+        return self.family.dataset_options()
 
     def __post_init__(self):
         # CT-CLIP's connectors (one per CLIP encoder MLP), found in the model in layer

@@ -10,7 +10,6 @@ clients still have much to gain.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -23,7 +22,6 @@ import torch
 from pilot_hpc.config import Config
 from pilot_hpc.data import synthetic
 from pilot_hpc.data.records import InstructionDataset, load_records
-from pilot_hpc.data.tokenizer import build_word_tokenizer
 from pilot_hpc.model import families
 from pilot_hpc.model.build import configure_generation
 from pilot_hpc.train.engines import train_steps
@@ -35,9 +33,10 @@ log = logging.getLogger("pilot_hpc.base")
 def base_key(cfg: Config, data_key: str) -> str:
     # model.attn_implementation only applies when the clients load the base; the warm
     # start builds with the default (sdpa), so the cached base does not depend on it.
-    # model.family is left out too: the built-in model is always the default family, and
-    # leaving it out keeps the caches made before the key existed.
-    model = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("attn_implementation", "family")}
+    # An empty model.family (the default family) is left out too: the caches made before
+    # the key existed stay valid.
+    model = {k: v for k, v in cfg.to_dict()["model"].items()
+             if k != "attn_implementation" and not (k == "family" and not v)}
     blob = json.dumps({"model": model, "pretrain": cfg.to_dict()["pretrain"],
                        "seed": cfg.run.seed, "data": data_key}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -47,18 +46,15 @@ def build_base(cfg: Config, data_folder: str, out_folder: str) -> None:
     """Builds the tiny model (the default family's), warm-starts it on the mixed-task
     pretrain split, saves it."""
     m = cfg.model
-    spec = families.DEFAULT
-    tokenizer = build_word_tokenizer(synthetic.vocabulary())
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = spec.tiny_config(m, len(tokenizer), image_token_id, tokenizer.pad_token_id)
+    spec = families.built_in(m.family)
+    config, tokenizer, processor = spec.tiny(m, synthetic.vocabulary())
     torch.manual_seed(cfg.run.seed)
     model = spec.from_config(config)
     configure_generation(model, tokenizer)
-    processor = spec.tiny_image_processor(m.image_size)
     samples = load_records(os.path.join(data_folder, "pretrain.json"))
     n_image = spec.num_image_tokens(config)
     dataset = InstructionDataset(samples, tokenizer, processor, n_image, cfg.data.max_length,
-                                 prompt=functools.partial(spec.prompt, image_tokens=n_image))
+                                 **spec.dataset_options())
     # The vision tower stays frozen and random (as CLIP stays frozen in LLaVA); the
     # projector and the whole LLM are trained, as in LLaVA-1.5's own instruction tuning.
     for p in spec.vision_tower(model).parameters():

@@ -9,13 +9,19 @@ import os
 from pilot_hpc.config import ConfigError
 from pilot_hpc.model.families.base import DTYPES, FamilySpec, ShapeFacts, VisionMLP, unwrap
 from pilot_hpc.model.families.llava import LLAVA15
+from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL
 
-FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLAVA15,)}
+FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLAVA15, QWEN2_5_VL)}
 # The built-in tiny model (model.path empty) is a LLaVA-1.5.
 DEFAULT = LLAVA15
 
 __all__ = ["DTYPES", "FAMILIES", "FamilySpec", "ShapeFacts", "VisionMLP", "unwrap", "get", "detect", "of_model",
            "of_vision_tower", "get_by_config"]
+
+
+def built_in(family: str = "") -> FamilySpec:
+    """The family of the built-in tiny model: model.family, LLaVA-1.5 when empty."""
+    return get(family) if family else DEFAULT
 
 
 def get(name: str) -> FamilySpec:

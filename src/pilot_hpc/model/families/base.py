@@ -85,6 +85,22 @@ class FamilySpec:
     def reference_config(self):
         raise NotImplementedError
 
+    def tiny(self, m, words: list[str]):
+        """(config, tokenizer, image processor) of the built-in tiny model of this family:
+        the model section's sizes (config.ModelConfig), a word-level tokenizer over
+        `words` with the family's special tokens."""
+        tokenizer = self.tiny_tokenizer(words)
+        return self.tiny_config(m, len(tokenizer), tokenizer), tokenizer, self.tiny_image_processor(m.image_size)
+
+    def tiny_tokenizer(self, words: list[str]):
+        raise NotImplementedError
+
+    def tiny_config(self, m, vocab_size: int, tokenizer):
+        raise NotImplementedError
+
+    def tiny_image_processor(self, image_size: int):
+        raise NotImplementedError
+
     # -- the connector
     def get_connector(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -113,10 +129,26 @@ class FamilySpec:
 
     # -- prompts and images
     def prompt(self, question: str, first: bool, image_tokens: int) -> str:
+        """The user turn (the first with its image, expanded to image_tokens placeholders)
+        up to where the answer starts, as the family's chat template writes it."""
         raise NotImplementedError
 
     def num_image_tokens(self, config) -> int:
+        """Visual tokens per image (for families whose count varies: at the config's
+        planning resolution; image_inputs gives each image's own)."""
         raise NotImplementedError
+
+    # (image processor, image) -> dict of the image's model inputs plus its
+    # "num_image_tokens"; None: one [3, S, S] pixel_values per image, a fixed count.
+    image_inputs = None
+    answer_sep = " "  # what joins a prompt and its answer in the chat template's text
+
+    def dataset_options(self) -> dict:
+        """InstructionDataset's family-given arguments (picklable: DataLoader workers)."""
+        return {"prompt": self.prompt, "image_inputs": self.image_inputs, "answer_sep": self.answer_sep}
+
+    def tokens_of_image_inputs(self, inputs: dict) -> int:
+        return int(inputs["num_image_tokens"])
 
     # -- the planner
     def shape_facts(self, config) -> ShapeFacts:

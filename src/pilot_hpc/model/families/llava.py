@@ -81,9 +81,17 @@ class Llava15(FamilySpec):
                            projector_hidden_act="gelu", vision_feature_layer=-2,
                            vision_feature_select_strategy="default")
 
-    def tiny_config(self, m, vocab_size: int, image_token_id: int, pad_id: int):
+    def tiny_tokenizer(self, words):
+        from pilot_hpc.data.tokenizer import build_word_tokenizer
+
+        return build_word_tokenizer(words)
+
+    def tiny_config(self, m, vocab_size: int, tokenizer=None, *, image_token_id: int | None = None,
+                    pad_id: int | None = None):
         """The built-in tiny model's config; every size given explicitly: the defaults
-        are CLIP-L and a 7B Llama."""
+        are CLIP-L and a 7B Llama. The ids from `tokenizer`, or given."""
+        if tokenizer is not None:
+            image_token_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         vision = CLIPVisionConfig(
