@@ -179,7 +179,7 @@ def write_merged(pm, folder: str) -> None:
     import torch
 
     model = copy.deepcopy(pm.model)
-    pm.family.set_connector(model, copy.deepcopy(pm.connector.task_adapter))
+    pm.family.set_connector(model, pm.family.stock_connector(copy.deepcopy(pm.connector.task_adapter)))
     merged = model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)

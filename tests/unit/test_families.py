@@ -137,3 +137,80 @@ def test_llava15_prompt_is_its_chat_template_token_for_token(small_world):
     assert ids[:len(ds.encode_prompt(0))] == tok(rendered, add_special_tokens=True)["input_ids"]
     first_label = next(label for label in labels if label != IGNORE_INDEX)
     assert first_label == tok("red", add_special_tokens=False)["input_ids"][0]
+
+
+# ------------------------------------------------------------------ Qwen2.5-VL
+@pytest.fixture(scope="module")
+def qwen_tiny():
+    """A reduced Qwen2.5-VL from its real config classes, its family's tokenizer and
+    image processor (tiny: word-level, patch 8)."""
+    from pilot_hpc.config import ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL
+
+    return QWEN2_5_VL.tiny(ModelConfig(), synthetic.vocabulary())
+
+
+def test_qwen_prompt_is_its_chat_template_token_for_token(qwen_tiny):
+    """The training prompt equals tokenizer.apply_chat_template's (with <|image_pad|>
+    expanded to the image's tokens, as Qwen2_5_VLProcessor expands it); the first label
+    is the answer's first token."""
+    from pilot_hpc.data.records import IGNORE_INDEX, InstructionDataset, Sample
+    from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL
+
+    _, tok, _ = qwen_tiny
+    n, q = 9, "what color is the circle ?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    rendered = rendered.replace("<|image_pad|>", "<|image_pad|>" * n)
+    assert rendered == QWEN2_5_VL.prompt(q, True, n)
+    ds = InstructionDataset([Sample(id="x", image_path="", turns=[(q, "red")])], tok, None, n, 200,
+                            prompt=QWEN2_5_VL.prompt, answer_sep=QWEN2_5_VL.answer_sep)
+    ids, labels = ds.encode_train(0)
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    expanded = [t for w in want for t in ([w] * n if w == image_pad else [w])]
+    assert ids[:len(expanded)] == expanded
+    first = labels.index(next(label for label in labels if label != IGNORE_INDEX))
+    assert first == len(expanded) and labels[first] == tok.convert_tokens_to_ids("red")
+    assert labels[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # the turn's end, as the template closes it
+
+
+def test_qwen_images_of_different_sizes_share_a_batch(qwen_tiny):
+    """Two image sizes -> different visual-token counts in one batch; the connector sees
+    the flattened list with each image's rows (segments), and its difference loss is the
+    mean of the per-image losses."""
+    import torch
+    from PIL import Image
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.data.records import collate_images
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import difference_loss
+    from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL, qwen_image_inputs
+
+    config, tok, proc = qwen_tiny
+    images = [Image.new("RGB", (48, 48), (200, 10, 10)), Image.new("RGB", (64, 32), (10, 200, 10))]
+    inputs = [qwen_image_inputs(proc, im) for im in images]
+    counts = [x["num_image_tokens"] for x in inputs]
+    assert counts[0] != counts[1], counts
+    torch.manual_seed(0)
+    model = QWEN2_5_VL.from_config(config)
+    peft_model, conn = attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0, pilot=PilotConfig(),
+                                    family=QWEN2_5_VL)
+    conn.set_stage(1)
+    prompts = [QWEN2_5_VL.prompt("what ?", True, n) for n in counts]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **collate_images(inputs)}
+    seen = {}
+    hook = conn.register_forward_hook(lambda m, args, out: seen.update(h=args[0].detach(), out=out.detach()))
+    with torch.no_grad():
+        peft_model(**batch)
+    hook.remove()
+    assert conn.segments == counts and seen["h"].shape[0] == sum(counts)
+    h = seen["h"].float()
+    x_t, x_s = conn.task_adapter(h), conn.client_adapter(h)
+    per_image = [difference_loss(a[None], b[None]) for a, b in zip(x_t.split(counts), x_s.split(counts))]
+    assert torch.allclose(conn.aux["diff"], torch.stack(per_image).mean())
+    assert not torch.allclose(conn.aux["diff"], difference_loss(x_t[None], x_s[None]))  # not one image

@@ -111,6 +111,11 @@ class FamilySpec:
     def connector_mlp(self, connector: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def stock_connector(self, adapter: nn.Module) -> nn.Module:
+        """An adapter (the connector_mlp layout) back as the family's own connector
+        module, so that a merged folder loads with transformers alone."""
+        raise NotImplementedError
+
     # -- LoRA, checkpointing, CT-CLIP
     lora_targets: str = ""
 

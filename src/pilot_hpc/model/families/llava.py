@@ -127,6 +127,9 @@ class Llava15(FamilySpec):
     def connector_mlp(self, connector):
         return connector  # LlavaMultiModalProjector: linear_1, act, linear_2 already
 
+    def stock_connector(self, adapter):
+        return adapter  # a copy of the projector itself
+
     def language_model(self, model):
         return unwrap(model).model.language_model
 

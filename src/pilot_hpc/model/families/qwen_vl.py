@@ -177,6 +177,9 @@ class Qwen25VL(FamilySpec):
     def connector_mlp(self, connector):
         return MergerMLPView(connector)
 
+    def stock_connector(self, adapter):
+        return nn.Sequential(adapter.linear_1, adapter.act, adapter.linear_2)  # keys mlp.0 / mlp.2, as saved
+
     def language_model(self, model):
         return unwrap(model).model.language_model
 
