@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
 
-FAMILIES = ["qwen2_5_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -99,6 +99,8 @@ for rec in data:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
+    # What the processor returns beside input_ids: where the image tokens are (M-RoPE).
+    ids["mm_token_type_ids"] = (ids["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).long()
     with torch.no_grad():
         gen = model.generate(**ids, **px, max_new_tokens=int(sys.argv[5]), do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

@@ -132,7 +132,7 @@ def test_llava15_prompt_is_its_chat_template_token_for_token(small_world):
     # prompt is that text exactly.
     assert rendered == LLAVA15.prompt("what color is it ?", True, n)
     ds = InstructionDataset([Sample(id="x", image_path="", turns=[("what color is it ?", "red")])], tok, None, n,
-                            200, **LLAVA15.dataset_options())
+                            200, **LLAVA15.dataset_options(tok))
     ids, labels = ds.encode_train(0)
     assert ids[:len(ds.encode_prompt(0))] == tok(rendered, add_special_tokens=True)["input_ids"]
     first_label = next(label for label in labels if label != IGNORE_INDEX)

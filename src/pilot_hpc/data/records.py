@@ -217,7 +217,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
                  max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop", prompt=None,
-                 image_inputs=None, answer_sep: str = " "):
+                 image_inputs=None, answer_sep: str = " ", mm_token_types: dict[int, int] | None = None):
         if image_aspect_ratio not in ("crop", "pad"):
             raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         self.samples = samples
@@ -238,6 +238,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         # What joins a prompt and its answer in the conversation's text (the chat
         # template's: LLaVA-1.5 a space, ChatML templates nothing after "assistant\n").
         self.answer_sep = answer_sep
+        # token id -> modality type (1: image), for families whose model wants the
+        # processor's mm_token_type_ids beside input_ids (its multimodal RoPE finds the
+        # images' positions by them); None: not passed.
+        self.mm_token_types = mm_token_types
         self._pixels: dict[int, torch.Tensor] | None = {} if cache_pixels else None
 
     def __len__(self) -> int:
@@ -355,7 +359,10 @@ class InstructionDataset(torch.utils.data.Dataset):
             pixels = self.pixels(i)
         except self.UNREADABLE as err:  # an undecodable image, text the tokenizer or max_length refuses
             return {"unreadable": self._named(i, err)}
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+        out = {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+        if self.mm_token_types is not None:
+            out["mm_token_type_ids"] = token_types(ids, self.mm_token_types)
+        return out
 
 
 def answer_tokens(labels: torch.Tensor) -> int:
@@ -378,12 +385,24 @@ def collate_train(batch: list[dict], pad_id: int) -> dict:
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    types = torch.zeros((len(batch), width), dtype=torch.long) if "mm_token_type_ids" in batch[0] else None
     for r, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[r, :n] = torch.tensor(b["input_ids"])
         labels[r, :n] = torch.tensor(b["labels"])
         mask[r, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **collate_images([b["pixel_values"] for b in batch])}
+        if types is not None:
+            types[r, :n] = torch.tensor(b["mm_token_type_ids"])
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+           **collate_images([b["pixel_values"] for b in batch])}
+    if types is not None:
+        out["mm_token_type_ids"] = types
+    return out
+
+
+def token_types(ids: list[int], types: dict[int, int]) -> list[int]:
+    """The modality type of each token (0: text), as a processor's mm_token_type_ids."""
+    return [types.get(t, 0) for t in ids]
 
 
 def collate_images(pixels: list) -> dict[str, torch.Tensor]:
@@ -396,12 +415,20 @@ def collate_images(pixels: list) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in pixels]) for k in pixels[0] if k != "num_image_tokens"}
 
 
-def collate_prompts(prompts: list[list[int]], pixels: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left padding, so that generation continues every row from its last prompt token."""
+def collate_prompts(prompts: list[list[int]], pixels: list, pad_id: int,
+                    mm_token_types: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Left padding, so that generation continues every row from its last prompt token.
+    mm_token_types: InstructionDataset.mm_token_types (then mm_token_type_ids too)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask, **collate_images(pixels)}
+    out = {"input_ids": ids, "attention_mask": mask, **collate_images(pixels)}
+    if mm_token_types is not None:
+        types = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            types[r, width - len(p):] = torch.tensor(token_types(p, mm_token_types))
+        out["mm_token_type_ids"] = types
+    return out

@@ -148,9 +148,14 @@ class FamilySpec:
     image_inputs = None
     answer_sep = " "  # what joins a prompt and its answer in the chat template's text
 
-    def dataset_options(self) -> dict:
+    # tokens whose modality type the model wants as mm_token_type_ids (1: image); () none
+    mm_tokens: tuple[str, ...] = ()
+
+    def dataset_options(self, tokenizer) -> dict:
         """InstructionDataset's family-given arguments (picklable: DataLoader workers)."""
-        return {"prompt": self.prompt, "image_inputs": self.image_inputs, "answer_sep": self.answer_sep}
+        types = {tokenizer.convert_tokens_to_ids(t): 1 for t in self.mm_tokens} if self.mm_tokens else None
+        return {"prompt": self.prompt, "image_inputs": self.image_inputs, "answer_sep": self.answer_sep,
+                "mm_token_types": types}
 
     def tokens_of_image_inputs(self, inputs: dict) -> int:
         return int(inputs["num_image_tokens"])

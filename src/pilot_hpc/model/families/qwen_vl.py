@@ -92,6 +92,10 @@ class Qwen25VL(FamilySpec):
     chat_template = CHAT_TEMPLATE
     image_inputs = staticmethod(qwen_image_inputs)
     answer_sep = ""  # the answer follows "<|im_start|>assistant\n" directly
+    # The multimodal RoPE places image tokens on a (t, h, w) grid only where
+    # mm_token_type_ids (the processor's output beside input_ids) marks them; without
+    # it Qwen2.5-VL silently gives them text positions and Qwen2-VL refuses.
+    mm_tokens = ("<|image_pad|>",)
 
     def _classes(self):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -124,9 +128,7 @@ class Qwen25VL(FamilySpec):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
         head_dim = m.text_hidden // m.text_heads
         quarter = head_dim // 2 // 4  # mrope sections (t, h, w) summing to head_dim / 2
-        vision = dict(depth=m.vision_layers, hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden,
-                      num_heads=m.vision_heads, out_hidden_size=m.text_hidden, patch_size=8, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=32, fullatt_block_indexes=[m.vision_layers - 1])
+        vision = self._tiny_vision(m)
         text = dict(vocab_size=vocab_size, hidden_size=m.text_hidden, intermediate_size=m.text_intermediate,
                     num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
                     num_key_value_heads=m.text_heads, max_position_embeddings=512,
@@ -136,6 +138,14 @@ class Qwen25VL(FamilySpec):
         return self._classes()[0](vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
                                   video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                   vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+    def _tiny_vision(self, m):
+        return dict(depth=m.vision_layers, hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden,
+                    num_heads=m.vision_heads, out_hidden_size=m.text_hidden, patch_size=8, spatial_merge_size=2,
+                    temporal_patch_size=2, window_size=32, fullatt_block_indexes=[m.vision_layers - 1])
+
+    def _vision_width(self, v) -> int:
+        return v.hidden_size
 
     def tiny_tokenizer(self, words: list[str]):
         """A word-level tokenizer with the family's special tokens and chat template."""
@@ -204,8 +214,41 @@ class Qwen25VL(FamilySpec):
         t, v = config.text_config, config.vision_config
         return ShapeFacts(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
                           heads=t.num_attention_heads, vocab=t.vocab_size,
-                          vision_hidden=v.hidden_size * v.spatial_merge_size ** 2,
+                          vision_hidden=self._vision_width(v) * v.spatial_merge_size ** 2,
                           image_tokens=self.num_image_tokens(config))
 
 
+class Qwen2VL(Qwen25VL):
+    """Qwen2-VL: the same merger (LayerNorm instead of RMSNorm in front of the MLP), the
+    same prompts, image processor and language model; its vision config names the
+    tower's width embed_dim (hidden_size is the language model's)."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    display = "Qwen2-VL"
+    example_folder = "Qwen/Qwen2-VL-7B-Instruct"
+
+    def _classes(self):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    def reference_config(self):
+        """Qwen2-VL-7B-Instruct's architecture (its config.json)."""
+        vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        return self._classes()[0](vision_config=vision, text_config=text)
+
+    def _tiny_vision(self, m):
+        return dict(depth=m.vision_layers, embed_dim=m.vision_hidden, hidden_size=m.text_hidden,
+                    num_heads=m.vision_heads, mlp_ratio=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+
+    def _vision_width(self, v) -> int:
+        return v.embed_dim
+
+
 QWEN2_5_VL = Qwen25VL()
+QWEN2_VL = Qwen2VL()
