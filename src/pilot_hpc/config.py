@@ -351,7 +351,7 @@ class Config:
 # (launch's finished and reused runs, tools/study) and its checkpoints their result_hash.
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
-                       "train.lr_baseline": 0.0}
+                       "train.lr_baseline": 0.0, "model.family": ""}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:

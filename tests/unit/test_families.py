@@ -214,3 +214,13 @@ def test_qwen_images_of_different_sizes_share_a_batch(qwen_tiny):
     per_image = [difference_loss(a[None], b[None]) for a, b in zip(x_t.split(counts), x_s.split(counts))]
     assert torch.allclose(conn.aux["diff"], torch.stack(per_image).mean())
     assert not torch.allclose(conn.aux["diff"], difference_loss(x_t[None], x_s[None]))  # not one image
+
+
+def test_ct_clip_on_a_family_without_two_layer_vision_mlps_is_a_config_error(qwen_tiny):
+    from pilot_hpc.config import ConfigError, ModelConfig, PilotConfig
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL
+
+    model = QWEN2_5_VL.from_config(qwen_tiny[0])
+    with pytest.raises(ConfigError, match="pilot.ct_clip"):
+        attach_pilot(model, ModelConfig(), 3, 0, seed=0, pilot=PilotConfig(ct_clip=True), family=QWEN2_5_VL)

@@ -207,6 +207,9 @@ def attach_pilot(model, m: ModelConfig, num_tasks: int, own_task: int, *, seed: 
     # build_pilot_model checks.
     connector.to(torch.float32)
     if pilot.ct_clip:
+        if not spec.vision_model_types:  # the family presents no two-layer vision MLPs
+            raise ConfigError(f"pilot.ct_clip=true: {spec.display}'s vision tower has no MLPs CT-CLIP can adapt "
+                              "(README, model families); set pilot.ct_clip=false")
         for clip_mlp in attach_ct_clip(spec.vision_tower(model), num_tasks, own_task, pilot=pilot,
                                        ctmoa_impl=m.ctmoa_impl, seed=seed):
             clip_mlp.to(torch.float32)  # master weights, as the connector's
