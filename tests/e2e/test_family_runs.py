@@ -128,3 +128,17 @@ def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_w
     want = [[p["id"], p["prediction"]] for p in read_predictions(
         os.path.join(str(runs["fedavg"]), "predictions", f"round_{last:03d}", "client_00.jsonl"))]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+
+
+def test_sigterm_mid_round_then_resume_equals_the_uninterrupted_run(family_runs, cache_dir):
+    """A preempted W = 3 run (SIGTERM in round 2, a client mid-step) resumes to the
+    uninterrupted run's metrics, bitwise."""
+    family, out, runs = family_runs
+    folder = _base_folder(runs["pilot"])
+    args = ["--config", SMOKE] + small_overrides(cache_dir, str(out / "preempted")) + [f"model.path={folder}"]
+    proc = run_main(args, np=3, timeout=300, env={"PILOT_HPC_INJECT": "sigterm:rank=2,round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = run_main(args, np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref, got = load_metrics(runs["pilot"]), load_metrics(out / "preempted")
+    assert got["final"] == ref["final"] and got["rounds"] == ref["rounds"]
