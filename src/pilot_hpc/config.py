@@ -62,8 +62,12 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     # Empty: build the tiny LLaVA below and pretrain it once (cached). Otherwise a local
-    # Hugging Face LLaVA folder (e.g. llava-1.5-7b-hf) loaded with from_pretrained.
+    # Hugging Face folder of a supported family (e.g. llava-1.5-7b-hf) loaded with
+    # from_pretrained.
     path: str = ""
+    # The model family (pilot_hpc.model.families); empty: detected from model.path's
+    # config.json (model_type). Set it to load a folder whose model_type is not listed.
+    family: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     image_size: int = 48
     patch_size: int = 16
@@ -193,7 +197,7 @@ class FLConfig:
     # about (K + 2) chunks at a time beyond its own model. 0: one message per part.
     chunk_mb: float = 64.0
     # The dtype of the updates and mixes on the wire. The trainable parameters are
-    # float32 master weights in a model of any dtype (model/llava.py), so float32 sends
+    # float32 master weights in a model of any dtype (model/build.py), so float32 sends
     # them as trained; bfloat16 halves the traffic of a bf16 run but rounds every
     # client's adapters to bf16 once per round (the server still mixes in float32).
     wire_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -367,7 +371,7 @@ class Config:
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0, "data.unseen_combos": "", "data.eval_subsets": [],
-                       "data.eval_interim_samples": 0}
+                       "data.eval_interim_samples": 0, "model.family": ""}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
     from pilot_hpc.checkpoint import CheckpointError, read
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.model.connector import PLAIN
-    from pilot_hpc.model.llava import build_pilot_model
+    from pilot_hpc.model.build import build_pilot_model
 
     path = find_checkpoint(run_dir, round_)
     try:
@@ -146,7 +146,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         "round": ck.round, "client": client, "task": task, "metric": cfg.metric(task), "strategy": cfg.fl.strategy,
         "base_model": os.path.abspath(base), "dtype": cfg.model.dtype, "num_tasks": len(cfg.tasks),
         "own_task": cfg.tasks.index(task), "stage": stage, "seed": cfg.run.seed, "ctmoa_impl": cfg.model.ctmoa_impl,
-        "pilot": dataclasses.asdict(cfg.pilot), "adapters": adapters,
+        "pilot": dataclasses.asdict(cfg.pilot), "adapters": adapters, "family": pm.family.name,
         "plain_projector": stage in (0, PLAIN),
         # What evaluation used: batch mode of pilot_hpc.generate repeats it for equal answers.
         "generation": {"max_new_tokens": cfg.train.max_new_tokens, "batch_size": cfg.train.eval_batch_size,
@@ -172,14 +172,14 @@ def lora_mix(peft_model) -> dict[str, float]:
 
 
 def write_merged(pm, folder: str) -> None:
-    """A stock LLaVA: psi_t as its projector, every active LoRA merged into the weights."""
+    """A stock model of the family: psi_t as its connector, every active LoRA merged
+    into the weights."""
     import copy
 
     import torch
 
     model = copy.deepcopy(pm.model)
-    llava = model.base_model.model  # LlavaForConditionalGeneration under peft
-    llava.model.multi_modal_projector = copy.deepcopy(pm.connector.task_adapter)
+    pm.family.set_connector(model, pm.family.stock_connector(copy.deepcopy(pm.connector.task_adapter)))
     merged = model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -190,7 +190,7 @@ def write_merged(pm, folder: str) -> None:
 
 
 def load_client(folder: str, device: str = "cpu"):
-    """The client's LlavaForConditionalGeneration from an export folder, as the run
+    """The client's model (its family's transformers class) from an export folder, as the run
     evaluated it: the Pilot connector in place of the projector (in its stage), the LoRA
     merged (FedDPA: both adapters with their mix). `.tokenizer` and `.image_processor`
     are attached to the returned model; `.pilot_export` holds connector.json."""
@@ -202,26 +202,27 @@ def load_client(folder: str, device: str = "cpu"):
     from pilot_hpc.config import PilotConfig
     from pilot_hpc.model.connector import PilotConnector
     from pilot_hpc.model.ct_clip import attach_ct_clip
-    from pilot_hpc.model.llava import configure_generation, load_base
+    from pilot_hpc.model.build import configure_generation, load_base
 
     info_path = os.path.join(folder, CONNECTOR_CONFIG)
     if not os.path.isfile(info_path):
         raise ExportError(f"{folder}: no {CONNECTOR_CONFIG}; not a folder `python -m pilot_hpc.export` wrote")
     with open(info_path) as fh:
         info = json.load(fh)
-    model, _, _ = load_base(info["base_model"], info["dtype"])
-    connector = PilotConnector(model.model.multi_modal_projector, info["num_tasks"], info["own_task"],
+    # Exports written before model.family existed are LLaVA-1.5's ("llava").
+    model, _, _, spec = load_base(info["base_model"], info["dtype"], family=info.get("family", "llava"))
+    connector = PilotConnector(spec.connector_mlp(spec.get_connector(model)), info["num_tasks"], info["own_task"],
                                pilot=PilotConfig(**info["pilot"]), ctmoa_impl=info["ctmoa_impl"], seed=info["seed"])
     connector.load_state_dict(load_file(os.path.join(folder, CONNECTOR_FILE)))
-    # As the run held them (model/llava.py attach_pilot): float32 adapters in a model of
+    # As the run held them (model/build.py attach_pilot): float32 adapters in a model of
     # any dtype, the connector casting at its boundary.
     connector.to(torch.float32)
     connector.set_stage(info["stage"])
-    model.model.multi_modal_projector = connector
+    spec.set_connector(model, connector)
     switches = PilotConfig(**info["pilot"])
     if switches.ct_clip:
         clip = load_file(os.path.join(folder, CT_CLIP_FILE))
-        mlps = attach_ct_clip(model.model.vision_tower, info["num_tasks"], info["own_task"], pilot=switches,
+        mlps = attach_ct_clip(spec.vision_tower(model), info["num_tasks"], info["own_task"], pilot=switches,
                               ctmoa_impl=info["ctmoa_impl"], seed=info["seed"])
         for i, m in enumerate(mlps):
             m.load_state_dict({k[len(f"{i}."):]: v for k, v in clip.items() if k.startswith(f"{i}.")})
@@ -240,6 +241,8 @@ def load_client(folder: str, device: str = "cpu"):
     model.tokenizer = tokenizer
     model.image_processor = AutoImageProcessor.from_pretrained(folder)
     model.pilot_export = info
+    # The family's prompt (its chat template's user turn), for pilot_hpc.generate.
+    model.pilot_family = spec
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(torch.device(device)).eval()
@@ -249,7 +252,7 @@ def quiet() -> None:
     """No weight-loading bars or peft deprecation notices on a command line tool's output."""
     import transformers
 
-    from pilot_hpc.model.llava import quiet_checkpointing_deprecation
+    from pilot_hpc.model.build import quiet_checkpointing_deprecation
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     try:
         info = export_client(args.run, args.client, args.out, args.round, merged=not args.no_merged)
-    except BadInput as err:  # ExportError, or the base model folder's ConfigError (model/llava.py:load_base)
+    except BadInput as err:  # ExportError, or the base model folder's ConfigError (model/build.py:load_base)
         print(f"pilot_hpc.export: error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     kind = "pilot connector" if not info["plain_projector"] else "plain projector (+ merged/)"

@@ -34,9 +34,11 @@ def dataset_of(model, samples: list):
     from pilot_hpc.data.records import InstructionDataset
 
     gen = model.pilot_export["generation"]
+    family = getattr(model, "pilot_family", None)
+    options = {} if family is None else family.dataset_options(model.tokenizer)
     return InstructionDataset(samples, model.tokenizer, model.image_processor, gen["num_image_tokens"],
                               gen["max_length"], cache_pixels=False,
-                              image_aspect_ratio=gen.get("image_aspect_ratio", "crop"))
+                              image_aspect_ratio=gen.get("image_aspect_ratio", "crop"), **options)
 
 
 def answer_one(model, image_path: str, prompt: str, max_new_tokens: int, device: str, sample: bool = False,
@@ -47,7 +49,7 @@ def answer_one(model, image_path: str, prompt: str, max_new_tokens: int, device:
 
     ds = dataset_of(model, [Sample(id="prompt", image_path=image_path,
                                    turns=[(prompt.replace(IMAGE_TOKEN, "").strip(), "")])])
-    batch = collate_prompts([ds.encode_prompt(0)], [ds.pixels(0)], model.tokenizer.pad_token_id)
+    batch = collate_prompts([ds.encode_prompt(0)], [ds.pixels(0)], model.tokenizer.pad_token_id, ds.mm_token_types)
     batch = {k: v.to(device) for k, v in batch.items()}
     extra = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
     with torch.no_grad():

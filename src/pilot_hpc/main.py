@@ -71,7 +71,7 @@ def setup_logging(rank: int) -> None:
     import datasets
     import transformers
 
-    from pilot_hpc.model.llava import quiet_checkpointing_deprecation
+    from pilot_hpc.model.build import quiet_checkpointing_deprecation
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -276,7 +276,7 @@ def load_clients(cfg, comm, strategy, mine: list[int], device):
 def build_model(cfg, strategy, base: str, device, rank: int):
     """(the rank's shared model, prepared for the strategy; its initial state)."""
     from pilot_hpc import faults
-    from pilot_hpc.model.llava import build_pilot_model
+    from pilot_hpc.model.build import build_pilot_model
 
     pm = build_pilot_model(base, cfg.model, len(cfg.tasks), 0, seed=cfg.run.seed, device=device, pilot=cfg.pilot)
     if faults.hit("raise_build", rank=rank):
@@ -294,7 +294,7 @@ def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str,
     task = cfg.fl.client_tasks[k]
     train, evals = [InstructionDataset(load_records(path, image_root, cache), pm.tokenizer, pm.image_processor,
                                        pm.num_image_tokens, cfg.data.max_length, cache_pixels=cfg.data.cache_images,
-                                       image_aspect_ratio=cfg.data.image_aspect_ratio)
+                                       image_aspect_ratio=cfg.data.image_aspect_ratio, **pm.dataset_options())
                     for path in (train_file, eval_file)]
     # Over-long samples and undecodable images surface now (data.verify_images). The
     # evaluation split's images are always decoded now (a few thousand per client at

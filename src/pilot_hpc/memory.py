@@ -54,15 +54,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def llava_7b_config():
-    """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 and Vicuna-7B v1.5, as in llava-1.5-7b-hf)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """LLaVA-1.5-7B's architecture (the default family's reference shapes)."""
+    from pilot_hpc.model import families
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return families.DEFAULT.reference_config()
 
 
 @dataclass(frozen=True)
@@ -80,30 +75,29 @@ class Arch:
 
 
 def llava_arch(config, source: str) -> Arch:
-    t, v = config.text_config, config.vision_config
-    return Arch(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
-                heads=t.num_attention_heads, vocab=t.vocab_size, vision_hidden=v.hidden_size,
-                image_tokens=(v.image_size // v.patch_size) ** 2, source=source)
+    """The planner's sizes of a model config of any supported family (its shape facts)."""
+    from pilot_hpc.model import families
+
+    f = families.get_by_config(config).shape_facts(config)
+    return Arch(hidden=f.hidden, intermediate=f.intermediate, layers=f.layers, heads=f.heads, vocab=f.vocab,
+                vision_hidden=f.vision_hidden, image_tokens=f.image_tokens, source=source)
 
 
 def model_config(cfg):
-    """(LlavaConfig, source): model.path's config.json when there is one; the tiny model
-    from the model section when model.path is empty; else LLaVA-1.5-7B's architecture."""
-    from transformers import LlavaConfig
-
-    from pilot_hpc.model.llava import tiny_llava_config
+    """(model config, source): model.path's config.json when there is one (its family's
+    config class); the tiny model from the model section when model.path is empty; else
+    the family's 7B-class reference architecture."""
+    from pilot_hpc.model import families
 
     m = cfg.model
     if not m.path:
         from pilot_hpc.data import synthetic
-        from pilot_hpc.data.tokenizer import build_word_tokenizer
 
-        tok = build_word_tokenizer(synthetic.vocabulary())
-        return (tiny_llava_config(m, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id),
-                "the built-in tiny model (model section)")
+        return families.built_in(m.family).tiny(m, synthetic.vocabulary())[0], "the built-in tiny model (model section)"
+    spec = families.detect(m.path, m.family)
     if os.path.isfile(os.path.join(m.path, "config.json")):
-        return LlavaConfig.from_pretrained(m.path), os.path.join(m.path, "config.json")
-    return llava_7b_config(), f"LLaVA-1.5-7B's architecture ({m.path}/config.json not found)"
+        return spec.config_from_folder(m.path), os.path.join(m.path, "config.json")
+    return spec.reference_config(), f"{spec.display}'s 7B-class architecture ({m.path}/config.json not found)"
 
 
 def layer_bytes_per_token(h: int, m: int, heads: int, r: int, b: int, lora_dropout: bool = True) -> int:
@@ -163,9 +157,8 @@ _PARAMS: dict[str, dict[str, int]] = {}
 def parameter_bytes(cfg, config) -> dict[str, int]:
     """{'total', 'trainable_1', 'trainable_2'}: bytes of all parameters of the built model (on
     the meta device) and of those that train in each stage."""
-    from transformers import LlavaForConditionalGeneration
-
-    from pilot_hpc.model.llava import DTYPES, PilotModel, attach_pilot, quiet_checkpointing_deprecation
+    from pilot_hpc.model import families
+    from pilot_hpc.model.build import DTYPES, PilotModel, attach_pilot, quiet_checkpointing_deprecation
 
     key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.pilot), cfg.tasks,
                       config.to_json_string()], sort_keys=True)
@@ -173,8 +166,10 @@ def parameter_bytes(cfg, config) -> dict[str, int]:
         return _PARAMS[key]
     quiet_checkpointing_deprecation()
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config).to(DTYPES[cfg.model.dtype])
-        peft_model, connector = attach_pilot(model, cfg.model, len(cfg.tasks), 0, seed=0, pilot=cfg.pilot)
+        spec = families.get_by_config(config)
+        model = spec.from_config(config).to(DTYPES[cfg.model.dtype])
+        peft_model, connector = attach_pilot(model, cfg.model, len(cfg.tasks), 0, seed=0, pilot=cfg.pilot,
+                                             family=spec)
     pm = PilotModel(peft_model, connector, None, None, 0)
     out = {"total": sum(p.numel() * p.element_size() for p in peft_model.parameters())}
     for stage in (1, 2):

@@ -221,7 +221,8 @@ class InstructionDataset(torch.utils.data.Dataset):
     to skip it or to stop the round there."""
 
     def __init__(self, samples: list[Sample], tokenizer, image_processor, num_image_tokens: int,
-                 max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop"):
+                 max_length: int, cache_pixels: bool = True, image_aspect_ratio: str = "crop", prompt=None,
+                 image_inputs=None, answer_sep: str = " ", mm_token_types: dict[int, int] | None = None):
         if image_aspect_ratio not in ("crop", "pad"):
             raise ValueError(f"data.image_aspect_ratio must be crop or pad, got {image_aspect_ratio!r}")
         self.samples = samples
@@ -230,23 +231,52 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.image_aspect_ratio = image_aspect_ratio
+        # (question, first turn, visual tokens of the image) -> the user turn as the model
+        # family's chat template writes it (FamilySpec.prompt); None: LLaVA-1.5's, the
+        # built-in model's.
+        self._prompt = prompt
+        # (image processor, image) -> (the image's model inputs, its visual-token count),
+        # for families whose images yield several tensors and a count that varies per
+        # image (FamilySpec.image_inputs); None: one pixel_values tensor per image and
+        # num_image_tokens each.
+        self._image_inputs = image_inputs
+        # What joins a prompt and its answer in the conversation's text (the chat
+        # template's: LLaVA-1.5 a space, ChatML templates nothing after "assistant\n").
+        self.answer_sep = answer_sep
+        # token id -> modality type (1: image), for families whose model wants the
+        # processor's mm_token_type_ids beside input_ids (its multimodal RoPE finds the
+        # images' positions by them); None: not passed.
+        self.mm_token_types = mm_token_types
         self._pixels: dict[int, torch.Tensor] | None = {} if cache_pixels else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def pixels(self, i: int) -> torch.Tensor:
+    def pixels(self, i: int):
+        """The image's model inputs: a [3, S, S] pixel tensor, or with a family's
+        image_inputs a dict of tensors whose rows collate by concatenation."""
         if self._pixels is not None and i in self._pixels:
             return self._pixels[i]
         img = load_image(self.samples[i].image_path)
         if self.image_aspect_ratio == "pad":
             img = pad_to_square(img, self.proc.image_mean)
-        px = self.proc(images=[img], return_tensors="pt")["pixel_values"][0]  # [3, S, S]
+        if self._image_inputs is not None:
+            px = self._image_inputs(self.proc, img)
+        else:
+            px = self.proc(images=[img], return_tensors="pt")["pixel_values"][0]  # [3, S, S]
         if self._pixels is not None:
             self._pixels[i] = px
         return px
 
-    def prompt(self, question: str, first: bool) -> str:
+    def image_tokens(self, i: int) -> int:
+        """Visual tokens of sample i's image: fixed, or the family's count of that image."""
+        if self._image_inputs is None:
+            return self.num_image_tokens
+        return int(self.pixels(i)["num_image_tokens"])
+
+    def prompt(self, question: str, first: bool, image_tokens: int | None = None) -> str:
+        if self._prompt is not None:
+            return self._prompt(question, first, self.num_image_tokens if image_tokens is None else image_tokens)
         image = IMAGE_TOKEN * self.num_image_tokens + "\n" if first else ""
         return f"USER: {image}{question} ASSISTANT:"
 
@@ -272,10 +302,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         Prepend("▁") normaliser: a first token the model never sees before an answer.
         The prompt ids are the prompt tokenised alone, so turn 0's equal encode_prompt's,
         what the model is given at evaluation."""
-        prompt = self.prompt(question, t == 0)
+        prompt = self.prompt(question, t == 0, self.image_tokens(i) if t == 0 else None)
         special = t == 0  # the first turn carries the tokenizer's BOS, as at evaluation
         p = self.tok(prompt, add_special_tokens=special)["input_ids"]
-        joint = self.tok(prompt + " " + answer, add_special_tokens=special)["input_ids"]
+        joint = self.tok(prompt + self.answer_sep + answer, add_special_tokens=special)["input_ids"]
         if joint[:len(p)] == p:
             return p, joint[len(p):]
         # The joint ids differ inside the prompt (a post-processor that appends an end
@@ -287,7 +317,7 @@ class InstructionDataset(torch.utils.data.Dataset):
             raise DataError(f"{where}: the tokenizer splits the prompt differently when the answer "
                             "follows it, and a slow tokenizer gives no character offsets to find where the "
                             "answer starts; load the model's fast tokenizer (tokenizer.json)")
-        enc = self.tok(prompt + " " + answer, add_special_tokens=special, return_offsets_mapping=True)
+        enc = self.tok(prompt + self.answer_sep + answer, add_special_tokens=special, return_offsets_mapping=True)
         cut = len(prompt)
         across = [self.tok.convert_ids_to_tokens(tid) for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
                   if s < cut < e]
@@ -299,7 +329,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def encode_prompt(self, i: int) -> list[int]:
         q = self.samples[i].turns[0][0]
-        return self.tok(self.prompt(q, True), add_special_tokens=True)["input_ids"]
+        return self.tok(self.prompt(q, True, self.image_tokens(i)), add_special_tokens=True)["input_ids"]
 
     def answer(self, i: int) -> str:
         return self.samples[i].turns[0][1]
@@ -334,7 +364,10 @@ class InstructionDataset(torch.utils.data.Dataset):
             pixels = self.pixels(i)
         except self.UNREADABLE as err:  # an undecodable image, text the tokenizer or max_length refuses
             return {"unreadable": self._named(i, err)}
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+        out = {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+        if self.mm_token_types is not None:
+            out["mm_token_type_ids"] = token_types(ids, self.mm_token_types)
+        return out
 
 
 def answer_tokens(labels: torch.Tensor) -> int:
@@ -357,21 +390,50 @@ def collate_train(batch: list[dict], pad_id: int) -> dict:
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    types = torch.zeros((len(batch), width), dtype=torch.long) if "mm_token_type_ids" in batch[0] else None
     for r, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[r, :n] = torch.tensor(b["input_ids"])
         labels[r, :n] = torch.tensor(b["labels"])
         mask[r, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+        if types is not None:
+            types[r, :n] = torch.tensor(b["mm_token_type_ids"])
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+           **collate_images([b["pixel_values"] for b in batch])}
+    if types is not None:
+        out["mm_token_type_ids"] = types
+    return out
 
 
-def collate_prompts(prompts: list[list[int]], pixels: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left padding, so that generation continues every row from its last prompt token."""
+def token_types(ids: list[int], types: dict[int, int]) -> list[int]:
+    """The modality type of each token (0: text), as a processor's mm_token_type_ids."""
+    return [types.get(t, 0) for t in ids]
+
+
+def collate_images(pixels: list) -> dict[str, torch.Tensor]:
+    """One batch's image inputs: [3, S, S] tensors stacked into pixel_values, or a
+    family's dicts (InstructionDataset.pixels) concatenated key by key along their rows
+    (a flattened patch list and one image_grid_thw row per image); their
+    num_image_tokens is the dataset's, not a model input."""
+    if not isinstance(pixels[0], dict):
+        return {"pixel_values": torch.stack(pixels)}
+    return {k: torch.cat([p[k] for p in pixels]) for k in pixels[0] if k != "num_image_tokens"}
+
+
+def collate_prompts(prompts: list[list[int]], pixels: list, pad_id: int,
+                    mm_token_types: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Left padding, so that generation continues every row from its last prompt token.
+    mm_token_types: InstructionDataset.mm_token_types (then mm_token_type_ids too)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels)}
+    out = {"input_ids": ids, "attention_mask": mask, **collate_images(pixels)}
+    if mm_token_types is not None:
+        types = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            types[r, width - len(p):] = torch.tensor(token_types(p, mm_token_types))
+        out["mm_token_type_ids"] = types
+    return out

@@ -35,7 +35,7 @@ from pilot_hpc.fl.update import Part, Participation, build_update, part_params, 
 from pilot_hpc.metrics.generation import evaluate_client, prediction_rows, write_predictions
 from pilot_hpc.metrics.scores import mc_unparsed
 from pilot_hpc.metrics.subsets import eval_view, subset_values
-from pilot_hpc.model.llava import PilotModel
+from pilot_hpc.model.build import PilotModel
 from pilot_hpc.progress import EvalProgressLog, TrainProgressLog, steps_after, tokens_per_sample
 from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, lr_field, seed_for

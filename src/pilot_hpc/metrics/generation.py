@@ -25,7 +25,7 @@ def generate_answers(model, tokenizer, dataset: InstructionDataset, batch_size: 
     for s in range(0, len(dataset), batch_size):
         idx = range(s, min(s + batch_size, len(dataset)))
         batch = collate_prompts([dataset.encode_prompt(i) for i in idx], [dataset.pixels(i) for i in idx],
-                                tokenizer.pad_token_id)
+                                tokenizer.pad_token_id, getattr(dataset, "mm_token_types", None))
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, batch["input_ids"].shape[1]:]

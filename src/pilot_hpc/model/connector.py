@@ -72,6 +72,10 @@ class PilotConnector(nn.Module):
         self.register_buffer("cross_initialised", torch.zeros((), dtype=torch.bool))
         self.stage = 0
         self.aux: dict[str, torch.Tensor] = {}
+        # A flattened token list (a 2-D input: families whose images yield different
+        # numbers of visual tokens, docs/method.md) holds these many tokens per image, in
+        # order; its family sets them before each forward. None: one image.
+        self.segments: list[int] | None = None
 
     @property
     def cross_ready(self) -> bool:
@@ -142,21 +146,33 @@ class PilotConnector(nn.Module):
             mlps += [adapter_weights(foreign), adapter_weights(cross)]
         return mlps, mlp_expert_index(self.num_tasks)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv]
-        """The dtype boundary: the adapters are float32 master weights (model/llava.py)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, N, Cv], or [N, Cv] flattened
+        """The dtype boundary: the adapters are float32 master weights (model/build.py)
         in a model of any dtype, so the vision features come in as float32 and the
-        output leaves in the features' dtype (both no-ops in a float32 model)."""
+        output leaves in the features' dtype (both no-ops in a float32 model).
+
+        A flattened token list ([N, Cv], every image's tokens one after another) is
+        mixed per token like a batch of one; the difference loss is then taken per image
+        over that image's tokens (self.segments) and averaged over the images."""
         dtype = h.dtype
+        if h.dim() == 2:
+            return self._forward(h.to(self.router.weight.dtype)[None], self.segments)[0].to(dtype)
         return self._forward(h.to(self.router.weight.dtype)).to(dtype)
 
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
         if self.stage in (0, PLAIN):
             self.aux = {}
             return self.task_adapter(h)
         if self.stage == 1:
             x_t = self.task_adapter(h)  # [B, N, C]
             x_s = self.client_adapter(h)
-            self.aux = {"diff": difference_loss(x_t, x_s)} if self.switches.difference_loss else {}
+            if not self.switches.difference_loss:
+                self.aux = {}
+            elif segments is None:
+                self.aux = {"diff": difference_loss(x_t, x_s)}
+            else:  # [1, N, C] holding several images: the loss per image, then their mean
+                parts = zip(x_t[0].split(segments), x_s[0].split(segments))
+                self.aux = {"diff": torch.stack([difference_loss(a[None], b[None]) for a, b in parts]).mean()}
             return x_t + x_s
         mlps, expert_of = self.ctmoa_adapters()
         if self.activation == "gelu":

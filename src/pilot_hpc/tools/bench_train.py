@@ -71,7 +71,7 @@ def build(vision_layers: int, text_layers: int):
     from pilot_hpc.config import ModelConfig, PilotConfig
     from pilot_hpc.data import synthetic
     from pilot_hpc.data.tokenizer import build_word_tokenizer
-    from pilot_hpc.model.llava import attach_pilot, num_image_tokens
+    from pilot_hpc.model.build import attach_pilot, num_image_tokens
 
     tok = build_word_tokenizer(synthetic.vocabulary())
     vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,
@@ -91,7 +91,7 @@ def build(vision_layers: int, text_layers: int):
 
 def data_wait(args) -> list[dict]:
     from pilot_hpc.data.records import InstructionDataset, Sample
-    from pilot_hpc.model.llava import PilotModel
+    from pilot_hpc.model.build import PilotModel
     from pilot_hpc.train.loader import close_loaders, micro_batch_stream
 
     torch.set_num_threads(1)  # run.threads_per_rank's default: one training thread per rank

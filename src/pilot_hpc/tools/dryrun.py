@@ -19,13 +19,11 @@ import argparse
 import sys
 
 import torch
-from transformers import LlavaForConditionalGeneration
-
 from pilot_hpc.config import ModelConfig, PilotConfig, load_config
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.model.ct_clip import ct_clip_counts
-from pilot_hpc.memory import llava_7b_config
-from pilot_hpc.model.llava import PilotModel, attach_pilot, quiet_checkpointing_deprecation
+from pilot_hpc.model import families
+from pilot_hpc.model.build import PilotModel, attach_pilot, quiet_checkpointing_deprecation
 
 
 def count(params) -> int:
@@ -35,7 +33,7 @@ def count(params) -> int:
 def report(lora_r: int, lora_alpha: int, num_tasks: int, num_clients: int, dtype: str) -> str:
     m = ModelConfig(lora_r=lora_r, lora_alpha=lora_alpha, dtype=dtype)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_7b_config())
+        model = families.DEFAULT.from_config(families.DEFAULT.reference_config())
         peft_model, connector = attach_pilot(model, m, num_tasks, 0, seed=0, pilot=PilotConfig())
     pm = PilotModel(peft_model, connector, None, None, 576)
     pilot = get_strategy("pilot", load_config(None))
@@ -64,12 +62,12 @@ def ct_clip_lines(m: ModelConfig, num_tasks: int, sent: int, bytes_per: int, dty
     """What CT-CLIP (pilot.ct_clip) adds: activated and communicated parameters (the
     paper's Table 4 reports +1.25B activated, +0.2B communicated)."""
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_7b_config())
+        model = families.DEFAULT.from_config(families.DEFAULT.reference_config())
         peft_model, connector = attach_pilot(model, m, num_tasks, 0, seed=0, pilot=PilotConfig(ct_clip=True))
     pm = PilotModel(peft_model, connector, None, None, 576)
     pilot = get_strategy("pilot", load_config(None, ["pilot.ct_clip=true"]))
     sent_ct = count(pilot.policy.shared_params(pm)) + count(pilot.policy.personal_params(pm))
-    extra = ct_clip_counts(pm.model.base_model.model.model.vision_tower, num_tasks)
+    extra = ct_clip_counts(families.DEFAULT.vision_tower(pm.model), num_tasks)
     pm.set_stage(2)
     trainable = count(p for p in peft_model.parameters() if p.requires_grad)
     return [f"  with CT-CLIP (pilot.ct_clip=true, {len(pm.clip_mlps)} CLIP MLPs):",

@@ -23,7 +23,7 @@ def measure_saved_bytes(layers: int = 2, seq: int = 96, *, hidden: int = 4096, i
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaModel
 
-    from pilot_hpc.model.llava import quiet_checkpointing_deprecation
+    from pilot_hpc.model.build import quiet_checkpointing_deprecation
 
     quiet_checkpointing_deprecation()
     config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,

@@ -7,7 +7,7 @@ next to the memory planner's estimate for the same shapes (scripts/gpu_check.py 
 The model is built from config with random weights on the device: CLIP ViT-L/14-336
 width (hidden 1024, 16 heads, 576 image tokens) and a Llama of hidden 4096, MLP 11008,
 32 heads, vocab 32064, both at reduced depth; then the Pilot connector and LoRA r 64
-(pilot_hpc.model.llava.attach_pilot) in stage 1. Samples are random ids: 576 image
+(pilot_hpc.model.build.attach_pilot) in stage 1. Samples are random ids: 576 image
 tokens and --text-tokens text tokens, the last quarter of them the answer. Training goes
 through pilot_hpc.train.engines.train_steps with the planner's checkpointing and
 accumulation; where this version's TrainSpec has no checkpointing switch it is set on
@@ -77,7 +77,7 @@ class RandomSamples(torch.utils.data.Dataset):
 def run(args) -> dict:
     from transformers import LlavaForConditionalGeneration
 
-    from pilot_hpc.model.llava import PilotModel, attach_pilot, num_image_tokens, quiet_checkpointing_deprecation
+    from pilot_hpc.model.build import PilotModel, attach_pilot, num_image_tokens, quiet_checkpointing_deprecation
     from pilot_hpc.progress import resident_bytes
     from pilot_hpc.train.engines import train_steps
     from pilot_hpc.train.spec import Hooks, TrainSpec

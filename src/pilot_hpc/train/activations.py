@@ -24,14 +24,20 @@ import contextlib
 
 import torch
 
+from pilot_hpc.model import families
+
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The LLM (a transformers PreTrainedModel) inside a LLaVA, peft-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    llm = getattr(getattr(base, "model", None), "language_model", None)
+    """The LLM (a transformers PreTrainedModel) inside a vision-language model of a
+    supported family, peft-wrapped or not: where it sits is the family's (model/families)."""
+    base = families.unwrap(model)
+    try:
+        llm = families.of_model(base).language_model(base)
+    except (ValueError, AttributeError):
+        llm = None
     if llm is None or not hasattr(llm, "activation_checkpointing_enable"):
         raise ValueError(f"train.gradient_checkpointing: no language model found in {type(base).__name__} "
-                         "(expected a transformers LLaVA: model.model.language_model); set "
+                         "(not a model of a supported family: pilot_hpc.model.families); set "
                          "train.gradient_checkpointing=false")
     return llm
 

@@ -154,7 +154,7 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     group's losses and ends with the same parameters.
 
     Precision: the trainable parameters are float32 master weights in a model of any
-    dtype (model/llava.py), so DeepSpeed runs without its bf16 mode and optimises them
+    dtype (model/build.py), so DeepSpeed runs without its bf16 mode and optimises them
     in float32 like the torch engine (its bf16 mode would cast the whole module, the
     float32 connector and LoRA included, to bf16 for good). Only bf16 trainable
     parameters (a caller that made them so) turn DeepSpeed's bf16 mode on.

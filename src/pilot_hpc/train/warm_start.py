@@ -18,14 +18,12 @@ import shutil
 import tempfile
 
 import torch
-from transformers import LlavaForConditionalGeneration
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from pilot_hpc.config import Config
 from pilot_hpc.data import synthetic
 from pilot_hpc.data.records import InstructionDataset, load_records
-from pilot_hpc.data.tokenizer import build_word_tokenizer
-from pilot_hpc.model.llava import configure_generation, num_image_tokens, tiny_llava_config
+from pilot_hpc.model import families
+from pilot_hpc.model.build import configure_generation
 from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import Hooks, TrainSpec
 
@@ -35,28 +33,31 @@ log = logging.getLogger("pilot_hpc.base")
 def base_key(cfg: Config, data_key: str) -> str:
     # model.attn_implementation only applies when the clients load the base; the warm
     # start builds with the default (sdpa), so the cached base does not depend on it.
-    model = {k: v for k, v in cfg.to_dict()["model"].items() if k != "attn_implementation"}
+    # An empty model.family (the default family) is left out too: the caches made before
+    # the key existed stay valid.
+    model = {k: v for k, v in cfg.to_dict()["model"].items()
+             if k != "attn_implementation" and not (k == "family" and not v)}
     blob = json.dumps({"model": model, "pretrain": cfg.to_dict()["pretrain"],
                        "seed": cfg.run.seed, "data": data_key}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def build_base(cfg: Config, data_folder: str, out_folder: str) -> None:
-    """Builds the tiny LLaVA, warm-starts it on the mixed-task pretrain split, saves it."""
+    """Builds the tiny model (the default family's), warm-starts it on the mixed-task
+    pretrain split, saves it."""
     m = cfg.model
-    tokenizer = build_word_tokenizer(synthetic.vocabulary())
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = tiny_llava_config(m, len(tokenizer), image_token_id, tokenizer.pad_token_id)
+    spec = families.built_in(m.family)
+    config, tokenizer, processor = spec.tiny(m, synthetic.vocabulary())
     torch.manual_seed(cfg.run.seed)
-    model = LlavaForConditionalGeneration(config)
+    model = spec.from_config(config)
     configure_generation(model, tokenizer)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": m.image_size},
-                                      crop_size={"height": m.image_size, "width": m.image_size})
     samples = load_records(os.path.join(data_folder, "pretrain.json"))
-    dataset = InstructionDataset(samples, tokenizer, processor, num_image_tokens(config), cfg.data.max_length)
+    n_image = spec.num_image_tokens(config)
+    dataset = InstructionDataset(samples, tokenizer, processor, n_image, cfg.data.max_length,
+                                 **spec.dataset_options(tokenizer))
     # The vision tower stays frozen and random (as CLIP stays frozen in LLaVA); the
     # projector and the whole LLM are trained, as in LLaVA-1.5's own instruction tuning.
-    for p in model.model.vision_tower.parameters():
+    for p in spec.vision_tower(model).parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     p = cfg.pretrain
@@ -87,6 +88,6 @@ def ensure_base(cfg: Config, data_folder: str, data_key: str) -> str:
     """The cached base model folder for this config, built on first use."""
     folder = base_folder(cfg, data_key)
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        log.info("building the tiny base LLaVA (cached in %s)", folder)
+        log.info("building the tiny base model (cached in %s)", folder)
         build_base(cfg, data_folder, folder)
     return folder

@@ -1,0 +1,144 @@
+"""Whole runs of the families beyond LLaVA-1.5 (model/families): a reduced model built
+from the family's real config classes, saved by the warm start and loaded from its
+folder, runs Pilot and FedAvg; W = 1 and W = 3 (through model.path, the family detected
+from config.json) agree bitwise; an exported client answers as its predictions file
+says, and FedAvg's merged folder loads with transformers alone."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
+
+FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_runs(request, small_world, cache_dir, tmp_path_factory):
+    family = request.param
+    out = tmp_path_factory.mktemp(f"family_{family}")
+    base = ["--config", SMOKE]
+    runs = {}
+    for name, extra in (("pilot", []), ("fedavg", ["fl.strategy=fedavg"])):
+        runs[name] = out / name
+        proc = run_main(base + small_overrides(cache_dir, str(runs[name])) + [f"model.family={family}"] + extra,
+                        timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return family, out, runs
+
+
+def _base_folder(run) -> str:
+    """The model folder the run loaded (its checkpoint's config names the cache)."""
+    from pilot_hpc import checkpoint
+    from pilot_hpc.export import base_model_folder, find_checkpoint, run_config
+
+    path = find_checkpoint(str(run), None)
+    return base_model_folder(run_config(checkpoint.read(path, clients=[]).attrs, path))
+
+
+def test_w3_through_model_path_equals_w1(family_runs, cache_dir):
+    family, out, runs = family_runs
+    folder = _base_folder(runs["pilot"])
+    with open(os.path.join(folder, "config.json")) as fh:
+        assert json.load(fh)["model_type"] == family
+    w3 = out / "pilot_w3"
+    proc = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(w3)) + [f"model.path={folder}"], np=3,
+                    timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = load_metrics(runs["pilot"]), load_metrics(w3)
+    assert got["final"] == ref["final"] and got["rounds"] == ref["rounds"]
+    stage1 = ref["rounds"][1]["clients"]
+    assert all(c["diff"] == c["diff"] for c in stage1)  # the difference loss was computed (not NaN)
+
+
+@pytest.mark.parametrize("name,k", [("pilot", 1), ("fedavg", 0)])
+def test_exported_client_answers_as_its_predictions(family_runs, small_world, name, k):
+    from pilot_hpc.metrics.generation import read_predictions
+
+    family, out, runs = family_runs
+    folder = out / f"export_{name}"
+    proc = subprocess.run([sys.executable, "-m", "pilot_hpc.export", "--run", str(runs[name]), "--client", str(k),
+                           "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    info = json.load(open(folder / "connector.json"))
+    assert info["family"] == family and (folder / "merged").is_dir() is (name == "fedavg")
+    answers = out / f"answers_{name}.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "pilot_hpc.generate", "--model", str(folder), "--data",
+                           os.path.join(small_world[1], f"client_{k:02d}_eval.json"), "--out", str(answers)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = load_metrics(runs[name])["rounds"][-1]["round"]
+    want = [(p["id"], p["prediction"]) for p in read_predictions(
+        os.path.join(str(runs[name]), "predictions", f"round_{last:03d}", f"client_{k:02d}.jsonl"))]
+    assert [(a["id"], a["prediction"]) for a in map(json.loads, open(answers))] == want
+
+
+# The merged folder with transformers alone (no pilot_hpc on the path): the stock class,
+# the folder's own chat template and image processor.
+_STOCK = r"""
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("pilot_hpc") is None, "pilot_hpc is importable"
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+folder, data, root = sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+tok, proc = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+out = []
+for rec in data:
+    q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+    px = proc(images=[Image.open(f"{root}/{rec['image']}").convert("RGB")], return_tensors="pt")
+    n = int(px["image_grid_thw"].prod()) // proc.merge_size ** 2
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
+    # What the processor returns beside input_ids: where the image tokens are (M-RoPE).
+    ids["mm_token_type_ids"] = (ids["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).long()
+    with torch.no_grad():
+        gen = model.generate(**ids, **px, max_new_tokens=int(sys.argv[5]), do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out.append([rec["id"], tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()])
+print(json.dumps(out))
+"""
+
+
+def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_world):
+    import site
+
+    from pilot_hpc.metrics.generation import read_predictions
+
+    family, out, runs = family_runs
+    folder = out / "export_fedavg"
+    if not folder.is_dir():
+        proc = subprocess.run([sys.executable, "-m", "pilot_hpc.export", "--run", str(runs["fedavg"]), "--client",
+                               "0", "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    data = os.path.join(small_world[1], "client_00_eval.json")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _STOCK, site.getsitepackages()[0], str(folder / "merged"),
+                           data, small_world[1], "12"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = load_metrics(runs["fedavg"])["rounds"][-1]["round"]
+    want = [[p["id"], p["prediction"]] for p in read_predictions(
+        os.path.join(str(runs["fedavg"]), "predictions", f"round_{last:03d}", "client_00.jsonl"))]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+
+
+def test_sigterm_mid_round_then_resume_equals_the_uninterrupted_run(family_runs, cache_dir):
+    """A preempted W = 3 run (SIGTERM in round 2, a client mid-step) resumes to the
+    uninterrupted run's metrics, bitwise."""
+    family, out, runs = family_runs
+    folder = _base_folder(runs["pilot"])
+    args = ["--config", SMOKE] + small_overrides(cache_dir, str(out / "preempted")) + [f"model.path={folder}"]
+    proc = run_main(args, np=3, timeout=300, env={"PILOT_HPC_INJECT": "sigterm:rank=2,round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = run_main(args, np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref, got = load_metrics(runs["pilot"]), load_metrics(out / "preempted")
+    assert got["final"] == ref["final"] and got["rounds"] == ref["rounds"]
