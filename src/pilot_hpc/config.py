@@ -185,6 +185,13 @@ class FLConfig:
     # order, on the client before it leaves and in reverse on the server before mixing;
     # the wire dtype above always comes last.
     transforms: list[str] = field(default_factory=list)
+    # Clients per round (pilot_hpc.fl.participation): 0 every client; a fraction in (0, 1)
+    # of them, rounded up; or a count >= 1. Drawn from (run.seed, round) alone, so the same
+    # on every rank, on resume and for any number of ranks.
+    clients_per_round: float = 0.0
+    # uniform: any `clients_per_round` clients; stratified: by task, every task seated
+    # when the count allows (the count split in proportion to the tasks' sizes).
+    sampling: Literal["uniform", "stratified"] = "uniform"
 
 
 @dataclass
@@ -303,6 +310,14 @@ class Config:
                 f"pilot.top_m (M = {self.pilot.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
                 "ATA mixes each client's LoRA with its M nearest other clients"
             )
+        cpr = fl.clients_per_round
+        if cpr >= 1 and (cpr != int(cpr) or cpr > fl.num_clients):
+            raise ConfigError(f"fl.clients_per_round={cpr!r}: a value >= 1 is a count of clients, so it must be a "
+                              f"whole number at most fl.num_clients ({fl.num_clients}); for a share of the clients "
+                              "give a fraction in (0, 1), for every client 0")
+        if cpr and fl.strategy == "centralized":
+            raise ConfigError("fl.clients_per_round: fl.strategy=centralized trains one model on every client's data "
+                              "in every round, so it samples no clients; leave fl.clients_per_round at 0")
         if self.pilot.ct_clip and fl.strategy != "pilot":
             raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
                               f"(got {fl.strategy})")
@@ -347,7 +362,8 @@ class Config:
 # (launch's finished and reused runs, tools/study) and its checkpoints their result_hash.
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
-                       "train.lr_baseline": 0.0}
+                       "train.lr_baseline": 0.0,
+                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform"}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +386,7 @@ BOUNDS = {
     "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
     "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
     "data.dominant_prob": "[0, 1]", "data.skew_alpha": ">= 0",
-    "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
+    "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0", "fl.clients_per_round": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",
     "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": "> 0",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pilot_hpc.checkpoint.store import ClientCheckpoint, Status
+from pilot_hpc.fl.update import Participation
 from pilot_hpc.train.spec import TrainProgress, TrainResult
 
 
@@ -66,6 +67,9 @@ class ClientSlot:
     finite: bool = True
     # This round's per-step loss rows (run.tensorboard; Federation.traced / gather_traces).
     trace: list | None = None
+    # How the client took part in the round just closed (Federation.exchange sets it before
+    # next_round clears the round's flags; the evaluation's metrics rows report it).
+    took_part: Participation | None = None
 
     @property
     def n(self) -> int:

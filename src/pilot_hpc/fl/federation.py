@@ -26,6 +26,7 @@ from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
+from pilot_hpc.fl import participation
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.stream import Exchange
@@ -48,8 +49,9 @@ def _nothing():
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 # bad_samples: the unreadable samples its round left out (data.on_bad_sample=skip).
-STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps", "bad_samples")
-LOSS_KEYS = STAT_KEYS[1:-2]
+# participation: the Participation code of the round (-1: round 0, no training).
+STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps", "bad_samples", "participation")
+LOSS_KEYS = STAT_KEYS[1:-3]
 # Per-step numbers each client keeps during its local round (for TensorBoard, run.tensorboard),
 # gathered by the leader with the round's statistics: step, its loss terms, its seconds.
 TRACE_KEYS = ("step", "ce", "diff", "balance", "z", "prox", "seconds")
@@ -291,10 +293,11 @@ class Federation:
 
     # ------------------------------------------------------------------ exchange
     def selected(self, round_: int) -> torch.Tensor:
-        """[K] bool: the round's participants (the aggregator's choice; everyone when the
-        strategy exchanges nothing)."""
+        """[K] bool: the round's participants (the aggregator's choice; local training,
+        which exchanges nothing, samples by the same rule so that its clients train as
+        often as a federated strategy's)."""
         if self.aggregator is None:
-            return torch.ones(self.num_clients, dtype=torch.bool)
+            return participation.selected(self.cfg, round_)
         return self.aggregator.select(round_)
 
     def exchange(self, round_: int) -> None:
@@ -304,7 +307,9 @@ class Federation:
         exchanges) only close the round."""
         if self.aggregator is not None and self.leader:
             self.exchange_updates(round_)
+        selected = self.selected(round_)
         for slot in self.slots:
+            slot.took_part = participation.status_of(bool(selected[slot.k]), slot.finite)
             slot.next_round()
 
     def exchange_updates(self, round_: int) -> None:
@@ -334,6 +339,15 @@ class Federation:
                 with hosting(pm, slot):
                     self.policy.install(pm, got.shared, got.personal[i])
                     slot.state = pm.get_state()
+        # A client that sat the round out takes what every client receives: the broadcast
+        # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
+        # keeps its own) and, for a global model, the global personal row (docs/method.md).
+        for slot in self.slots:
+            if not bool(selected[slot.k]):
+                with hosting(pm, slot):
+                    self.policy.install(pm, got.shared, got.global_personal)
+                    self.policy.sat_out(pm, round_)
+                    slot.state = pm.get_state()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: int, round_: int = 0) -> list[dict] | None:
@@ -359,7 +373,12 @@ class Federation:
                 if unparsed:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
-            rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + [slot.steps, slot.skipped])
+            took_part = slot.took_part if round_ > 0 else None
+            if took_part is Participation.NOT_SELECTED:  # it trained nothing: no losses, not stale ones
+                rows.append([value] + [float("nan")] * len(LOSS_KEYS) + [0, 0, took_part.code])
+            else:
+                rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS]
+                            + [slot.steps, slot.skipped, -1 if took_part is None else took_part.code])
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
@@ -370,7 +389,9 @@ class Federation:
         return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
-                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)}}
+                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:-1], start=1)},
+                 # How it took part in this round (round 0 trains nothing: no key).
+                 **participation.row_fields(int(table[k, -1]))}
                 for k in range(self.num_clients)]
 
     def predictions_path(self, round_: int, k: int) -> str:
@@ -389,7 +410,8 @@ class Federation:
         mine = []
         for slot in self.slots:
             trace = np.asarray(slot.trace or [], dtype=np.float64).reshape(-1, width)
-            steps = int(slot.steps)
+            # A client that sat the round out took no step (its steps are its last round's).
+            steps = 0 if slot.took_part is Participation.NOT_SELECTED else int(slot.steps)
             pad = np.full((max(steps - len(trace), 0), width), np.nan)
             mine.append(np.concatenate([pad, trace[len(trace) - min(steps, len(trace)):]]))
             slot.trace = None
@@ -416,8 +438,8 @@ class Federation:
         losses = "" if round_ == 0 else "  loss " + " ".join(
             f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")
             if not np.all(np.isnan([r[k] for r in rows])))
-        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
-                 time.perf_counter() - self.t_start, losses, scores)
+        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
+                 time.perf_counter() - self.t_start, losses, scores, participation.log_suffix(rows))
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
             log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,

@@ -1,0 +1,79 @@
+"""Partial participation under real mpiexec: per-round sampling (fl.clients_per_round) gives
+the same run for W = 1 and W = 3 and after a preemption mid-round; clients that sit a
+round out receive what every client receives (docs/method.md, partial participation)."""
+
+import pytest
+import torch
+
+from helpers import args_for, load_metrics, run_main
+from pilot_hpc import checkpoint
+from pilot_hpc.config import load_config
+from pilot_hpc.fl import participation
+
+from helpers import SMOKE, small_overrides
+
+SAMPLING = ["fl.rounds=3", "fl.clients_per_round=2"]
+
+
+def _selection(cache_dir, out, extra):
+    cfg = load_config(SMOKE, small_overrides(cache_dir, str(out)) + extra)
+    return {r: participation.selected(cfg, r).nonzero().flatten().tolist() for r in range(1, cfg.fl.rounds + 1)}
+
+
+@pytest.fixture(scope="module")
+def sampled(small_world, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sampled")
+    one = run_main(args_for(cache_dir, out / "w1") + SAMPLING, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    three = run_main(args_for(cache_dir, out / "w3") + SAMPLING + ["fl.chunk_mb=0.0625"], np=3, timeout=600)
+    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
+    return out, one, three
+
+
+def test_sampling_is_the_same_on_one_and_three_ranks_bitwise(sampled, cache_dir):
+    out, one, three = sampled
+    w1, w3 = load_metrics(out / "w1"), load_metrics(out / "w3")
+    assert w1["rounds"] == w3["rounds"] and w1["final"] == w3["final"]
+    chosen = _selection(cache_dir, out, SAMPLING)
+    assert any(len(c) < 3 for c in chosen.values())
+    for entry in w3["rounds"][1:]:
+        took = [c["client"] for c in entry["clients"] if c["participation"] == "participated"]
+        assert took == chosen[entry["round"]], (entry["round"], took)
+        for c in entry["clients"]:
+            if c["participation"] == "not_selected":  # no stale losses of an older round
+                assert c["steps"] == 0 and c["ce"] is None, c
+        line = f"round {entry['round']}/3"
+        assert f"took part: 2/3 clients {took}" in [ln for ln in (three.stdout + three.stderr).splitlines() if line in ln][0]
+    assert "participation" not in w3["rounds"][0]["clients"][0]  # round 0 trains nobody
+
+
+def test_a_sampled_run_preempted_mid_round_resumes_bitwise(sampled, cache_dir, tmp_path):
+    out, _, _ = sampled
+    chosen = _selection(cache_dir, out, SAMPLING)
+    rank = chosen[2][-1]  # one client per rank (K = W = 3): a rank that trains in round 2
+    run = tmp_path / "preempted"
+    args = args_for(cache_dir, run) + SAMPLING + ["fl.chunk_mb=0.0625"]
+    proc = run_main(args, np=3, timeout=300, env={"PILOT_HPC_INJECT": f"sigterm:rank={rank},round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = run_main(args, np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "interrupted mid-round" in again.stdout
+    ref, got = load_metrics(out / "w3"), load_metrics(run)
+    assert got["rounds"] == ref["rounds"] and got["final"] == ref["final"]
+
+
+def test_fedavg_clients_that_sat_out_hold_the_global_model(small_world, cache_dir, tmp_path):
+    extra = SAMPLING + ["fl.strategy=fedavg", "fl.sampling=stratified"]
+    run = tmp_path / "fedavg"
+    proc = run_main(args_for(cache_dir, run) + extra, np=3, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    chosen = _selection(cache_dir, run, extra)
+    ck = checkpoint.read(str(run / "checkpoints" / "round_003.h5"))
+    out_ = [k for k in range(3) if k not in chosen[3]]
+    assert out_
+    states = {k: ck.clients[k].state for k in range(3)}
+    trained = [key for key in states[0] if key.startswith("lora.") or key.startswith("connector.task_adapter.")]
+    assert trained
+    for key in trained:  # everyone, the one that sat the last round out too, ends on the global model
+        for k in range(1, 3):
+            assert torch.equal(states[0][key], states[k][key]), (key, k)
