@@ -73,3 +73,24 @@ def test_a_bad_count_names_the_key(override, shown):
         load_config(SMOKE, [override])
     with pytest.raises(ConfigError, match="centralized"):
         load_config(SMOKE, ["fl.strategy=centralized", "fl.clients_per_round=0.5"])
+
+
+def test_ata_among_participants_caps_m_and_says_so(caplog):
+    from pilot_hpc.fl.strategies import get_strategy
+
+    cfg = load_config(SMOKE, ["pilot.top_m=6"])
+    server = get_strategy("pilot", cfg).aggregator
+    u = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    n = torch.full((9,), 10)
+    good = torch.zeros(9, dtype=torch.bool)
+    good[[0, 3, 4, 8]] = True
+    with caplog.at_level("INFO", logger="pilot_hpc.fl"):
+        plan = server.plan(n, good, u @ u.T)
+    assert "ATA: 4 clients took part, so each mixes its 3 nearest (pilot.top_m=6 capped)" in caplog.text
+    # Each participant mixes itself and the 3 others; those who sat out get NaN rows.
+    assert all(int((plan.personal[k] > 0).sum()) == 4 for k in (0, 3, 4, 8))
+    assert bool(plan.personal[1].isnan().all())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pilot_hpc.fl"):
+        server.plan(n, torch.ones(9, dtype=torch.bool), u @ u.T)
+    assert "capped" not in caplog.text
