@@ -192,6 +192,10 @@ class FLConfig:
     # uniform: any `clients_per_round` clients; stratified: by task, every task seated
     # when the count allows (the count split in proportion to the tasks' sizes).
     sampling: Literal["uniform", "stratified"] = "uniform"
+    # A client whose local round raises (RuntimeError, out-of-memory included; bad input
+    # and stop requests never): abort ends the job naming rank and client; exclude drops
+    # it from that round's aggregation, back to its round-start state, and goes on.
+    on_client_error: Literal["abort", "exclude"] = "abort"
 
 
 @dataclass
@@ -318,6 +322,10 @@ class Config:
         if cpr and fl.strategy == "centralized":
             raise ConfigError("fl.clients_per_round: fl.strategy=centralized trains one model on every client's data "
                               "in every round, so it samples no clients; leave fl.clients_per_round at 0")
+        if fl.on_client_error == "exclude" and self.run.ranks_per_client > 1:
+            raise ConfigError("fl.on_client_error=exclude drops a client whose round raises on its rank, but with "
+                              f"run.ranks_per_client={self.run.ranks_per_client} the client's other ranks would wait "
+                              "in its collectives; use fl.on_client_error=abort or run.ranks_per_client=1")
         if self.pilot.ct_clip and fl.strategy != "pilot":
             raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
                               f"(got {fl.strategy})")
@@ -363,7 +371,7 @@ class Config:
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0,
-                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform"}
+                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort"}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -421,10 +429,12 @@ def check_bounds(cfg: "Config") -> None:
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
 # The chunk size only changes how bytes travel (the mixes agree to float rounding); the
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
-# on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`.
+# on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
+# on_client_error likewise only acts on a failing client (a run aborted by one may resume
+# with exclude).
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
-                     "data.num_workers", "data.on_bad_sample", "run.tensorboard", "run.wandb_project"}
+                     "data.num_workers", "data.on_bad_sample", "fl.on_client_error", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

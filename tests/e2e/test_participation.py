@@ -77,3 +77,25 @@ def test_fedavg_clients_that_sat_out_hold_the_global_model(small_world, cache_di
     for key in trained:  # everyone, the one that sat the last round out too, ends on the global model
         for k in range(1, 3):
             assert torch.equal(states[0][key], states[k][key]), (key, k)
+
+
+def test_a_client_that_raises_is_excluded_once_and_the_run_goes_on(small_world, cache_dir, tmp_path):
+    """fl.on_client_error=exclude: the injected error of client 1 in round 2 drops it from
+    that round only, named in the log and in metrics.json, at its round-start state."""
+    run = tmp_path / "exclude"
+    proc = run_main(args_for(cache_dir, run) + ["fl.on_client_error=exclude"], np=3, timeout=600,
+                    env={"PILOT_HPC_INJECT": "raise:client=1,round=2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert text.count("client 1: RuntimeError: injected failure (PILOT_HPC_INJECT) in client 1, round 2 in round 2: "
+                      "dropped") == 1, text[-3000:]
+    assert "client(s) [1] excluded from aggregation" in text
+    doc = load_metrics(run)
+    status = {e["round"]: [c["participation"] for c in e["clients"]] for e in doc["rounds"][1:]}
+    assert status == {1: ["participated"] * 3, 2: ["participated", "dropped", "participated"]}, status
+    row = doc["rounds"][2]["clients"][1]
+    assert row["error"].startswith("RuntimeError: injected failure") and row["steps"] == 0 and row["ce"] is None
+    before = checkpoint.read(str(run / "checkpoints" / "round_001.h5")).clients[1].state
+    after = checkpoint.read(str(run / "checkpoints" / "round_002.h5")).clients[1].state
+    for key in before:  # Pilot: a dropped client installs nothing, as an excluded one
+        assert torch.equal(before[key], after[key]), key

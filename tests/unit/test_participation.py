@@ -94,3 +94,18 @@ def test_ata_among_participants_caps_m_and_says_so(caplog):
     with caplog.at_level("INFO", logger="pilot_hpc.fl"):
         server.plan(n, torch.ones(9, dtype=torch.bool), u @ u.T)
     assert "capped" not in caplog.text
+
+
+def test_which_errors_drop_a_client():
+    from pilot_hpc.errors import DataError
+    from pilot_hpc.fl.client import TransitionError
+
+    exclude = load_config(SMOKE, ["fl.on_client_error=exclude"])
+    assert participation.should_drop(exclude, RuntimeError("boom"))
+    assert participation.should_drop(exclude, torch.OutOfMemoryError("CUDA out of memory"))
+    assert not participation.should_drop(exclude, DataError("bad file"))  # bad input: exit 2, every client alike
+    assert not participation.should_drop(exclude, TransitionError("bookkeeping bug"))
+    assert not participation.should_drop(exclude, ValueError("a bug"))
+    assert not participation.should_drop(load_config(SMOKE), RuntimeError("boom"))  # abort: today's behaviour
+    with pytest.raises(ConfigError, match="run.ranks_per_client"):
+        load_config(SMOKE, ["fl.on_client_error=exclude", "run.ranks_per_client=2", "train.engine=deepspeed"])

@@ -70,6 +70,10 @@ class ClientSlot:
     # How the client took part in the round just closed (Federation.exchange sets it before
     # next_round clears the round's flags; the evaluation's metrics rows report it).
     took_part: Participation | None = None
+    # fl.on_client_error=exclude: the error that dropped it from this round ("Type: message"),
+    # and the one of the round just closed (the metrics row's "error").
+    error: str | None = None
+    last_error: str | None = None
 
     @property
     def n(self) -> int:
@@ -107,6 +111,17 @@ class ClientSlot:
         self.finite = False
         self.state = self.pre_state
 
+    def drop(self, error: str) -> None:
+        """Its local round raised: back to the round-start state, left out of the aggregation,
+        with no losses or steps (the failed round's are not a result). DONE: an interrupted
+        round does not retrain it."""
+        if self.status is Status.DONE:
+            raise TransitionError(f"client {self.k}: drop, but it already trained in this round")
+        if self.pre_state is not None:
+            self.state = self.pre_state
+        self.status, self.progress, self.finite, self.error = Status.DONE, None, False, error
+        self.losses, self.steps, self.skipped = {}, 0, 0
+
     def adopt(self, other: "ClientSlot") -> None:
         """Take another client's finished round (centralized: one model for everyone)."""
         self.state, self.losses, self.steps, self.status = other.state, other.losses, other.steps, Status.DONE
@@ -114,6 +129,7 @@ class ClientSlot:
 
     def next_round(self) -> None:
         self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True
+        self.error = None
 
     # ------------------------------------------------------------------ checkpoints
     def record(self, complete: bool) -> ClientCheckpoint:

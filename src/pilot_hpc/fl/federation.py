@@ -202,7 +202,12 @@ class Federation:
             if self.world.stop_requested() or self.bad_sample is not None:
                 stopped = True
                 continue  # stays pending (or partial)
-            stopped |= self.train_one(slot, dataset, round_, stage, jobs)
+            try:
+                stopped |= self.train_one(slot, dataset, round_, stage, jobs)
+            except Exception as err:
+                if not participation.should_drop(self.cfg, err):
+                    raise
+                self.drop(slot, round_, err)
         if not stopped:
             self.policy.after_local(self.slots)
         return stopped
@@ -248,6 +253,18 @@ class Federation:
                             "keeps its parameters from the start of the round", slot.k, round_)
                 slot.exclude()
         return False
+
+    def drop(self, slot: ClientSlot, round_: int, err: Exception) -> None:
+        """fl.on_client_error=exclude: the client's round raised; it leaves this round's
+        aggregation (its update travels as zeros, status dropped) at its round-start state."""
+        error = f"{type(err).__name__}: {err}"
+        log.warning("client %d: %s in round %d: dropped from this round's aggregation (fl.on_client_error=exclude); "
+                    "it keeps its parameters from the start of the round", slot.k, error, round_)
+        slot.drop(error)
+        for p in self.pm.model.parameters():  # no gradient of the failed step reaches the next client
+            p.grad = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory error leaves the allocator's cache full
 
     def traced(self, slot: ClientSlot, hooks: Hooks) -> Hooks:
         """hooks whose progress callback also appends each step's loss terms and seconds
@@ -309,7 +326,8 @@ class Federation:
             self.exchange_updates(round_)
         selected = self.selected(round_)
         for slot in self.slots:
-            slot.took_part = participation.status_of(bool(selected[slot.k]), slot.finite)
+            slot.took_part = participation.status_of(bool(selected[slot.k]), slot.finite, slot.error)
+            slot.last_error = slot.error
             slot.next_round()
 
     def exchange_updates(self, round_: int) -> None:
@@ -318,8 +336,8 @@ class Federation:
         sending = [slot for slot in self.slots if bool(selected[slot.k])]
         updates = []
         for slot in sending:
-            # A bad update travels as zeros; its status tells the server to leave it out.
-            status = Participation.PARTICIPATED if slot.finite else Participation.EXCLUDED_NONFINITE
+            # A bad or dropped update travels as zeros; its status tells the server to leave it out.
+            status = participation.status_of(True, slot.finite, slot.error)
             with hosting(pm, slot):
                 updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, slot.n, status, round_,
                                                                    device=self.device)))
@@ -332,7 +350,8 @@ class Federation:
         self.exchange_stats = (sum(t.sent + t.received for t in comm.traffic[n_traffic:]), time.perf_counter() - t0)
         del updates
         if got.excluded:
-            log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_, got.excluded)
+            log.warning("round %d: client(s) %s excluded from aggregation (non-finite update%s)", round_, got.excluded,
+                        "" if self.cfg.fl.on_client_error == "abort" else ", or dropped after an error")
         log.debug("round %d: exchange and aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
         for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
@@ -383,6 +402,10 @@ class Federation:
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
         table = None if got is None else got.reshape(self.num_clients, width)
+        errors = {}
+        if self.cfg.fl.on_client_error == "exclude":  # the errors that dropped clients, to rank 0
+            found = self.comm.world.gather({s.k: s.last_error for s in self.slots if s.last_error}, root=0)
+            errors = {k: e for part in (found or []) for k, e in part.items()}
         self.gather_traces(round_, table)
         if table is None:
             return None
@@ -391,7 +414,7 @@ class Federation:
                  "value": round(100.0 * float(table[k, 0]), 4),
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:-1], start=1)},
                  # How it took part in this round (round 0 trains nothing: no key).
-                 **participation.row_fields(int(table[k, -1]))}
+                 **participation.row_fields(int(table[k, -1]), errors.get(k))}
                 for k in range(self.num_clients)]
 
     def predictions_path(self, round_: int, k: int) -> str:

@@ -93,16 +93,33 @@ def selected(cfg, round_: int) -> torch.Tensor:
     return select_clients(cfg.run.seed, round_, tasks, count, cfg.fl.sampling)
 
 
-def status_of(chosen: bool, finite: bool):
+def status_of(chosen: bool, finite: bool, error: str | None = None):
     """How a client took part in a round it has finished: not selected, or its update's fate."""
     if not chosen:
         return Participation.NOT_SELECTED
+    if error is not None:
+        return Participation.DROPPED
     return Participation.PARTICIPATED if finite else Participation.EXCLUDED_NONFINITE
 
 
-def row_fields(code: int) -> dict:
-    """The metrics row's participation field from its gathered code (-1: round 0, none)."""
-    return {} if code < 0 else {"participation": Participation.from_code(code).value}
+def row_fields(code: int, error: str | None = None) -> dict:
+    """The metrics row's participation field from its gathered code (-1: round 0, none),
+    and the error that dropped the client, if one did."""
+    if code < 0:
+        return {}
+    return {"participation": Participation.from_code(code).value, **({"error": error} if error else {})}
+
+
+def should_drop(cfg, err: BaseException) -> bool:
+    """fl.on_client_error=exclude and an error a client's round may fail with and the job
+    survive: a RuntimeError (CUDA/torch out-of-memory included, a RuntimeError subclass),
+    but neither bad input (it would fail every client alike: exit 2 names it) nor a bug in
+    the round's bookkeeping (TransitionError)."""
+    from pilot_hpc.errors import BadInput
+    from pilot_hpc.fl.client import TransitionError
+
+    return (cfg.fl.on_client_error == "exclude" and isinstance(err, RuntimeError)
+            and not isinstance(err, (BadInput, TransitionError)))
 
 
 def log_suffix(rows: list[dict]) -> str:
