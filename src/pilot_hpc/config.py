@@ -272,6 +272,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per local round
     warmup_ratio: float = 0.0  # linear warm-up over this fraction of a round's steps (LLaVA-1.5: 0.03)
+    # A straggler's budget: a client stops its local round after this many seconds (0: no
+    # limit) and its update counts with the samples it saw. Wall-clock: runs that hit it
+    # are not reproducible bitwise. torch engine only.
+    max_local_seconds: float = 0.0
 
 
 @dataclass
@@ -322,6 +326,10 @@ class Config:
         if cpr and fl.strategy == "centralized":
             raise ConfigError("fl.clients_per_round: fl.strategy=centralized trains one model on every client's data "
                               "in every round, so it samples no clients; leave fl.clients_per_round at 0")
+        if self.train.max_local_seconds and self.train.engine != "torch":
+            raise ConfigError("train.max_local_seconds cuts a client's round short, which only train.engine=torch "
+                              "does (a DeepSpeed group's members would have to agree on the step); set "
+                              "train.engine=torch or train.max_local_seconds=0")
         if fl.on_client_error == "exclude" and self.run.ranks_per_client > 1:
             raise ConfigError("fl.on_client_error=exclude drops a client whose round raises on its rank, but with "
                               f"run.ranks_per_client={self.run.ranks_per_client} the client's other ranks would wait "
@@ -371,7 +379,8 @@ class Config:
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0,
-                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort"}
+                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
+                       "train.max_local_seconds": 0.0}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -403,7 +412,7 @@ BOUNDS = {
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
     "train.lr_baseline": ">= 0", "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0",
     "train.lambda_balance": ">= 0", "train.lambda_z": ">= 0", "train.grad_clip": ">= 0",
-    "train.max_new_tokens": ">= 1",
+    "train.max_new_tokens": ">= 1", "train.max_local_seconds": ">= 0",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
 }
 

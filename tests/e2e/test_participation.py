@@ -99,3 +99,16 @@ def test_a_client_that_raises_is_excluded_once_and_the_run_goes_on(small_world, 
     after = checkpoint.read(str(run / "checkpoints" / "round_002.h5")).clients[1].state
     for key in before:  # Pilot: a dropped client installs nothing, as an excluded one
         assert torch.equal(before[key], after[key]), key
+
+
+def test_a_tiny_local_time_budget_cuts_every_round_to_its_first_step(small_world, cache_dir, tmp_path):
+    """train.max_local_seconds: each client stops when its budget is spent (here after the
+    first step, which always runs), says so, and its update weighs the samples it saw."""
+    run = tmp_path / "budget"
+    proc = run_main(args_for(cache_dir, run) + ["train.max_local_seconds=1e-6"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert text.count("train.max_local_seconds=1e-06 reached after 1 of 3 steps") == 6, text[-3000:]  # 3 clients x 2 rounds
+    assert "counts with the 8 samples it saw" in text  # train.batch_size=8
+    doc = load_metrics(run)
+    assert all(c["steps"] == 1 for e in doc["rounds"][1:] for c in e["clients"])

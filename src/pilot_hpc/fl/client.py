@@ -70,6 +70,8 @@ class ClientSlot:
     # How the client took part in the round just closed (Federation.exchange sets it before
     # next_round clears the round's flags; the evaluation's metrics rows report it).
     took_part: Participation | None = None
+    # train.max_local_seconds cut its round short: the samples it saw (its update's weight).
+    seen: int | None = None
     # fl.on_client_error=exclude: the error that dropped it from this round ("Type: message"),
     # and the one of the round just closed (the metrics row's "error").
     error: str | None = None
@@ -103,6 +105,7 @@ class ClientSlot:
             raise TransitionError(f"client {self.k}: finish, but it already trained in this round")
         self.state, self.status, self.progress = state, Status.DONE, None
         self.losses, self.steps, self.skipped = result.losses, result.steps, result.skipped
+        self.seen = result.samples if result.timed_out else None
 
     def exclude(self) -> None:
         """A non-finite update: leave it out of the aggregation, back to the round start."""
@@ -129,7 +132,7 @@ class ClientSlot:
 
     def next_round(self) -> None:
         self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True
-        self.error = None
+        self.error, self.seen = None, None
 
     # ------------------------------------------------------------------ checkpoints
     def record(self, complete: bool) -> ClientCheckpoint:

@@ -233,8 +233,10 @@ class Federation:
                                     later_steps=steps_after(list(jobs), slot, lambda n: spec.steps(n, g)),
                                     tokens_per_sample=tokens_per_sample(dataset), device=self.device,
                                     first_step=resume_from.step if resume_from is not None else 0)
+            budget, t0 = self.cfg.train.max_local_seconds, time.perf_counter()
             hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step),
-                          progress=line)
+                          progress=line,
+                          out_of_time=(lambda step: time.perf_counter() - t0 >= budget) if budget > 0 else None)
             hooks = self.traced(slot, hooks)
             res = train_steps(self.pm.model, dataset, params, spec, pad_id=self.pm.tokenizer.pad_token_id,
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
@@ -243,6 +245,9 @@ class Federation:
                 self.bad_sample = res.bad_sample
                 return True
             slot.finish(res, self.pm.get_state())
+            if res.timed_out:
+                log.info("client %d: train.max_local_seconds=%g reached after %d of %d steps in round %d: its update "
+                         "counts with the %d samples it saw", slot.k, budget, res.steps, total, round_, res.samples)
             if faults.hit("nan_update", client=slot.k, round=round_):
                 with torch.no_grad():
                     for p in self.policy.shared_params(self.pm):
@@ -339,7 +344,9 @@ class Federation:
             # A bad or dropped update travels as zeros; its status tells the server to leave it out.
             status = participation.status_of(True, slot.finite, slot.error)
             with hosting(pm, slot):
-                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, slot.n, status, round_,
+                # A round cut short by train.max_local_seconds weighs what it saw.
+                n = slot.n if slot.seen is None else slot.seen
+                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, n, status, round_,
                                                                    device=self.device)))
         with hosting(pm, self.slots[0]) if self.slots else _nothing():
             widths = part_widths(self.policy, pm)
