@@ -196,6 +196,13 @@ class FLConfig:
     # and stop requests never): abort ends the job naming rank and client; exclude drops
     # it from that round's aggregation, back to its round-start state, and goes on.
     on_client_error: Literal["abort", "exclude"] = "abort"
+    # Evaluation of many clients (fl/participation.py:evaluated): every eval_every rounds
+    # (round 0 and the last round always); eval_clients all, the round's participants (every
+    # client in round 0 and the last round), or a fixed seeded sample of eval_sample clients
+    # (stratified by task). Unevaluated clients' metrics rows hold null values.
+    eval_every: int = 1
+    eval_clients: Literal["all", "participants", "sample"] = "all"
+    eval_sample: int = 0
 
 
 @dataclass
@@ -330,6 +337,10 @@ class Config:
             raise ConfigError("train.max_local_seconds cuts a client's round short, which only train.engine=torch "
                               "does (a DeepSpeed group's members would have to agree on the step); set "
                               "train.engine=torch or train.max_local_seconds=0")
+        if (fl.eval_clients == "sample") != (fl.eval_sample > 0) or fl.eval_sample > fl.num_clients:
+            raise ConfigError(f"fl.eval_sample={fl.eval_sample} with fl.eval_clients={fl.eval_clients}: a sample of "
+                              f"1 to fl.num_clients ({fl.num_clients}) clients goes with fl.eval_clients=sample, and "
+                              "only with it (leave fl.eval_sample at 0 otherwise)")
         if fl.on_client_error == "exclude" and self.run.ranks_per_client > 1:
             raise ConfigError("fl.on_client_error=exclude drops a client whose round raises on its rank, but with "
                               f"run.ranks_per_client={self.run.ranks_per_client} the client's other ranks would wait "
@@ -380,6 +391,7 @@ class Config:
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0,
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
+                       "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
                        "train.max_local_seconds": 0.0}
 
 
@@ -404,6 +416,7 @@ BOUNDS = {
     "data.train_min": ">= 1", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
     "data.dominant_prob": "[0, 1]", "data.skew_alpha": ">= 0",
     "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0", "fl.clients_per_round": ">= 0",
+    "fl.eval_every": ">= 1", "fl.eval_sample": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",
     "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": "> 0",
@@ -440,10 +453,11 @@ def check_bounds(cfg: "Config") -> None:
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
 # on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
 # on_client_error likewise only acts on a failing client (a run aborted by one may resume
-# with exclude).
+# with exclude). The eval_* keys choose which clients are evaluated when, never what trains.
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
-                     "data.num_workers", "data.on_bad_sample", "fl.on_client_error", "run.tensorboard", "run.wandb_project"}
+                     "data.num_workers", "data.on_bad_sample", "fl.on_client_error",
+                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -112,3 +112,23 @@ def test_a_tiny_local_time_budget_cuts_every_round_to_its_first_step(small_world
     assert "counts with the 8 samples it saw" in text  # train.batch_size=8
     doc = load_metrics(run)
     assert all(c["steps"] == 1 for e in doc["rounds"][1:] for c in e["clients"])
+
+
+def test_evaluation_every_other_round_of_the_participants_only(small_world, cache_dir, tmp_path):
+    """fl.eval_every=2, fl.eval_clients=participants: round 1 evaluates nobody, round 2 its
+    participants, the last round everyone; unevaluated rows hold null values, said so, and
+    write no predictions."""
+    extra = SAMPLING + ["fl.eval_every=2", "fl.eval_clients=participants"]
+    run = tmp_path / "eval"
+    proc = run_main(args_for(cache_dir, run) + extra, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = load_metrics(run)
+    chosen = _selection(cache_dir, run, extra)
+    values = {e["round"]: [c["value"] is not None for c in e["clients"]] for e in doc["rounds"]}
+    assert values[0] == values[3] == [True] * 3 and values[1] == [False] * 3
+    assert [k for k, v in enumerate(values[2]) if v] == chosen[2]
+    for e in doc["rounds"]:
+        for c in e["clients"]:
+            assert c.get("evaluated", True) == (c["value"] is not None)
+            assert (run / "predictions" / f"round_{e['round']:03d}" / f"client_{c['client']:02d}.jsonl").exists() \
+                == (c["value"] is not None)

@@ -109,3 +109,24 @@ def test_which_errors_drop_a_client():
     assert not participation.should_drop(load_config(SMOKE), RuntimeError("boom"))  # abort: today's behaviour
     with pytest.raises(ConfigError, match="run.ranks_per_client"):
         load_config(SMOKE, ["fl.on_client_error=exclude", "run.ranks_per_client=2", "train.engine=deepspeed"])
+
+
+def test_which_clients_are_evaluated_when():
+    base = ["fl.rounds=7", "fl.clients_per_round=3"]
+    every = load_config(SMOKE, base + ["fl.eval_every=3"])
+    assert [bool(participation.evaluated(every, r, None).all()) for r in range(8)] == \
+        [True, False, False, True, False, False, True, True]  # round 0, every 3rd and the last
+    assert not participation.evaluated(every, 4, None).any()
+    part = load_config(SMOKE, base + ["fl.eval_clients=participants"])
+    chosen = participation.selected(part, 2)
+    assert torch.equal(participation.evaluated(part, 2, chosen), chosen) and int(chosen.sum()) == 3
+    assert bool(participation.evaluated(part, 7, participation.selected(part, 7)).all())  # the last round: all
+    assert bool(participation.evaluated(part, 0, None).all())
+    sample = load_config(SMOKE, base + ["fl.eval_clients=sample", "fl.eval_sample=3"])
+    got = [participation.evaluated(sample, r, participation.selected(sample, r)) for r in range(8)]
+    assert all(torch.equal(g, got[0]) for g in got) and int(got[0].sum()) == 3  # the same fixed sample
+    assert sorted(TASKS[c] for c in got[0].nonzero().flatten().tolist()) == [0, 1, 2]  # one per task
+    with pytest.raises(ConfigError, match="fl.eval_sample"):
+        load_config(SMOKE, ["fl.eval_clients=sample"])
+    with pytest.raises(ConfigError, match="fl.eval_sample"):
+        load_config(SMOKE, ["fl.eval_sample=2"])

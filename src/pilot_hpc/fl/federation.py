@@ -384,8 +384,12 @@ class Federation:
             return None
         t = self.cfg.train
         rows = []
+        chosen = participation.evaluated(self.cfg, round_, self.selected(round_) if round_ > 0 else None)
         for slot in self.slots:
             metric = self.cfg.metric(slot.task)
+            if not bool(chosen[slot.k]):  # not evaluated this round: a null value, never a stale one
+                rows.append(self.stat_row(slot, float("nan"), round_))
+                continue
             with hosting(self.pm, slot):
                 self.pm.set_stage(stage)
                 ev = evaluate_client(self.pm.model, self.pm.tokenizer, slot.eval, metric,
@@ -399,12 +403,7 @@ class Federation:
                 if unparsed:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
-            took_part = slot.took_part if round_ > 0 else None
-            if took_part is Participation.NOT_SELECTED:  # it trained nothing: no losses, not stale ones
-                rows.append([value] + [float("nan")] * len(LOSS_KEYS) + [0, 0, took_part.code])
-            else:
-                rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS]
-                            + [slot.steps, slot.skipped, -1 if took_part is None else took_part.code])
+            rows.append(self.stat_row(slot, value, round_))
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
@@ -421,8 +420,18 @@ class Federation:
                  "value": round(100.0 * float(table[k, 0]), 4),
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:-1], start=1)},
                  # How it took part in this round (round 0 trains nothing: no key).
-                 **participation.row_fields(int(table[k, -1]), errors.get(k))}
+                 **participation.row_fields(int(table[k, -1]), errors.get(k)),
+                 **({} if bool(chosen[k]) else {"evaluated": False})}
                 for k in range(self.num_clients)]
+
+    @staticmethod
+    def stat_row(slot: ClientSlot, value: float, round_: int) -> list:
+        """A client's STAT_KEYS numbers after `round_`, its evaluated `value` first."""
+        took_part = slot.took_part if round_ > 0 else None
+        if took_part is Participation.NOT_SELECTED:  # it trained nothing: no losses, not stale ones
+            return [value] + [float("nan")] * len(LOSS_KEYS) + [0, 0, took_part.code]
+        return [value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + \
+            [slot.steps, slot.skipped, -1 if took_part is None else took_part.code]
 
     def predictions_path(self, round_: int, k: int) -> str:
         return os.path.join(self.cfg.run.output_dir, "predictions", f"round_{round_:03d}", f"client_{k:02d}.jsonl")
@@ -463,7 +472,8 @@ class Federation:
     def log_round(self, round_: int, stage: int, rows: list[dict], seconds: float) -> None:
         by_task: dict[str, list[float]] = {}
         for row in rows:
-            by_task.setdefault(row["task"], []).append(row["value"])
+            if row["value"] == row["value"]:  # NaN: not evaluated this round (fl.eval_every, fl.eval_clients)
+                by_task.setdefault(row["task"], []).append(row["value"])
         scores = "  ".join(f"{t} {np.mean(v):.1f}" for t, v in by_task.items())
         losses = "" if round_ == 0 else "  loss " + " ".join(
             f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")

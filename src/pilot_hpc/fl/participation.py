@@ -1,4 +1,5 @@
-"""Which clients take part in a round (fl.clients_per_round, fl.sampling): pure functions
+"""Which clients take part in a round (fl.clients_per_round, fl.sampling), and which are
+evaluated after it (fl.eval_every, fl.eval_clients): pure functions
 of the run's seed and the round, so every rank, a resumed run and a run on any number of
 ranks compute the same set without a message.
 
@@ -128,3 +129,29 @@ def log_suffix(rows: list[dict]) -> str:
     if len(took) == len(rows):
         return ""
     return f" | took part: {len(took)}/{len(rows)} clients {took}"
+
+
+# The fixed evaluation sample's stream: a "round" no run reaches, apart from every round's
+# (numpy's seed words are non-negative).
+EVAL_ROUND = 2 ** 32 - 1
+
+
+def evaluated(cfg, round_: int, chosen: torch.Tensor | None) -> torch.Tensor:
+    """[K] bool: the clients evaluated after `round_` (fl.eval_every, fl.eval_clients).
+
+    Round 0 (the starting point) and the last round are always evaluated, other rounds
+    every eval_every. `participants` evaluates the round's participants (`chosen`), but
+    every client in round 0 and in the last round, so the start and the final table are
+    complete; `sample` evaluates the same eval_sample clients in every evaluated round,
+    drawn once from run.seed, stratified by task (every task's average has a client when
+    the sample allows)."""
+    k, fl = cfg.fl.num_clients, cfg.fl
+    edge = round_ == 0 or round_ >= fl.rounds
+    if not edge and round_ % fl.eval_every:
+        return torch.zeros(k, dtype=torch.bool)
+    if fl.eval_clients == "sample":
+        tasks = [cfg.tasks.index(t) for t in fl.client_tasks]
+        return select_clients(cfg.run.seed, EVAL_ROUND, tasks, fl.eval_sample, "stratified")
+    if fl.eval_clients == "participants" and not edge and chosen is not None:
+        return chosen.clone()
+    return torch.ones(k, dtype=torch.bool)
