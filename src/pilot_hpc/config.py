@@ -200,6 +200,10 @@ class FLConfig:
     # (round 0 and the last round always); eval_clients all, the round's participants (every
     # client in round 0 and the last round), or a fixed seeded sample of eval_sample clients
     # (stratified by task). Unevaluated clients' metrics rows hold null values.
+    # Where the personal state of the clients a rank hosts lives between their turns:
+    # memory, or disk (one safetensors file per client under run.output_dir/client_state/,
+    # written atomically; fl/client_store.py), so a rank's memory does not grow with K.
+    client_state: Literal["memory", "disk"] = "memory"
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"
     eval_sample: int = 0
@@ -341,6 +345,10 @@ class Config:
             raise ConfigError(f"fl.eval_sample={fl.eval_sample} with fl.eval_clients={fl.eval_clients}: a sample of "
                               f"1 to fl.num_clients ({fl.num_clients}) clients goes with fl.eval_clients=sample, and "
                               "only with it (leave fl.eval_sample at 0 otherwise)")
+        if fl.client_state == "disk" and self.run.ranks_per_client > 1:
+            raise ConfigError(f"fl.client_state=disk keeps one rank's clients in its files, but with "
+                              f"run.ranks_per_client={self.run.ranks_per_client} a client group shares its states "
+                              "in memory; use fl.client_state=memory or run.ranks_per_client=1")
         if fl.on_client_error == "exclude" and self.run.ranks_per_client > 1:
             raise ConfigError("fl.on_client_error=exclude drops a client whose round raises on its rank, but with "
                               f"run.ranks_per_client={self.run.ranks_per_client} the client's other ranks would wait "
@@ -392,6 +400,7 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "train.lr_baseline": 0.0,
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
                        "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
+                       "fl.client_state": "memory",
                        "train.max_local_seconds": 0.0}
 
 
@@ -453,11 +462,12 @@ def check_bounds(cfg: "Config") -> None:
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
 # on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
 # on_client_error likewise only acts on a failing client (a run aborted by one may resume
-# with exclude). The eval_* keys choose which clients are evaluated when, never what trains.
+# with exclude). The eval_* keys choose which clients are evaluated when, never what trains;
+# client_state only where the states wait (read back bitwise).
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
                      "data.num_workers", "data.on_bad_sample", "fl.on_client_error",
-                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "run.tensorboard", "run.wandb_project"}
+                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.client_state", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

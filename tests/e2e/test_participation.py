@@ -2,6 +2,8 @@
 the same run for W = 1 and W = 3 and after a preemption mid-round; clients that sit a
 round out receive what every client receives (docs/method.md, partial participation)."""
 
+import os
+
 import pytest
 import torch
 
@@ -132,3 +134,20 @@ def test_evaluation_every_other_round_of_the_participants_only(small_world, cach
             assert c.get("evaluated", True) == (c["value"] is not None)
             assert (run / "predictions" / f"round_{e['round']:03d}" / f"client_{c['client']:02d}.jsonl").exists() \
                 == (c["value"] is not None)
+
+
+def test_client_state_on_disk_gives_the_same_run_and_resumes_bitwise(sampled, cache_dir, tmp_path):
+    """fl.client_state=disk: the states wait in per-rank files; a sampled W = 3 run is
+    bitwise the in-memory one, also when preempted mid-round and resumed."""
+    out, _, _ = sampled
+    chosen = _selection(cache_dir, out, SAMPLING)
+    run = tmp_path / "disk"
+    args = args_for(cache_dir, run) + SAMPLING + ["fl.chunk_mb=0.0625", "fl.client_state=disk"]
+    proc = run_main(args, np=3, timeout=300, env={"PILOT_HPC_INJECT": f"sigterm:rank={chosen[2][-1]},round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(os.listdir(run / "client_state")) == ["rank_000", "rank_001", "rank_002"]
+    again = run_main(args, np=3, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref, got = load_metrics(out / "w3"), load_metrics(run)
+    assert got["rounds"] == ref["rounds"] and got["final"] == ref["final"]
+    assert any(n.endswith(".state.safetensors") for n in os.listdir(run / "client_state" / "rank_001"))
