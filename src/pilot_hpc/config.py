@@ -205,6 +205,28 @@ class FLConfig:
     # order, on the client before it leaves and in reverse on the server before mixing;
     # the wire dtype above always comes last.
     transforms: list[str] = field(default_factory=list)
+    # Clients per round (pilot_hpc.fl.participation): 0 every client; a fraction in (0, 1)
+    # of them, rounded up; or a count >= 1. Drawn from (run.seed, round) alone, so the same
+    # on every rank, on resume and for any number of ranks.
+    clients_per_round: float = 0.0
+    # uniform: any `clients_per_round` clients; stratified: by task, every task seated
+    # when the count allows (the count split in proportion to the tasks' sizes).
+    sampling: Literal["uniform", "stratified"] = "uniform"
+    # A client whose local round raises (RuntimeError, out-of-memory included; bad input
+    # and stop requests never): abort ends the job naming rank and client; exclude drops
+    # it from that round's aggregation, back to its round-start state, and goes on.
+    on_client_error: Literal["abort", "exclude"] = "abort"
+    # Evaluation of many clients (fl/participation.py:evaluated): every eval_every rounds
+    # (round 0 and the last round always); eval_clients all, the round's participants (every
+    # client in round 0 and the last round), or a fixed seeded sample of eval_sample clients
+    # (stratified by task). Unevaluated clients' metrics rows hold null values.
+    # Where the personal state of the clients a rank hosts lives between their turns:
+    # memory, or disk (one safetensors file per client under run.output_dir/client_state/,
+    # written atomically; fl/client_store.py), so a rank's memory does not grow with K.
+    client_state: Literal["memory", "disk"] = "memory"
+    eval_every: int = 1
+    eval_clients: Literal["all", "participants", "sample"] = "all"
+    eval_sample: int = 0
 
 
 @dataclass
@@ -281,6 +303,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per local round
     warmup_ratio: float = 0.0  # linear warm-up over this fraction of a round's steps (LLaVA-1.5: 0.03)
+    # A straggler's budget: a client stops its local round after this many seconds (0: no
+    # limit) and its update counts with the samples it saw. Wall-clock: runs that hit it
+    # are not reproducible bitwise. torch engine only.
+    max_local_seconds: float = 0.0
 
 
 @dataclass
@@ -326,6 +352,30 @@ class Config:
                 f"pilot.top_m (M = {self.pilot.top_m}) must satisfy 1 <= M < K = fl.num_clients ({fl.num_clients}): "
                 "ATA mixes each client's LoRA with its M nearest other clients"
             )
+        cpr = fl.clients_per_round
+        if cpr >= 1 and (cpr != int(cpr) or cpr > fl.num_clients):
+            raise ConfigError(f"fl.clients_per_round={cpr!r}: a value >= 1 is a count of clients, so it must be a "
+                              f"whole number at most fl.num_clients ({fl.num_clients}); for a share of the clients "
+                              "give a fraction in (0, 1), for every client 0")
+        if cpr and fl.strategy == "centralized":
+            raise ConfigError("fl.clients_per_round: fl.strategy=centralized trains one model on every client's data "
+                              "in every round, so it samples no clients; leave fl.clients_per_round at 0")
+        if self.train.max_local_seconds and self.train.engine != "torch":
+            raise ConfigError("train.max_local_seconds cuts a client's round short, which only train.engine=torch "
+                              "does (a DeepSpeed group's members would have to agree on the step); set "
+                              "train.engine=torch or train.max_local_seconds=0")
+        if (fl.eval_clients == "sample") != (fl.eval_sample > 0) or fl.eval_sample > fl.num_clients:
+            raise ConfigError(f"fl.eval_sample={fl.eval_sample} with fl.eval_clients={fl.eval_clients}: a sample of "
+                              f"1 to fl.num_clients ({fl.num_clients}) clients goes with fl.eval_clients=sample, and "
+                              "only with it (leave fl.eval_sample at 0 otherwise)")
+        if fl.client_state == "disk" and self.run.ranks_per_client > 1:
+            raise ConfigError(f"fl.client_state=disk keeps one rank's clients in its files, but with "
+                              f"run.ranks_per_client={self.run.ranks_per_client} a client group shares its states "
+                              "in memory; use fl.client_state=memory or run.ranks_per_client=1")
+        if fl.on_client_error == "exclude" and self.run.ranks_per_client > 1:
+            raise ConfigError("fl.on_client_error=exclude drops a client whose round raises on its rank, but with "
+                              f"run.ranks_per_client={self.run.ranks_per_client} the client's other ranks would wait "
+                              "in its collectives; use fl.on_client_error=abort or run.ranks_per_client=1")
         if self.pilot.ct_clip and fl.strategy != "pilot":
             raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
                               f"(got {fl.strategy})")
@@ -371,7 +421,11 @@ class Config:
 # Set to anything else, the key is hashed like any other.
 UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl.transforms": [],
                        "train.lr_baseline": 0.0, "data.unseen_combos": "", "data.eval_subsets": [],
-                       "data.eval_interim_samples": 0, "model.family": ""}
+                       "data.eval_interim_samples": 0, "model.family": "",
+                       "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
+                       "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
+                       "fl.client_state": "memory",
+                       "train.max_local_seconds": 0.0}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +448,8 @@ BOUNDS = {
     "pretrain.steps": ">= 1", "pretrain.batch_size": ">= 1", "pretrain.lr": "> 0", "pretrain.samples": ">= 1",
     "data.train_min": ">= 1", "data.eval_interim_samples": ">= 0", "data.eval_samples": ">= 1", "data.max_length": ">= 1",
     "data.dominant_prob": "[0, 1]", "data.skew_alpha": ">= 0",
-    "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0",
+    "fl.num_clients": ">= 2", "fl.rounds": ">= 1", "fl.chunk_mb": ">= 0", "fl.clients_per_round": ">= 0",
+    "fl.eval_every": ">= 1", "fl.eval_sample": ">= 0",
     "pilot.ata_eps": ">= 0",
     "fedprox.mu": ">= 0",
     "fedadam.server_lr": "> 0", "fedadam.beta1": "[0, 1)", "fedadam.beta2": "[0, 1)", "fedadam.tau": "> 0",
@@ -403,7 +458,7 @@ BOUNDS = {
     "train.eval_batch_size": ">= 1", "train.lr_stage1": "> 0", "train.lr_stage2": "> 0",
     "train.lr_baseline": ">= 0", "train.weight_decay": ">= 0", "train.lambda_diff": ">= 0",
     "train.lambda_balance": ">= 0", "train.lambda_z": ">= 0", "train.grad_clip": ">= 0",
-    "train.max_new_tokens": ">= 1",
+    "train.max_new_tokens": ">= 1", "train.max_local_seconds": ">= 0",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
 }
 
@@ -429,10 +484,14 @@ def check_bounds(cfg: "Config") -> None:
 # it resumes, and how many rounds it runs (a resumed run may go on for more rounds).
 # The chunk size only changes how bytes travel (the mixes agree to float rounding); the
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
-# on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`.
+# on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
+# on_client_error likewise only acts on a failing client (a run aborted by one may resume
+# with exclude). The eval_* keys choose which clients are evaluated when, never what trains;
+# client_state only where the states wait (read back bitwise).
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
-                     "data.num_workers", "data.on_bad_sample", "run.tensorboard", "run.wandb_project"}
+                     "data.num_workers", "data.on_bad_sample", "fl.on_client_error",
+                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.client_state", "run.tensorboard", "run.wandb_project"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

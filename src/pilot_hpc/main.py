@@ -263,7 +263,12 @@ def load_clients(cfg, comm, strategy, mine: list[int], device):
     ok = True
     try:
         pm, initial = build_model(cfg, strategy, base, device, comm.rank)
-        slots = [client_slot(cfg, k, pm, initial, train_files[k], eval_files[k], image_root) for k in mine]
+        states = None
+        if cfg.fl.client_state == "disk":  # the clients' states in files (fl/client_store.py)
+            from pilot_hpc.fl.client_store import StateFiles
+
+            states = StateFiles(cfg.run.output_dir, comm.rank, initial)
+        slots = [client_slot(cfg, k, pm, initial, train_files[k], eval_files[k], image_root, states) for k in mine]
     except (BadInput, OSError) as err:  # OSError: a data file or image that cannot be opened
         fatal("error", f"rank {comm.rank} (clients {mine}): {err}")
         ok = False
@@ -285,8 +290,10 @@ def build_model(cfg, strategy, base: str, device, rank: int):
     return pm, pm.get_state()
 
 
-def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str, image_root: str | None):
-    """Client k with its two splits loaded and checked, holding the initial state."""
+def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str, image_root: str | None,
+                states=None):
+    """Client k with its two splits loaded and checked, holding the initial state (in
+    memory, or in the rank's state files `states` under fl.client_state=disk)."""
     from pilot_hpc.data.records import InstructionDataset, load_records
     from pilot_hpc.fl.client import ClientSlot
 
@@ -304,6 +311,10 @@ def client_slot(cfg, k: int, pm, initial: dict, train_file: str, eval_file: str,
         train.check(i)
     for i in range(len(evals)):
         evals.check(i, full=cfg.data.verify_images)
+    if states is not None:
+        from pilot_hpc.fl.client_store import DiskClientSlot
+
+        return DiskClientSlot(k, task, cfg.tasks.index(task), train, evals, initial, files=states)
     return ClientSlot(k, task, cfg.tasks.index(task), train, evals, dict(initial))
 
 

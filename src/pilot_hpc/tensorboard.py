@@ -70,6 +70,12 @@ class Board:
                     self.scalar(f"client_{k:02d}/samples_per_s", batch_size / float(row[-1]), step)
         for row in rows:
             self.scalar(f"client_{row['client']:02d}/{row['metric']}", row["value"], round_)
+            if "participation" in row:  # 1: its update was aggregated this round; 0: sat out, excluded or dropped
+                self.scalar(f"client_{row['client']:02d}/took_part", float(row["participation"] == "participated"),
+                            round_)
+        took = [r for r in rows if "participation" in r]
+        if took:
+            self.scalar("round/participants", float(sum(r["participation"] == "participated" for r in took)), round_)
         for task, value in by_task.items():
             self.scalar(f"task/{task}", value, round_)
         if exchange is not None:

@@ -65,7 +65,9 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
     cfg = small_world[0]
     p_vis, p_lora = expected_sizes(cfg)
     f32, i64, f64 = 4, 8, 8
-    num_tasks, rounds, stats = 3, 2, 8
+    # stats: the metrics gather's numbers per client (federation.STAT_KEYS: the metric, five
+    # losses, steps, unreadable samples, the round's participation code).
+    num_tasks, rounds, stats = 3, 2, 9
     cols = int(CHUNK_MB * 2 ** 20) // f32
     vis = [min(cols, p_vis - a) for a in range(0, p_vis, cols)]
     txt = [min(cols, p_lora - a) for a in range(0, p_lora, cols)]
@@ -91,6 +93,7 @@ def test_only_adapters_and_sample_counts_cross_ranks(runs, small_world):
                 assert got == want, (rank, r, tag)
         for t in log:
             if t["tag"] == "num_samples":
+                # (client, samples, participation code) per sending client: stream.META
                 assert (t["sent"], t["received"]) == ((0, 2 * 3 * i64) if rank == 0 else (3 * i64, 0))
             if t["tag"] == "metrics":
                 assert (t["sent"], t["received"]) == ((0, 2 * stats * f64) if rank == 0 else (stats * f64, 0))

@@ -30,6 +30,10 @@ CASES = [
     # rank's clients, so that rank sends no bytes at all); ATA and FedAdam over the rest.
     ("pilot-not-selected", ["fl.strategy=pilot", "pilot.top_m=2"], 7, 23, 31, torch.float32, [1], 6, (5, 6)),
     ("fedadam-not-selected", ["fl.strategy=fedadam", "fedadam.server_lr=0.1"], 5, 9, 13, torch.float32, [], 4, (4,)),
+    # Two senders, three task rows: the server mixes into a padded chunk; two tasks have
+    # no participant (NaN rows).
+    ("pilot-fewer-than-tasks", ["fl.strategy=pilot", "pilot.top_m=1"], 4, 12, 17, torch.float32, [], 5, (1, 2)),
+    ("fedavg-not-selected-bad", ["fl.strategy=fedavg"], 6, 10, 21, torch.float32, [0], 8, (1, 4, 5)),
 ]
 
 
@@ -82,6 +86,13 @@ def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols, skipped=(
         if comm.rank == 0:
             assert got.excluded == bad and ref.excluded == sorted(bad + list(skipped)), \
                 (name, got.excluded, ref.excluded)
+        # A global model reaches every rank when someone sat out (and only then: the bytes
+        # of a full round stay as they were); per-client rows (Pilot) are never spread.
+        if streamed.global_personal and skipped:
+            torch.testing.assert_close(got.global_personal, ref.personal[int(taking_part[0])], equal_nan=True, **tol,
+                                       msg=f"{name}: global personal row")
+        else:
+            assert got.global_personal is None, name
     assert len(taking_part) > 0
     if name.startswith("fedadam"):
         for key in ("w", "m", "v"):

@@ -49,14 +49,14 @@ def build(small_world, dropout: float | None = None, client: int = 0):
 
 
 def run(pm, ds, start, *, engine: str, steps: int = 6, batch_size: int = 8, clip: float = CLIP, epochs: int = 100,
-        lr: float = LR, aux=None, should_stop=None, resume=None, group=SOLO, **spec):
+        lr: float = LR, aux=None, should_stop=None, resume=None, group=SOLO, out_of_time=None, **spec):
     """One local round from `start`: (TrainResult, the per-step terms as floats)."""
     pm.set_state(start)
     pm.set_stage(1)
     params = [p for p in pm.model.parameters() if p.requires_grad]
     seen: list[dict[str, float]] = []
     aux = aux or (lambda: {"diff": 0.1 * pm.connector.aux["diff"]})
-    hooks = Hooks(aux_loss=aux, should_stop=should_stop,
+    hooks = Hooks(aux_loss=aux, should_stop=should_stop, out_of_time=out_of_time,
                   progress=lambda s, terms: seen.append({k: float(v.detach()) for k, v in terms.items()}))
     res = train_steps(pm.model, ds, params, TrainSpec(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=steps,
                                                       seed=SEED, grad_clip=clip, engine=engine, **spec),
@@ -145,6 +145,20 @@ def test_stop_means_restart_the_round(client):
     again, _ = run(pm, ds, start, engine="deepspeed", steps=5, resume=st)
     assert again.stopped is None and again.losses == full.losses
     assert torch.equal(trainable(pm), p_full)
+
+
+def test_out_of_time_ends_the_round_as_done_with_the_samples_seen(client):
+    """train.max_local_seconds: the round ends before the step the budget is spent at, as a
+    finished (shorter) round, and counts the samples of the steps taken; the first step
+    always runs."""
+    pm, ds, start, _ = client
+    full, _ = run(pm, ds, start, engine="torch", steps=5)
+    res, seen = run(pm, ds, start, engine="torch", steps=5, out_of_time=lambda step: step >= 3)
+    assert res.timed_out and res.stopped is None and res.finite
+    assert res.steps == 3 and len(seen) == 3 and res.samples == 3 * 8 and full.samples == 5 * 8
+    res, _ = run(pm, ds, start, engine="torch", steps=5, out_of_time=lambda step: True)
+    assert res.timed_out and res.steps == 1 and res.samples == 8
+    assert not full.timed_out
 
 
 def test_non_finite_loss_stops_the_round(client):

@@ -17,7 +17,9 @@ def update(**kw):
 def test_the_row_is_the_parts_in_wire_order_and_statuses_say_who_sends():
     u = update()
     assert u.widths() == (3, 2) and u.row().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and u.form is Form.PARAMS
-    assert [s for s in Participation if s.sends] == [Participation.PARTICIPATED, Participation.EXCLUDED_NONFINITE]
+    # A dropped client (fl.on_client_error=exclude) holds its row too, as zeros.
+    assert [s for s in Participation if s.sends] == [Participation.PARTICIPATED, Participation.EXCLUDED_NONFINITE,
+                                                    Participation.DROPPED]
     for s in Participation:
         assert Participation.from_code(s.code) is s
 

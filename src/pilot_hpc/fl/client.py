@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pilot_hpc.checkpoint.store import ClientCheckpoint, Status
+from pilot_hpc.fl.update import Participation
 from pilot_hpc.train.spec import TrainProgress, TrainResult
 
 
@@ -66,6 +67,15 @@ class ClientSlot:
     finite: bool = True
     # This round's per-step loss rows (run.tensorboard; Federation.traced / gather_traces).
     trace: list | None = None
+    # How the client took part in the round just closed (Federation.exchange sets it before
+    # next_round clears the round's flags; the evaluation's metrics rows report it).
+    took_part: Participation | None = None
+    # train.max_local_seconds cut its round short: the samples it saw (its update's weight).
+    seen: int | None = None
+    # fl.on_client_error=exclude: the error that dropped it from this round ("Type: message"),
+    # and the one of the round just closed (the metrics row's "error").
+    error: str | None = None
+    last_error: str | None = None
 
     @property
     def n(self) -> int:
@@ -95,6 +105,7 @@ class ClientSlot:
             raise TransitionError(f"client {self.k}: finish, but it already trained in this round")
         self.state, self.status, self.progress = state, Status.DONE, None
         self.losses, self.steps, self.skipped = result.losses, result.steps, result.skipped
+        self.seen = result.samples if result.timed_out else None
 
     def exclude(self) -> None:
         """A non-finite update: leave it out of the aggregation, back to the round start."""
@@ -103,6 +114,17 @@ class ClientSlot:
         self.finite = False
         self.state = self.pre_state
 
+    def drop(self, error: str) -> None:
+        """Its local round raised: back to the round-start state, left out of the aggregation,
+        with no losses or steps (the failed round's are not a result). DONE: an interrupted
+        round does not retrain it."""
+        if self.status is Status.DONE:
+            raise TransitionError(f"client {self.k}: drop, but it already trained in this round")
+        if self.pre_state is not None:
+            self.state = self.pre_state
+        self.status, self.progress, self.finite, self.error = Status.DONE, None, False, error
+        self.losses, self.steps, self.skipped = {}, 0, 0
+
     def adopt(self, other: "ClientSlot") -> None:
         """Take another client's finished round (centralized: one model for everyone)."""
         self.state, self.losses, self.steps, self.status = other.state, other.losses, other.steps, Status.DONE
@@ -110,6 +132,7 @@ class ClientSlot:
 
     def next_round(self) -> None:
         self.status, self.pre_state, self.progress, self.finite = Status.PENDING, None, None, True
+        self.error, self.seen = None, None
 
     # ------------------------------------------------------------------ checkpoints
     def record(self, complete: bool) -> ClientCheckpoint:

@@ -26,6 +26,7 @@ from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
+from pilot_hpc.fl import participation
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.stream import Exchange
@@ -49,8 +50,9 @@ def _nothing():
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 # bad_samples: the unreadable samples its round left out (data.on_bad_sample=skip).
-STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps", "bad_samples")
-LOSS_KEYS = STAT_KEYS[1:-2]
+# participation: the Participation code of the round (-1: round 0, no training).
+STAT_KEYS = ("metric", "ce", "diff", "balance", "z", "prox", "steps", "bad_samples", "participation")
+LOSS_KEYS = STAT_KEYS[1:-3]
 # Per-step numbers each client keeps during its local round (for TensorBoard, run.tensorboard),
 # gathered by the leader with the round's statistics: step, its loss terms, its seconds.
 TRACE_KEYS = ("step", "ce", "diff", "balance", "z", "prox", "seconds")
@@ -201,7 +203,12 @@ class Federation:
             if self.world.stop_requested() or self.bad_sample is not None:
                 stopped = True
                 continue  # stays pending (or partial)
-            stopped |= self.train_one(slot, dataset, round_, stage, jobs)
+            try:
+                stopped |= self.train_one(slot, dataset, round_, stage, jobs)
+            except Exception as err:
+                if not participation.should_drop(self.cfg, err):
+                    raise
+                self.drop(slot, round_, err)
         if not stopped:
             self.policy.after_local(self.slots)
         return stopped
@@ -227,8 +234,10 @@ class Federation:
                                     later_steps=steps_after(list(jobs), slot, lambda n: spec.steps(n, g)),
                                     tokens_per_sample=tokens_per_sample(dataset), device=self.device,
                                     first_step=resume_from.step if resume_from is not None else 0)
+            budget, t0 = self.cfg.train.max_local_seconds, time.perf_counter()
             hooks = Hooks(aux_loss=self.aux_terms, should_stop=lambda step: self.should_stop(round_, step),
-                          progress=line)
+                          progress=line,
+                          out_of_time=(lambda step: time.perf_counter() - t0 >= budget) if budget > 0 else None)
             hooks = self.traced(slot, hooks)
             res = train_steps(self.pm.model, dataset, params, spec, pad_id=self.pm.tokenizer.pad_token_id,
                               device=self.device, hooks=hooks, resume=resume_from, group=self.client_group)
@@ -237,6 +246,9 @@ class Federation:
                 self.bad_sample = res.bad_sample
                 return True
             slot.finish(res, self.pm.get_state())
+            if res.timed_out:
+                log.info("client %d: train.max_local_seconds=%g reached after %d of %d steps in round %d: its update "
+                         "counts with the %d samples it saw", slot.k, budget, res.steps, total, round_, res.samples)
             if faults.hit("nan_update", client=slot.k, round=round_):
                 with torch.no_grad():
                     for p in self.policy.shared_params(self.pm):
@@ -247,6 +259,18 @@ class Federation:
                             "keeps its parameters from the start of the round", slot.k, round_)
                 slot.exclude()
         return False
+
+    def drop(self, slot: ClientSlot, round_: int, err: Exception) -> None:
+        """fl.on_client_error=exclude: the client's round raised; it leaves this round's
+        aggregation (its update travels as zeros, status dropped) at its round-start state."""
+        error = f"{type(err).__name__}: {err}"
+        log.warning("client %d: %s in round %d: dropped from this round's aggregation (fl.on_client_error=exclude); "
+                    "it keeps its parameters from the start of the round", slot.k, error, round_)
+        slot.drop(error)
+        for p in self.pm.model.parameters():  # no gradient of the failed step reaches the next client
+            p.grad = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory error leaves the allocator's cache full
 
     def traced(self, slot: ClientSlot, hooks: Hooks) -> Hooks:
         """hooks whose progress callback also appends each step's loss terms and seconds
@@ -292,10 +316,11 @@ class Federation:
 
     # ------------------------------------------------------------------ exchange
     def selected(self, round_: int) -> torch.Tensor:
-        """[K] bool: the round's participants (the aggregator's choice; everyone when the
-        strategy exchanges nothing)."""
+        """[K] bool: the round's participants (the aggregator's choice; local training,
+        which exchanges nothing, samples by the same rule so that its clients train as
+        often as a federated strategy's)."""
         if self.aggregator is None:
-            return torch.ones(self.num_clients, dtype=torch.bool)
+            return participation.selected(self.cfg, round_)
         return self.aggregator.select(round_)
 
     def exchange(self, round_: int) -> None:
@@ -305,7 +330,10 @@ class Federation:
         exchanges) only close the round."""
         if self.aggregator is not None and self.leader:
             self.exchange_updates(round_)
+        selected = self.selected(round_)
         for slot in self.slots:
+            slot.took_part = participation.status_of(bool(selected[slot.k]), slot.finite, slot.error)
+            slot.last_error = slot.error
             slot.next_round()
 
     def exchange_updates(self, round_: int) -> None:
@@ -314,10 +342,12 @@ class Federation:
         sending = [slot for slot in self.slots if bool(selected[slot.k])]
         updates = []
         for slot in sending:
-            # A bad update travels as zeros; its status tells the server to leave it out.
-            status = Participation.PARTICIPATED if slot.finite else Participation.EXCLUDED_NONFINITE
+            # A bad or dropped update travels as zeros; its status tells the server to leave it out.
+            status = participation.status_of(True, slot.finite, slot.error)
             with hosting(pm, slot):
-                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, slot.n, status, round_,
+                # A round cut short by train.max_local_seconds weighs what it saw.
+                n = slot.n if slot.seen is None else slot.seen
+                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, n, status, round_,
                                                                    device=self.device)))
         with hosting(pm, self.slots[0]) if self.slots else _nothing():
             widths = part_widths(self.policy, pm)
@@ -328,12 +358,22 @@ class Federation:
         self.exchange_stats = (sum(t.sent + t.received for t in comm.traffic[n_traffic:]), time.perf_counter() - t0)
         del updates
         if got.excluded:
-            log.warning("round %d: client(s) %s excluded from aggregation (non-finite update)", round_, got.excluded)
+            log.warning("round %d: client(s) %s excluded from aggregation (non-finite update%s)", round_, got.excluded,
+                        "" if self.cfg.fl.on_client_error == "abort" else ", or dropped after an error")
         log.debug("round %d: exchange and aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
         for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 with hosting(pm, slot):
                     self.policy.install(pm, got.shared, got.personal[i])
+                    slot.state = pm.get_state()
+        # A client that sat the round out takes what every client receives: the broadcast
+        # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
+        # keeps its own) and, for a global model, the global personal row (docs/method.md).
+        for slot in self.slots:
+            if not bool(selected[slot.k]):
+                with hosting(pm, slot):
+                    self.policy.install(pm, got.shared, got.global_personal)
+                    self.policy.sat_out(pm, round_)
                     slot.state = pm.get_state()
 
     # ------------------------------------------------------------------ evaluation
@@ -346,8 +386,12 @@ class Federation:
         t = self.cfg.train
         subsets = self.cfg.data.eval_subsets
         rows = []
+        chosen = participation.evaluated(self.cfg, round_, self.selected(round_) if round_ > 0 else None)
         for slot in self.slots:
             metric = self.cfg.metric(slot.task)
+            if not bool(chosen[slot.k]):  # not evaluated this round: a null value, never a stale one
+                rows.append(self.stat_row(slot, float("nan"), round_) + [float("nan")] * len(subsets))
+                continue
             data = eval_view(slot.eval, self.cfg.data.eval_interim_samples, final=round_ == self.cfg.fl.rounds)
             with hosting(self.pm, slot):
                 self.pm.set_stage(stage)
@@ -362,22 +406,37 @@ class Federation:
                 if unparsed:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
-            rows.append([value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + [slot.steps, slot.skipped]
-                        + subset_values(data, ev.items, subsets))
+            rows.append(self.stat_row(slot, value, round_) + subset_values(data, ev.items, subsets))
         local = np.array(rows, dtype=np.float64).reshape(-1)
         width = len(STAT_KEYS) + len(subsets)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
         table = None if got is None else got.reshape(self.num_clients, width)
+        errors = {}
+        if self.cfg.fl.on_client_error == "exclude":  # the errors that dropped clients, to rank 0
+            found = self.comm.world.gather({s.k: s.last_error for s in self.slots if s.last_error}, root=0)
+            errors = {k: e for part in (found or []) for k, e in part.items()}
         self.gather_traces(round_, table)
         if table is None:
             return None
         return [{"client": k, "task": self.cfg.fl.client_tasks[k], "metric": self.cfg.metric(self.cfg.fl.client_tasks[k]),
                  # Percent, as in the paper's tables (CIDEr x 100 as well).
                  "value": round(100.0 * float(table[k, 0]), 4),
-                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:], start=1)},
+                 **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:-1], start=1)},
+                 # How it took part in this round (round 0 trains nothing: no key).
+                 **participation.row_fields(int(table[k, len(STAT_KEYS) - 1]), errors.get(k)),
+                 **({} if bool(chosen[k]) else {"evaluated": False}),
                  **{f"value_{name}": round(100.0 * float(table[k, len(STAT_KEYS) + i]), 4)
                     for i, name in enumerate(subsets)}}
                 for k in range(self.num_clients)]
+
+    @staticmethod
+    def stat_row(slot: ClientSlot, value: float, round_: int) -> list:
+        """A client's STAT_KEYS numbers after `round_`, its evaluated `value` first."""
+        took_part = slot.took_part if round_ > 0 else None
+        if took_part is Participation.NOT_SELECTED:  # it trained nothing: no losses, not stale ones
+            return [value] + [float("nan")] * len(LOSS_KEYS) + [0, 0, took_part.code]
+        return [value] + [slot.losses.get(k, float("nan")) for k in LOSS_KEYS] + \
+            [slot.steps, slot.skipped, -1 if took_part is None else took_part.code]
 
     def predictions_path(self, round_: int, k: int) -> str:
         return os.path.join(self.cfg.run.output_dir, "predictions", f"round_{round_:03d}", f"client_{k:02d}.jsonl")
@@ -395,7 +454,8 @@ class Federation:
         mine = []
         for slot in self.slots:
             trace = np.asarray(slot.trace or [], dtype=np.float64).reshape(-1, width)
-            steps = int(slot.steps)
+            # A client that sat the round out took no step (its steps are its last round's).
+            steps = 0 if slot.took_part is Participation.NOT_SELECTED else int(slot.steps)
             pad = np.full((max(steps - len(trace), 0), width), np.nan)
             mine.append(np.concatenate([pad, trace[len(trace) - min(steps, len(trace)):]]))
             slot.trace = None
@@ -417,13 +477,14 @@ class Federation:
     def log_round(self, round_: int, stage: int, rows: list[dict], seconds: float) -> None:
         by_task: dict[str, list[float]] = {}
         for row in rows:
-            by_task.setdefault(row["task"], []).append(row["value"])
+            if row["value"] == row["value"]:  # NaN: not evaluated this round (fl.eval_every, fl.eval_clients)
+                by_task.setdefault(row["task"], []).append(row["value"])
         scores = "  ".join(f"{t} {np.mean(v):.1f}" for t, v in by_task.items())
         losses = "" if round_ == 0 else "  loss " + " ".join(
             f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")
             if not np.all(np.isnan([r[k] for r in rows])))
-        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s", round_, self.cfg.fl.rounds, stage, seconds,
-                 time.perf_counter() - self.t_start, losses, scores)
+        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
+                 time.perf_counter() - self.t_start, losses, scores, participation.log_suffix(rows))
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
             log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,

@@ -124,14 +124,16 @@ def mix_in_place(coef: torch.Tensor, block: torch.Tensor, device: torch.device, 
     Runs on `device` one column sub-block at a time, so the temporaries stay small.
     `finish(rows, col)` is the strategy's element-wise step on each mixed sub-block,
     in place, col being its first column within the block."""
-    r = coef.shape[0]
-    if r > block.shape[0]:
-        raise ValueError(f"mix_in_place: {r} output rows do not fit a block of {block.shape[0]} clients")
+    r, k = coef.shape
+    if r > block.shape[0] or k > block.shape[0]:
+        raise ValueError(f"mix_in_place: {r} output rows of {k} clients do not fit a block of {block.shape[0]} rows")
     work = aggregate.work_dtype(block.dtype)
     c = coef.to(device=device, dtype=work)
     step = sub_block(block, device)
     for a in range(0, block.shape[1], step):
-        sub = block[:, a:a + step].to(device=device, dtype=work, non_blocking=True)  # [K, s]
+        # The first K rows are the clients'; a block may have spare rows below them, room
+        # for more output rows than senders (Pilot's T task rows from fewer participants).
+        sub = block[:k, a:a + step].to(device=device, dtype=work, non_blocking=True)  # [K, s]
         out = (c @ sub).to(block.dtype)  # [R, s]
         if finish is not None:
             finish(out, a)
@@ -160,6 +162,10 @@ class Received:
     shared: torch.Tensor  # [S, P_shared] host tensor: the broadcast rows (every rank)
     personal: torch.Tensor  # [n_sending_local, P_personal] host tensor: this rank's sending clients' rows
     excluded: list[int] | None  # on the server: clients that sent but were left out (non-finite update)
+    # [P_personal] host tensor on every rank: the global personal row, when the aggregator's
+    # personal rows are all one (Aggregator.global_personal) and some client did not send;
+    # None otherwise (then every rank's senders have their rows and nobody else needs one).
+    global_personal: torch.Tensor | None = None
 
 
 class Exchange:
@@ -244,6 +250,8 @@ class StreamedExchange(Exchange):
                            excluded=[c for c in plan.excluded if bool(sel[c])])
         shared = torch.empty(aggregator.shared_rows(), p_shared, dtype=dtype)
         personal = torch.empty(self.sizes[comm.rank], width - p_shared, dtype=dtype)
+        # Only when someone sat out: with every client sending, the bytes are as before.
+        spread = torch.empty(width - p_shared, dtype=dtype) if aggregator.global_personal and k < k_all else None
         if not self.server:  # receive buffers, reused by every chunk (fresh ones per chunk
             # grew the clients' resident memory by ~1 GB per 7B exchange, measured)
             self.shared_in = host_buffer(shared.shape[0] * min(cols, max(p_shared, 1)), dtype, False)
@@ -257,8 +265,8 @@ class StreamedExchange(Exchange):
         for (a, b), block in zip(part_cols, self.gather_blocks(local, part_cols, recv, "update")):
             if block is not None:
                 block = (a, self._decoded(decode, Part.PERSONAL, block[1], a - p_shared))
-            self._send_personal(block, plan, aggregator, personal, a - p_shared, b - p_shared)
-        return Received(shared, personal, plan.excluded if plan is not None else None)
+            self._send_personal(block, plan, aggregator, personal, a - p_shared, b - p_shared, spread)
+        return Received(shared, personal, plan.excluded if plan is not None else None, spread)
 
     @staticmethod
     def _decoded(decode, part: Part, block: torch.Tensor, a: int) -> torch.Tensor:
@@ -287,7 +295,12 @@ class StreamedExchange(Exchange):
     def _send_shared(self, got, plan, aggregator, shared: torch.Tensor, a: int, b: int) -> None:
         rows = shared.shape[0]
         if self.server:
-            out = mix_in_place(plan.shared, got[1], self.device,
+            block = got[1]
+            if rows > block.shape[0]:
+                # Fewer senders than shared rows (Pilot's T task rows, few participants): the
+                # mix needs room below the clients' rows, here a padded copy of the chunk.
+                block = torch.cat([block, block.new_zeros(rows - block.shape[0], block.shape[1])])
+            out = mix_in_place(plan.shared, block, self.device,
                                finish=lambda m, col: aggregator.finish(Part.SHARED_BY_TASK, m, a + col))
             wire = to_wire(out.reshape(-1))  # the block's first S rows: contiguous
         else:
@@ -295,12 +308,25 @@ class StreamedExchange(Exchange):
         self.comm.bcast(wire, tag="shared", root=self.root)
         shared[:, a:b] = from_wire(wire, shared.dtype).view(rows, b - a)
 
-    def _send_personal(self, got, plan, aggregator, personal: torch.Tensor, a: int, b: int) -> None:
+    def _send_personal(self, got, plan, aggregator, personal: torch.Tensor, a: int, b: int,
+                       spread: torch.Tensor | None = None) -> None:
+        """Row k of the mixed chunk to client k's rank; with `spread`, also the global row
+        (every row is the same: the first) to every rank, received into spread[a:b]."""
         c = b - a
         counts = [s * c for s in self.sizes]
+        if spread is not None:
+            if self.server:
+                out = mix_in_place(plan.personal, got[1], self.device,
+                                   finish=lambda m, col: aggregator.finish(Part.PERSONAL, m, a + col))
+                got = (got[0], None, out)
+                wire = to_wire(out[0].contiguous())
+            else:
+                wire = to_wire(torch.empty(c, dtype=personal.dtype))
+            self.comm.bcast(wire, tag="personal_global", root=self.root)
+            spread[a:b] = from_wire(wire, personal.dtype)
         if self.server:
-            out = mix_in_place(plan.personal, got[1], self.device,
-                               finish=lambda m, col: aggregator.finish(Part.PERSONAL, m, a + col))
+            out = got[2] if spread is not None else mix_in_place(
+                plan.personal, got[1], self.device, finish=lambda m, col: aggregator.finish(Part.PERSONAL, m, a + col))
             self.comm.scatterv(to_wire(out.reshape(-1)), counts, None, tag="personal", root=self.root,
                                root_in_place=True)
             personal[:, a:b] = out[self.first:self.first + self.sizes[self.root]]

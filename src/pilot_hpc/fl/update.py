@@ -33,13 +33,14 @@ class Participation(CodedEnum):
     PARTICIPATED = "participated"
     NOT_SELECTED = "not_selected"  # the aggregator left it out of this round: sends nothing
     EXCLUDED_NONFINITE = "excluded_nonfinite"  # trained, but its update holds NaN/Inf: travels as zeros
-    DROPPED = "dropped"  # reserved: a client that failed or ran out of time
+    DROPPED = "dropped"  # its local round raised (fl.on_client_error=exclude): travels as zeros
 
     @property
     def sends(self) -> bool:
-        """Whether the update occupies a row in the exchange (a non-finite one still does:
-        the client finds out after training, when the row counts are already agreed)."""
-        return self in (Participation.PARTICIPATED, Participation.EXCLUDED_NONFINITE)
+        """Whether the update occupies a row in the exchange (a non-finite or dropped one
+        still does: the row counts follow the round's selection, which every rank knows
+        without a message, while a failure is known only on its own rank)."""
+        return self is not Participation.NOT_SELECTED
 
 
 class Form(enum.Enum):

@@ -118,11 +118,15 @@ class Hooks:
                       cross-entropy on answer tokens); read after every forward.
     should_stop(i)    asked before step i; True ends the run with `stopped` set.
     progress(i, t)    after step i (1-based) with that step's loss terms.
+    out_of_time(i)    asked before step i > 0 of the round (the first always runs, so the
+                      update has samples): True ends the round there as if it were done,
+                      with `timed_out` set and the samples seen so far (train.max_local_seconds).
     """
 
     aux_loss: Callable[[], dict[str, torch.Tensor]] = _no_aux
     should_stop: Callable[[int], bool] | None = None
     progress: Callable[[int, dict], None] | None = None
+    out_of_time: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -175,6 +179,7 @@ class TrainResult:
     skipped: int = 0  # unreadable samples left out of their batches (data.on_bad_sample=skip)
     # data.on_bad_sample=fail: the unreadable sample the round stopped at (stopped is set)
     bad_sample: str | None = None
+    timed_out: bool = False  # hooks.out_of_time ended the round early (a finished round, shorter)
 
 
 # Warnings per local round about skipped samples; the rest are counted, and summed up at

@@ -58,6 +58,9 @@ def train(model: torch.nn.Module, dataset, params: list[torch.nn.Parameter], spe
     try:
         with checkpointing(model, spec.gradient_checkpointing):
             for i in range(first, total):
+                if i > 0 and hooks.out_of_time is not None and hooks.out_of_time(i):
+                    steps.result.timed_out = True
+                    break
                 stop = hooks.should_stop is not None and hooks.should_stop(i)
                 mbs = None if stop else steps.readable([next(stream) for _ in parts[i]], spec.on_bad_sample)
                 if mbs is None:  # a stop request, or an unreadable sample with on_bad_sample=fail

@@ -20,7 +20,7 @@ import torch
 
 from pilot_hpc.config import ConfigError
 from pilot_hpc.errors import CheckpointError
-from pilot_hpc.fl import aggregate
+from pilot_hpc.fl import aggregate, participation
 from pilot_hpc.fl.update import Part
 
 REGISTRY: dict[str, tuple[type["ClientPolicy"], type["Aggregator"] | None]] = {}
@@ -91,11 +91,18 @@ class ClientPolicy:
         """The part the server mixes per client and returns to that client (Part.PERSONAL)."""
         raise NotImplementedError
 
-    def install(self, pm, shared: torch.Tensor, personal: torch.Tensor) -> None:
+    def install(self, pm, shared: torch.Tensor, personal: torch.Tensor | None) -> None:
         """Puts the server's answer into the hosted client: `shared` [S, P_shared] (every
-        task's row), `personal` [P_personal] (this client's row). A NaN row means "no
-        answer for it this round": the client keeps what it has."""
+        task's row), `personal` [P_personal] (this client's row; None: it has none this
+        round, a client that did not take part under an aggregator without a global
+        personal row). A NaN row means "no answer for it this round": the client keeps
+        what it has."""
         raise NotImplementedError
+
+    def sat_out(self, pm, round_: int) -> None:
+        """After a round the hosted client did not take part in, once the server's answer
+        is installed: bring it to the round's stage, so that it is evaluated (and later
+        trains) as a participant would be (Pilot: enter stage 2)."""
 
 
 class Aggregator:
@@ -104,6 +111,11 @@ class Aggregator:
     # plan() wants the K x K Gram matrix of the personal updates (the streamed exchange
     # then makes a first pass over them to build it).
     needs_gram = False
+    # Every personal row of a plan is the same global row (FedAvg and its kin: one global
+    # model). When some client did not send, the exchange then also broadcasts that row,
+    # so that a client which sat the round out holds the global model, as a client
+    # sampled later must start from it. Per-client rows (Pilot's ATA) are not spread.
+    global_personal = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -117,8 +129,8 @@ class Aggregator:
     def select(self, round_: int) -> torch.Tensor:
         """[K] bool: the clients that take part in `round_`, a pure function of the run's
         seed and the round, so every rank (and a resumed run) computes the same set
-        without a message. Every client by default."""
-        return torch.ones(self.num_clients, dtype=torch.bool)
+        without a message: fl.clients_per_round and fl.sampling (every client by default)."""
+        return participation.selected(self.cfg, round_)
 
     def plan(self, n: torch.Tensor, good: torch.Tensor, gram: torch.Tensor | None) -> MixPlan:
         """The mixing coefficients from the sample counts [K], the good-client mask [K]

@@ -27,11 +27,13 @@ class FedAvgClient(ClientPolicy):
     def install(self, pm, shared, personal) -> None:
         if torch.isfinite(shared[0]).all():
             unflatten_into(shared[0], self.shared_params(pm))
-        if torch.isfinite(personal).all():
+        if personal is not None and torch.isfinite(personal).all():
             unflatten_into(personal, self.personal_params(pm))
 
 
 class FedAvgServer(Aggregator):
+    global_personal = True  # plan(): every personal row is the weighted mean
+
     def shared_rows(self) -> int:
         return 1
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
+
+log = logging.getLogger("pilot_hpc.fl")
 
 
 def _top_m(cfg, n, tasks, num_tasks, good, gram):
@@ -60,7 +64,13 @@ class PilotClient(ClientPolicy):
                 # Task t's adapter goes to the own expert (t = own task) or to foreign
                 # expert t, in every module, in shared_params' order.
                 unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
-        unflatten_into(personal, self.personal_params(pm))
+        if personal is not None:  # None: it sat the round out and keeps its own LoRA
+            unflatten_into(personal, self.personal_params(pm))
+
+    def sat_out(self, pm, round_: int) -> None:
+        # A client that has not taken part since stage 1 enters stage 2 here, its cross-task
+        # adapters from the own task adapter just installed (the latest aggregated one).
+        self.begin_round(pm, round_, None)
 
 
 class PilotServer(Aggregator):
@@ -76,6 +86,11 @@ class PilotServer(Aggregator):
 
     def plan(self, n, good, gram) -> MixPlan:
         shared = aggregate.task_aware_coefficients(n, self.tasks, self.num_tasks, good)  # [T, K]
+        m, usable = self.cfg.pilot.top_m, int(good.sum())
+        if self.cfg.pilot.selection == "topm" and 1 < usable <= m:
+            # aggregate.ata_mixing caps M at the usable clients less one (sampling, exclusions).
+            log.info("ATA: %d clients took part, so each mixes its %d nearest (pilot.top_m=%d capped)",
+                     usable, usable - 1, m)
         if good.any():
             personal = SELECTIONS[self.cfg.pilot.selection](self.cfg, n, self.tasks, self.num_tasks, good, gram)  # [K, K]
         else:
