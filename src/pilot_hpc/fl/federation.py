@@ -12,7 +12,6 @@ another on one shared model, swapping their personal state in and out.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -42,11 +41,6 @@ from pilot_hpc.train.engines import train_steps
 from pilot_hpc.train.spec import ClientGroup, Hooks, TrainSpec, lr_field, seed_for
 
 log = logging.getLogger("pilot_hpc.fl")
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 # Per-client numbers gathered after each evaluation: metric, then mean losses.
 # bad_samples: the unreadable samples its round left out (data.on_bad_sample=skip).
@@ -349,8 +343,7 @@ class Federation:
                 n = slot.n if slot.seen is None else slot.seen
                 updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, n, status, round_,
                                                                    device=self.device)))
-        with hosting(pm, self.slots[0]) if self.slots else _nothing():
-            widths = part_widths(self.policy, pm)
+        widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
         got = self.exchanger.run(self.aggregator, updates, widths, self.transforms.wire_dtype, selected,
                                  decode=self.transforms.decode)

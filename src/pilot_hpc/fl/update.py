@@ -12,7 +12,7 @@ client the aggregator did not select sends nothing at all.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +56,6 @@ class ClientUpdate:
     status: Participation
     form: Form = Form.PARAMS
     round: int = 0
-    meta: dict = field(default_factory=dict)  # what a transform wants to carry (e.g. a clip factor)
 
     def widths(self) -> tuple[int, ...]:
         return tuple(self.parts[p].numel() for p in PARTS)
