@@ -34,16 +34,8 @@ import torch
 
 from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.flat import from_wire, to_wire
+from pilot_hpc.fl.strategies.base import MixPlan
 from pilot_hpc.fl.update import ClientUpdate, Part, Participation
-
-
-@dataclass
-class MixRows:
-    """A MixPlan restricted to the rows that travel: [S, k] and [k, k] over the k sending clients."""
-
-    shared: torch.Tensor
-    personal: torch.Tensor
-    excluded: list[int]
 
 
 # Columns per mixing sub-block on the CPU: a [9, 16384] float32 block (576 KiB) stays in
@@ -246,7 +238,7 @@ class StreamedExchange(Exchange):
                 full[ids[:, None], ids[None, :]] = gram.cpu()
             plan = aggregator.plan(n, good, full)
             # Coefficients over the rows that travel (every client when all take part).
-            plan = MixRows(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
+            plan = MixPlan(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
                            excluded=[c for c in plan.excluded if bool(sel[c])])
         shared = torch.empty(aggregator.shared_rows(), p_shared, dtype=dtype)
         personal = torch.empty(self.sizes[comm.rank], width - p_shared, dtype=dtype)
