@@ -64,15 +64,10 @@ def test_a_tasks_own_draws_avoid_its_unseen_combinations():
         banned = set(spec.combos_unseen_by(task))
         assert banned and set(mix.unseen_combos) == banned
         rng = random.Random(k)
-        seen_colors, seen_cells = set(), set()
         for _ in range(3000):
             s = synthetic.draw_scene(rng, mix)
             combo = (list(COLORS).index(s.color), s.row * GRID + s.col)
             assert combo not in banned
-            seen_colors.add(s.color)
-            seen_cells.add(combo[1])
-        # Dirichlet(0.5) mixes favour a few colours and cells, yet nothing but the banned pairs is impossible.
-        assert seen_colors and seen_cells
 
 
 def test_the_knob_needs_three_tasks_and_both_subsets():
@@ -80,7 +75,9 @@ def test_the_knob_needs_three_tasks_and_both_subsets():
         load_config(None, ["data.unseen_combos=latin3"])
     cfg = load_config(None, ["data.unseen_combos=latin3", "data.eval_subsets=[seen, unseen]"])
     assert synthetic.spec_for(cfg).unseen_combos == "latin3"
-    assert synthetic.spec_for(load_config(None)).key() == synthetic.spec_for(load_config(None, [])).key()
+    # The knob is part of the world's key (its data is another cache folder); at its default
+    # it stays out (the smoke world's key is pinned in test_synthetic_world).
+    assert synthetic.spec_for(cfg).key() != synthetic.spec_for(load_config(None)).key()
 
 
 class _Sample:
