@@ -27,6 +27,30 @@ def test_a_transform_from_the_config_runs_once_per_part_per_round(cache_dir, tmp
     assert all(c["rows"] == 3 for c in calls if c["call"] == "decode")  # every client's row, on rank 0
 
 
+def test_a_transform_that_needs_the_round_start_sees_what_each_client_installed(cache_dir, tmp_path):
+    """FedAvg: every client starts a round from the same global model, so the start rows of
+    a round agree across clients (and ranks), differ between rounds, and training moved
+    every client away from them."""
+    probe = tmp_path / "calls.jsonl"
+    env = {"TRANSFORM_PROBE": str(probe),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = run_main(args_for(cache_dir, tmp_path / "run") + ["fl.strategy=fedavg",
+                                                              "fl.transforms=[transform_probe:DeltaProbe]"],
+                    np=3, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert {(r["round"], r["client"], r["part"]) for r in rows} == {
+        (r, k, p) for r in (1, 2) for k in range(3) for p in ("shared_by_task", "personal")}
+    for part in ("shared_by_task", "personal"):
+        starts = {r["round"]: set() for r in rows}
+        for r in rows:
+            if r["part"] == part:
+                starts[r["round"]].add(tuple(r["start"]))
+                assert r["change"] > 0
+        assert all(len(s) == 1 for s in starts.values()), starts  # one global start per round
+        assert starts[1] != starts[2]
+
+
 def test_an_unknown_transform_is_a_config_error_before_training(tmp_path, cache_dir):
     proc = run_main(args_for(cache_dir, tmp_path / "x") + ["fl.transforms=[no_such_module:Nope]"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

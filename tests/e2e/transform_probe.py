@@ -19,3 +19,18 @@ class CountingTransform(Transform):
     def decode(self, part, block, cols):
         self._note(call="decode", part=part.value, rows=block.shape[0], cols=list(cols))
         return block
+
+
+class DeltaProbe(Transform):
+    """Needs the round-start rows: notes, per update, a fingerprint of each part's start
+    and the norm of its change; sends the parameters unchanged."""
+
+    needs_start = True
+
+    def encode_update(self, update):
+        with open(os.environ["TRANSFORM_PROBE"], "a") as fh:
+            for part, row in update.parts.items():
+                start = update.start[part]
+                fh.write(json.dumps({"round": update.round, "client": update.client, "part": part.value,
+                                     "start": [float(start.sum()), float(start.square().sum())],
+                                     "change": float(update.delta(part).norm())}) + "\n")

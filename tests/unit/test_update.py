@@ -64,3 +64,26 @@ def test_unknown_transforms_are_config_errors():
         chain_for(task_world([0, 1, 2], "fl.transforms=[nope]"))
     with pytest.raises(ConfigError, match="not a subclass"):
         chain_for(task_world([0, 1, 2], "fl.transforms=['torch:Tensor']"))
+
+
+def test_a_transform_sees_the_whole_update_and_the_start_rows_are_released_after_encoding():
+    cfg = task_world([0, 1, 2])
+
+    class JointScale(Transform):
+        needs_start = True
+
+        def encode_update(self, u):
+            # one factor for every part: the joint norm of the change over all parts
+            norm = torch.cat([u.delta(p) for p in u.parts]).norm()
+            for p in list(u.parts):
+                u.parts[p] = u.start[p] + u.delta(p) / norm
+
+    chain = Chain([JointScale(cfg), WireDtype(cfg)])
+    assert chain.needs_start and not chain_for(cfg).needs_start
+    u = update()
+    with pytest.raises(RuntimeError, match="round-start rows"):
+        u.delta(Part.PERSONAL)
+    u.start = {p: torch.zeros_like(r) for p, r in u.parts.items()}
+    out = chain.encode(u)
+    assert out.start is None
+    assert float(torch.cat(list(out.parts.values())).norm()) == pytest.approx(1.0)

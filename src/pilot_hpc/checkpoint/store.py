@@ -12,7 +12,7 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
                         absent in files written before data.on_bad_sample: 0)
       state/<key>       the client's personal state: connector.* (task, client, foreign and
                         cross-task adapters, router) and lora.* (its LoRA A/B)
-      pre_state/<key>   (status partial) its state at the round's start: the "last good"
+      pre_state/<key>   (status partial, or done in an interrupted round) its state at the round's start: the "last good"
                         parameters if the rest of the round goes bad
       progress/         (status partial) attrs step, samples, sums (JSON), skipped;
                         torch_rng, optimizer/<param index>.<exp_avg|exp_avg_sq|step>

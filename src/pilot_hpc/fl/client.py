@@ -138,9 +138,13 @@ class ClientSlot:
     def record(self, complete: bool) -> ClientCheckpoint:
         """This client in a checkpoint: after a complete round it is PENDING for the next."""
         partial = not complete and self.status is Status.PARTIAL
+        # A client done before an interruption keeps its round-start state too: the update it
+        # sends after the resume may be a change from it (Transform.needs_start).
+        keep_start = partial or (not complete and self.status is Status.DONE)
         return ClientCheckpoint(task=self.task, num_samples=self.n, state=self.state,
                                 status=Status.PENDING if complete else self.status, steps=self.steps,
-                                skipped=self.skipped, finite=self.finite, losses=self.losses, pre_state=self.pre_state if partial else None,
+                                skipped=self.skipped, finite=self.finite, losses=self.losses,
+                                pre_state=self.pre_state if keep_start else None,
                                 progress=self.progress if partial else None)
 
     def restore(self, rec: ClientCheckpoint, complete: bool) -> None:

@@ -341,8 +341,10 @@ class Federation:
             with hosting(pm, slot):
                 # A round cut short by train.max_local_seconds weighs what it saw.
                 n = slot.n if slot.seen is None else slot.seen
-                updates.append(self.transforms.encode(build_update(self.policy, pm, slot.k, n, status, round_,
-                                                                   device=self.device)))
+                update = build_update(self.policy, pm, slot.k, n, status, round_, device=self.device)
+                if self.transforms.needs_start:
+                    update.start = self.start_rows(slot)
+                updates.append(self.transforms.encode(update))
         widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
         got = self.exchanger.run(self.aggregator, updates, widths, self.transforms.wire_dtype, selected,
@@ -368,6 +370,16 @@ class Federation:
                     self.policy.install(pm, got.shared, got.global_personal)
                     self.policy.sat_out(pm, round_)
                     slot.state = pm.get_state()
+
+    def start_rows(self, slot: ClientSlot) -> dict[Part, torch.Tensor]:
+        """The hosted client's parts at the round's start (its pre_state), flattened on the
+        model's device; the hosted model is back at its trained state afterwards. The sent
+        parameters are what the client installed: begin_round never changes them."""
+        pm = self.pm
+        pm.set_state(slot.pre_state)
+        start = {part: flatten(params, device=self.device) for part, params in part_params(self.policy, pm).items()}
+        pm.set_state(slot.state)
+        return start
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: int, round_: int = 0) -> list[dict] | None:

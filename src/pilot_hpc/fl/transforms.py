@@ -4,7 +4,10 @@ on the server before mixing.
 The place for clipping, noise, masks and quantisation. Each transform is a small object
 built from the config; the chain runs the registered ones named in `fl.transforms`, in
 order, and then the wire dtype (`fl.wire_dtype`), which is always last on the client
-(first on the server). `encode` sees one part of one client's update at a time, `decode`
+(first on the server). `encode_update` sees one client's whole update (all parts: a joint
+norm, for example) and by default calls `encode` on each part in PARTS order; a
+transform with `needs_start = True` finds the round-start rows in `update.start` (so it
+can work on the change, `update.delta(part)`). `decode`
 one column chunk of one part of every sending client ([K_sending, c]) and must give it
 back in the same shape and dtype (the mix writes its result into that buffer).
 
@@ -21,7 +24,7 @@ import importlib
 import torch
 
 from pilot_hpc.config import ConfigError
-from pilot_hpc.fl.update import ClientUpdate, Part
+from pilot_hpc.fl.update import PARTS, ClientUpdate, Part
 
 TRANSFORMS: dict[str, type["Transform"]] = {}
 
@@ -36,9 +39,16 @@ def register_transform(name: str):
 
 class Transform:
     name = "identity"
+    # True: encode needs the round-start rows of each part (update.start).
+    needs_start = False
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    def encode_update(self, update: ClientUpdate) -> None:
+        """Client side, in place: the whole update (every part) -> what travels."""
+        for part in PARTS:
+            update.parts[part] = self.encode(part, update.parts[part], update)
 
     def encode(self, part: Part, row: torch.Tensor, update: ClientUpdate) -> torch.Tensor:
         """Client side: one part's row of `update` -> what travels."""
@@ -76,11 +86,14 @@ class Chain:
         last = self.transforms[-1] if self.transforms else None
         return last.dtype if isinstance(last, WireDtype) else torch.float32
 
+    @property
+    def needs_start(self) -> bool:
+        return any(t.needs_start for t in self.transforms)
+
     def encode(self, update: ClientUpdate) -> ClientUpdate:
-        for part, row in list(update.parts.items()):
-            for t in self.transforms:
-                row = t.encode(part, row, update)
-            update.parts[part] = row
+        for t in self.transforms:
+            t.encode_update(update)
+        update.start = None  # not needed past the encoders: the rows' memory, not twice
         return update
 
     def decode(self, part: Part, block: torch.Tensor, cols: tuple[int, int]) -> torch.Tensor:

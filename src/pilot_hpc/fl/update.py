@@ -56,9 +56,19 @@ class ClientUpdate:
     status: Participation
     form: Form = Form.PARAMS
     round: int = 0
+    # The same parts at the round's start (what the client installed before training), for
+    # transforms that work on the change (Transform.needs_start); None otherwise.
+    start: dict[Part, torch.Tensor] | None = None
 
     def widths(self) -> tuple[int, ...]:
         return tuple(self.parts[p].numel() for p in PARTS)
+
+    def delta(self, part: Part) -> torch.Tensor:
+        """The part's change over the round (needs `start`)."""
+        if self.start is None:
+            raise RuntimeError(f"client {self.client}: the update carries no round-start rows; a transform that "
+                               "works on the change must set needs_start = True")
+        return self.parts[part] - self.start[part]
 
     def row(self) -> torch.Tensor:
         """The wire row: every part in PARTS order."""
