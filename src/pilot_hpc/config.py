@@ -146,6 +146,8 @@ def _hashed(config: dict[str, Any]) -> dict[str, Any]:
         section, name = key.split(".")
         if name in out.get(section, {}) and out[section][name] == default:
             del out[section][name]
+            if not out[section]:  # a whole new section at its defaults: as if it did not exist
+                del out[section]
     return out
 
 
