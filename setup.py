@@ -47,6 +47,8 @@ setup(
         "Pillow>=10.0",
         "numpy>=1.26",
         "scipy>=1.11",  # Student's t for the study's intervals and tests (tools/stats.py)
+        "dp-accounting>=0.4",  # privacy accounting of the DP mechanisms
+        "cryptography>=42",  # X25519 key agreement and HKDF for secure aggregation's pairwise masks
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
