@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+# Before anything of ours imports torch: the CPU math libraries' code paths (cpumath.py).
+from pilot_hpc import cpumath as _cpumath  # noqa: E402  (imports nothing of pilot_hpc, no torch)
+
+_cpumath.apply()
+
 __all__ = ["load_client"]
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 
-from pilot_hpc import runlock
+from pilot_hpc import cpumath, runlock
 from pilot_hpc.errors import BadInput, ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -249,6 +249,10 @@ def place_clients(cfg, comm, device):
     mine = list(block_ranges(cfg.fl.num_clients, comm.size // per)[comm.rank // per])
     log.info("%d clients on %d rank(s) (%d rank(s) per client), strategy %s, engine %s, device %s, output %s",
              cfg.fl.num_clients, comm.size, per, cfg.fl.strategy, cfg.train.engine, device, cfg.run.output_dir)
+    math = cpumath.describe()
+    log.info("CPU math: torch kernels %s, MKL_CBWR=%s, ONEDNN_MAX_CPU_ISA=%s (%s=%s; 'native' uses this CPU's "
+             "fastest paths, numbers then tied to the CPU model)", math["torch_cpu_capability"], math["MKL_CBWR"] or "-",
+             math["ONEDNN_MAX_CPU_ISA"] or "-", cpumath.SWITCH, math[cpumath.SWITCH])
     return fed_comm, group, mine
 
 

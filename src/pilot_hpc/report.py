@@ -14,14 +14,16 @@ import os
 
 import numpy as np
 
-from pilot_hpc import jsonout
+from pilot_hpc import cpumath, jsonout
 
 NAN = float("nan")
 METRIC_LABEL = {"vqa_accuracy": "VQA acc", "cider": "CIDEr", "iou@0.5": "Acc@IoU0.5"}
 
 
 def metrics_document(history: list[dict], cfg) -> dict:
-    return {"strategy": cfg.fl.strategy, "config_hash": cfg.hash(), "rounds": history,
+    # cpu_math: the CPU math libraries' code paths the run used (cpumath.py), which decide
+    # whether its numbers reproduce on another CPU model.
+    return {"strategy": cfg.fl.strategy, "config_hash": cfg.hash(), "cpu_math": cpumath.describe(), "rounds": history,
             "final": history[-1]["clients"] if history else []}
 
 

@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 
+from pilot_hpc import cpumath
 from pilot_hpc.config import Config
 from pilot_hpc.data import synthetic
 from pilot_hpc.data.records import InstructionDataset, load_records
@@ -37,8 +38,11 @@ def base_key(cfg: Config, data_key: str) -> str:
     # the key existed stay valid.
     model = {k: v for k, v in cfg.to_dict()["model"].items()
              if k != "attn_implementation" and not (k == "family" and not v)}
+    # The warm start is trained on this CPU: a base made with other math code paths
+    # (cpumath.py) holds other numbers, so it is another cache entry.
+    math = {key: os.environ.get(key, "") for key in (*cpumath.PINS, cpumath.SWITCH)}
     blob = json.dumps({"model": model, "pretrain": cfg.to_dict()["pretrain"],
-                       "seed": cfg.run.seed, "data": data_key}, sort_keys=True).encode()
+                       "seed": cfg.run.seed, "data": data_key, "cpu_math": math}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
