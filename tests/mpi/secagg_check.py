@@ -157,7 +157,8 @@ def uniform_case(comm) -> None:
     blocks = block_ranges(k, comm.size)
     exchange = Recording(comm, blocks, torch.device("cpu"), 4096 * 8 / 2 ** 20, seed=cfg.run.seed)
     ups = updates_of(list(blocks[comm.rank]), torch.full((k, p), 0.5), torch.tensor([4, 4, 4]), 0, [], (), 1)
-    got = exchange.run(get_strategy("fedavg", cfg).aggregator, ups, (0, p), torch.float32, torch.ones(k, dtype=torch.bool))
+    got = exchange.run(get_strategy("fedavg", cfg).aggregator, ups, (0, p), torch.float32,
+                       torch.ones(k, dtype=torch.bool))
     assert bool((got.personal == 0.5).all())
     if comm.rank == 0:
         assert len(exchange.blocks_seen) == 4
