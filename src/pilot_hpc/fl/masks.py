@@ -72,7 +72,8 @@ def mask_words(key: bytes, start: int, count: int) -> np.ndarray:
     blocks = -(-(skip + count) // WORDS_PER_BLOCK)
     nonce = struct.pack("<I", first) + bytes(12)  # the 4-byte block counter, then a zero nonce
     stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(64 * blocks))
-    return np.frombuffer(stream, dtype="<u8")[skip:skip + count].astype(np.uint64)
+    # Read-only words of the keystream, no copy (little-endian by ChaCha20's definition).
+    return np.frombuffer(stream, dtype="<u8")[skip:skip + count].astype(np.uint64, copy=False)
 
 
 def client_mask(keys: dict[int, bytes], client: int, start: int, count: int) -> np.ndarray:

@@ -57,8 +57,10 @@ def quantisation_bound(senders: int, fraction_bits: int = FRACTION_BITS) -> floa
 
 def encode_fixed(row: torch.Tensor, weight: float, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
     """round(weight * row * 2^F) as ring elements -> [c] uint64 (two's complement)."""
-    scaled = row.detach().to(device="cpu", dtype=torch.float64).numpy() * weight
-    return np.rint(np.ldexp(scaled, fraction_bits)).astype(np.int64).view(np.uint64)
+    # weight * 2^F is exact (a power of two), so this is round(fl(weight * row) * 2^F); a
+    # multiplication, where np.ldexp took 0.7 s for 4M values on the dev machine (0.1 s).
+    scaled = row.detach().to(device="cpu", dtype=torch.float64).numpy() * (weight * 2.0 ** fraction_bits)
+    return np.rint(scaled, out=scaled).astype(np.int64).view(np.uint64)
 
 
 def ring_sum(block: np.ndarray) -> np.ndarray:
@@ -68,7 +70,7 @@ def ring_sum(block: np.ndarray) -> np.ndarray:
 
 def decode_fixed(total: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
     """Ring elements as signed fixed-point numbers -> [c] float64."""
-    return np.ldexp(total.view(np.int64).astype(np.float64), -fraction_bits)
+    return total.view(np.int64).astype(np.float64) * 2.0 ** -fraction_bits
 
 
 def in_range(update: ClientUpdate) -> bool:
