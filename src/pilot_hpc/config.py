@@ -18,7 +18,8 @@ import yaml
 from pilot_hpc.errors import ConfigError
 from pilot_hpc.sections import (  # noqa: F401 - re-exported: the config's public names
     SYNTHETIC_TASKS, DEFAULT_TASK_METRICS, Metric, RunConfig, ModelConfig, PretrainConfig, DataConfig,
-    FLConfig, PilotConfig, FedProxConfig, FedAdamConfig, FedDPAConfig, TrainConfig)
+    FLConfig, PilotConfig, FedProxConfig, FedAdamConfig, FedDPAConfig, TrainConfig, PrivacyConfig,
+    SECURE_SUM_REFUSED, SECURE_SUM_STRATEGIES)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Config:
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self):
         check_bounds(self)
@@ -91,6 +93,10 @@ class Config:
         if self.pilot.ct_clip and fl.strategy != "pilot":
             raise ConfigError(f"pilot.ct_clip gives CLIP's MLPs Pilot's stages, so it needs fl.strategy=pilot "
                               f"(got {fl.strategy})")
+        if self.privacy.secure_aggregation and fl.strategy in SECURE_SUM_REFUSED:
+            raise ConfigError(f"privacy.secure_aggregation=true cannot go with fl.strategy={fl.strategy}: "
+                              f"{SECURE_SUM_REFUSED[fl.strategy]}; use one of {', '.join(SECURE_SUM_STRATEGIES)}, "
+                              "or set privacy.secure_aggregation=false")
         if self.train.batch_size % self.train.grad_accum_steps:
             raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                               f"train.grad_accum_steps ({self.train.grad_accum_steps}): batch_size is the effective "
@@ -137,7 +143,7 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
                        "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
                        "fl.client_state": "memory",
-                       "train.max_local_seconds": 0.0}
+                       "train.max_local_seconds": 0.0, "privacy.secure_aggregation": False}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:

@@ -230,7 +230,12 @@ def run(cfg, comm) -> int:
     warn_if_too_big(cfg, comm, device)
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
     if strategy.communicates and fed_comm is not None:
-        fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
+        if cfg.privacy.secure_aggregation:
+            from pilot_hpc.fl.secagg import SecureSumExchange
+
+            fed.exchanger = SecureSumExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb, seed=cfg.run.seed)
+        else:
+            fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
         fed.transforms = chain_for(cfg)
     ok, start = find_start(cfg, comm, fed, initial)
     if not ok:
@@ -424,7 +429,11 @@ def check_pooled(cfg, world: int) -> None:
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.fl.transforms import chain_for
 
-    chain_for(cfg)  # every transform named in fl.transforms is registered
+    chain = chain_for(cfg)  # every transform named in fl.transforms is registered
+    if cfg.privacy.secure_aggregation:
+        from pilot_hpc.fl.secagg import check_chain
+
+        check_chain(chain)
     if get_strategy(cfg.fl.strategy, cfg).pooled and world > 1:
         raise ConfigError(f"fl.strategy={cfg.fl.strategy} trains one model on all clients' data in one "
                           f"process: run it without mpiexec (or with -n 1), not with {world} ranks")

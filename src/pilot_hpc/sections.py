@@ -266,6 +266,29 @@ class FedDPAConfig:
     local_weight: float = 0.5  # weight of the local LoRA in the mix with the global one (feddpa.py)
 
 
+# Strategies whose server step is one weighted sum of what leaves the clients (FedAvg's
+# server: FedAvg, FedProx, FedAdam; Shepherd's and FedDPA's never-sent parts, the projector
+# and the local LoRA, stay out of the exchange), so secure aggregation can hide the rows;
+# the others and why they cannot (a unit test keeps this list equal to the registry's).
+SECURE_SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam", "shepherd", "feddpa")
+SECURE_SUM_REFUSED = {
+    "pilot": "Pilot's ATA mixes each client's LoRA with its nearest clients by the distances between their "
+             "individual updates, and its task adapters are averaged per task, while secure aggregation lets the "
+             "server see only one masked sum",
+    "local": "fl.strategy=local exchanges nothing, so there is no sum to protect",
+    "centralized": "fl.strategy=centralized pools every client's data in one process and exchanges nothing",
+}
+
+
+@dataclass
+class PrivacyConfig:
+    """Privacy of the clients' updates (fl/secagg.py, docs/method.md)."""
+
+    # true: pairwise-masked secure aggregation: the server (rank 0) sees only masked
+    # fixed-point rows and their weighted sum (SECURE_SUM_STRATEGIES only).
+    secure_aggregation: bool = False
+
+
 @dataclass
 class TrainConfig:
     local_epochs: int = 1
