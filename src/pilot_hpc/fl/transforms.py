@@ -126,4 +126,14 @@ def resolve(name: str) -> type[Transform]:
 
 
 def chain_for(cfg) -> Chain:
-    return Chain([resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])
+    """fl.transforms, then the wire dtype; with privacy.where != none the clipping (and
+    noise) of pilot_hpc.fl.privacy comes first, so every later transform sees the change
+    it bounds."""
+    first = []
+    if cfg.privacy.where != "none":
+        if "client_dp" in cfg.fl.transforms:
+            raise ConfigError("fl.transforms: client_dp is applied by privacy.where itself; remove it from the list")
+        from pilot_hpc.fl.privacy import ClientDP  # it registers itself; loads dp_accounting only when used
+
+        first = [ClientDP(cfg)]
+    return Chain(first + [resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])
