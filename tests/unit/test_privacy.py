@@ -11,7 +11,6 @@ from helpers import SMOKE
 from pilot_hpc.config import ConfigError, load_config
 from pilot_hpc.fl import aggregate, privacy
 from pilot_hpc.fl.strategies import get_strategy
-from pilot_hpc.fl.stream import SUB_BLOCK
 from pilot_hpc.fl.transforms import chain_for
 from pilot_hpc.fl.update import PARTS, ClientUpdate, Part, Participation
 
@@ -141,9 +140,9 @@ def test_server_noise_on_the_sum_has_the_configured_std_over_the_good_clients():
 def test_server_noise_of_a_column_does_not_depend_on_how_the_columns_are_cut():
     """The exchange calls finish per chunk and sub-block (fl.chunk_mb, the device): the noise
     of column j is the same for any cut."""
-    whole = privacy.BlockNoise().columns(0, 2, PERSONAL, 0, 3 * SUB_BLOCK + 17)
+    whole = privacy.BlockNoise().columns(0, 2, PERSONAL, 0, 3 * privacy.NOISE_BLOCK + 17)
     noise = privacy.BlockNoise()
-    cuts = [0, 5, SUB_BLOCK - 1, SUB_BLOCK + 3, 2 * SUB_BLOCK, 3 * SUB_BLOCK + 17]
+    cuts = [0, 5, privacy.NOISE_BLOCK - 1, privacy.NOISE_BLOCK + 3, 2 * privacy.NOISE_BLOCK, 3 * privacy.NOISE_BLOCK + 17]
     pieces = torch.cat([noise.columns(0, 2, PERSONAL, a, b) for a, b in zip(cuts, cuts[1:])])
     assert torch.equal(whole, pieces)
     assert not torch.equal(whole[:100], privacy.BlockNoise().columns(0, 2, SHARED, 0, 100))

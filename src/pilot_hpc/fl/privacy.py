@@ -11,7 +11,7 @@ The update still travels as parameters (round start + noisy clipped change), so 
 server's mixing is unchanged.
 
 Every noise draw comes from a generator of its own, seeded by the run's seed, the round
-and the client (client side) or the part and its SUB_BLOCK-aligned column block (server
+and the client (client side) or the part and its NOISE_BLOCK-aligned column block (server
 side), on the CPU: the numbers do not depend on the number of ranks, on fl.chunk_mb or
 on the device, and a resumed round draws them again bitwise.
 
@@ -30,7 +30,6 @@ import torch
 
 from pilot_hpc.config import ConfigError
 from pilot_hpc.fl.participation import participants_count
-from pilot_hpc.fl.stream import SUB_BLOCK
 from pilot_hpc.fl.transforms import Transform, register_transform
 from pilot_hpc.fl.update import PARTS, ClientUpdate, Part, Participation
 
@@ -39,6 +38,10 @@ log = logging.getLogger("pilot_hpc.fl")
 # Third seed words: keep these streams apart from each other and from participation's.
 CLIENT_SALT = 0xD1F0C1
 SERVER_SALT = 0xD1F05E
+
+# Columns per server-side noise block: each block has its own generator and is drawn whole,
+# then sliced, so any cut of the columns into calls gets the same numbers.
+NOISE_BLOCK = 1 << 14
 
 # Where epsilon is shown: what it does not cover.
 OUTSIDE = ("the client-specific parts that never leave a client (Pilot's client adapter, FedDPA's local LoRA) "
@@ -165,7 +168,7 @@ def client_noise(seed: int, round_: int, client: int, part: Part, numel: int) ->
 
 
 class BlockNoise:
-    """Server-side N(0, 1) for columns [a, b) of a part: one generator per SUB_BLOCK-aligned
+    """Server-side N(0, 1) for columns [a, b) of a part: one generator per NOISE_BLOCK-aligned
     column block, seeded by (seed, round, part, block), each block drawn whole and sliced,
     so a column's value is the same however the columns are cut into calls."""
 
@@ -176,15 +179,15 @@ class BlockNoise:
         key = (seed, round_, part, index)
         if self.cached is None or self.cached[0] != key:
             g = torch.Generator().manual_seed(seed_of(seed, round_, PARTS.index(part), index, SERVER_SALT))
-            self.cached = (key, torch.randn(SUB_BLOCK, generator=g, dtype=torch.float32))
+            self.cached = (key, torch.randn(NOISE_BLOCK, generator=g, dtype=torch.float32))
         return self.cached[1]
 
     def columns(self, seed: int, round_: int, part: Part, a: int, b: int) -> torch.Tensor:
         out = torch.empty(b - a, dtype=torch.float32)
         col = a
         while col < b:
-            index, start = divmod(col, SUB_BLOCK)
-            take = min(SUB_BLOCK - start, b - col)
+            index, start = divmod(col, NOISE_BLOCK)
+            take = min(NOISE_BLOCK - start, b - col)
             out[col - a:col - a + take] = self.block(seed, round_, part, index)[start:start + take]
             col += take
         return out
