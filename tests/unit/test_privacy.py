@@ -189,6 +189,9 @@ def test_epsilon_is_the_accountants_answer_for_the_sampled_gaussian(kind):
     cfg = cfg_with("fl.strategy=fedavg", "privacy.where=server", "privacy.noise_multiplier=1.3",
                    "fl.clients_per_round=2", "fl.rounds=5", f"privacy.accountant={kind}")
     assert privacy.participation_rate(cfg) == 2 / 3
+    # Local noise guards against the server, which sees who sent: no amplification.
+    assert privacy.participation_rate(cfg_with("fl.strategy=pilot", "privacy.where=client",
+                                               "fl.clients_per_round=2")) == 1.0
     for rounds in (1, 3, 5):
         assert privacy.epsilon_after(cfg, rounds) == pytest.approx(direct_epsilon(1.3, 2 / 3, rounds, 1e-5, kind),
                                                                    rel=1e-9)

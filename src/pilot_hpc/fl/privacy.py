@@ -52,7 +52,12 @@ OUTSIDE = ("the client-specific parts that never leave a client (Pilot's client 
 
 
 def participation_rate(cfg) -> float:
-    """q: the share of the clients that take part in a round (fl.clients_per_round)."""
+    """q: the sampling rate the accountant credits. where=server: the share of the clients
+    that take part in a round (fl.clients_per_round), which amplifies the guarantee for
+    whoever sees the released models without knowing the round's participants. where=client:
+    1, because the server, the party that guarantee is against, sees who sent."""
+    if cfg.privacy.where == "client":
+        return 1.0
     k = cfg.fl.num_clients
     return participants_count(cfg.fl.clients_per_round, k) / k
 
