@@ -193,7 +193,7 @@ def get_strategy(name: str, cfg) -> Strategy:
         raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
     policy, aggregator = REGISTRY[name]
     if aggregator is not None and cfg.privacy.where == "server":
-        from pilot_hpc.fl.privacy import with_server_noise  # loads dp_accounting's module only when used
+        from pilot_hpc.fl.privacy import with_server_noise  # only runs with server noise need it
 
         aggregator = with_server_noise(aggregator)
     return Strategy(name=name, policy=policy(cfg), aggregator=aggregator(cfg) if aggregator is not None else None)
