@@ -97,6 +97,7 @@ class Config:
             raise ConfigError(f"privacy.secure_aggregation=true cannot go with fl.strategy={fl.strategy}: "
                               f"{SECURE_SUM_REFUSED[fl.strategy]}; use one of {', '.join(SECURE_SUM_STRATEGIES)}, "
                               "or set privacy.secure_aggregation=false")
+        check_privacy(self)
         if self.train.batch_size % self.train.grad_accum_steps:
             raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                               f"train.grad_accum_steps ({self.train.grad_accum_steps}): batch_size is the effective "
@@ -143,7 +144,10 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
                        "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
                        "fl.client_state": "memory",
-                       "train.max_local_seconds": 0.0, "privacy.secure_aggregation": False}
+                       "train.max_local_seconds": 0.0,
+                       "privacy.where": "none", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 0.0,
+                       "privacy.target_epsilon": 0.0, "privacy.delta": 1e-5, "privacy.accountant": "rdp",
+                       "privacy.epsilon_budget": 0.0, "privacy.secure_aggregation": False}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +184,35 @@ BOUNDS = {
     "train.lambda_balance": ">= 0", "train.lambda_z": ">= 0", "train.grad_clip": ">= 0",
     "train.max_new_tokens": ">= 1", "train.max_local_seconds": ">= 0",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
+    "privacy.clip_norm": "> 0", "privacy.noise_multiplier": ">= 0", "privacy.target_epsilon": ">= 0",
+    "privacy.epsilon_budget": ">= 0",
 }
+
+
+# Strategies whose server step is a sum of the updates with public weights: server-side
+# noise on that sum (privacy.where=server) needs one. The others compare or keep
+# individual updates (Pilot's ATA, FedDPA's and Shepherd's per-client parts) or send none.
+SERVER_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+NO_EXCHANGE_STRATEGIES = ("local", "centralized")
+
+
+def check_privacy(cfg: "Config") -> None:
+    p, strategy = cfg.privacy, cfg.fl.strategy
+    if p.where == "server" and strategy not in SERVER_DP_STRATEGIES:
+        raise ConfigError(f"privacy.where=server adds noise to the sum of the clipped updates, which needs a server "
+                          f"step that is a sum with public weights ({', '.join(SERVER_DP_STRATEGIES)}); "
+                          f"fl.strategy={strategy} uses individual updates (or sends none): use privacy.where=client "
+                          "(each client noises its own update, local DP) or one of those strategies")
+    if p.where == "client" and strategy in NO_EXCHANGE_STRATEGIES:
+        raise ConfigError(f"privacy.where=client noises the updates that leave the clients, but fl.strategy={strategy} "
+                          "sends none: set privacy.where=none")
+    if p.secure_aggregation and p.where == "server":
+        raise ConfigError("privacy.secure_aggregation=true with privacy.where=server is not supported (untested "
+                          "together: the server's noise needs equal public weights of the masked rows); use "
+                          "privacy.where=client with secure aggregation, or one of the two alone")
+    if p.epsilon_budget > 0 and p.where == "none":
+        raise ConfigError("privacy.epsilon_budget stops a run whose epsilon would exceed it, but privacy.where=none "
+                          "accounts nothing: set privacy.where=server or client, or privacy.epsilon_budget=0")
 
 
 def _within(value: float, bound: str) -> bool:
@@ -207,11 +239,13 @@ def check_bounds(cfg: "Config") -> None:
 # on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
 # on_client_error likewise only acts on a failing client (a run aborted by one may resume
 # with exclude). The eval_* keys choose which clients are evaluated when, never what trains;
-# client_state only where the states wait (read back bitwise).
+# client_state only where the states wait (read back bitwise). privacy.epsilon_budget only
+# decides before which round a run stops, as fl.rounds does.
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
                      "data.num_workers", "data.on_bad_sample", "fl.on_client_error",
-                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.client_state", "run.tensorboard", "run.wandb_project"}
+                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.client_state", "run.tensorboard", "run.wandb_project",
+                     "privacy.epsilon_budget"}
 
 
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -222,6 +222,10 @@ def run(cfg, comm) -> int:
     torch.set_num_threads(cfg.run.threads_per_rank)
     device = resolve_device(cfg, comm.rank)
     strategy = get_strategy(cfg.fl.strategy, cfg)
+    if cfg.privacy.where != "none":
+        from pilot_hpc.fl.privacy import startup_line
+
+        log.info("%s", startup_line(cfg))
     fed_comm, group, mine = place_clients(cfg, comm, device)
     loaded = load_clients(cfg, comm, strategy, mine, device)
     if loaded is None:
@@ -426,9 +430,11 @@ def first_checks(args) -> "object | int":
 
 
 def check_pooled(cfg, world: int) -> None:
+    from pilot_hpc.fl import privacy
     from pilot_hpc.fl.strategies import get_strategy
     from pilot_hpc.fl.transforms import chain_for
 
+    privacy.check(cfg)  # privacy.target_epsilon can be reached (solved once here, cached)
     chain = chain_for(cfg)  # every transform named in fl.transforms is registered
     if cfg.privacy.secure_aggregation:
         from pilot_hpc.fl.secagg import check_chain

@@ -88,6 +88,21 @@ def plot(history: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def privacy_note(history: list[dict]) -> str:
+    """results.md's privacy paragraph from the last round's entry (pilot_hpc.fl.privacy);
+    empty for a run without privacy."""
+    p = history[-1].get("privacy") if history else None
+    if not p:
+        return ""
+    eps = p["epsilon"]
+    eps = "inf (no noise: no guarantee)" if eps is None or eps != eps or eps == float("inf") else f"{eps:.4g}"
+    return (f"\nPrivacy ({p['where']}-side client-level DP): epsilon {eps} at delta {p['delta']:g} after round "
+            f"{history[-1]['round']} ({p['accountant']} accountant; each round's change clipped to {p['clip_norm']:g} "
+            f"in L2, noise multiplier {p['noise_multiplier']:.6g}, sampling rate {p['sampling_rate']:.4g}, accounted "
+            "as Poisson sampling). The client-specific parts that never leave a client (Pilot's client adapter, "
+            "FedDPA's local LoRA) are outside this guarantee.\n")
+
+
 def write_outputs(history: list[dict], cfg) -> dict[str, str]:
     out = cfg.run.output_dir
     os.makedirs(out, exist_ok=True)
@@ -102,6 +117,7 @@ def write_outputs(history: list[dict], cfg) -> dict[str, str]:
     with open(paths["results"], "w") as fh:
         fh.write(f"# {cfg.fl.strategy}: per-client results ({cfg.fl.num_clients} clients, {cfg.fl.rounds} rounds)\n\n")
         fh.write(table + "\n")
+        fh.write(privacy_note(history))
     plot(history, paths["plot"], f"{cfg.fl.strategy}: per-client metric per round")
     return paths
 

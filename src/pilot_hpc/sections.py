@@ -290,6 +290,41 @@ class PrivacyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (pilot_hpc.fl.privacy; docs/method.md, Privacy).
+    where=none (the default) changes nothing."""
+
+    # none; server: each client clips the change of its update, the server adds Gaussian
+    # noise to the sum (a trusted server; fedavg, fedprox, fedadam); client: each client
+    # also adds the noise to its own clipped change before it leaves (local DP, any
+    # strategy that exchanges updates).
+    where: Literal["none", "server", "client"] = "none"
+    # C: the L2 bound of one client's change over the round, all its sent parts jointly.
+    clip_norm: float = 1.0
+    # z: the noise's standard deviation is z * C (on the sum: where=server; on each
+    # client's change: where=client). 0 with target_epsilon 0: clipping only, no guarantee.
+    noise_multiplier: float = 0.0
+    # > 0: solve z for this epsilon at `delta` over fl.rounds rounds (noise_multiplier then 0).
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    # The accountant of pilot_hpc.fl.accounting: rdp (Renyi DP) or pld (privacy loss distributions).
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # > 0: the run stops before the first round whose cumulative epsilon would exceed it.
+    epsilon_budget: float = 0.0
+    # Secure aggregation (another component's key: pairwise masks for sum-only strategies).
+    secure_aggregation: bool = False
+
+    def __post_init__(self):
+        if self.where != "none" and self.noise_multiplier > 0 and self.target_epsilon > 0:
+            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} and privacy.target_epsilon="
+                              f"{self.target_epsilon}: give one of them (the other is solved from it), set the other "
+                              "to 0")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must lie in (0, 1), got {self.delta} (1e-5, or below 1 / the number of "
+                              "clients, is usual)")
+
+
+@dataclass
 class TrainConfig:
     local_epochs: int = 1
     # 0: E full epochs; > 0: at most this many steps per round (a smoke-size cap).

@@ -34,3 +34,17 @@ class DeltaProbe(Transform):
                 fh.write(json.dumps({"round": update.round, "client": update.client, "part": part.value,
                                      "start": [float(start.sum()), float(start.square().sum())],
                                      "change": float(update.delta(part).norm())}) + "\n")
+
+
+class ChangeProbe(Transform):
+    """Needs the round-start rows: notes, per update, the L2 norm of its change over both
+    parts together (float64, as sent minus as started) and the norm of what it sends."""
+
+    needs_start = True
+
+    def encode_update(self, update):
+        change = sum(float((update.parts[p].double() - update.start[p].double()).square().sum()) for p in update.parts)
+        sent = sum(float(update.parts[p].double().square().sum()) for p in update.parts)
+        with open(os.environ["TRANSFORM_PROBE"], "a") as fh:
+            fh.write(json.dumps({"round": update.round, "client": update.client, "status": update.status.value,
+                                 "change": change ** 0.5, "sent": sent ** 0.5}) + "\n")

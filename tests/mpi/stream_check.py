@@ -34,6 +34,12 @@ CASES = [
     # no participant (NaN rows).
     ("pilot-fewer-than-tasks", ["fl.strategy=pilot", "pilot.top_m=1"], 4, 12, 17, torch.float32, [], 5, (1, 2)),
     ("fedavg-not-selected-bad", ["fl.strategy=fedavg"], 6, 10, 21, torch.float32, [0], 8, (1, 4, 5)),
+    # privacy.where=server: the noise of a column is the same whatever the chunks (and the
+    # mean is uniform); FedAdam steps on the noisy mean.
+    ("fedavg-server-dp", ["fl.strategy=fedavg", "privacy.where=server", "privacy.noise_multiplier=3"], 5, 13, 40,
+     torch.float32, [1], 7, (4,)),
+    ("fedadam-server-dp", ["fl.strategy=fedadam", "fedadam.server_lr=0.1", "privacy.where=server",
+                           "privacy.noise_multiplier=3"], 4, 9, 30, torch.float32, [], 6),
 ]
 
 

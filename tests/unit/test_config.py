@@ -175,7 +175,7 @@ def test_a_key_added_later_leaves_the_hashes_of_older_runs_alone_at_its_default(
         for key in UNHASHED_AT_DEFAULT:
             section, name = key.split(".")
             del d[section][name]
-            if not d[section]:  # a section of unhashed keys only (privacy): as if it did not exist
+            if not d[section]:  # a section added later, every key at its default: older configs lack it
                 del d[section]
         return [hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
                 for x in (d, result_fields(d))]

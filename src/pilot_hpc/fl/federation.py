@@ -25,7 +25,7 @@ from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
-from pilot_hpc.fl import participation
+from pilot_hpc.fl import participation, privacy
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.stream import Exchange
@@ -139,6 +139,11 @@ class Federation:
         else:
             first = start.round + 1 if start.complete else start.round
         for round_ in range(first, self.cfg.fl.rounds + 1):
+            budget = privacy.over_budget(self.cfg, round_)
+            if budget is not None:  # every rank reaches the same verdict from the config alone
+                if self.world.rank == 0:
+                    log.warning("%s", budget)
+                break
             t0 = time.perf_counter()
             stage = self.policy.stage(round_)
             stopped = self.train_clients(round_, stage)
@@ -154,7 +159,7 @@ class Federation:
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
             if rows is not None:
-                history.append({"round": round_, "clients": rows})
+                history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_)})
             self.checkpoint(round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
@@ -170,7 +175,7 @@ class Federation:
 
     def record_round(self, history: list, round_: int, stage: int, rows: list[dict] | None, t0: float) -> None:
         if rows is not None:
-            history.append({"round": round_, "clients": rows})
+            history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_)})
             self.log_round(round_, stage, rows, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ local training
@@ -347,6 +352,7 @@ class Federation:
                 updates.append(self.transforms.encode(update))
         widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
+        self.aggregator.round = round_
         got = self.exchanger.run(self.aggregator, updates, widths, self.transforms.wire_dtype, selected,
                                  decode=self.transforms.decode)
         # This rank's bytes (sent + received) and seconds of the exchange, for TensorBoard.
@@ -489,7 +495,8 @@ class Federation:
             f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
-                 time.perf_counter() - self.t_start, losses, scores, participation.log_suffix(rows))
+                 time.perf_counter() - self.t_start, losses, scores,
+                 participation.log_suffix(rows) + privacy.log_suffix(self.cfg, round_))
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
             log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,
@@ -498,6 +505,7 @@ class Federation:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
                                  self.traces, self.exchange_stats, seconds,
                                  lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size)
+            privacy.log_board(self.board, self.cfg, round_)
             self.exchange_stats = None
 
     def scheduled_lr(self, stage: int):

@@ -126,4 +126,15 @@ def resolve(name: str) -> type[Transform]:
 
 
 def chain_for(cfg) -> Chain:
-    return Chain([resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])
+    """fl.transforms, then the wire dtype; with privacy.where != none the clipping (and
+    noise) of pilot_hpc.fl.privacy comes first, so every later transform sees the change
+    it bounds. That module registers it (it imports this one, so this one cannot import it)."""
+    first = []
+    if cfg.privacy.where != "none":
+        if "client_dp" in cfg.fl.transforms:
+            raise ConfigError("fl.transforms: client_dp is applied by privacy.where itself; remove it from the list")
+        if "client_dp" not in TRANSFORMS:
+            raise RuntimeError("privacy.where needs the client_dp transform, which pilot_hpc.fl.privacy registers: "
+                               "import that module first (the federation and main's checks do)")
+        first = [TRANSFORMS["client_dp"](cfg)]
+    return Chain(first + [resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])

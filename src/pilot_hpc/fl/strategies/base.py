@@ -118,6 +118,9 @@ class Aggregator:
     global_personal = False
 
     def __init__(self, cfg):
+        # The round being aggregated: set by the federation before each exchange (a server
+        # step that draws per-round randomness seeds it with this, e.g. privacy.where=server).
+        self.round = 0
         self.cfg = cfg
         self.num_clients = cfg.fl.num_clients
         self.num_tasks = len(cfg.tasks)
@@ -189,4 +192,8 @@ def get_strategy(name: str, cfg) -> Strategy:
     if name not in REGISTRY:
         raise ConfigError(f"fl.strategy: unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
     policy, aggregator = REGISTRY[name]
+    if aggregator is not None and cfg.privacy.where == "server":
+        from pilot_hpc.fl.privacy import with_server_noise  # only runs with server noise need it
+
+        aggregator = with_server_noise(aggregator)
     return Strategy(name=name, policy=policy(cfg), aggregator=aggregator(cfg) if aggregator is not None else None)
