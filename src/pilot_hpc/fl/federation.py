@@ -26,6 +26,7 @@ from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl import participation
+from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.stream import Exchange
@@ -154,7 +155,7 @@ class Federation:
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
             if rows is not None:
-                history.append({"round": round_, "clients": rows})
+                history.append({"round": round_, "clients": rows, **round_entry(self.exchanger)})
             self.checkpoint(round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
@@ -344,7 +345,11 @@ class Federation:
                 update = build_update(self.policy, pm, slot.k, n, status, round_, device=self.device)
                 if self.transforms.needs_start:
                     update.start = self.start_rows(slot)
+                if self.transforms.codec is not None:  # its error-feedback residual in, the new one out
+                    update.residual = slot.residual
                 updates.append(self.transforms.encode(update))
+                if self.transforms.codec is not None:
+                    slot.residual = update.residual
         widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
         got = self.exchanger.run(self.aggregator, updates, widths, self.transforms.wire_dtype, selected,
@@ -359,7 +364,8 @@ class Federation:
         for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 with hosting(pm, slot):
-                    self.policy.install(pm, got.shared, got.personal[i])
+                    self.policy.install(pm, *install_rows(self.policy, pm, got, got.personal[i], slot.pre_state,
+                                                          slot.state))
                     slot.state = pm.get_state()
         # A client that sat the round out takes what every client receives: the broadcast
         # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
@@ -367,7 +373,8 @@ class Federation:
         for slot in self.slots:
             if not bool(selected[slot.k]):
                 with hosting(pm, slot):
-                    self.policy.install(pm, got.shared, got.global_personal)
+                    state = slot.state
+                    self.policy.install(pm, *install_rows(self.policy, pm, got, got.global_personal, state, state))
                     self.policy.sat_out(pm, round_)
                     slot.state = pm.get_state()
 
@@ -488,8 +495,9 @@ class Federation:
         losses = "" if round_ == 0 else "  loss " + " ".join(
             f"{k} {np.nanmean([r[k] for r in rows]):.4f}" for k in ("ce", "diff", "balance", "z", "prox")
             if not np.all(np.isnan([r[k] for r in rows])))
-        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
-                 time.perf_counter() - self.t_start, losses, scores, participation.log_suffix(rows))
+        log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s%s", round_, self.cfg.fl.rounds, stage, seconds,
+                 time.perf_counter() - self.t_start, losses, scores, participation.log_suffix(rows),
+                 log_suffix(self.exchanger) if round_ > 0 else "")
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
             log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,
@@ -497,7 +505,8 @@ class Federation:
         if self.board is not None:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
                                  self.traces, self.exchange_stats, seconds,
-                                 lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size)
+                                 lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size,
+                                 codec=round_entry(self.exchanger).get("bytes") if round_ > 0 else None)
             self.exchange_stats = None
 
     def scheduled_lr(self, stage: int):
