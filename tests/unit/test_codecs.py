@@ -26,7 +26,7 @@ def test_bytes_per_row_are_the_codes_plus_one_float32_scale_per_block():
 @pytest.mark.parametrize("codec", codecs.CODECS)
 def test_random_rows_decode_within_the_bound(codec):
     g = torch.Generator().manual_seed(0)
-    for n in (1, BLOCK - 1, BLOCK, 5 * BLOCK + 3, 4096):
+    for n in (1, BLOCK - 1, BLOCK, 5 * BLOCK + 3, 4096, 2 * codecs.TILE * BLOCK + 5):  # the last: several tiles
         x = torch.randn(n, generator=g) * torch.logspace(-6, 2, n)[torch.randperm(n, generator=g)]
         ok, err = within_bound(x, codec)
         assert ok, (codec, n, float(err.max()))

@@ -79,47 +79,59 @@ def encode_rows(x: torch.Tensor, codec: str, where: str = "the update", nan_rows
     "no answer") is carried as such; any other non-finite value is refused."""
     if x.dim() == 1:
         return encode_rows(x[None], codec, where, nan_rows)[0]
-    x = x.float()
-    blank = None
-    if nan_rows:
-        blank = torch.isnan(x).all(dim=1) if x.shape[1] else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if bool(blank.any()):
-            x = torch.where(blank[:, None], torch.zeros((), device=x.device), x)
-        else:
-            blank = None
-    _check_finite(x, codec, where)
+    x = x.float().contiguous()
     r, n = x.shape
+    blank = None
+    if nan_rows and n:
+        # A "no answer" row is NaN everywhere; rows whose first value is NaN are checked whole.
+        first = torch.isnan(x[:, 0])
+        if bool(first.any()):
+            blank = first.clone()
+            blank[first] = torch.isnan(x[first]).all(dim=1)
+            x = torch.where(blank[:, None], torch.zeros((), device=x.device), x)
     if codec in _DTYPES:
-        out = x.to(_DTYPES[codec]).contiguous().view(torch.uint8).reshape(r, -1)
-        if blank is not None:
-            out[blank] = torch.full((1,), float("nan"), dtype=_DTYPES[codec]).view(torch.uint8).to(x.device).repeat(n)
+        _check_finite(x, codec, where)
+        out = x.to(_DTYPES[codec]).view(torch.uint8).reshape(r, -1)
+        if blank is not None and bool(blank.any()):
+            nan = torch.full((n,), float("nan"), dtype=_DTYPES[codec], device=x.device).view(torch.uint8)
+            out[blank] = nan
         return out
-    full = n - n % BLOCK
-    parts = []
-    if full:
-        parts.append(_encode_blocks(x[:, :full].reshape(r, -1, BLOCK), codec, blank).reshape(r, -1))
+    out = torch.empty(r, nbytes(codec, n), dtype=torch.uint8, device=x.device)
+    full, bb = n - n % BLOCK, block_bytes(codec)
+    nb = full // BLOCK
+    tile = max(nb, 1) if x.is_cuda else TILE  # cache-sized temporaries on a CPU, one launch per op on a GPU
+    xb, ob = x[:, :full].view(r, nb, BLOCK), out[:, :nb * bb].view(r, nb, bb)
+    for t in range(0, nb, tile):
+        _encode_tile(xb[:, t:t + tile], ob[:, t:t + tile], codec, blank, where)
     if n > full:
-        parts.append(_encode_blocks(x[:, full:].reshape(r, 1, n - full), codec, blank).reshape(r, -1))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        _encode_tile(x[:, full:].reshape(r, 1, n - full), out[:, nb * bb:].view(r, 1, -1), codec, blank, where)
+    return out
 
 
-def _encode_blocks(xb: torch.Tensor, codec: str, blank: torch.Tensor | None) -> torch.Tensor:
-    """[R, nb, m] float32 -> [R, nb, 4 + code bytes of m] uint8 (scale first)."""
+# Blocks per step on a CPU: 2048 x 128 float32 values (1 MiB) keep every temporary in cache.
+TILE = 2048
+
+
+def _encode_tile(xb: torch.Tensor, ob: torch.Tensor, codec: str, blank: torch.Tensor | None, where: str) -> None:
+    """xb [R, t, m] float32 -> ob [R, t, 4 + code bytes of m] uint8 (scale first), in place."""
     qmax = _QMAX[codec]
-    absmax = xb.abs().amax(dim=2, keepdim=True)
+    absmax = xb.abs().amax(dim=2, keepdim=True)  # NaN and Inf propagate (torch.linalg.vector_norm(inf): 100x slower on a CPU)
+    if not bool(torch.isfinite(absmax).all()):
+        _check_finite(xb, codec, where)
     scale = absmax / qmax
-    # Division, not a reciprocal: 1 / a subnormal scale overflows to inf.
-    q = torch.where(scale > 0, xb / torch.where(scale > 0, scale, 1.0), 0.0).round_().clamp_(-qmax, qmax)
+    # Division, not a reciprocal: 1 / a subnormal scale overflows to inf. A zero scale
+    # (a zero block, or one below 127 x 2^-149) divides by 1: its values round to 0.
+    q = torch.div(xb, torch.where(scale > 0, scale, 1.0)).round_().clamp_(-qmax, qmax)
     if blank is not None:
         scale = scale.masked_fill(blank[:, None, None], float("nan"))
+    ob[..., :4].copy_(scale.view(torch.uint8))
     if codec == "int8":
-        codes = q.to(torch.int8).view(torch.uint8)
-    else:
-        u = (q + 8).to(torch.uint8)
-        if u.shape[2] % 2:
-            u = torch.cat([u, torch.full_like(u[..., :1], 8)], dim=2)
-        codes = u[..., 0::2] | (u[..., 1::2] << 4)
-    return torch.cat([scale.contiguous().view(torch.uint8), codes], dim=2)
+        ob[..., 4:].view(torch.int8).copy_(q)
+        return
+    u = q.add_(8).to(torch.uint8)
+    if u.shape[2] % 2:
+        u = torch.cat([u, torch.full_like(u[..., :1], 8)], dim=2)
+    ob[..., 4:].copy_(u[..., 0::2] | (u[..., 1::2] << 4))
 
 
 def decode_rows(raw: torch.Tensor, codec: str, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,29 +143,32 @@ def decode_rows(raw: torch.Tensor, codec: str, n: int, out: torch.Tensor | None 
         raise ValueError(f"codec {codec}: {raw.shape[1]} bytes per row, {n} values need {nbytes(codec, n)}")
     if out is None:
         out = torch.empty(r, n, dtype=torch.float32, device=raw.device)
+    raw = raw.contiguous()
     if codec in _DTYPES:
-        out.copy_(raw.contiguous().view(_DTYPES[codec]).reshape(r, n))
+        out.copy_(raw.view(_DTYPES[codec]).reshape(r, n))
         return out
-    full = n - n % BLOCK
-    if full:
-        nb = full // BLOCK
-        blocks = raw[:, :nb * block_bytes(codec)].reshape(r, nb, block_bytes(codec))
-        out[:, :full].view(r, nb, BLOCK).copy_(_decode_blocks(blocks, codec, BLOCK))
+    full, bb = n - n % BLOCK, block_bytes(codec)
+    nb = full // BLOCK
+    tile = max(nb, 1) if raw.is_cuda else TILE
+    blocks, ob = raw[:, :nb * bb].view(r, nb, bb), out[:, :full].view(r, nb, BLOCK)
+    for t in range(0, nb, tile):
+        _decode_tile(blocks[:, t:t + tile], ob[:, t:t + tile], codec)
     if n > full:
-        tail = raw[:, nbytes(codec, full):].reshape(r, 1, -1)
-        out[:, full:].view(r, 1, n - full).copy_(_decode_blocks(tail, codec, n - full))
+        _decode_tile(raw[:, nb * bb:].reshape(r, 1, -1), out[:, full:].view(r, 1, n - full), codec)
     return out
 
 
-def _decode_blocks(blocks: torch.Tensor, codec: str, m: int) -> torch.Tensor:
+def _decode_tile(blocks: torch.Tensor, out: torch.Tensor, codec: str) -> None:
+    """blocks [R, t, 4 + code bytes] uint8 -> out [R, t, m] float32, in place."""
     # A copy: a view of the scale bytes is not 4-byte strided.
-    scale = blocks[..., :4].flatten().clone().view(torch.float32).view(*blocks.shape[:2], 1)  # [R, nb, 1]
+    scale = blocks[..., :4].flatten().clone().view(torch.float32).view(*blocks.shape[:2], 1)  # [R, t, 1]
     codes = blocks[..., 4:]
     if codec == "int8":
-        q = codes.contiguous().view(torch.int8).float()
-    else:
-        q = torch.stack([codes & 15, codes >> 4], dim=3).reshape(*codes.shape[:2], -1)[..., :m].float() - 8.0
-    return q * scale
+        torch.mul(codes.view(torch.int8), scale, out=out)
+        return
+    m = out.shape[2]
+    q = torch.stack([codes & 15, codes >> 4], dim=3).view(*codes.shape[:2], -1)[..., :m]
+    torch.mul(q.view(torch.int8) - 8, scale, out=out)
 
 
 def roundtrip(x: torch.Tensor, codec: str, where: str = "the update") -> tuple[torch.Tensor, torch.Tensor]:
