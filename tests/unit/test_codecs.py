@@ -115,3 +115,89 @@ def test_error_feedback_keeps_the_sum_of_decoded_updates_within_one_step_of_the_
         # float32 accumulation: 50 additions of values ~1e-3 round at ~50 ulps of the sum.
         assert bool(((true_sum - sent_sum).abs() <= bound(x, codec) + 64 * torch.finfo().eps * true_sum).all())
     assert float((true_sum - sent_sum).abs().max()) < float((true_sum - plain_sum).abs().max())
+
+
+# ---------------------------------------------------------------- config and chain
+
+def test_defaults_keep_the_plain_path_and_wire_dtype_is_the_bfloat16_codec():
+    from helpers import task_world
+    from pilot_hpc.fl.transforms import Codec, WireDtype, chain_for, coded
+
+    plain = chain_for(task_world([0, 1, 2]))
+    assert isinstance(plain.transforms[-1], WireDtype) and plain.wire_dtype == torch.float32 and plain.codec is None
+    for extra in (["fl.wire_dtype=bfloat16"], ["fl.codec=bfloat16"]):
+        cfg = task_world([0, 1, 2], *extra)
+        assert cfg.fl.codecs() == ("bfloat16", "bfloat16") and not coded(cfg)
+        assert chain_for(cfg).wire_dtype == torch.bfloat16
+    for extra, pair in ((["fl.codec=int8"], ("int8", "int8")), (["fl.codec=int4", "fl.codec_down=float32"],
+                                                                 ("int4", "float32")),
+                        (["fl.codec_down=bfloat16"], ("float32", "bfloat16"))):
+        cfg = task_world([0, 1, 2], *extra)
+        chain = chain_for(cfg)
+        assert cfg.fl.codecs() == pair and coded(cfg)
+        assert isinstance(chain.codec, Codec) and chain.needs_start
+
+
+def test_a_codec_that_contradicts_wire_dtype_or_is_unknown_is_refused_naming_the_key():
+    from helpers import task_world
+    from pilot_hpc.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fl.codec=int8 and fl.wire_dtype=bfloat16 disagree"):
+        task_world([0, 1, 2], "fl.codec=int8", "fl.wire_dtype=bfloat16")
+    with pytest.raises(ConfigError, match="fl.codec must be one of"):
+        task_world([0, 1, 2], "fl.codec=int2")
+    with pytest.raises(ConfigError, match="fl.codec_down must be one of"):
+        task_world([0, 1, 2], "fl.codec_down=fp8")
+
+
+def test_the_codec_transform_sends_the_encoded_change_and_keeps_the_residual():
+    from helpers import task_world
+    from pilot_hpc.fl.transforms import chain_for
+    from pilot_hpc.fl.update import ClientUpdate, Form, Part, Participation
+
+    chain = chain_for(task_world([0, 1, 2], "fl.codec=int8"))
+    g = torch.Generator().manual_seed(4)
+    start = {p: torch.randn(300, generator=g) for p in (Part.SHARED_BY_TASK, Part.PERSONAL)}
+    trained = {p: start[p] + 1e-3 * torch.randn(300, generator=g) for p in start}
+    u = ClientUpdate(client=2, parts=dict(trained), num_samples=5, status=Participation.PARTICIPATED, round=1,
+                     start=dict(start))
+    chain.encode(u)
+    assert u.form is Form.DELTA and u.start is None
+    for p in start:
+        delta = trained[p] - start[p]
+        sent = decode_rows(u.parts[p], "int8", 300)
+        assert u.parts[p].dtype == torch.uint8 and u.parts[p].numel() == nbytes("int8", 300)
+        assert bool(((sent - delta).abs() <= bound(delta, "int8")).all())
+        assert torch.equal(u.residual[p.value], delta - sent)  # no residual before: x = delta
+    # An excluded client sends its zero row and keeps the residual it had.
+    kept = {k: v.clone() for k, v in u.residual.items()}
+    z = ClientUpdate(client=2, parts={p: torch.zeros(300) for p in start}, num_samples=5,
+                     status=Participation.EXCLUDED_NONFINITE, round=2, start=dict(start), residual=kept)
+    chain.encode(z)
+    assert all(not bool(decode_rows(z.parts[p], "int8", 300).any()) for p in start)
+    assert all(z.residual[k] is kept[k] for k in kept) and sorted(z.residual) == sorted(kept)
+
+
+def test_fedadam_on_mixed_changes_takes_the_same_step_as_on_the_mean_model():
+    """The server's w plus the returned step is the step the parameter path takes from the
+    mean model w + delta (float32: the two paths differ by the rounding of w + delta)."""
+    from helpers import task_world
+    from pilot_hpc.fl.strategies.fedadam import FedAdamServer
+    from pilot_hpc.fl.update import Part
+
+    cfg = task_world([0, 1, 2], "fl.strategy=fedadam")
+    g = torch.Generator().manual_seed(5)
+    w0 = {Part.SHARED_BY_TASK: torch.randn(6, generator=g), Part.PERSONAL: torch.randn(4, generator=g)}
+    delta = 1e-2 * torch.randn(1, 4, generator=g)
+    params, changes = FedAdamServer(cfg), FedAdamServer(cfg)
+    changes.mixes_changes = True
+    for s in (params, changes):
+        s.init_server(w0)
+    mean_model = (w0[Part.PERSONAL] + delta[0])[None].expand(3, -1).clone()
+    mixed_change = delta.expand(3, -1).clone()
+    params.finish(Part.PERSONAL, mean_model, 0)
+    changes.finish(Part.PERSONAL, mixed_change, 0)
+    # 1e-6: a few float32 ulps of values ~1 (w + delta rounded once in the parameter path).
+    assert torch.allclose(w0[Part.PERSONAL] + mixed_change[0], mean_model[0], atol=1e-6, rtol=0)
+    assert torch.allclose(changes.state["m"], params.state["m"], atol=1e-6, rtol=0)
+    assert not torch.equal(mixed_change[0], mean_model[0])  # a step, not parameters
