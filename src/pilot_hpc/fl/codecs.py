@@ -14,9 +14,8 @@ column chunks of encoded rows without re-encoding.
 
 BLOCK = 128: the scale costs 4 / BLOCK bytes per value (int8: 1.031 bytes a value,
 3.88x fewer than float32; int4: 0.531, 7.53x fewer). 64 would cost 1.0625 / 0.5625
-(3.76x / 7.11x) for a bound set by a smaller block maximum; on Gaussian rows the two
-bounds differ little, and absmax grows only with the log of the block size
-(`python -m pilot_hpc.tools.bench_codecs` prints the measured mean error per block size).
+(3.76x / 7.11x) for a mean error 1.22x smaller on heavy-tailed rows
+(`python -m pilot_hpc.tools.bench_codecs` measures it per block size; BENCHMARKS.md).
 
 Near the bottom of the float32 range (a block maximum below ~1e-36) the scale is
 subnormal and loses relative precision; the error then also carries an absolute part
