@@ -201,3 +201,24 @@ def test_fedadam_on_mixed_changes_takes_the_same_step_as_on_the_mean_model():
     assert torch.allclose(w0[Part.PERSONAL] + mixed_change[0], mean_model[0], atol=1e-6, rtol=0)
     assert torch.allclose(changes.state["m"], params.state["m"], atol=1e-6, rtol=0)
     assert not torch.equal(mixed_change[0], mean_model[0])  # a step, not parameters
+
+
+def test_the_board_gets_one_clients_bytes_and_the_ratios(tmp_path):
+    pytest.importorskip("tensorboard")
+    from pilot_hpc.fl.coded import round_bytes, round_entry
+    from pilot_hpc.tensorboard import Board, read_scalars
+
+    class Exchanger:  # what CodedExchange keeps after a round
+        bytes = round_bytes("int8", "int4", (1000, 3000), 3, 2)
+
+    entry = round_entry(Exchanger())["bytes"]
+    # Hand-computed: 1000 values = 7 full blocks + 104; int8 up, twice the personal part (ATA).
+    assert entry["up"] == (7 * 132 + 4 + 104) + 2 * (23 * 132 + 4 + 56)
+    assert entry["down"] == 3 * (7 * 68 + 4 + 52) + (23 * 68 + 4 + 28)
+    assert round_entry(object()) == {}  # the plain exchange adds nothing to metrics.json
+    board = Board(str(tmp_path))
+    board.log_round(1, [], {}, {}, None, 1.0, lr=lambda step, total: 0.0, batch_size=4, codec=entry)
+    board.close()
+    got = read_scalars(str(tmp_path))
+    assert dict(got["exchange/client_up"]) == {1: float(entry["up"])}
+    assert dict(got["exchange/ratio_down"])[1] == pytest.approx(entry["ratio_down"], rel=1e-6)  # float32 events
