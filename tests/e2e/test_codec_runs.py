@@ -58,6 +58,21 @@ def test_int8_gives_the_same_numbers_with_one_or_three_ranks_and_chunks(coded_ru
     same_run(coded_runs["int8_w1"], coded_runs["int8_w3"])
 
 
+def test_pilot_task_rows_stay_the_parameter_mix_when_sent_as_changes(coded_runs):
+    """Every holder of task t's adapter (its own clients, and the others as foreign expert
+    t) starts each round from the same values and adds the same mixed change: they stay
+    bitwise equal, as mixing parameters would keep them (docs/method.md)."""
+    ck = store.read(str(coded_runs["int8_w1"] / "checkpoints" / "round_002.h5"))
+    states = {k: c.state for k, c in ck.clients.items()}  # client k has task k here
+    own = sorted(key for key in states[0] if key.startswith("connector.task_adapter."))
+    assert own
+    for k in range(3):
+        for i, t in enumerate(t for t in range(3) if t != k):  # foreign experts in task order
+            for key in own:
+                foreign = key.replace("connector.task_adapter.", f"connector.foreign.{i}.")
+                assert torch.equal(states[k][foreign], states[t][key]), (k, t, key)
+
+
 def test_an_interrupted_int8_run_resumes_bitwise_with_its_residuals(coded_runs):
     same_run(coded_runs["int8_w1"], coded_runs["int8_resumed"])
 
