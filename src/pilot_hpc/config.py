@@ -147,7 +147,8 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "train.max_local_seconds": 0.0,
                        "privacy.where": "none", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 0.0,
                        "privacy.target_epsilon": 0.0, "privacy.delta": 1e-5, "privacy.accountant": "rdp",
-                       "privacy.epsilon_budget": 0.0, "privacy.secure_aggregation": False}
+                       "privacy.epsilon_budget": 0.0, "privacy.secure_aggregation": False,
+                       "fl.codec": "float32", "fl.codec_down": ""}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +211,10 @@ def check_privacy(cfg: "Config") -> None:
         raise ConfigError("privacy.secure_aggregation=true with privacy.where=server is not supported (untested "
                           "together: the server's noise needs equal public weights of the masked rows); use "
                           "privacy.where=client with secure aggregation, or one of the two alone")
+    if p.secure_aggregation and cfg.fl.codecs() != ("float32", "float32"):
+        raise ConfigError(f"privacy.secure_aggregation=true sends fixed-point ring words, so fl.codec / fl.codec_down / "
+                          f"fl.wire_dtype must stay float32 (got up, down = {cfg.fl.codecs()}): the server cannot "
+                          "decode a masked row; drop the codec or the secure aggregation")
     if p.epsilon_budget > 0 and p.where == "none":
         raise ConfigError("privacy.epsilon_budget stops a run whose epsilon would exceed it, but privacy.where=none "
                           "accounts nothing: set privacy.where=server or client, or privacy.epsilon_budget=0")

@@ -216,7 +216,7 @@ def run(cfg, comm) -> int:
 
     from pilot_hpc.fl.federation import Federation
     from pilot_hpc.fl.strategies import get_strategy
-    from pilot_hpc.fl.stream import StreamedExchange
+    from pilot_hpc.fl.coded import exchange_for
     from pilot_hpc.fl.transforms import chain_for
 
     torch.set_num_threads(cfg.run.threads_per_rank)
@@ -239,7 +239,7 @@ def run(cfg, comm) -> int:
 
             fed.exchanger = SecureSumExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb, seed=cfg.run.seed)
         else:
-            fed.exchanger = StreamedExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb)
+            fed.exchanger = exchange_for(cfg, fed_comm, fed.blocks, device, strategy.aggregator)
         fed.transforms = chain_for(cfg)
     ok, start = find_start(cfg, comm, fed, initial)
     if not ok:

@@ -195,6 +195,14 @@ class FLConfig:
     # them as trained; bfloat16 halves the traffic of a bf16 run but rounds every
     # client's adapters to bf16 once per round (the server still mixes in float32).
     wire_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The codec of what clients send (fl/codecs.py): float32 (the default: fl.wire_dtype
+    # decides, as before), bfloat16 (the same as fl.wire_dtype=bfloat16), or the blockwise
+    # int8 / int4 (one float32 absmax scale per 128 values: ~3.9x / ~7.5x fewer bytes than
+    # float32). int8 and int4 send the change from the round's start with client-side
+    # error feedback (docs/method.md, "Compressed updates").
+    codec: Literal["float32", "bfloat16", "int8", "int4"] = "float32"
+    # The codec of what the server sends back; empty: the same as fl.codec.
+    codec_down: Literal["", "float32", "bfloat16", "int8", "int4"] = ""
     # Registered transforms (pilot_hpc.fl.transforms) applied to every update in this
     # order, on the client before it leaves and in reverse on the server before mixing;
     # the wire dtype above always comes last.
@@ -221,6 +229,16 @@ class FLConfig:
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"
     eval_sample: int = 0
+
+    def __post_init__(self):
+        if self.codec != "float32" and self.wire_dtype != "float32" and self.codec != self.wire_dtype:
+            raise ConfigError(f"fl.codec={self.codec} and fl.wire_dtype={self.wire_dtype} disagree: fl.wire_dtype is "
+                              "the older name of a bfloat16 codec; set fl.codec alone")
+
+    def codecs(self) -> tuple[str, str]:
+        """(up, down): the codecs in effect, fl.wire_dtype read as the codec it names."""
+        up = self.wire_dtype if self.codec == "float32" else self.codec
+        return up, self.codec_down or up
 
 
 @dataclass

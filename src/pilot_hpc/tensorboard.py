@@ -54,10 +54,11 @@ class Board:
             self.wandb.log({tag: float(value), "step": step})
 
     def log_round(self, round_: int, rows: list[dict], by_task: dict[str, float], traces: dict, exchange,
-                  seconds: float, *, lr, batch_size: int) -> None:
+                  seconds: float, *, lr, batch_size: int, codec: dict | None = None) -> None:
         """traces: {client: [[step, ce, diff, balance, z, prox, seconds], ...]} of this round
         (one row per step of the client's round); exchange: (bytes, seconds) of rank 0's
-        exchange, or None (round 0, no exchange); lr(step, total): the scheduled rate."""
+        exchange, or None (round 0, no exchange); lr(step, total): the scheduled rate;
+        codec: metrics.json's "bytes" of the round (fl/coded.py:round_entry), or None."""
         for k, trace in sorted(traces.items()):
             for row in trace:
                 if math.isnan(row[0]):  # a step taken before a restart: no trace of it
@@ -81,6 +82,10 @@ class Board:
         if exchange is not None:
             self.scalar("exchange/bytes", float(exchange[0]), round_)
             self.scalar("exchange/seconds", float(exchange[1]), round_)
+        if codec is not None:  # a lossy fl.codec: one client's bytes this round and the ratios vs float32
+            for key in ("up", "down", "ratio_up", "ratio_down"):
+                self.scalar(f"exchange/client_{key}" if key in ("up", "down") else f"exchange/{key}",
+                            float(codec[key]), round_)
         self.scalar("round/seconds", seconds, round_)
         self.writer.flush()
 

@@ -253,6 +253,8 @@ def test_server_noise_is_refused_for_strategies_that_use_individual_updates():
     with pytest.raises(ConfigError, match="privacy.secure_aggregation=true with privacy.where=server is not supported"):
         cfg_with("fl.strategy=fedavg", "privacy.where=server", "privacy.secure_aggregation=true")
     cfg_with("fl.strategy=fedavg", "privacy.where=client", "privacy.secure_aggregation=true")
+    with pytest.raises(ConfigError, match="the server cannot decode a masked row"):
+        cfg_with("fl.strategy=fedavg", "privacy.secure_aggregation=true", "fl.codec=int8")
 
 
 def test_privacy_keys_are_checked_with_the_key_named():

@@ -14,6 +14,8 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
                         cross-task adapters, router) and lora.* (its LoRA A/B)
       pre_state/<key>   (status partial, or done in an interrupted round) its state at the round's start: the "last good"
                         parameters if the rest of the round goes bad
+      residual/<part>   (a lossy fl.codec, once the client has sent) its error-feedback residual per
+                        part (shared_by_task, personal): float32, the part's flat width
       progress/         (status partial) attrs step, samples, sums (JSON), skipped;
                         torch_rng, optimizer/<param index>.<exp_avg|exp_avg_sq|step>
 Every dataset carries a fletcher32 checksum and attrs dtype and shape; bf16 is stored
@@ -80,6 +82,9 @@ class ClientCheckpoint:
     losses: dict[str, float] = field(default_factory=dict)
     pre_state: dict[str, torch.Tensor] | None = None
     progress: TrainProgress | None = None  # (status partial) where its local round stands
+    # A lossy fl.codec: the client's error-feedback residual per part (what its last
+    # encoding left out), carried into its next update; None otherwise.
+    residual: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -184,6 +189,8 @@ def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
             _write_dict(g, "state", c.state)
             if c.pre_state is not None:
                 _write_dict(g, "pre_state", c.pre_state)
+            if c.residual is not None:
+                _write_dict(g, "residual", c.residual)
             if c.progress is not None:
                 p = g.create_group("progress")
                 p.attrs.update(step=c.progress.step, samples=c.progress.samples, sums=json.dumps(c.progress.sums),
@@ -325,6 +332,8 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
                          losses=json.loads(g.attrs["losses"]), skipped=int(g.attrs.get("skipped", 0)))
     if "pre_state" in g:
         c.pre_state = _read_dict(g["pre_state"], f"{where}/pre_state")
+    if "residual" in g:
+        c.residual = _read_dict(g["residual"], f"{where}/residual")
     if "progress" in g:
         p = g["progress"]
         c.progress = TrainProgress(step=int(p.attrs["step"]), samples=int(p.attrs["samples"]),

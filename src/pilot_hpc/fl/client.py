@@ -76,6 +76,9 @@ class ClientSlot:
     # and the one of the round just closed (the metrics row's "error").
     error: str | None = None
     last_error: str | None = None
+    # A lossy fl.codec: its error-feedback residual per part name (fl/coded.py), kept across
+    # rounds and in the checkpoint; None until its first encoded update.
+    residual: dict[str, torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -145,10 +148,11 @@ class ClientSlot:
                                 status=Status.PENDING if complete else self.status, steps=self.steps,
                                 skipped=self.skipped, finite=self.finite, losses=self.losses,
                                 pre_state=self.pre_state if keep_start else None,
-                                progress=self.progress if partial else None)
+                                progress=self.progress if partial else None, residual=self.residual)
 
     def restore(self, rec: ClientCheckpoint, complete: bool) -> None:
         self.state, self.losses, self.steps, self.finite = rec.state, rec.losses, rec.steps, rec.finite
         self.skipped = rec.skipped
         self.status = Status.PENDING if complete else rec.status
         self.pre_state, self.progress = rec.pre_state, rec.progress
+        self.residual = rec.residual

@@ -66,7 +66,7 @@ class StateFiles:
 
 
 class DiskClientSlot(ClientSlot):
-    """A ClientSlot whose `state` and `pre_state` are read from and written to its rank's
+    """A ClientSlot whose `state`, `pre_state` and `residual` (a lossy fl.codec) are read from and written to its rank's
     StateFiles on every access: the same transitions, no resident copy."""
 
     def __init__(self, *args, files: StateFiles, **kwargs):
@@ -92,6 +92,14 @@ class DiskClientSlot(ClientSlot):
     @pre_state.setter
     def pre_state(self, value: dict[str, torch.Tensor] | None) -> None:
         self.files.put(self.k, "pre", value)
+
+    @property
+    def residual(self) -> dict[str, torch.Tensor] | None:
+        return self.files.get(self.k, "residual")
+
+    @residual.setter
+    def residual(self, value: dict[str, torch.Tensor] | None) -> None:
+        self.files.put(self.k, "residual", value)
 
     def record(self, complete: bool) -> ClientCheckpoint:
         """As ClientSlot.record, its tensors read from the files one at a time as the

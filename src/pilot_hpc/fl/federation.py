@@ -26,6 +26,7 @@ from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError, DataError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl import participation, privacy
+from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.stream import Exchange
@@ -159,7 +160,8 @@ class Federation:
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
             if rows is not None:
-                history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_)})
+                history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_),
+                                **round_entry(self.exchanger)})
             self.checkpoint(round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
@@ -349,7 +351,11 @@ class Federation:
                 update = build_update(self.policy, pm, slot.k, n, status, round_, device=self.device)
                 if self.transforms.needs_start:
                     update.start = self.start_rows(slot)
+                if self.transforms.codec is not None:  # its error-feedback residual in, the new one out
+                    update.residual = slot.residual
                 updates.append(self.transforms.encode(update))
+                if self.transforms.codec is not None:
+                    slot.residual = update.residual
         widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
         t0, n_traffic = time.perf_counter(), len(comm.traffic)
         self.aggregator.round = round_
@@ -365,7 +371,8 @@ class Federation:
         for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 with hosting(pm, slot):
-                    self.policy.install(pm, got.shared, got.personal[i])
+                    self.policy.install(pm, *install_rows(self.policy, pm, got, got.personal[i], slot.pre_state,
+                                                          slot.state))
                     slot.state = pm.get_state()
         # A client that sat the round out takes what every client receives: the broadcast
         # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
@@ -373,7 +380,8 @@ class Federation:
         for slot in self.slots:
             if not bool(selected[slot.k]):
                 with hosting(pm, slot):
-                    self.policy.install(pm, got.shared, got.global_personal)
+                    state = slot.state
+                    self.policy.install(pm, *install_rows(self.policy, pm, got, got.global_personal, state, state))
                     self.policy.sat_out(pm, round_)
                     slot.state = pm.get_state()
 
@@ -496,7 +504,8 @@ class Federation:
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores,
-                 participation.log_suffix(rows) + privacy.log_suffix(self.cfg, round_))
+                 participation.log_suffix(rows) + privacy.log_suffix(self.cfg, round_)
+                 + (log_suffix(self.exchanger) if round_ > 0 else ""))
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
             log.warning("round %d: unreadable samples skipped (data.on_bad_sample=skip): %s", round_,
@@ -504,7 +513,8 @@ class Federation:
         if self.board is not None:
             self.board.log_round(round_, rows, {t: float(np.mean(v)) for t, v in by_task.items()},
                                  self.traces, self.exchange_stats, seconds,
-                                 lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size)
+                                 lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size,
+                                 codec=round_entry(self.exchanger).get("bytes") if round_ > 0 else None)
             privacy.log_board(self.board, self.cfg, round_)
             self.exchange_stats = None
 

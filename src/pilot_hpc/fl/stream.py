@@ -158,6 +158,9 @@ class Received:
     # personal rows are all one (Aggregator.global_personal) and some client did not send;
     # None otherwise (then every rank's senders have their rows and nobody else needs one).
     global_personal: torch.Tensor | None = None
+    # The rows are mixed changes from the round's start (a lossy fl.codec, fl/coded.py),
+    # which each client adds to its own round-start values; False: parameters.
+    change: bool = False
 
 
 class Exchange:

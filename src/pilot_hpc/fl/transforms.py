@@ -3,8 +3,8 @@ on the server before mixing.
 
 The place for clipping, noise, masks and quantisation. Each transform is a small object
 built from the config; the chain runs the registered ones named in `fl.transforms`, in
-order, and then the wire dtype (`fl.wire_dtype`), which is always last on the client
-(first on the server). `encode_update` sees one client's whole update (all parts: a joint
+order, and then the wire dtype (`fl.wire_dtype`, or `fl.codec`), which is always last on
+the client (first on the server); a lossy codec replaces it with `Codec`. `encode_update` sees one client's whole update (all parts: a joint
 norm, for example) and by default calls `encode` on each part in PARTS order; a
 transform with `needs_start = True` finds the round-start rows in `update.start` (so it
 can work on the change, `update.delta(part)`). `decode`
@@ -24,7 +24,8 @@ import importlib
 import torch
 
 from pilot_hpc.config import ConfigError
-from pilot_hpc.fl.update import PARTS, ClientUpdate, Part
+from pilot_hpc.fl import codecs
+from pilot_hpc.fl.update import PARTS, ClientUpdate, Form, Part, Participation
 
 TRANSFORMS: dict[str, type["Transform"]] = {}
 
@@ -69,10 +70,47 @@ class WireDtype(Transform):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.dtype = self.DTYPES[cfg.fl.wire_dtype]
+        self.dtype = self.DTYPES[cfg.fl.codecs()[0]]  # fl.codec=bfloat16 is fl.wire_dtype=bfloat16
 
     def encode(self, part, row, update):
         return row.to(self.dtype)
+
+
+class Codec(Transform):
+    """A codec that is lossy on integers or differs between the two directions
+    (fl.codec, fl.codec_down; fl/codecs.py): the update travels as the change from the
+    round's start plus the client's error-feedback residual, encoded to bytes. Each part
+    becomes a uint8 row; `update.residual` (the client's, by part name) is updated. The
+    server's exchange (fl/coded.py) decodes the bytes to float32 before the chain's
+    decode, so decode has nothing to undo. A client that sends zeros (excluded, dropped)
+    encodes its zero row and keeps its residual."""
+
+    name = "codec"
+    needs_start = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.up, self.down = cfg.fl.codecs()
+
+    def encode_update(self, update: ClientUpdate) -> None:
+        residual = dict(update.residual or {})
+        for part in PARTS:
+            where = f"client {update.client}'s {part.value} part in round {update.round}"
+            if update.status is Participation.PARTICIPATED:
+                raw, _, left = codecs.apply_error_feedback(update.delta(part), residual.get(part.value), self.up, where)
+                residual[part.value] = left.cpu()  # a checkpoint's tensor, kept beside the client's state
+            else:
+                raw = codecs.encode_rows(update.parts[part].float(), self.up, where)
+            update.parts[part] = raw
+        update.form = Form.DELTA
+        update.residual = residual or update.residual
+
+
+def coded(cfg) -> bool:
+    """Whether the run's codecs need the encoded exchange (fl/coded.py); otherwise the rows
+    travel as today, in the wire dtype both ways (WireDtype)."""
+    up, down = cfg.fl.codecs()
+    return up != down or up in codecs.LOSSY_INT
 
 
 class Chain:
@@ -85,6 +123,12 @@ class Chain:
     def wire_dtype(self) -> torch.dtype:
         last = self.transforms[-1] if self.transforms else None
         return last.dtype if isinstance(last, WireDtype) else torch.float32
+
+    @property
+    def codec(self) -> Codec | None:
+        """The encoded exchange's codec (the last transform), None on the plain path."""
+        last = self.transforms[-1] if self.transforms else None
+        return last if isinstance(last, Codec) else None
 
     @property
     def needs_start(self) -> bool:
@@ -137,4 +181,4 @@ def chain_for(cfg) -> Chain:
             raise RuntimeError("privacy.where needs the client_dp transform, which pilot_hpc.fl.privacy registers: "
                                "import that module first (the federation and main's checks do)")
         first = [TRANSFORMS["client_dp"](cfg)]
-    return Chain(first + [resolve(n)(cfg) for n in cfg.fl.transforms] + [WireDtype(cfg)])
+    return Chain(first + [resolve(n)(cfg) for n in cfg.fl.transforms] + [Codec(cfg) if coded(cfg) else WireDtype(cfg)])

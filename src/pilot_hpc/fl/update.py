@@ -59,6 +59,9 @@ class ClientUpdate:
     # The same parts at the round's start (what the client installed before training), for
     # transforms that work on the change (Transform.needs_start); None otherwise.
     start: dict[Part, torch.Tensor] | None = None
+    # A lossy fl.codec: the client's error-feedback residual by part name (the Codec
+    # transform reads and replaces it); None otherwise.
+    residual: dict[str, torch.Tensor] | None = None
 
     def widths(self) -> tuple[int, ...]:
         return tuple(self.parts[p].numel() for p in PARTS)

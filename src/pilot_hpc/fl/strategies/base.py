@@ -21,6 +21,7 @@ import torch
 from pilot_hpc.config import ConfigError
 from pilot_hpc.errors import CheckpointError
 from pilot_hpc.fl import aggregate, participation
+from pilot_hpc.fl.flat import flatten
 from pilot_hpc.fl.update import Part
 
 REGISTRY: dict[str, tuple[type["ClientPolicy"], type["Aggregator"] | None]] = {}
@@ -99,6 +100,13 @@ class ClientPolicy:
         what it has."""
         raise NotImplementedError
 
+    def install_start(self, pm, rows: int) -> torch.Tensor:
+        """[rows, P_shared]: the hosted client's current values of what each shared row
+        would install into (a lossy fl.codec sends changes, and a client adds each mixed
+        change to these, taken at its round's start). By default every row installs into
+        shared_params."""
+        return flatten(self.shared_params(pm))[None, :].expand(rows, -1)
+
     def sat_out(self, pm, round_: int) -> None:
         """After a round the hosted client did not take part in, once the server's answer
         is installed: bring it to the round's stage, so that it is evaluated (and later
@@ -116,6 +124,9 @@ class Aggregator:
     # so that a client which sat the round out holds the global model, as a client
     # sampled later must start from it. Per-client rows (Pilot's ATA) are not spread.
     global_personal = False
+    # The exchange mixes the clients' changes from the round's start, not their parameters
+    # (a lossy fl.codec, fl/coded.py): finish() then sees mixed changes.
+    mixes_changes = False
 
     def __init__(self, cfg):
         # The round being aggregated: set by the federation before each exchange (a server

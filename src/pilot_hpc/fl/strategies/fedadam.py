@@ -29,7 +29,12 @@ from pilot_hpc.fl.update import Part
 def adam_server_step(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, avg: torch.Tensor, *, lr: float,
                      beta1: float, beta2: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One FedAdam server step in float32 -> (w, m, v)."""
-    delta = avg.float() - w
+    return adam_step_on_change(w, m, v, avg.float() - w, lr=lr, beta1=beta1, beta2=beta2, tau=tau)
+
+
+def adam_step_on_change(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, *, lr: float,
+                        beta1: float, beta2: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step from the mean change `delta` itself (a lossy fl.codec mixes changes)."""
     m = beta1 * m + (1.0 - beta1) * delta
     v = beta2 * v + (1.0 - beta2) * delta * delta
     return w + lr * m / (v.sqrt() + tau), m, v
@@ -65,10 +70,19 @@ class FedAdamServer(FedAvgServer):
         start = offset + (int(self.state["split"]) if part is Part.PERSONAL else 0)
         cols = slice(start, start + rows.shape[1])
         a = self.cfg.fedadam
-        w, m, v = adam_server_step(self.state["w"][cols], self.state["m"][cols], self.state["v"][cols],
-                                   rows[0].float().cpu(), lr=a.server_lr, beta1=a.beta1, beta2=a.beta2, tau=a.tau)
+        if self.mixes_changes:
+            # The mixed row is the mean change; every client adds what comes back to its round
+            # start, the server's w up to the codecs' rounding, so it gets the step w_new - w.
+            old = self.state["w"][cols].clone()
+            w, m, v = adam_step_on_change(old, self.state["m"][cols], self.state["v"][cols], rows[0].float().cpu(),
+                                          lr=a.server_lr, beta1=a.beta1, beta2=a.beta2, tau=a.tau)
+            out = w - old
+        else:
+            w, m, v = adam_server_step(self.state["w"][cols], self.state["m"][cols], self.state["v"][cols],
+                                       rows[0].float().cpu(), lr=a.server_lr, beta1=a.beta1, beta2=a.beta2, tau=a.tau)
+            out = w
         self.state["w"][cols], self.state["m"][cols], self.state["v"][cols] = w, m, v
-        rows.copy_(w.to(device=rows.device, dtype=rows.dtype)[None, :].expand_as(rows))
+        rows.copy_(out.to(device=rows.device, dtype=rows.dtype)[None, :].expand_as(rows))
 
     def server_state(self) -> dict[str, torch.Tensor]:
         # Copies: finish() updates the live tensors in place.

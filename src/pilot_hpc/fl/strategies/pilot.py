@@ -7,7 +7,7 @@ import logging
 import torch
 
 from pilot_hpc.fl import aggregate
-from pilot_hpc.fl.flat import unflatten_into
+from pilot_hpc.fl.flat import flatten, unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 
 log = logging.getLogger("pilot_hpc.fl")
@@ -66,6 +66,11 @@ class PilotClient(ClientPolicy):
                 unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
         if personal is not None:  # None: it sat the round out and keeps its own LoRA
             unflatten_into(personal, self.personal_params(pm))
+
+    def install_start(self, pm, rows: int) -> torch.Tensor:
+        # Row t installs into the own expert (t = own task) or foreign expert t.
+        return torch.stack([flatten([p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
+                            for t in range(rows)])
 
     def sat_out(self, pm, round_: int) -> None:
         # A client that has not taken part since stage 1 enters stage 2 here, its cross-task
