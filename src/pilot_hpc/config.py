@@ -137,7 +137,7 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
                        "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
                        "fl.client_state": "memory",
-                       "train.max_local_seconds": 0.0}
+                       "train.max_local_seconds": 0.0, "pilot.distance": "params"}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:

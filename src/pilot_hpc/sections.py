@@ -239,6 +239,17 @@ class PilotConfig:
     keep_client_adapter: bool = False  # stage 2: x = CT-MoA(H) + psi_s(H), psi_s frozen
     # CT-CLIP (Table 4): every MLP of the CLIP vision tower treated like the connector.
     ct_clip: bool = False
+    # ATA's distances between clients' LoRA: params = of the flattened LoRA parameters
+    # (the paper); product = of the LoRA products dW = (alpha / r) B A per module, summed
+    # over modules, computed without forming them (fl/lora_distance.py): defined whatever
+    # each client's rank, and blind to the factors' gauge (B M, M^-1 A).
+    distance: Literal["params", "product"] = "params"
+
+    def __post_init__(self):
+        if self.distance == "product" and self.selection != "topm":
+            raise ConfigError(f"pilot.distance=product chooses ATA's nearest clients, which only "
+                              f"pilot.selection=topm uses (got {self.selection}); set pilot.selection=topm or "
+                              "leave pilot.distance at params")
 
 
 @dataclass

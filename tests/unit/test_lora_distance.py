@@ -151,3 +151,54 @@ def test_beyond_rank_mask():
     # A [3, 2]: rows 1, 2 (values 2..5); B [2, 3] at 6: columns 1, 2 of each row.
     assert mask.nonzero().flatten().tolist() == [2, 3, 4, 5, 7, 8, 10, 11]
     assert not ld.beyond_rank_mask(spans, 12, 3).any()
+
+
+def _pilot_server(k, distance, spans=None):
+    from pilot_hpc.config import load_config
+    from pilot_hpc.fl.strategies import get_strategy
+
+    tasks = (["vqa", "caption", "grounding"] * k)[:k]
+    cfg = load_config(None, ["fl.strategy=pilot", "pilot.top_m=1", f"pilot.distance={distance}",
+                             f"fl.num_clients={k}", f"fl.client_tasks={tasks}"])
+    server = get_strategy("pilot", cfg).aggregator
+    server.spans = spans
+    return server
+
+
+def test_pilot_plan_on_products_follows_the_formed_products():
+    """Client 1's factors are client 0's in another gauge (B M, M^-1 A): on products they are
+    each other's nearest, on flat parameters they are not; the one-shot plan with
+    pilot.distance=product picks the neighbours the formed products give."""
+    g = torch.Generator().manual_seed(4)
+    a0, b0 = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    m = torch.tensor([[4.0, 1.0], [0.0, 0.25]], dtype=torch.float64)
+    factors = [(a0, b0), (torch.linalg.solve(m, a0), b0 @ m),
+               (a0 + 0.3, b0 + 0.3), (a0 - 0.1 * torch.randn(2, 5, generator=g, dtype=torch.float64), b0 * 1.5)]
+    named = _row_and_named([factors[0]])
+    rows = torch.stack([torch.cat([a.flatten(), b.flatten()]) for a, b in factors])
+    spans = ld.layout(named, 2.0)
+    n = torch.tensor([5, 6, 7, 8])
+    product = _pilot_server(4, "product", spans).aggregate(torch.zeros(4, 3), rows, n)
+    params = _pilot_server(4, "params").aggregate(torch.zeros(4, 3), rows, n)
+    want_d2 = _explicit([([a for a, _ in factors], [b for _, b in factors])], [[2.0] * 4])
+    gram = ld.product_gram([([a for a, _ in factors], [b for _, b in factors])], [[2.0] * 4])
+    want = aggregate._mix(aggregate.ata_coefficients(want_d2.sqrt(), n, 1), rows)
+    # Rows 0 and 1 only: clients 2 and 3 are exactly as far from 0 as from 1 (equal
+    # products), a tie that rounding breaks either way. float64 mixes of the same rows
+    # with coefficients equal to ~1e-15: 1e-12 is far above rounding, far below any
+    # other choice of neighbour (O(1) differences).
+    torch.testing.assert_close(product.personal[:2], want[:2], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(aggregate.distances_from_gram(gram) ** 2, want_d2, rtol=1e-10, atol=1e-10)
+    # Client 0's nearest: client 1 on products, another on the flat parameters.
+    assert int(want_d2[0, 1:].argmin()) + 1 == 1
+    assert int(aggregate.pairwise_distances(rows)[0, 1:].argmin()) + 1 != 1
+    assert not torch.allclose(product.personal, params.personal)
+
+
+def test_product_distance_needs_topm_and_is_unhashed_at_default():
+    from pilot_hpc.config import Config, ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="pilot.distance=product .* pilot.selection=topm"):
+        load_config(None, ["pilot.distance=product", "pilot.selection=all"])
+    assert load_config(None, ["pilot.distance=params"]).hash() == Config().hash()
+    assert load_config(None, ["pilot.distance=product"]).hash() != Config().hash()

@@ -88,6 +88,17 @@ def layout(named: Sequence[tuple[str, torch.Tensor]], scales: dict[str, float] |
     return sorted(spans, key=lambda s: min(s.a_off, s.b_off))
 
 
+def model_layout(pm) -> list[ModuleSpan]:
+    """The spans of Pilot's personal row (pm.lora_named_parameters(), in that order), each
+    with its module's scaling as peft applies it (module.scaling[adapter])."""
+    scales = {}
+    for mod_name, mod in pm.model.named_modules():
+        if hasattr(mod, "lora_A") and isinstance(getattr(mod, "scaling", None), dict):
+            for adapter, s in mod.scaling.items():
+                scales[f"{mod_name}.{adapter}.weight"] = float(s)
+    return layout(pm.lora_named_parameters(), scales)
+
+
 def _pad_rank(factors: Sequence[torch.Tensor], dim: int, rank: int) -> torch.Tensor:
     """Stacks the clients' factors, zero-padded along `dim` (the rank) to `rank`."""
     out = []
@@ -193,7 +204,9 @@ class ProductGram:
         shape = s.a_shape if role == "a" else s.b_shape
         got = self.done.setdefault(span, {})
         work = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        got[role] = flat.to(device=self.device, dtype=work).reshape(self.k, *shape)
+        # A copy: a whole factor arrives as a view of the exchange's receive buffer, which
+        # the next chunk overwrites while this factor may wait for its module's other one.
+        got[role] = flat.to(device=self.device, dtype=work, copy=True).reshape(self.k, *shape)
         if len(got) == 2:
             del self.done[span]
             scales = torch.full((self.k,), s.scale, dtype=torch.float64)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from pilot_hpc.fl import aggregate
+from pilot_hpc.fl import aggregate, lora_distance
 from pilot_hpc.fl.flat import unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 
@@ -80,9 +80,23 @@ class PilotServer(Aggregator):
     def shared_rows(self) -> int:
         return self.num_tasks
 
+    spans: list | None = None  # pilot.distance=product: the LoRA modules in the personal row
+
     @property
     def needs_gram(self) -> bool:
         return self.cfg.pilot.selection == "topm"
+
+    def attach(self, pm) -> None:
+        if self.cfg.pilot.distance == "product":
+            self.spans = lora_distance.model_layout(pm)
+
+    def gram_accumulator(self, k: int, device):
+        if self.cfg.pilot.distance != "product":
+            return None
+        if self.spans is None:
+            raise RuntimeError("pilot.distance=product: the aggregator was not attached to the model "
+                               "(Aggregator.attach), so it does not know where the LoRA factors are")
+        return lora_distance.ProductGram(self.spans, k, device)
 
     def plan(self, n, good, gram) -> MixPlan:
         shared = aggregate.task_aware_coefficients(n, self.tasks, self.num_tasks, good)  # [T, K]
