@@ -74,6 +74,11 @@ class ModelConfig:
     text_intermediate: int = 256
     lora_r: int = 8
     lora_alpha: int = 16
+    # Heterogeneous LoRA ranks (fl.lora_rank_rule): each client's rank, as a list of
+    # fl.num_clients ranks or as {task: rank}; both empty: every client model.lora_r. The
+    # shared model holds LoRA at model.lora_r, which must then be the largest rank.
+    lora_ranks: list[int] = field(default_factory=list)
+    lora_task_ranks: dict[str, int] = field(default_factory=dict)
     lora_dropout: float = 0.05
     ctmoa_impl: Literal["auto", "triton", "reference"] = "auto"
     # Attention kernel of the LLM and the vision tower, passed to from_pretrained. sdpa is
@@ -218,6 +223,11 @@ class FLConfig:
     # memory, or disk (one safetensors file per client under run.output_dir/client_state/,
     # written atomically; fl/client_store.py), so a rank's memory does not grow with K.
     client_state: Literal["memory", "disk"] = "memory"
+    # Clients of different LoRA ranks (model.lora_ranks): zero_pad (HetLoRA) mixes the rows
+    # padded to the largest rank and truncates each client's back to its rank on install;
+    # stack (FLoRA) is implemented as a function (fl/lora_distance.py) and refused here
+    # until it is wired into the exchange.
+    lora_rank_rule: Literal["zero_pad", "stack"] = "zero_pad"
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"
     eval_sample: int = 0

@@ -243,3 +243,29 @@ def beyond_rank_mask(spans: Sequence[ModuleSpan], width: int, rank: int) -> torc
         out = s.b_shape[0]
         mask[s.b_off:s.b_off + out * r].view(out, r)[:, rank:] = True
     return mask
+
+
+def truncate_(named: Sequence[tuple[str, torch.Tensor]], rank: int) -> None:
+    """zero_pad, in place: zeroes the rank components `rank`.. of every LoRA factor (A's
+    rows, B's columns). With both zero, their gradients are zero too (dL/dA_j involves
+    B's column j, dL/dB_j A's row j), and AdamW (weight decay included) and gradient
+    clipping keep zero at zero, so local training never revives them."""
+    with torch.no_grad():
+        for name, p in named:
+            if A_MARK in name:
+                p[rank:].zero_()
+            elif B_MARK in name:
+                p[:, rank:].zero_()
+
+
+def own_rank(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """A peft adapter's tensors at rank `rank`: A's first rows, B's first columns (export
+    of a zero_pad client: the components beyond its rank are zero)."""
+    out = {}
+    for name, t in tensors.items():
+        if "lora_A" in name:
+            t = t[:rank]
+        elif "lora_B" in name:
+            t = t[:, :rank]
+        out[name] = t.contiguous()
+    return out

@@ -6,7 +6,9 @@ import logging
 
 import torch
 
+from pilot_hpc.config import client_lora_ranks
 from pilot_hpc.fl import aggregate, lora_distance
+from pilot_hpc.fl.client import hosted_client
 from pilot_hpc.fl.flat import unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 
@@ -40,8 +42,19 @@ def _task_module(conn, t: int):
 
 
 class PilotClient(ClientPolicy):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # zero_pad (model.lora_ranks): each client's rank; None when every client has the model's.
+        ranks = client_lora_ranks(cfg)
+        self.ranks = ranks if min(ranks) < cfg.model.lora_r else None
+
     def stage(self, round_: int) -> int:
         return 1 if round_ == 1 else 2
+
+    def _truncate(self, pm) -> None:
+        """zero_pad: the hosted client's LoRA components beyond its own rank to zero."""
+        if self.ranks is not None:
+            lora_distance.truncate_(pm.lora_named_parameters(), self.ranks[hosted_client()])
 
     def shared_params(self, pm) -> list[torch.Tensor]:
         # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module; with
@@ -52,6 +65,9 @@ class PilotClient(ClientPolicy):
         return [p for _, p in pm.lora_named_parameters()]
 
     def begin_round(self, pm, round_: int, start_state) -> None:
+        # Before local training: a client of a smaller rank starts from the model's padded
+        # initial LoRA (and a resumed one from what it had: zeroing is idempotent).
+        self._truncate(pm)
         # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
         if self.stage(round_) == 2:
             for m in pm.pilot_modules():
@@ -66,6 +82,7 @@ class PilotClient(ClientPolicy):
                 unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
         if personal is not None:  # None: it sat the round out and keeps its own LoRA
             unflatten_into(personal, self.personal_params(pm))
+            self._truncate(pm)  # zero_pad: the mix of padded rows, back to the client's rank
 
     def sat_out(self, pm, round_: int) -> None:
         # A client that has not taken part since stage 1 enters stage 2 here, its cross-task
