@@ -202,3 +202,24 @@ def test_product_distance_needs_topm_and_is_unhashed_at_default():
         load_config(None, ["pilot.distance=product", "pilot.selection=all"])
     assert load_config(None, ["pilot.distance=params"]).hash() == Config().hash()
     assert load_config(None, ["pilot.distance=product"]).hash() != Config().hash()
+
+
+def test_model_layout_covers_pilots_personal_row(small_world):
+    """On the tiny model: the spans tile Pilot's personal row (every LoRA value in one
+    module's A or B, in row order) and carry peft's scaling lora_alpha / r."""
+    from helpers import build_client
+    from pilot_hpc.config import load_config
+    from pilot_hpc.fl.strategies.pilot import PilotClient
+
+    pm, _, _ = build_client(small_world)
+    spans = ld.model_layout(pm)
+    personal = PilotClient(load_config(None, [])).personal_params(pm)
+    width = sum(p.numel() for p in personal)
+    covered = torch.zeros(width, dtype=torch.int64)
+    for s in spans:
+        covered[s.a_off:s.a_off + s.a_shape[0] * s.a_shape[1]] += 1
+        covered[s.b_off:s.b_off + s.b_shape[0] * s.b_shape[1]] += 1
+    assert spans and bool((covered == 1).all())
+    cfg = small_world[0]
+    assert {s.scale for s in spans} == {cfg.model.lora_alpha / cfg.model.lora_r}
+    assert {s.rank for s in spans} == {cfg.model.lora_r}
