@@ -120,10 +120,16 @@ def module_gram(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor) -> torch
     sums in float64."""
     k, r, _ = a.shape
     flat_a = a.reshape(k * r, -1)
-    flat_b = b.transpose(1, 2).reshape(k * r, -1)
-    m_a = (flat_a @ flat_a.T).view(k, r, k, r)
-    m_b = (flat_b @ flat_b.T).view(k, r, k, r)
-    g = (m_a.to(torch.float64) * m_b.to(torch.float64)).sum(dim=(1, 3))
+    flat_b = b.transpose(1, 2).contiguous().reshape(k * r, -1)
+    g = torch.zeros(k, k, dtype=torch.float64, device=a.device)
+    # G is symmetric: client k's rank components against those of clients k.. only, one
+    # [r, (K - k) r] product per client and factor, K(K + 1) / 2 of the K^2 blocks.
+    for c in range(k):
+        rows = slice(c * r, (c + 1) * r)
+        m_a = flat_a[rows] @ flat_a[c * r:].T  # [r, (K - c) r]
+        m_b = flat_b[rows] @ flat_b[c * r:].T
+        g[c, c:] = (m_a.to(torch.float64) * m_b.to(torch.float64)).view(r, k - c, r).sum(dim=(0, 2))
+    g = torch.triu(g) + torch.triu(g, diagonal=1).T
     s = scales.to(dtype=torch.float64, device=g.device)
     return g * s[:, None] * s[None, :]
 
