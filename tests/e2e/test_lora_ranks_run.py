@@ -1,12 +1,13 @@
 """Clients of different LoRA ranks (zero_pad) with ATA on the LoRA products, through a
 whole 3-rank run: the checkpoint records the ranks, every client's components beyond its
-rank stay exactly zero while the others train, and export writes the client's own rank."""
+rank stay exactly zero while the others train, export writes the client's own rank, and
+W = 1 gives the same numbers bitwise."""
 
 import json
 
 import torch
 
-from helpers import args_for, run_main
+from helpers import args_for, load_metrics, run_main
 
 RANKS = [2, 8, 4]  # the smoke model's model.lora_r is 8
 
@@ -50,3 +51,14 @@ def test_zero_pad_ranks_with_product_distance(cache_dir, tmp_path):
         b_exp = tensors[a_name.replace("lora_A", "lora_B")]
         torch.testing.assert_close(b_exp @ tensors[a_name], b @ a, rtol=0, atol=0)
     assert info["client"] == 0
+    # W = 1, unchunked: the same numbers bitwise (the product Gram is computed per module on
+    # the assembled factors, whatever the chunking and the ranks).
+    one = tmp_path / "w1"
+    proc = run_main(args_for(cache_dir, one) + [f"model.lora_ranks={RANKS}", "pilot.distance=product",
+                                                "fl.chunk_mb=0"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert load_metrics(one)["final"] == load_metrics(out)["final"]
+    ck1 = read(find_checkpoint(str(one), None))
+    for k in range(len(RANKS)):
+        for key, t in ck.clients[k].state.items():
+            assert torch.equal(ck1.clients[k].state[key], t), (k, key)
