@@ -223,3 +223,21 @@ def test_model_layout_covers_pilots_personal_row(small_world):
     cfg = small_world[0]
     assert {s.scale for s in spans} == {cfg.model.lora_alpha / cfg.model.lora_r}
     assert {s.rank for s in spans} == {cfg.model.lora_r}
+
+
+def test_neighbours_tool_tells_the_two_distances_apart():
+    """tools/neighbours on three clients' states: client 1 is client 0 in another gauge
+    (nearest on products), client 2 is near client 0's factors but not its product."""
+    from pilot_hpc.tools.neighbours import compare
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    m = torch.tensor([[3.0, 0.0], [0.0, 1 / 3]], dtype=torch.float64)
+
+    def state(a_, b_):
+        return {"lora.q.lora_A.default.weight": a_, "lora.q.lora_B.default.weight": b_}
+
+    states = [state(a, b), state(torch.linalg.solve(m, a), b @ m), state(a + 0.5, b - 0.5)]
+    got = compare(states, 1, 2.0)
+    assert got["product"][0] == [1] and got["params"][0] == [2]
+    assert 0 in got["differ"]
