@@ -54,7 +54,11 @@ class PilotClient(ClientPolicy):
     def _truncate(self, pm) -> None:
         """zero_pad: the hosted client's LoRA components beyond its own rank to zero."""
         if self.ranks is not None:
-            lora_distance.truncate_(pm.lora_named_parameters(), self.ranks[hosted_client()])
+            k = hosted_client()
+            if k is None:
+                raise RuntimeError("model.lora_ranks: a client's LoRA is truncated to its rank inside "
+                                   "fl.client.hosting(pm, slot), which names the client")
+            lora_distance.truncate_(pm.lora_named_parameters(), self.ranks[k])
 
     def shared_params(self, pm) -> list[torch.Tensor]:
         # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module; with
