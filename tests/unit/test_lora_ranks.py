@@ -77,3 +77,32 @@ def test_training_keeps_the_components_beyond_the_rank_at_zero():
         kept, beyond = (p[:2], p[2:]) if ".lora_A." in n else (p[:, :2], p[:, 2:])
         assert beyond.abs().sum() == 0, n  # exactly zero, not small
         assert not torch.equal(kept, start[n][:2] if ".lora_A." in n else start[n][:, :2]), n  # it trained
+
+
+def test_pilot_truncates_the_hosted_clients_lora_to_its_rank():
+    """PilotClient under zero_pad: install and begin_round zero the components beyond the
+    hosted client's rank (client 0: rank 2 of 8), and refuse to run outside hosting."""
+    from pilot_hpc.fl import client as fl_client
+    from pilot_hpc.fl.strategies.pilot import PilotClient
+
+    class FakeModel:
+        def __init__(self):
+            self.a, self.b = torch.ones(8, 3), torch.ones(4, 8)
+
+        def lora_named_parameters(self):
+            return [("q.lora_A.default.weight", self.a), ("q.lora_B.default.weight", self.b)]
+
+        def pilot_modules(self):
+            return []
+
+    cfg = load_config(None, ["model.lora_ranks=[2, 8, 4, 8, 8, 8, 8, 8, 8]"])
+    policy, pm = PilotClient(cfg), FakeModel()
+    with pytest.raises(RuntimeError, match="inside fl.client.hosting"):
+        policy.install(pm, torch.zeros(3, 0), torch.ones(56))
+    fl_client._hosted = 0  # what hosting(pm, slot) records for client 0
+    try:
+        policy.install(pm, torch.zeros(3, 0), torch.ones(56))
+    finally:
+        fl_client._hosted = None
+    assert pm.a[:2].eq(1).all() and pm.a[2:].eq(0).all() and pm.b[:, :2].eq(1).all() and pm.b[:, 2:].eq(0).all()
+    assert PilotClient(Config()).ranks is None  # equal ranks: nothing to truncate
