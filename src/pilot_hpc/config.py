@@ -113,6 +113,8 @@ class Config:
                 if got != fl.num_clients:
                     raise ConfigError(f"data.{key} lists {got} files but fl.num_clients is {fl.num_clients}")
 
+        check_lora_ranks(self)
+
     @property
     def tasks(self) -> list[str]:
         """The tasks present, in canonical order (their ids are indices in this list)."""
@@ -134,6 +136,51 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def client_lora_ranks(cfg: "Config") -> list[int]:
+    """Every client's LoRA rank: model.lora_ranks, or by task model.lora_task_ranks, or model.lora_r."""
+    m = cfg.model
+    if m.lora_ranks:
+        return list(m.lora_ranks)
+    if m.lora_task_ranks:
+        return [m.lora_task_ranks[t] for t in cfg.fl.client_tasks]
+    return [m.lora_r] * cfg.fl.num_clients
+
+
+def check_lora_ranks(cfg: "Config") -> None:
+    m, fl = cfg.model, cfg.fl
+    if fl.lora_rank_rule == "stack":
+        raise ConfigError("fl.lora_rank_rule=stack (FLoRA: A and B stacked along the rank, so the aggregate is the "
+                          "weighted sum of the clients' products) is implemented as a function "
+                          "(pilot_hpc.fl.lora_distance.stack_factors) but not yet wired into the exchange, which would "
+                          "merge the stacked product into the base weights every round; use fl.lora_rank_rule=zero_pad")
+    up, down = fl.codecs()
+    if cfg.pilot.distance == "product" and (up != down or up in ("int8", "int4")):  # transforms.coded: changes travel
+        raise ConfigError(f"pilot.distance=product compares the clients' LoRA products B A, but with fl.codec / "
+                          f"fl.codec_down = {fl.codecs()} the rows travel as changes over the round, whose factors "
+                          "do not multiply to a change of the product: use pilot.distance=params with a lossy codec, or "
+                          "fl.codec=float32")
+    if not (m.lora_ranks or m.lora_task_ranks):
+        return
+    if m.lora_ranks and m.lora_task_ranks:
+        raise ConfigError("model.lora_ranks and model.lora_task_ranks both set: give the clients' ranks one way")
+    if m.lora_ranks and len(m.lora_ranks) != fl.num_clients:
+        raise ConfigError(f"model.lora_ranks has {len(m.lora_ranks)} entries but fl.num_clients is {fl.num_clients}: "
+                          "give one rank per client (or model.lora_task_ranks, one per task)")
+    if m.lora_task_ranks and set(m.lora_task_ranks) != set(cfg.tasks):
+        raise ConfigError(f"model.lora_task_ranks names tasks {sorted(m.lora_task_ranks)}; give a rank for each task "
+                          f"of fl.task_metrics, exactly: {cfg.tasks}")
+    ranks = client_lora_ranks(cfg)
+    if min(ranks) < 1:
+        raise ConfigError(f"model.lora_ranks / model.lora_task_ranks: every rank must be >= 1, got {ranks}")
+    if max(ranks) != m.lora_r:
+        raise ConfigError(f"model.lora_r ({m.lora_r}) must be the largest client rank ({max(ranks)}): the shared "
+                          f"model holds every client's LoRA padded to it (fl.lora_rank_rule=zero_pad); set "
+                          f"model.lora_r={max(ranks)}")
+    if fl.strategy != "pilot" and len(set(ranks)) > 1:
+        raise ConfigError(f"model.lora_ranks: clients of different ranks are wired for fl.strategy=pilot (its "
+                          f"per-client LoRA rows), got fl.strategy={fl.strategy}")
+
+
 # Keys whose listed default does what a config without the key does: left out of both
 # hashes while at that default, so a run recorded without the key keeps its config_hash
 # (launch's finished and reused runs, tools/study) and its checkpoints their result_hash.
@@ -148,7 +195,8 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "privacy.where": "none", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 0.0,
                        "privacy.target_epsilon": 0.0, "privacy.delta": 1e-5, "privacy.accountant": "rdp",
                        "privacy.epsilon_budget": 0.0, "privacy.secure_aggregation": False,
-                       "fl.codec": "float32", "fl.codec_down": ""}
+                       "fl.codec": "float32", "fl.codec_down": "", "pilot.distance": "params",
+                       "model.lora_ranks": [], "model.lora_task_ranks": {}, "fl.lora_rank_rule": "zero_pad"}
 
 
 def _hashed(config: dict[str, Any]) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
             adapter["lora_alpha"] = mix[name] * adapter["lora_alpha"]
         with open(cfg_path, "w") as fh:
             jsonout.dump(adapter, fh, indent=2, sort_keys=True)
+    own_rank_adapter(cfg, client, out)
     connector = {k: v.detach().cpu().contiguous() for k, v in pm.connector.state_dict().items()}
     save_file(connector, os.path.join(out, CONNECTOR_FILE))
     if pm.clip_mlps:  # CT-CLIP: every CLIP MLP's connector, keyed "<layer>.<name>"
@@ -159,6 +160,29 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
     with open(os.path.join(out, CONNECTOR_CONFIG), "w") as fh:
         jsonout.dump(info, fh, indent=2, sort_keys=True)
     return info
+
+
+def own_rank_adapter(cfg, client: int, out: str) -> None:
+    """Heterogeneous ranks (zero_pad): the exported adapter at the client's own rank r_k,
+    not the model's padded R (the components beyond r_k are zero). The run applied the
+    model's scaling alpha / R to every client, so the adapter gets lora_alpha = alpha r_k / R,
+    which keeps alpha' / r_k = alpha / R: the same layer change."""
+    from safetensors.torch import load_file, save_file
+
+    from pilot_hpc.config import client_lora_ranks
+    from pilot_hpc.fl.lora_distance import own_rank
+
+    rank, full = client_lora_ranks(cfg)[client], cfg.model.lora_r
+    if rank == full:
+        return
+    weights = os.path.join(out, "adapter_model.safetensors")
+    save_file(own_rank(load_file(weights), rank), weights)
+    cfg_path = os.path.join(out, "adapter_config.json")
+    with open(cfg_path) as fh:
+        adapter = json.load(fh)
+    adapter["r"], adapter["lora_alpha"] = rank, adapter["lora_alpha"] * rank / full
+    with open(cfg_path, "w") as fh:
+        jsonout.dump(adapter, fh, indent=2, sort_keys=True)
 
 
 def lora_mix(peft_model) -> dict[str, float]:

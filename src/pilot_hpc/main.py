@@ -232,6 +232,8 @@ def run(cfg, comm) -> int:
         return EXIT_BAD_INPUT
     pm, initial, slots = loaded
     warn_if_too_big(cfg, comm, device)
+    if strategy.aggregator is not None:
+        strategy.aggregator.attach(pm)
     fed = Federation(cfg, fed_comm, pm, strategy, slots, device, world=comm, group=group)
     if strategy.communicates and fed_comm is not None:
         if cfg.privacy.secure_aggregation:

@@ -74,6 +74,11 @@ class ModelConfig:
     text_intermediate: int = 256
     lora_r: int = 8
     lora_alpha: int = 16
+    # Heterogeneous LoRA ranks (fl.lora_rank_rule): each client's rank, as a list of
+    # fl.num_clients ranks or as {task: rank}; both empty: every client model.lora_r. The
+    # shared model holds LoRA at model.lora_r, which must then be the largest rank.
+    lora_ranks: list[int] = field(default_factory=list)
+    lora_task_ranks: dict[str, int] = field(default_factory=dict)
     lora_dropout: float = 0.05
     ctmoa_impl: Literal["auto", "triton", "reference"] = "auto"
     # Attention kernel of the LLM and the vision tower, passed to from_pretrained. sdpa is
@@ -226,6 +231,11 @@ class FLConfig:
     # memory, or disk (one safetensors file per client under run.output_dir/client_state/,
     # written atomically; fl/client_store.py), so a rank's memory does not grow with K.
     client_state: Literal["memory", "disk"] = "memory"
+    # Clients of different LoRA ranks (model.lora_ranks): zero_pad (HetLoRA) mixes the rows
+    # padded to the largest rank and truncates each client's back to its rank on install;
+    # stack (FLoRA) is implemented as a function (fl/lora_distance.py) and refused here
+    # until it is wired into the exchange.
+    lora_rank_rule: Literal["zero_pad", "stack"] = "zero_pad"
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"
     eval_sample: int = 0
@@ -257,6 +267,17 @@ class PilotConfig:
     keep_client_adapter: bool = False  # stage 2: x = CT-MoA(H) + psi_s(H), psi_s frozen
     # CT-CLIP (Table 4): every MLP of the CLIP vision tower treated like the connector.
     ct_clip: bool = False
+    # ATA's distances between clients' LoRA: params = of the flattened LoRA parameters
+    # (the paper); product = of the LoRA products dW = (alpha / r) B A per module, summed
+    # over modules, computed without forming them (fl/lora_distance.py): defined whatever
+    # each client's rank, and blind to the factors' gauge (B M, M^-1 A).
+    distance: Literal["params", "product"] = "params"
+
+    def __post_init__(self):
+        if self.distance == "product" and self.selection != "topm":
+            raise ConfigError(f"pilot.distance=product chooses ATA's nearest clients, which only "
+                              f"pilot.selection=topm uses (got {self.selection}); set pilot.selection=topm or "
+                              "leave pilot.distance at params")
 
 
 @dataclass

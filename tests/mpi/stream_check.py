@@ -11,6 +11,7 @@ import torch
 
 from pilot_hpc.config import load_config
 from pilot_hpc.fl.comm import Comm, block_ranges
+from pilot_hpc.fl.lora_distance import layout
 from pilot_hpc.fl.strategies import get_strategy
 from pilot_hpc.fl.stream import StreamedExchange
 from pilot_hpc.fl.update import ClientUpdate, Part, Participation
@@ -40,7 +41,16 @@ CASES = [
      torch.float32, [1], 7, (4,)),
     ("fedadam-server-dp", ["fl.strategy=fedadam", "fedadam.server_lr=0.1", "privacy.where=server",
                            "privacy.noise_multiplier=3"], 4, 9, 30, torch.float32, [], 6),
+    # ATA on the LoRA products (PRODUCT_SPANS below), factors straddling the 11-column chunks.
+    ("pilot-product", ["fl.strategy=pilot", "pilot.top_m=2", "pilot.distance=product"], 7, 13, 75, torch.float32,
+     [3], 11, (6,)),
 ]
+
+# The personal row of the pilot-product case: three LoRA modules (A [3, in], B [out, 3]) in
+# peft's order, 75 values in all; scalings as peft's alpha / r would give them.
+PRODUCT_SPANS = layout([(f"m{i}.lora_{f}.default.weight", torch.empty(shape)) for i, (a, b) in
+                        enumerate([((3, 5), (4, 3)), ((3, 2), (6, 3)), ((3, 7), (1, 3))])
+                        for f, shape in (("A", a), ("B", b))], 16 / 3)
 
 
 def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols, skipped=()) -> None:
@@ -59,6 +69,8 @@ def run_case(comm, name, overrides, k, p_vis, p_txt, dtype, bad, cols, skipped=(
     streamed, reference = get_strategy(cfg.fl.strategy, cfg).aggregator, get_strategy(cfg.fl.strategy, cfg).aggregator
     gen = torch.Generator().manual_seed(len(name))
     init = {Part.SHARED_BY_TASK: torch.randn(p_vis, generator=gen), Part.PERSONAL: torch.randn(p_txt, generator=gen)}
+    if cfg.pilot.distance == "product":
+        streamed.spans = reference.spans = PRODUCT_SPANS
     streamed.init_server(init)
     reference.init_server(init)
     selected = torch.ones(k, dtype=torch.bool)

@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from pilot_hpc.codes import CodedEnum
+from pilot_hpc.config import client_lora_ranks
 from pilot_hpc.errors import CheckpointError
 from pilot_hpc.train.spec import TrainProgress
 
@@ -175,6 +176,8 @@ def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
         f.attrs["result_hash"] = cfg.result_hash()
         f.attrs["versions"] = json.dumps(_versions(), sort_keys=True)
         f.attrs["git_commit"] = _git_commit()
+        if cfg.model.lora_ranks or cfg.model.lora_task_ranks:  # heterogeneous ranks: each client's own
+            f.attrs["lora_ranks"] = json.dumps(client_lora_ranks(cfg))
         _write_dict(f, "server", server)
         f.create_group("clients")
 

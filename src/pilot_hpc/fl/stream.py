@@ -218,7 +218,7 @@ class StreamedExchange(Exchange):
                                 tag="num_samples", root=self.root, fast=False)
         # The server's window: one [k, c] receive buffer, reused by every chunk.
         recv = host_buffer(k * min(cols, max(width, 1)), dtype, self.device.type == "cuda") if self.server else None
-        plan = gram = ids = None
+        plan = gram = ids = acc = None
         if self.server:
             got = torch.from_numpy(meta_all.reshape(k, META))
             ids = got[:, 0]
@@ -228,12 +228,19 @@ class StreamedExchange(Exchange):
             good[ids] = got[:, 2] == Participation.PARTICIPATED.code
             if aggregator.needs_gram:
                 gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+                # None: the flat rows' centred Gram below; else the aggregator's own (pilot.distance).
+                acc = aggregator.gram_accumulator(k, self.device)
         if aggregator.needs_gram:  # pass 1 (ATA): the Gram matrix of the personal updates
             for block in self.gather_blocks(local, spans(p_shared, width, cols), recv, tag="gram"):
                 if block is not None:
                     rows = self._decoded(decode, Part.PERSONAL, block[1], block[0] - p_shared)
+                    if acc is not None:
+                        acc.feed(rows, block[0] - p_shared)
+                        continue
                     sent_good = good[ids]
                     gram_in_place(gram, rows, self.device, ref=int(sent_good.nonzero()[0]) if sent_good.any() else 0)
+            if acc is not None:
+                gram = acc.result()
         if self.server:
             full = None
             if gram is not None:  # the sending clients' Gram, in place in the K x K one

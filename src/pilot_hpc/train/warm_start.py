@@ -34,10 +34,10 @@ log = logging.getLogger("pilot_hpc.base")
 def base_key(cfg: Config, data_key: str) -> str:
     # model.attn_implementation only applies when the clients load the base; the warm
     # start builds with the default (sdpa), so the cached base does not depend on it.
-    # An empty model.family (the default family) is left out too: the caches made before
-    # the key existed stay valid.
+    # An empty model.family (the default family) is left out too. The clients' own LoRA ranks (model.lora_ranks,
+    # lora_task_ranks) do not reach the warm start, which builds at model.lora_r.
     model = {k: v for k, v in cfg.to_dict()["model"].items()
-             if k != "attn_implementation" and not (k == "family" and not v)}
+             if k not in ("attn_implementation", "lora_ranks", "lora_task_ranks") and not (k == "family" and not v)}
     # The warm start is trained on this CPU: a base made with other math code paths
     # (cpumath.py) holds other numbers, so it is another cache entry.
     math = {key: os.environ.get(key, "") for key in (*cpumath.PINS, cpumath.SWITCH)}

@@ -140,6 +140,18 @@ class Aggregator:
     def shared_rows(self) -> int:
         raise NotImplementedError
 
+    def attach(self, pm) -> None:
+        """Every rank, once the model is built: what the aggregator needs to know of the
+        parameters' shapes (every client's are the same), e.g. where each LoRA module's
+        factors sit in the personal row. Most aggregators need nothing."""
+
+    def gram_accumulator(self, k: int, device):
+        """When needs_gram: an object with feed(rows [K, c], col) over the personal part's
+        column chunks in order, and result() -> [K, K] float64, that gives the "Gram"
+        matrix whose G_kk + G_ii - 2 G_ki are the plan's squared distances. None: the
+        Gram matrix of the flat rows (the exchange's centred pass)."""
+        return None
+
     def select(self, round_: int) -> torch.Tensor:
         """[K] bool: the clients that take part in `round_`, a pure function of the run's
         seed and the round, so every rank (and a resumed run) computes the same set
@@ -174,7 +186,13 @@ class Aggregator:
         good = aggregate.finite_rows(shared) & aggregate.finite_rows(personal)
         gram = None
         if self.needs_gram:
-            gram = aggregate.gram_matrix(aggregate.zero_bad_rows(personal, good))
+            rows = aggregate.zero_bad_rows(personal, good)
+            acc = self.gram_accumulator(rows.shape[0], rows.device)
+            if acc is None:
+                gram = aggregate.gram_matrix(rows)
+            else:
+                acc.feed(rows, 0)
+                gram = acc.result()
         plan = self.plan(n, good, gram)
         mixed_shared, mixed_personal = aggregate.mix(plan.shared, shared, good), aggregate.mix(plan.personal, personal, good)
         self.finish(Part.SHARED_BY_TASK, mixed_shared, 0)
