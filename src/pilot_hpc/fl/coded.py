@@ -29,7 +29,7 @@ from pilot_hpc.fl.stream import (Received, StreamedExchange, chunk_columns, gram
                                  mix_in_place, spans)
 from pilot_hpc.fl.strategies.base import MixPlan
 from pilot_hpc.fl.transforms import coded
-from pilot_hpc.fl.update import Part, Participation
+from pilot_hpc.fl.update import Part
 
 
 def coded_columns(chunk_mb: float, widths: tuple[int, int]) -> int:
@@ -67,21 +67,10 @@ class CodedExchange(StreamedExchange):
         `dtype` is not used (the server mixes float32, the clients receive float32)."""
         comm, k_all = self.comm, self.num_clients
         p_shared, p_personal = widths
-        sel = selected.cpu().bool()
-        self.sizes = [int(sel[b.start:b.stop].sum()) for b in self.blocks]
-        self.first = sum(self.sizes[:comm.rank])
-        k = sum(self.sizes)
-        if len(updates) != self.sizes[comm.rank]:
-            raise RuntimeError(f"rank {comm.rank}: {len(updates)} updates to send but {self.sizes[comm.rank]} of its "
-                               "clients are selected this round")
+        sel, k = self.begin_round(updates, selected)
         meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, 3)
         enc_shared = nbytes(self.up, p_shared)
-        local = torch.zeros(len(updates), enc_shared + nbytes(self.up, p_personal), dtype=torch.uint8,
-                            device=self.device)
-        for i, u in enumerate(updates):
-            local[i, :enc_shared] = u.parts[Part.SHARED_BY_TASK]
-            local[i, enc_shared:] = u.parts[Part.PERSONAL]
-            u.parts.clear()
+        local = self.stack_rows(updates, enc_shared, enc_shared + nbytes(self.up, p_personal), torch.uint8)
         cols = coded_columns(self.chunk_mb, widths)
         meta_all = comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [3 * s for s in self.sizes],
                                 tag="num_samples", root=self.root, fast=False)
@@ -101,12 +90,7 @@ class CodedExchange(StreamedExchange):
 
         plan = gram = ids = good = None
         if self.server:
-            got = torch.from_numpy(meta_all.reshape(k, 3))
-            ids = got[:, 0]
-            n = torch.zeros(k_all, dtype=torch.int64)
-            n[ids] = got[:, 1]
-            good = torch.zeros(k_all, dtype=torch.bool)
-            good[ids] = got[:, 2] == Participation.PARTICIPATED.code
+            ids, n, good = self.senders(meta_all, k)
             if aggregator.needs_gram:
                 gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         if aggregator.needs_gram:  # pass 1 (ATA): the Gram matrix of the decoded personal changes

@@ -165,18 +165,12 @@ class SecureSumExchange(StreamedExchange):
         transform that decodes)."""
         if aggregator.needs_gram or not aggregator.global_personal:
             raise RuntimeError(f"secure aggregation: {type(aggregator).__name__} needs the individual updates")
-        comm, k_all = self.comm, self.num_clients
+        k_all = self.num_clients
         p_shared, width = widths[0], widths[0] + widths[1]
         if width > masks.MAX_COLUMNS:
             raise RuntimeError(f"secure aggregation: a row of {width} values exceeds one mask stream "
                                f"({masks.MAX_COLUMNS})")
-        sel = selected.cpu().bool()
-        self.sizes = [int(sel[b.start:b.stop].sum()) for b in self.blocks]
-        self.first = sum(self.sizes[:comm.rank])
-        k = sum(self.sizes)
-        if len(updates) != self.sizes[comm.rank]:
-            raise RuntimeError(f"rank {comm.rank}: {len(updates)} updates to send but {self.sizes[comm.rank]} of its "
-                               "clients are selected this round")
+        sel, k = self.begin_round(updates, selected)
         public = self.share_public_keys()
         n, good = self.share_records(updates, sel)
         senders = good.nonzero().flatten().tolist()

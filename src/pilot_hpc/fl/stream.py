@@ -197,22 +197,9 @@ class StreamedExchange(Exchange):
         block, cols): the server's transform chain on each gathered chunk."""
         comm, k_all = self.comm, self.num_clients
         p_shared, width = widths[0], widths[0] + widths[1]
-        sel = selected.cpu().bool()
-        # Rows per rank: its selected clients. Every rank knows them without a message.
-        self.sizes = [int(sel[b.start:b.stop].sum()) for b in self.blocks]
-        self.first = sum(self.sizes[:comm.rank])
-        k = sum(self.sizes)
-        if len(updates) != self.sizes[comm.rank]:
-            raise RuntimeError(f"rank {comm.rank}: {len(updates)} updates to send but {self.sizes[comm.rank]} of its "
-                               "clients are selected this round")
+        sel, k = self.begin_round(updates, selected)
         meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, META)
-        # [n_sending, P] on the model's device. Each update's rows are released once copied,
-        # so a rank holds its rows about once, not twice.
-        local = torch.zeros(len(updates), width, dtype=dtype, device=self.device)
-        for i, u in enumerate(updates):
-            local[i, :p_shared] = u.parts[Part.SHARED_BY_TASK]
-            local[i, p_shared:] = u.parts[Part.PERSONAL]
-            u.parts.clear()
+        local = self.stack_rows(updates, p_shared, width, dtype)
         cols = chunk_columns(self.chunk_mb, local.element_size(), width)
         meta_all = comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [META * s for s in self.sizes],
                                 tag="num_samples", root=self.root, fast=False)
@@ -220,12 +207,7 @@ class StreamedExchange(Exchange):
         recv = host_buffer(k * min(cols, max(width, 1)), dtype, self.device.type == "cuda") if self.server else None
         plan = gram = ids = acc = None
         if self.server:
-            got = torch.from_numpy(meta_all.reshape(k, META))
-            ids = got[:, 0]
-            n = torch.zeros(k_all, dtype=torch.int64)
-            n[ids] = got[:, 1]
-            good = torch.zeros(k_all, dtype=torch.bool)
-            good[ids] = got[:, 2] == Participation.PARTICIPATED.code
+            ids, n, good = self.senders(meta_all, k)
             if aggregator.needs_gram:
                 gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
                 # None: the flat rows' centred Gram below; else the aggregator's own (pilot.distance).
@@ -269,6 +251,39 @@ class StreamedExchange(Exchange):
                 block = (a, self._decoded(decode, Part.PERSONAL, block[1], a - p_shared))
             self._send_personal(block, plan, aggregator, personal, a - p_shared, b - p_shared, spread)
         return Received(shared, personal, plan.excluded if plan is not None else None, spread)
+
+    def begin_round(self, updates: list[ClientUpdate], selected: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The round's rows per rank (its selected clients: every rank knows them without a
+        message) and this rank's first row; (selected as a CPU bool mask, K sending)."""
+        sel = selected.cpu().bool()
+        self.sizes = [int(sel[b.start:b.stop].sum()) for b in self.blocks]
+        self.first = sum(self.sizes[:self.comm.rank])
+        if len(updates) != self.sizes[self.comm.rank]:
+            raise RuntimeError(f"rank {self.comm.rank}: {len(updates)} updates to send but "
+                               f"{self.sizes[self.comm.rank]} of its clients are selected this round")
+        return sel, sum(self.sizes)
+
+    def stack_rows(self, updates: list[ClientUpdate], split: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[n_sending, width] on the model's device: each update's shared part in columns
+        :split, its personal part after. Each update's rows are released once copied, so a
+        rank holds its rows about once, not twice."""
+        local = torch.zeros(len(updates), width, dtype=dtype, device=self.device)
+        for i, u in enumerate(updates):
+            local[i, :split] = u.parts[Part.SHARED_BY_TASK]
+            local[i, split:] = u.parts[Part.PERSONAL]
+            u.parts.clear()
+        return local
+
+    def senders(self, meta_all: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the server, from the gathered (client, samples, status) records of the K
+        sending clients: their ids [K], and the sample counts and good flags [K_all]."""
+        got = torch.from_numpy(meta_all.reshape(k, META))
+        ids = got[:, 0]
+        n = torch.zeros(self.num_clients, dtype=torch.int64)
+        n[ids] = got[:, 1]
+        good = torch.zeros(self.num_clients, dtype=torch.bool)
+        good[ids] = got[:, 2] == Participation.PARTICIPATED.code
+        return ids, n, good
 
     @staticmethod
     def _decoded(decode, part: Part, block: torch.Tensor, a: int) -> torch.Tensor:
