@@ -42,8 +42,11 @@ system-deps:
 run: install
 	MPIEXEC_TIMEOUT=$(MPIEXEC_TIMEOUT) $(BIN)/mpiexec -n $(NP) $(BIN)/python -m pilot_hpc.main --config $(CONFIG)
 
+# The tests compare runs with each other on one machine, never with numbers made elsewhere,
+# so they take the CPU's native math paths (14% faster than the pinned ones, BENCHMARKS.md);
+# tests/unit/test_cpumath.py checks the pins themselves in fresh processes.
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests kernels $(PYTEST_ARGS)
+	PILOT_HPC_CPU_MATH=native PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests kernels $(PYTEST_ARGS)
 
 # The unit tests alone (tests/unit: no mpiexec, no whole runs, no Slurm).
 test-fast: install
