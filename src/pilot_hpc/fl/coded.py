@@ -20,14 +20,12 @@ parameter mix whenever the row's contributors started from the same values (docs
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pilot_hpc.fl.codecs import BLOCK, decode_rows, encode_rows, nbytes, span
 from pilot_hpc.fl.flat import flatten, from_wire, to_wire
 from pilot_hpc.fl.stream import (Received, StreamedExchange, chunk_columns, gram_in_place, host_buffer,
                                  mix_in_place, spans)
-from pilot_hpc.fl.strategies.base import MixPlan
 from pilot_hpc.fl.transforms import coded
 from pilot_hpc.fl.update import Part
 
@@ -68,12 +66,10 @@ class CodedExchange(StreamedExchange):
         comm, k_all = self.comm, self.num_clients
         p_shared, p_personal = widths
         sel, k = self.begin_round(updates, selected)
-        meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, 3)
+        meta_all = self.gather_records(updates)
         enc_shared = nbytes(self.up, p_shared)
         local = self.stack_rows(updates, enc_shared, enc_shared + nbytes(self.up, p_personal), torch.uint8)
         cols = coded_columns(self.chunk_mb, widths)
-        meta_all = comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [3 * s for s in self.sizes],
-                                tag="num_samples", root=self.root, fast=False)
         rows_out = aggregator.shared_rows()
         widest = min(cols, max(p_shared, p_personal, 1))
         pinned = self.device.type == "cuda"
@@ -101,13 +97,7 @@ class CodedExchange(StreamedExchange):
                     sent_good = good[ids]
                     gram_in_place(gram, rows, self.device, ref=int(sent_good.nonzero()[0]) if sent_good.any() else 0)
         if self.server:
-            full = None
-            if gram is not None:
-                full = torch.zeros(k_all, k_all, dtype=torch.float64)
-                full[ids[:, None], ids[None, :]] = gram.cpu()
-            plan = aggregator.plan(n, good, full)
-            plan = MixPlan(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
-                           excluded=[c for c in plan.excluded if bool(sel[c])])
+            plan = self.plan_for(aggregator, n, good, gram, ids, sel)
         shared = torch.empty(rows_out, p_shared, dtype=torch.float32)
         personal = torch.empty(self.sizes[comm.rank], p_personal, dtype=torch.float32)
         spread = torch.empty(p_personal, dtype=torch.float32) if aggregator.global_personal and k < k_all else None

@@ -198,11 +198,9 @@ class StreamedExchange(Exchange):
         comm, k_all = self.comm, self.num_clients
         p_shared, width = widths[0], widths[0] + widths[1]
         sel, k = self.begin_round(updates, selected)
-        meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, META)
+        meta_all = self.gather_records(updates)
         local = self.stack_rows(updates, p_shared, width, dtype)
         cols = chunk_columns(self.chunk_mb, local.element_size(), width)
-        meta_all = comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [META * s for s in self.sizes],
-                                tag="num_samples", root=self.root, fast=False)
         # The server's window: one [k, c] receive buffer, reused by every chunk.
         recv = host_buffer(k * min(cols, max(width, 1)), dtype, self.device.type == "cuda") if self.server else None
         plan = gram = ids = acc = None
@@ -224,14 +222,7 @@ class StreamedExchange(Exchange):
             if acc is not None:
                 gram = acc.result()
         if self.server:
-            full = None
-            if gram is not None:  # the sending clients' Gram, in place in the K x K one
-                full = torch.zeros(k_all, k_all, dtype=torch.float64)
-                full[ids[:, None], ids[None, :]] = gram.cpu()
-            plan = aggregator.plan(n, good, full)
-            # Coefficients over the rows that travel (every client when all take part).
-            plan = MixPlan(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
-                           excluded=[c for c in plan.excluded if bool(sel[c])])
+            plan = self.plan_for(aggregator, n, good, gram, ids, sel)
         shared = torch.empty(aggregator.shared_rows(), p_shared, dtype=dtype)
         personal = torch.empty(self.sizes[comm.rank], width - p_shared, dtype=dtype)
         # Only when someone sat out: with every client sending, the bytes are as before.
@@ -273,6 +264,25 @@ class StreamedExchange(Exchange):
             local[i, split:] = u.parts[Part.PERSONAL]
             u.parts.clear()
         return local
+
+    def gather_records(self, updates: list[ClientUpdate]) -> np.ndarray | None:
+        """Each sending client's (client, samples, Participation code) record, gathered on
+        the server (None elsewhere)."""
+        meta = np.array([[u.client, u.num_samples, u.status.code] for u in updates], dtype=np.int64).reshape(-1, META)
+        return self.comm.gatherv(np.ascontiguousarray(meta).reshape(-1), [META * s for s in self.sizes],
+                                 tag="num_samples", root=self.root, fast=False)
+
+    def plan_for(self, aggregator, n: torch.Tensor, good: torch.Tensor, gram: torch.Tensor | None,
+                 ids: torch.Tensor, sel: torch.Tensor) -> MixPlan:
+        """The aggregator's plan over the rows that travel (every client when all take part):
+        the senders' Gram put in place in the K x K one, the coefficients restricted to the senders."""
+        full = None
+        if gram is not None:
+            full = torch.zeros(self.num_clients, self.num_clients, dtype=torch.float64)
+            full[ids[:, None], ids[None, :]] = gram.cpu()
+        plan = aggregator.plan(n, good, full)
+        return MixPlan(shared=plan.shared[:, ids], personal=plan.personal[ids][:, ids],
+                       excluded=[c for c in plan.excluded if bool(sel[c])])
 
     def senders(self, meta_all: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """On the server, from the gathered (client, samples, status) records of the K
