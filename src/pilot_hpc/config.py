@@ -153,8 +153,7 @@ def check_lora_ranks(cfg: "Config") -> None:
                           "weighted sum of the clients' products) is implemented as a function "
                           "(pilot_hpc.fl.lora_distance.stack_factors) but not yet wired into the exchange, which would "
                           "merge the stacked product into the base weights every round; use fl.lora_rank_rule=zero_pad")
-    up, down = fl.codecs()
-    if cfg.pilot.distance == "product" and (up != down or up in ("int8", "int4")):  # transforms.coded: changes travel
+    if cfg.pilot.distance == "product" and fl.sends_changes():
         raise ConfigError(f"pilot.distance=product compares the clients' LoRA products B A, but with fl.codec / "
                           f"fl.codec_down = {fl.codecs()} the rows travel as changes over the round, whose factors "
                           "do not multiply to a change of the product: use pilot.distance=params with a lossy codec, or "

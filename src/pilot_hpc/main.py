@@ -241,7 +241,7 @@ def run(cfg, comm) -> int:
 
             fed.exchanger = SecureSumExchange(fed_comm, fed.blocks, device, cfg.fl.chunk_mb, seed=cfg.run.seed)
         else:
-            fed.exchanger = exchange_for(cfg, fed_comm, fed.blocks, device, strategy.aggregator)
+            fed.exchanger = exchange_for(cfg, fed_comm, fed.blocks, device)
         fed.transforms = chain_for(cfg)
     ok, start = find_start(cfg, comm, fed, initial)
     if not ok:

@@ -250,6 +250,12 @@ class FLConfig:
         up = self.wire_dtype if self.codec == "float32" else self.codec
         return up, self.codec_down or up
 
+    def sends_changes(self) -> bool:
+        """Whether updates travel as changes from the round's start through the encoded
+        exchange (fl/coded.py): a lossy integer codec, or different codecs each way."""
+        up, down = self.codecs()
+        return up != down or up in ("int8", "int4")
+
 
 @dataclass
 class PilotConfig:

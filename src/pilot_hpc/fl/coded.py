@@ -161,12 +161,11 @@ class CodedExchange(StreamedExchange):
                 decode_rows(from_wire(got, torch.uint8).view(-1, size), self.down, c, out=personal[:, a:b])
 
 
-def exchange_for(cfg, comm, blocks: list[range], device: torch.device, aggregator) -> StreamedExchange:
-    """The run's exchange: the plain one, or the encoded one when the codecs need it (then
-    the aggregator's finish sees mixed changes)."""
+def exchange_for(cfg, comm, blocks: list[range], device: torch.device) -> StreamedExchange:
+    """The run's exchange: the plain one, or the encoded one when the codecs need it (the
+    aggregators then see mixed changes: Aggregator.mixes_changes)."""
     if not coded(cfg):
         return StreamedExchange(comm, blocks, device, cfg.fl.chunk_mb)
-    aggregator.mixes_changes = True
     up, down = cfg.fl.codecs()
     return CodedExchange(comm, blocks, device, cfg.fl.chunk_mb, up, down)
 

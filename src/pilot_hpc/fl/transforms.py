@@ -109,8 +109,7 @@ class Codec(Transform):
 def coded(cfg) -> bool:
     """Whether the run's codecs need the encoded exchange (fl/coded.py); otherwise the rows
     travel as today, in the wire dtype both ways (WireDtype)."""
-    up, down = cfg.fl.codecs()
-    return up != down or up in codecs.LOSSY_INT
+    return cfg.fl.sends_changes()
 
 
 class Chain:

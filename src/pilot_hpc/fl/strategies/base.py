@@ -124,11 +124,10 @@ class Aggregator:
     # so that a client which sat the round out holds the global model, as a client
     # sampled later must start from it. Per-client rows (Pilot's ATA) are not spread.
     global_personal = False
-    # The exchange mixes the clients' changes from the round's start, not their parameters
-    # (a lossy fl.codec, fl/coded.py): finish() then sees mixed changes.
-    mixes_changes = False
-
     def __init__(self, cfg):
+        # The exchange mixes the clients' changes from the round's start, not their
+        # parameters (a lossy fl.codec, fl/coded.py): finish() then sees mixed changes.
+        self.mixes_changes = cfg.fl.sends_changes()
         # The round being aggregated: set by the federation before each exchange (a server
         # step that draws per-round randomness seeds it with this, e.g. privacy.where=server).
         self.round = 0
