@@ -137,14 +137,9 @@ class SecureSumExchange(StreamedExchange):
         got = self.comm.gatherv(meta, counts, tag="num_samples", root=self.root, fast=False)
         relay = got if self.server else np.empty(sum(counts), dtype=np.int64)
         self.comm.bcast(relay, tag="secagg_records", root=self.root)
-        got = torch.from_numpy(relay.reshape(-1, META))
-        ids = got[:, 0]
+        ids, n, good = self.senders(relay, len(relay) // META)
         if not bool(sel[ids].all()) or len(ids) != int(sel.sum()):
             raise RuntimeError(f"secure aggregation: the senders {ids.tolist()} are not the round's selection")
-        n = torch.zeros(self.num_clients, dtype=torch.int64)
-        good = torch.zeros(self.num_clients, dtype=torch.bool)
-        n[ids] = got[:, 1]
-        good[ids] = got[:, 2] == Participation.PARTICIPATED.code
         return n, good
 
     @staticmethod
