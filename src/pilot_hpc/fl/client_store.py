@@ -65,6 +65,13 @@ class StateFiles:
             return {key: f.get_tensor(key) for key in order}
 
 
+def _stored(kind: str) -> property:
+    """A slot field (dict of tensors or None) kept in the rank's StateFiles under `kind`,
+    read and written on every access."""
+    return property(lambda self: self.files.get(self.k, kind),
+                    lambda self, value: self.files.put(self.k, kind, value))
+
+
 class DiskClientSlot(ClientSlot):
     """A ClientSlot whose `state`, `pre_state` and `residual` (a lossy fl.codec) are read from and written to its rank's
     StateFiles on every access: the same transitions, no resident copy."""
@@ -85,21 +92,8 @@ class DiskClientSlot(ClientSlot):
         else:
             self.files.put(self.k, "state", value)
 
-    @property
-    def pre_state(self) -> dict[str, torch.Tensor] | None:
-        return self.files.get(self.k, "pre")
-
-    @pre_state.setter
-    def pre_state(self, value: dict[str, torch.Tensor] | None) -> None:
-        self.files.put(self.k, "pre", value)
-
-    @property
-    def residual(self) -> dict[str, torch.Tensor] | None:
-        return self.files.get(self.k, "residual")
-
-    @residual.setter
-    def residual(self, value: dict[str, torch.Tensor] | None) -> None:
-        self.files.put(self.k, "residual", value)
+    pre_state = _stored("pre")
+    residual = _stored("residual")
 
     def record(self, complete: bool) -> ClientCheckpoint:
         """As ClientSlot.record, its tensors read from the files one at a time as the
