@@ -49,10 +49,15 @@ class Shape:
     c: int = 4096
     t: int = 3
     dtype: torch.dtype = torch.bfloat16
+    n_out: int = 0  # the MLPs' output width N; 0: N = C (LLaVA's projector)
 
     @property
     def m(self) -> int:
         return self.batch * self.tokens
+
+    @property
+    def n(self) -> int:
+        return self.n_out or self.c
 
 
 LLAVA_7B = Shape()
@@ -94,7 +99,7 @@ def cost_model(shape: Shape, h_grad: bool = False, router_grad: bool = True) -> 
     go through the mixed down GEMM and keep Z; with the router trainable each frozen MLP
     gets its own Y = gelu(Z) W2^T + b2 (kept) and adds P Y in the mix's epilogue. The
     small kernels with a T-sized GEMM side (router, bias terms) count under "router"."""
-    m, cv, c, t, el = shape.m, shape.cv, shape.c, shape.t, _elt(shape.dtype)
+    m, cv, c, n, t, el = shape.m, shape.cv, shape.c, shape.n, shape.t, _elt(shape.dtype)
     n_tr, n_fr = _roles(shape)
     n_visit = n_tr + n_fr if h_grad else n_tr  # H's gradient runs through every MLP
     need_dp = router_grad or h_grad
@@ -105,16 +110,17 @@ def cost_model(shape: Shape, h_grad: bool = False, router_grad: bool = True) -> 
     out.append(Cost("fwd", "up", m, c, cv, n_mix, m * cv * el + c * cv * el + m * c * el * (2 if n_tr else 1)))
     if n_y:  # H, W1 -> gelu(Z); then gelu(Z), W2 -> Y
         out.append(Cost("fwd", "up frozen", m, c, cv, n_y, m * cv * el + c * cv * el + m * c * el))
-        out.append(Cost("fwd", "down frozen Y", m, c, c, n_y, m * c * el + c * c * el + m * c * el))
-    out.append(Cost("fwd", "down mix", m, c, n_mix * c, 1,
-                    m * n_mix * c * el + n_mix * c * c * el + n_y * m * c * el + m * t * 4 + m * c * el))
-    out.append(Cost("bwd", "bwd D", m, c, c, n_visit, m * c * el * 2 + c * c * el + m * c * el * 2))  # G, Z, W2 -> dZ, S
+        out.append(Cost("fwd", "down frozen Y", m, n, c, n_y, m * c * el + n * c * el + m * n * el))
+    out.append(Cost("fwd", "down mix", m, n, n_mix * c, 1,
+                    m * n_mix * c * el + n_mix * n * c * el + n_y * m * n * el + m * t * 4 + m * n * el))
+    # G, Z, W2 -> dZ, S
+    out.append(Cost("bwd", "bwd D", m, c, n, n_visit, m * n * el + m * c * el + n * c * el + m * c * el * 2))
     if need_dp:
         out.append(Cost("bwd", "router bwd", t, cv, m, 1, m * cv * el + m * t * 8 + t * cv * 4))
     if h_grad:
         out.append(Cost("bwd", "torch dH", m, cv, c, n_visit, m * c * el + c * cv * el + m * cv * 4))
     out.append(Cost("bwd", "torch dW1", c, cv, m, n_tr, m * c * el + m * cv * el + c * cv * el))
-    out.append(Cost("bwd", "torch dW2", c, c, m, n_tr, m * c * el * 2 + c * c * el))
+    out.append(Cost("bwd", "torch dW2", n, c, m, n_tr, m * n * el + m * c * el + n * c * el))
     return out
 
 
@@ -123,13 +129,13 @@ def eager_flops(shape: Shape, h_grad: bool = False) -> dict[str, int]:
     forward all MLPs' two GEMMs and the router; backward per trainable MLP dA = G W2,
     dW2 and dW1 (and dH), the router's dW_r; a frozen MLP's dP term is its saved output
     times G, element-wise (no GEMM)."""
-    m, cv, c, t = shape.m, shape.cv, shape.c, shape.t
+    m, cv, c, n, t = shape.m, shape.cv, shape.c, shape.n, shape.t
     n_tr, n_fr = _roles(shape)
-    mlp = 2 * m * cv * c + 2 * m * c * c
+    mlp = 2 * m * cv * c + 2 * m * c * n
     fwd = (n_tr + n_fr) * mlp + 2 * m * t * cv
-    bwd = n_tr * (4 * m * c * c + 2 * m * cv * c) + 2 * m * t * cv
+    bwd = n_tr * (4 * m * c * n + 2 * m * cv * c) + 2 * m * t * cv
     if h_grad:  # dH through every MLP, and dA through the frozen ones too
-        bwd += (n_tr + n_fr) * 2 * m * c * cv + n_fr * 2 * m * c * c
+        bwd += (n_tr + n_fr) * 2 * m * c * cv + n_fr * 2 * m * c * n
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -139,11 +145,11 @@ def saved_bytes(shape: Shape) -> dict[str, int]:
     the compute dtype, probs [M, T] and lse [M] in fp32. Eager (its autograd graph on
     ctmoa_reference): per trainable MLP Z and gelu(Z) in the compute dtype and its output
     in fp32 (the mixing product saves it for dP); per frozen MLP its fp32 output; probs."""
-    m, c, t, el = shape.m, shape.c, shape.t, _elt(shape.dtype)
+    m, c, n, t, el = shape.m, shape.c, shape.n, shape.t, _elt(shape.dtype)
     n_tr, n_fr = _roles(shape)
-    fused = (n_tr + n_fr) * m * c * el + m * t * 4 + m * 4
+    fused = n_tr * m * c * el + n_fr * m * n * el + m * t * 4 + m * 4
     # in fp32, y.float() is y itself: the product saves the linear's own output, once
-    eager = n_tr * (2 * m * c * el + m * c * 4) + n_fr * m * c * 4 + m * t * 4
+    eager = n_tr * (2 * m * c * el + m * n * 4) + n_fr * m * n * 4 + m * t * 4
     return {"fused": fused, "eager": eager}
 
 
@@ -194,8 +200,8 @@ def build(shape: Shape, device: str, seed: int = 0):
         train = i % 2 == 0
         adapters.append(AdapterWeights(rand(shape.c, shape.cv, scale=1 / math.sqrt(shape.cv), grad=train),
                                        rand(shape.c, scale=0.02, grad=train),
-                                       rand(shape.c, shape.c, scale=1 / math.sqrt(shape.c), grad=train),
-                                       rand(shape.c, scale=0.02, grad=train)))
+                                       rand(shape.n, shape.c, scale=1 / math.sqrt(shape.c), grad=train),
+                                       rand(shape.n, scale=0.02, grad=train)))
     return h, wr, adapters, mlp_expert_index(shape.t)
 
 
@@ -273,11 +279,11 @@ def plain_gemms(problem, device: str, reps: int) -> Result:
     h, wr, adapters, eo = problem
     h2 = h.reshape(-1, h.shape[-1])  # [M, Cv]
     w1s = torch.cat([a.w1.detach() for a in adapters])  # [E*C, Cv]
-    w2cat = torch.cat([a.w2.detach() for a in adapters], dim=1)  # [C, E*C]
-    c = w2cat.shape[0]
+    w2cat = torch.cat([a.w2.detach() for a in adapters], dim=1)  # [N, E*C]
+    n, c = w2cat.shape[0], adapters[0].w1.shape[0]
     n_tr = sum(a.w1.requires_grad for a in adapters)
     s = torch.randn(h2.shape[0], w1s.shape[0], device=device).to(h.dtype)  # [M, E*C]
-    g = torch.randn(h2.shape[0], c, device=device).to(h.dtype)  # [M, C]
+    g = torch.randn(h2.shape[0], n, device=device).to(h.dtype)  # [M, N]
 
     def fwd():
         torch.matmul(h2, w1s.t())
@@ -337,7 +343,7 @@ def render_markdown(results: list[Result], shape: Shape, device_name: str, comma
     return "\n".join([
         "# CT-MoA kernel benchmarks", "",
         f"Measured {datetime.date.today().isoformat()} on {device_name}; torch {torch.__version__}.",
-        f"Shape: {shape.batch} x {shape.tokens} tokens, Cv={shape.cv}, C={shape.c}, T={shape.t} "
+        f"Shape: {shape.batch} x {shape.tokens} tokens, Cv={shape.cv}, C={shape.c}, N={shape.n}, T={shape.t} "
         f"({2 * shape.t - 1} MLPs), {str(shape.dtype).replace('torch.', '')}; stage-2 trainable set (router, own and "
         "cross adapters; foreign adapters and H frozen). Backward = autograd.grad of out, prob_sum and lse_sq_sum.",
         "", "Reproduce:", "", "```", command, "```", "", f"Targets: {TARGETS}.", "", *rows, "", *verdict, "",
@@ -368,7 +374,7 @@ def render_cost_only(shape: Shape, command: str) -> str:
         "Triton's interpreter (correctness: `kernels/test_ctmoa*.py`) and were compiled ahead of time "
         "for sm_90 (`test_kernels_compile_for_sm90_without_a_gpu`, which also checks that the bf16 GEMM "
         "tiles lower to wgmma); neither says anything about speed.", "",
-        f"Shape: {shape.batch} x {shape.tokens} tokens (M = {shape.m}), Cv={shape.cv}, C={shape.c}, "
+        f"Shape: {shape.batch} x {shape.tokens} tokens (M = {shape.m}), Cv={shape.cv}, C={shape.c}, N={shape.n}, "
         f"T={shape.t} ({2 * shape.t - 1} MLPs), {str(shape.dtype).replace('torch.', '')}; stage-2 trainable set "
         "(router, own and cross adapters; foreign adapters and H frozen).", "",
         "Reproduce (on a GPU node the same command also times fused, eager and torch.compile(reference), "
@@ -393,7 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=LLAVA_7B.batch)
     p.add_argument("--tokens", type=int, default=LLAVA_7B.tokens)
     p.add_argument("--cv", type=int, default=LLAVA_7B.cv)
-    p.add_argument("--c", type=int, default=LLAVA_7B.c)
+    p.add_argument("--c", type=int, default=LLAVA_7B.c, help="the MLPs' hidden width C")
+    p.add_argument("--n", type=int, default=0, help="the MLPs' output width N (default: C)")
     p.add_argument("--t", type=int, default=LLAVA_7B.t)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement, ms")
@@ -404,7 +411,7 @@ def main(argv=None) -> int:
     if args.tiny:
         shape, device = TINY, "cpu"
     else:
-        shape = Shape(args.batch, args.tokens, args.cv, args.c, args.t, _dtype(args.dtype))
+        shape = Shape(args.batch, args.tokens, args.cv, args.c, args.t, _dtype(args.dtype), args.n)
         device = "cuda"
         if not torch.cuda.is_available():
             print("benchmark_ctmoa: no CUDA GPU visible: writing the analytic cost model only, no timings",
@@ -494,8 +501,8 @@ def test_cost_model_matches_the_launches():
         pytest.skip(reason)
     import triton
     from pilot_hpc_kernels import ctmoa, ctmoa_fwd
-    for h_grad in (False, True):
-        shape = Shape(batch=1, tokens=21, cv=20, c=18, t=3, dtype=torch.float32)
+    for h_grad, n in ((False, 0), (True, 0), (False, 11), (True, 26)):  # N = C, N < C, N > C
+        shape = Shape(batch=1, tokens=21, cv=20, c=18, t=3, dtype=torch.float32, n_out=n)
         h, wr, adapters, eo = build(shape, "cpu")
         h.requires_grad_(h_grad)
         ctmoa_fwd.LAUNCHES = []

@@ -53,8 +53,8 @@ def _bias_out(biases: Sequence[Tensor]) -> list[Tensor | None]:
 def ctmoa_fwd(h2: Tensor, wr: Tensor, w1: list[Tensor], b1: list[Tensor], w2: list[Tensor], b2: list[Tensor],
               expert_of: list[int], visit: list[bool],
               keep_y: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out [M, C], probs [M, T], counts [T], prob_sum [T], lse_sq_sum [], lse [M],
-    Z [M, n_visit*C], Y [n_keep, M, C]); the last three are for the backward only.
+    """(out [M, N], probs [M, T], counts [T], prob_sum [T], lse_sq_sum [], lse [M],
+    Z [M, n_visit*C], Y [n_keep, M, N]); the last three are for the backward only.
     A missing bias is an empty tensor (see `_bias_in`)."""
     probs, lse, counts, prob_sum, lse_sq = router_forward(h2, wr)
     out, z, y = mixture_forward(h2, probs, w1, _bias_out(b1), w2, _bias_out(b2), expert_of, visit, keep_y)
@@ -63,11 +63,11 @@ def ctmoa_fwd(h2: Tensor, wr: Tensor, w1: list[Tensor], b1: list[Tensor], w2: li
 
 @ctmoa_fwd.register_fake
 def _ctmoa_fwd_fake(h2, wr, w1, b1, w2, b2, expert_of, visit, keep_y):
-    m, t, c = h2.shape[0], wr.shape[0], w1[0].shape[0]
+    m, t, c, n = h2.shape[0], wr.shape[0], w1[0].shape[0], w2[0].shape[0]
     f32 = torch.float32
-    return (h2.new_empty(m, c), h2.new_empty(m, t, dtype=f32), h2.new_empty(t, dtype=f32),
+    return (h2.new_empty(m, n), h2.new_empty(m, t, dtype=f32), h2.new_empty(t, dtype=f32),
             h2.new_empty(t, dtype=f32), h2.new_empty((), dtype=f32), h2.new_empty(m, dtype=f32),
-            h2.new_empty(m, sum(visit) * c), h2.new_empty(sum(keep_y), m, c))
+            h2.new_empty(m, sum(visit) * c), h2.new_empty(sum(keep_y), m, n))
 
 
 # ----------------------------------------------------------------------------- backward op
@@ -127,7 +127,7 @@ def _backward(ctx, g_out, g_probs, _g_counts, g_prob_sum, g_lse_sq, _g_lse, _g_z
     w1, b1, w2, b2 = (list(saved[6 + k * e:6 + (k + 1) * e]) for k in range(4))
     expert_of, visit, keep_y = ctx.static
     if g_out is None:  # only the aux statistics reached the loss
-        g_out = torch.zeros(h2.shape[0], w1[0].shape[0], dtype=h2.dtype, device=h2.device)
+        g_out = torch.zeros(h2.shape[0], w2[0].shape[0], dtype=h2.dtype, device=h2.device)
     grads = ctmoa_bwd(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b2, probs, lse, z, y, expert_of,
                       visit, keep_y, ctx.needs)
     grads = [x if need else None for x, need in zip(grads, ctx.needs)]
@@ -161,7 +161,9 @@ def check_inputs(h, router_weight, adapters, expert_of) -> None:
         raise ValueError(f"CT-MoA: expert index out of range for a router with {num_experts} experts: "
                          f"{list(expert_of)}")
     c = adapters[0].w1.shape[0] if adapters[0].w1.dim() == 2 else -1
-    expected = {"w1": (c, cv), "b1": (c,), "w2": (c, c), "b2": (c,)}
+    n = adapters[0].w2.shape[0] if adapters[0].w2 is not None and adapters[0].w2.dim() == 2 else -1
+    # [C, Cv], [C], [N, C], [N]: N (the output width) may differ from C (Qwen-VL's merger MLP)
+    expected = {"w1": (c, cv), "b1": (c,), "w2": (n, c), "b2": (n,)}
     for i, a in enumerate(adapters):
         for name, x in zip(("w1", "b1", "w2", "b2"), a):
             if x is None:

@@ -2,7 +2,7 @@
 
 The backward visits only the MLPs that have something to train (all of them only when H
 needs a gradient) and recomputes nothing: the forward kept what eager keeps.
-  * A visited MLP m: `_mix_bwd_kernel` computes D = G W2_m (K = C, one fp32 accumulator)
+  * A visited MLP m: `_mix_bwd_kernel` computes D = G W2_m (K = N, one fp32 accumulator)
     and, in the epilogue, with the Z_m the forward stored: dZ = P_e D gelu'(Z) (when
     w1/b1 train or H needs a grad), S = P_e gelu(Z) (when w2 trains) and the row sums
     of D gelu(Z), this MLP's share of dP_e.
@@ -31,7 +31,7 @@ from pilot_hpc_kernels.ctmoa_fwd import (SMALL_K, SMALL_M, int_tensor, per_exper
 
 @triton.jit
 def _mix_bwd_kernel(g_ptr, w2_ptr, z_ptr, probs_ptr, dz_ptr, s_ptr, dp_ptr,
-                    M, C, T, e, stride_gm, stride_gk, stride_w2n, stride_w2k, stride_zm, stride_dzm, stride_sm,
+                    M, C, N, T, e, stride_gm, stride_gk, stride_w2n, stride_w2k, stride_zm, stride_dzm, stride_sm,
                     NEED_DP: tl.constexpr, NEED_DZ: tl.constexpr, NEED_S: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(tl.program_id(0), M, C, BLOCK_M, BLOCK_N, GROUP_M)
@@ -51,14 +51,14 @@ def _mix_bwd_kernel(g_ptr, w2_ptr, z_ptr, probs_ptr, dz_ptr, s_ptr, dp_ptr,
     dz_ptr += row0 * stride_dzm
     s_ptr += row0 * stride_sm
     probs_ptr += row0 * T
-    # D = G W2[:, cols]: the gradient reaching P_e * gelu(Z) of this MLP.
+    # D = G W2[:, cols] (G [M, N], W2 [N, C], K = N): the gradient reaching P_e * gelu(Z) of this MLP.
     g_base = g_ptr + rows[:, None] * stride_gm
     w2_base = w2_ptr + offs_n[None, :].to(tl.int64) * stride_w2k
     d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN], the only accumulator
-    for k0 in range(0, C, BLOCK_K):
+    for k0 in range(0, N, BLOCK_K):
         k = k0 + offs_k
-        g = tl.load(g_base + k[None, :] * stride_gk, mask=m_mask[:, None] & (k[None, :] < C), other=0.0)
-        w = tl.load(w2_base + k[:, None] * stride_w2n, mask=n_mask[None, :] & (k[:, None] < C), other=0.0)
+        g = tl.load(g_base + k[None, :] * stride_gk, mask=m_mask[:, None] & (k[None, :] < N), other=0.0)
+        w = tl.load(w2_base + k[:, None] * stride_w2n, mask=n_mask[None, :] & (k[:, None] < N), other=0.0)
         d = tl.dot(g, w, d, input_precision=PREC)
     mask2 = m_mask[:, None] & n_mask[None, :]
     z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
@@ -78,11 +78,11 @@ def _mix_bwd_kernel(g_ptr, w2_ptr, z_ptr, probs_ptr, dz_ptr, s_ptr, dp_ptr,
 
 @triton.jit
 def _bias_bwd_kernel(g_ptr, b2v_ptr, y_ptr, ye_ptr, probs_ptr, dpe_ptr, pg_ptr,
-                     M, C, T, stride_gm, stride_gk, stride_yj, stride_ym,
+                     M, N, T, stride_gm, stride_gk, stride_yj, stride_ym,
                      NY: tl.constexpr, HAS_B: tl.constexpr, NEED_DPE: tl.constexpr, NEED_PG: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One read of G: dpe [M, T] = G B2v^T + sum_j [ye_j == t] <G, Y_j>, and the per-block
-    # partial P^T G ([T, C] per block, summed in torch: db2_m = (P^T G)[e(m)]).
+    # One read of G [M, N]: dpe [M, T] = G B2v^T + sum_j [ye_j == t] <G, Y_j>, and the per-block
+    # partial P^T G ([T, N] per block, summed in torch: db2_m = (P^T G)[e(m)]).
     pid = tl.program_id(0)
     offs_m = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
@@ -93,13 +93,13 @@ def _bias_bwd_kernel(g_ptr, b2v_ptr, y_ptr, ye_ptr, probs_ptr, dpe_ptr, pg_ptr,
                 other=0.0)  # [BM, BT]
     p_t = tl.trans(p)  # [BT, BM]
     acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)  # [BM, BT]
-    for k0 in range(0, C, BLOCK_K):
+    for k0 in range(0, N, BLOCK_K):
         k = k0 + offs_k
-        mk = m_mask[:, None] & (k[None, :] < C)
+        mk = m_mask[:, None] & (k[None, :] < N)
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + k[None, :] * stride_gk, mask=mk, other=0.0).to(tl.float32)
         if NEED_DPE:
             if HAS_B:
-                b = tl.load(b2v_ptr + offs_t[None, :] * C + k[:, None], mask=t_mask[None, :] & (k[:, None] < C),
+                b = tl.load(b2v_ptr + offs_t[None, :] * N + k[:, None], mask=t_mask[None, :] & (k[:, None] < N),
                             other=0.0)  # [BK, BT] fp32
                 acc = tl.dot(g, b, acc, input_precision="ieee")
             for j in tl.static_range(NY):
@@ -109,7 +109,7 @@ def _bias_bwd_kernel(g_ptr, b2v_ptr, y_ptr, ye_ptr, probs_ptr, dpe_ptr, pg_ptr,
                 acc += tl.where(offs_t[None, :] == tl.load(ye_ptr + j), rs[:, None], 0.0)
         if NEED_PG:
             pg = tl.dot(p_t, g, input_precision="ieee")  # [BT, BK]
-            tl.store(pg_ptr + (pid * T + offs_t[:, None]) * C + k[None, :], pg, mask=t_mask[:, None] & (k[None, :] < C))
+            tl.store(pg_ptr + (pid * T + offs_t[:, None]) * N + k[None, :], pg, mask=t_mask[:, None] & (k[None, :] < N))
     if NEED_DPE:
         tl.store(dpe_ptr + offs_m[:, None] * T + offs_t[None, :], acc, mask=m_mask[:, None] & t_mask[None, :])
 
@@ -171,12 +171,12 @@ def mixture_backward(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b
                      needs: Sequence[bool]) -> list[torch.Tensor | None]:
     """Gradients [d_h, d_wr, then (dw1, db1, dw2, db2) per MLP], None where not needed."""
     m, cv = h2.shape
-    t, c, num_mlps = wr.shape[0], w1[0].shape[0], len(w1)
+    t, c, n, num_mlps = wr.shape[0], w1[0].shape[0], w2[0].shape[0], len(w1)
     dev, f32 = h2.device, torch.float32
     need_h, need_wr = needs[0], needs[1]
     flags = [needs[2 + 4 * i:6 + 4 * i] for i in range(num_mlps)]  # (w1, b1, w2, b2) per MLP
     need_dp = need_h or need_wr
-    g = g_out.contiguous()  # [M, C]
+    g = g_out.contiguous()  # [M, N]
     visited = [i for i in range(num_mlps) if visit[i]]
     kept = [i for i in range(num_mlps) if keep_y[i]]
     if need_dp and any(not visit[i] and not keep_y[i] for i in range(num_mlps)):
@@ -199,9 +199,9 @@ def mixture_backward(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b
         for x in (g, z_i, dz_i, s_i):  # tile-local offsets are int32 (the kernel's comment)
             if x is not None and tile.bm * x.stride(0) >= 2**31:
                 raise ValueError(f"CT-MoA backward: row stride {x.stride(0)} too large for int32 tile offsets")
-        record("bwd D", grid, m, c, c, tile)
+        record("bwd D", grid, m, c, n, tile)
         _mix_bwd_kernel[grid](g, w2[i], z_i, probs, dz_i if want_dz else g, s_i if want_s else g,
-                              dp_i if need_dp else probs, m, c, t, expert_of[i], g.stride(0), g.stride(1),
+                              dp_i if need_dp else probs, m, c, n, t, expert_of[i], g.stride(0), g.stride(1),
                               w2[i].stride(0), w2[i].stride(1), z_i.stride(0),
                               dz_i.stride(0) if want_dz else 0, s_i.stride(0) if want_s else 0,
                               NEED_DP=need_dp, NEED_DZ=want_dz, NEED_S=want_s, PREC=precision(h2.dtype),
@@ -211,21 +211,21 @@ def mixture_backward(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b
         if need_dp:
             dp_mlp[i] = dp_i.sum(0)  # [M]
 
-    b2v = per_expert_bias(b2, visited, expert_of, t, c, h2) if need_dp else None  # [T, C] fp32
+    b2v = per_expert_bias(b2, visited, expert_of, t, n, h2) if need_dp else None  # [T, N] fp32
     need_dpe = need_dp and (b2v is not None or bool(kept))
     need_pg = any(f[3] for f in flags)
     dpe = pg = None
     if need_dpe or need_pg:
         nb_m = triton.cdiv(m, SMALL_M)
         dpe = torch.empty(m, t, dtype=f32, device=dev) if need_dpe else None  # [M, T]
-        pg_part = torch.empty(nb_m, t, c, dtype=f32, device=dev) if need_pg else None  # [NB, T, C]
+        pg_part = torch.empty(nb_m, t, n, dtype=f32, device=dev) if need_pg else None  # [NB, T, N]
         ye = int_tensor(tuple(expert_of[i] for i in kept), str(dev)) if kept else probs
         _bias_bwd_kernel[(nb_m,)](g, b2v if b2v is not None else probs, y if kept else g, ye, probs,
-                                  dpe if need_dpe else probs, pg_part if need_pg else probs, m, c, t,
+                                  dpe if need_dpe else probs, pg_part if need_pg else probs, m, n, t,
                                   g.stride(0), g.stride(1), y.stride(0) if kept else 0, y.stride(1) if kept else 0,
                                   NY=len(kept) if need_dpe else 0, HAS_B=b2v is not None, NEED_DPE=need_dpe,
                                   NEED_PG=need_pg, BLOCK_M=SMALL_M, BLOCK_T=pow2(t), BLOCK_K=SMALL_K)
-        pg = pg_part.sum(0) if need_pg else None  # [T, C] = P^T G
+        pg = pg_part.sum(0) if need_pg else None  # [T, N] = P^T G
 
     d_h = d_wr = dl = None
     if need_dp:
@@ -252,9 +252,9 @@ def mixture_backward(g_out, g_probs, g_prob_sum, g_lse_sq, h2, wr, w1, b1, w2, b
         if fw1:
             record("torch dW1", None, c, cv, m)
         if fw2:
-            record("torch dW2", None, c, c, m)
+            record("torch dW2", None, n, c, m)
         grads += [dz[i].t() @ h2 if fw1 else None,  # [C, Cv]
                   dz[i].sum(0, dtype=f32).to(h2.dtype) if fb1 else None,  # [C]
-                  g.t() @ s[i] if fw2 else None,  # [C, C]
-                  pg[expert_of[i]].to(h2.dtype, copy=True) if fb2 else None]  # [C], own storage (op outputs may not alias)
+                  g.t() @ s[i] if fw2 else None,  # [N, C]
+                  pg[expert_of[i]].to(h2.dtype, copy=True) if fb2 else None]  # [N], own storage (op outputs may not alias)
     return grads

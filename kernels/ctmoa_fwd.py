@@ -1,7 +1,8 @@
 """Forward kernels of the fused CT-MoA and their launchers.
 
 The math is `pilot_hpc_kernels.ctmoa_reference.ctmoa_reference`. Notation: M tokens,
-Cv vision width, C projector width, T router experts, E = 2T-1 MLPs.
+Cv vision width, C the MLPs' hidden width, N their output width (C = N in LLaVA's
+projector; Qwen-VL's merger MLP has N < C), T router experts, E = 2T-1 MLPs.
 
 Launches of one forward:
   1. `_router_fwd_kernel`: logits = H W_r^T in fp32, softmax, logsumexp and per-block
@@ -15,7 +16,7 @@ Launches of one forward:
      `_down_kernel` with one K segment gives Y_m = gelu(Z_m) W2_m^T + b2_m, kept in the
      compute dtype as eager keeps it (eager keeps it in fp32).
   4. `_down_kernel`: out = sum_m S_m W2_m^T + sum_t P_t B2e[t] + sum_frozen P_e Y_m, one
-     fp32 accumulator over K = (number of mixed MLPs) x C; the W2_m arrive as a tuple of
+     fp32 accumulator over K = (number of mixed MLPs) x C; the W2_m [N, C] arrive as a tuple of
      pointers (a grouped GEMM), one rounding to h's dtype at the store.
 
 Tiles are chosen deterministically (`pick_tile`), not by timing: the choice depends only
@@ -219,17 +220,17 @@ def _up_kernel(h_ptr, w1_ptr, b1_ptr, probs_ptr, s_ptr, z_ptr,
 
 @triton.jit
 def _down_kernel(s_ptr, w2_ptrs, probs_ptr, bias_ptr, y_ptr, ye_ptr, out_ptr,
-                 M, C, stride_sm, stride_w2n, stride_w2k, stride_yj, stride_ym, stride_om,
+                 M, N, C, stride_sm, stride_w2n, stride_w2k, stride_yj, stride_ym, stride_om,
                  T: tl.constexpr, NK: tl.constexpr, NY: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # out = sum_i S[:, i*C:(i+1)*C] W2_i^T  (+ bias)  + sum_j P_{ye[j]} Y_j
-    # BIAS: 0 none; 1 sum_t P_t B[t] with B [T, C] fp32; 2 a plain bias B [C].
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, C, BLOCK_M, BLOCK_N, GROUP_M)
+    # out [M, N] = sum_i S[:, i*C:(i+1)*C] W2_i^T  (+ bias)  + sum_j P_{ye[j]} Y_j; W2_i [N, C]
+    # BIAS: 0 none; 1 sum_t P_t B[t] with B [T, N] fp32; 2 a plain bias B [N].
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
-    n_mask = offs_n < C
+    n_mask = offs_n < N
     a_base = s_ptr + offs_m[:, None] * stride_sm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
     for i in tl.static_range(NK):  # the K segments, one per MLP: no tile straddles two
@@ -242,7 +243,7 @@ def _down_kernel(s_ptr, w2_ptrs, probs_ptr, bias_ptr, y_ptr, ye_ptr, out_ptr,
     if BIAS == 1:
         for t in tl.static_range(T):  # T exact fp32 rank-1 updates
             p_t = tl.load(probs_ptr + offs_m * T + t, mask=m_mask, other=0.0)  # [BM]
-            b_t = tl.load(bias_ptr + t * C + offs_n, mask=n_mask, other=0.0)  # [BN]
+            b_t = tl.load(bias_ptr + t * N + offs_n, mask=n_mask, other=0.0)  # [BN]
             acc += p_t[:, None] * b_t[None, :]
     if BIAS == 2:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -286,16 +287,17 @@ def _up(h2, w1, b1, probs, e: int, s, z, scale: bool, name: str):
 
 
 def _down(s, w2s: Sequence[torch.Tensor], probs, bias, bias_mode: int, y, ye, out, name: str):
-    m, c = out.shape
+    m, n = out.shape  # [M, N]: N the MLPs' output width
+    c = w2s[0].shape[1] if w2s else n  # each W2 [N, C]: one K segment of C per MLP
     w2s = [w if w.stride() == w2s[0].stride() else w.contiguous() for w in w2s]  # one stride pair for all
     ny = 0 if y is None else y.shape[0]
     tile = pick_tile("down", out.dtype, m)
-    grid = tiles_grid(m, c, tile)
-    record(name, grid, m, c, len(w2s) * c, tile)
+    grid = tiles_grid(m, n, tile)
+    record(name, grid, m, n, len(w2s) * c, tile)
     ref_w = w2s[0] if w2s else out  # an unused stand-in when there is nothing to multiply
     _down_kernel[grid](s if s is not None else out, tuple(w2s) if w2s else (ref_w,), probs,
                        bias if bias is not None else probs, y if y is not None else out,
-                       ye if ye is not None else probs, out, m, c,
+                       ye if ye is not None else probs, out, m, n, c,
                        s.stride(0) if s is not None else 0, ref_w.stride(0), ref_w.stride(1),
                        y.stride(0) if ny else 0, y.stride(1) if ny else 0, out.stride(0),
                        T=probs.shape[1], NK=len(w2s), NY=ny, BIAS=bias_mode, PREC=precision(out.dtype),
@@ -304,12 +306,12 @@ def _down(s, w2s: Sequence[torch.Tensor], probs, bias, bias_mode: int, y, ye, ou
 
 
 def per_expert_bias(b2: Sequence[torch.Tensor | None], mlps: Sequence[int], expert_of: Sequence[int],
-                    num_experts: int, c: int, like: torch.Tensor) -> torch.Tensor | None:
-    """[T, C] fp32: the b2 of the listed MLPs summed per expert in a fixed order (bias-sized,
+                    num_experts: int, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    """[T, N] fp32: the b2 of the listed MLPs summed per expert in a fixed order (bias-sized,
     no atomics); None when none of them has a bias."""
     if all(b2[i] is None for i in mlps):
         return None
-    out = torch.zeros(num_experts, c, dtype=torch.float32, device=like.device)
+    out = torch.zeros(num_experts, n, dtype=torch.float32, device=like.device)
     for i in mlps:
         if b2[i] is not None:
             out[expert_of[i]] += b2[i].float()
@@ -318,16 +320,16 @@ def per_expert_bias(b2: Sequence[torch.Tensor | None], mlps: Sequence[int], expe
 
 def mixture_forward(h2, probs, w1, b1, w2, b2, expert_of: Sequence[int], visit: Sequence[bool],
                     keep_y: Sequence[bool]):
-    """out [M, C]; Z [M, n_visit*C] of the visited MLPs; Y [n_y, M, C] of the kept frozen ones."""
+    """out [M, N]; Z [M, n_visit*C] of the visited MLPs; Y [n_y, M, N] of the kept frozen ones."""
     m, _ = h2.shape
-    c, t = w1[0].shape[0], probs.shape[1]
+    c, n, t = w1[0].shape[0], w2[0].shape[0], probs.shape[1]
     mixed = [i for i in range(len(w1)) if not keep_y[i]]
     kept = [i for i in range(len(w1)) if keep_y[i]]
     n_visit = sum(bool(v) for v in visit)
     like = dict(dtype=h2.dtype, device=h2.device)
     s = torch.empty(m, len(mixed) * c, **like)  # [M, n_mixed*C] P-scaled activations
     z = torch.empty(m, n_visit * c, **like)  # [M, n_visit*C] pre-activations kept for the backward
-    y = torch.empty(len(kept), m, c, **like)  # [n_y, M, C] frozen MLPs' outputs kept for dP
+    y = torch.empty(len(kept), m, n, **like)  # [n_y, M, N] frozen MLPs' outputs kept for dP
     zi = 0
     for j, i in enumerate(mixed):
         zs = None
@@ -339,8 +341,8 @@ def mixture_forward(h2, probs, w1, b1, w2, b2, expert_of: Sequence[int], visit: 
         for j, i in enumerate(kept):
             _up(h2, w1[i], b1[i], probs, expert_of[i], a, None, False, "up frozen")
             _down(a, [w2[i]], probs, b2[i], 0 if b2[i] is None else 2, None, None, y[j], "down frozen Y")
-    b2e = per_expert_bias(b2, mixed, expert_of, t, c, h2)
-    out = torch.empty(m, c, **like)  # [M, C]
+    b2e = per_expert_bias(b2, mixed, expert_of, t, n, h2)
+    out = torch.empty(m, n, **like)  # [M, N]
     ye = int_tensor(tuple(expert_of[i] for i in kept), str(h2.device)) if kept else None
     _down(s if mixed else None, [w2[i] for i in mixed], probs, b2e, 0 if b2e is None else 1,
           y if kept else None, ye, out, "down mix")

@@ -79,7 +79,8 @@ def router_reference(h: torch.Tensor, router_weight: torch.Tensor) -> tuple[torc
 
 
 def adapter_forward(h: torch.Tensor, w: AdapterWeights) -> torch.Tensor:
-    """The LLaVA projector shape: Linear(Cv, C) -> GELU (exact, erf) -> Linear(C, C)."""
+    """The connector MLP: Linear(Cv, C) -> GELU (exact, erf) -> Linear(C, N) (N = C in
+    LLaVA's projector; Qwen-VL's merger MLP has N < C)."""
     return F.linear(F.gelu(F.linear(h, w.w1, w.b1)), w.w2, w.b2)
 
 
@@ -103,7 +104,7 @@ def ctmoa_reference(
     probs, stats = router_reference(h, router_weight)
     out = None
     for w, e in zip(adapters, expert_of):
-        term = probs[..., e : e + 1] * adapter_forward(h, w).float()  # [..., C]
+        term = probs[..., e : e + 1] * adapter_forward(h, w).float()  # [..., N]
         out = term if out is None else out + term
     return CTMoAOutput(out=out.to(h.dtype), probs=probs, stats=stats)
 

@@ -47,9 +47,11 @@ TOL = {torch.float32: 5e-5,
 
 
 def make_problem(lead, cv, c, t, dtype=torch.float32, *, h_grad=False, bias=True, router_grad=True, seed=0,
-                 device=DEVICE):
-    """H [*lead, Cv], router [T, Cv], the 2T-1 adapters; stage-2 trainable set: own (0)
-    and cross (2, 4, ..) adapters train, foreign ones (1, 3, ..) are frozen."""
+                 device=DEVICE, n=None):
+    """H [*lead, Cv], router [T, Cv], the 2T-1 adapters (Cv -> C -> N, N = C unless given);
+    stage-2 trainable set: own (0) and cross (2, 4, ..) adapters train, foreign ones
+    (1, 3, ..) are frozen."""
+    n = c if n is None else n
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -62,7 +64,7 @@ def make_problem(lead, cv, c, t, dtype=torch.float32, *, h_grad=False, bias=True
     for i in range(2 * t - 1):
         train = i % 2 == 0
         w = AdapterWeights(rand(c, cv, scale=1 / math.sqrt(cv)), rand(c, scale=0.1) if bias else None,
-                           rand(c, c, scale=1 / math.sqrt(c)), rand(c, scale=0.1) if bias else None)
+                           rand(n, c, scale=1 / math.sqrt(c)), rand(n, scale=0.1) if bias else None)
         adapters.append(AdapterWeights(*(x.requires_grad_(train) if x is not None else None for x in w)))
     return h, wr, adapters, mlp_expert_index(t)
 
@@ -119,6 +121,16 @@ def compare(problem, dtype=torch.float32, tol=None):
 ])
 def test_matches_reference_fp32(lead, cv, c, t):
     compare(make_problem(lead, cv, c, t))
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,cv,c,n,t,h_grad", [
+    ((2, 13), 24, 20, 12, 3, False),  # N < C: Qwen-VL's merger MLP (5120 -> 5120 -> 3584 at 7B)
+    ((1, 19), 16, 18, 33, 2, True),  # N > C, N spans three 16-column tiles; H's gradient too
+])
+def test_matches_reference_when_the_output_width_differs(lead, cv, c, n, t, h_grad):
+    fused = compare(make_problem(lead, cv, c, t, h_grad=h_grad, n=n))
+    assert fused.out.shape[-1] == n
 
 
 @needs_kernels
@@ -240,6 +252,14 @@ def test_bad_inputs_raise_value_error():
 @pytest.mark.parametrize("lead,cv,c,t", [((2, 300), 96, 80, 3), ((1, 577), 136, 200, 2), ((3, 65), 64, 72, 4)])
 def test_matches_reference_half_precision(dtype, lead, cv, c, t):
     compare(make_problem(lead, cv, c, t, dtype, h_grad=True), dtype)
+
+
+@pytest.mark.cuda
+@gpu_only
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matches_reference_half_precision_rectangular(dtype):
+    compare(make_problem((2, 256), 160, 160, 3, dtype, h_grad=True, n=112), dtype)  # Qwen's 5:5:3.5 at 1/32
 
 
 @pytest.mark.cuda
