@@ -67,12 +67,12 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_opcheck_forward_and_backward_ops():
     """torch.library.opcheck: schema, fake impl against the real one, autograd registration
     (the forward op) and the dispatch tests, for both ops."""
-    h, wr, adapters, eo = make_problem((1, 5), 16, 16, 2)
+    h, wr, adapters, eo = make_problem((1, 5), 16, 16, 2, n=12)  # N != C: the fake impl must tell them apart
     args = _op_args(h, wr, adapters, eo)  # planned with grad on: Z of MLPs 0 and 2 kept, Y of MLP 1
     torch.library.opcheck(K.ctmoa_fwd, args)
     with torch.no_grad():
         out, probs, _, _, _, lse, z, y = K.ctmoa_fwd(*args)
-    assert z.shape == (5, 32) and y.shape == (1, 5, 16)
+    assert out.shape == (5, 12) and z.shape == (5, 32) and y.shape == (1, 5, 12)
     needs = [False, True] + [x.requires_grad for a in adapters for x in a]
 
     def plain(xs):
