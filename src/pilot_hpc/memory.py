@@ -72,6 +72,12 @@ class Arch:
     vision_hidden: int
     image_tokens: int
     source: str  # where the sizes came from
+    kv_heads: int = 0  # key/value heads; 0: as many as heads (no grouped-query attention)
+
+    @property
+    def kv_width(self) -> int:
+        """The width of one token's keys (or values) in one layer."""
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
 
 def llava_arch(config, source: str) -> Arch:
@@ -80,7 +86,7 @@ def llava_arch(config, source: str) -> Arch:
 
     f = families.get_by_config(config).shape_facts(config)
     return Arch(hidden=f.hidden, intermediate=f.intermediate, layers=f.layers, heads=f.heads, vocab=f.vocab,
-                vision_hidden=f.vision_hidden, image_tokens=f.image_tokens, source=source)
+                vision_hidden=f.vision_hidden, image_tokens=f.image_tokens, source=source, kv_heads=f.kv_heads)
 
 
 def model_config(cfg):
@@ -122,6 +128,12 @@ def llm_saved_bytes(a: Arch, tokens: int, r: int, b: int, checkpointing: bool, l
     kept = a.layers * b * a.hidden if checkpointing else a.layers * layer
     extra = layer if checkpointing else 0
     return tokens * (kept + extra + shared_bytes_per_token(a.hidden, a.heads, b))
+
+
+def kv_cache_bytes(a: Arch, batch: int, tokens: int, b: int) -> int:
+    """Generation's cache: keys and values of every layer for batch x tokens, in the model
+    dtype; grouped-query attention keeps kv_heads of them, not heads."""
+    return 2 * batch * tokens * a.layers * a.kv_width * b
 
 
 def head_bytes(a: Arch, tokens: int) -> tuple[int, int]:
@@ -201,7 +213,7 @@ def estimate(cfg, a: Arch, params: dict[str, int], *, checkpointing: bool, accum
     }
     train_peak = sum(parts.values())
     eb, gen_len = t.eval_batch_size, seq + t.max_new_tokens
-    kv = 2 * eb * gen_len * a.layers * a.hidden * b
+    kv = kv_cache_bytes(a, eb, gen_len, b)
     prefill = 3 * eb * seq * a.intermediate * b
     parts[f"generation KV cache ({eb} x {gen_len} tokens)"] = kv
     parts["generation prefill (one layer's MLP)"] = prefill

@@ -127,3 +127,28 @@ def test_realscale_round_tiny_on_cpu(tmp_path):
     assert "planner's training peak" in (tmp_path / "realscale_round.md").read_text()
     if not torch.cuda.is_available():
         assert realscale_round.main(["--out", str(tmp_path / "gpu")]) == 2
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_kv_cache_counts_the_key_value_heads(kv_heads):
+    """The planner's generation cache equals the bytes transformers' cache holds after a
+    prefill, for grouped-query attention (1 or 4 key/value heads of 4) too."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=kv_heads)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    batch, seq = 2, 7
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(0, 64, (batch, seq)), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    a = memory.Arch(64, 96, 3, 4, 64, 0, 0, "", kv_heads=kv_heads)
+    assert memory.kv_cache_bytes(a, batch, seq, 2) == held
+
+
+def test_planner_reads_grouped_query_heads_from_the_family():
+    from pilot_hpc.model import families
+
+    spec = families.get("qwen2_5_vl")
+    a = memory.llava_arch(spec.reference_config(), "reference")
+    assert (a.heads, a.kv_heads, a.kv_width) == (28, 4, 512)  # Qwen2.5-VL-7B: 4 KV heads of 128

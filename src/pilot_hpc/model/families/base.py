@@ -51,6 +51,7 @@ class ShapeFacts:
     vocab: int
     vision_hidden: int  # the connector's input width
     image_tokens: int  # visual tokens of one image at the planned resolution
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as heads
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,8 @@ class Llava15(FamilySpec):
     def shape_facts(self, config):
         t, v = config.text_config, config.vision_config
         return ShapeFacts(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
-                          heads=t.num_attention_heads, vocab=t.vocab_size, vision_hidden=v.hidden_size,
+                          heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or 0,
+                          vocab=t.vocab_size, vision_hidden=v.hidden_size,
                           image_tokens=(v.image_size // v.patch_size) ** 2)
 
 

@@ -213,7 +213,8 @@ class Qwen25VL(FamilySpec):
     def shape_facts(self, config):
         t, v = config.text_config, config.vision_config
         return ShapeFacts(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
-                          heads=t.num_attention_heads, vocab=t.vocab_size,
+                          heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or 0,
+                          vocab=t.vocab_size,
                           vision_hidden=self._vision_width(v) * v.spatial_merge_size ** 2,
                           image_tokens=self.num_image_tokens(config))
 
