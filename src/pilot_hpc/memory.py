@@ -73,6 +73,11 @@ class Arch:
     image_tokens: int
     source: str  # where the sizes came from
     kv_heads: int = 0  # key/value heads; 0: as many as heads (no grouped-query attention)
+    connector_hidden: int = 0  # the connector MLP's hidden width; 0: hidden
+
+    @property
+    def connector_mid(self) -> int:
+        return self.connector_hidden or self.hidden
 
     @property
     def kv_width(self) -> int:
@@ -86,7 +91,8 @@ def llava_arch(config, source: str) -> Arch:
 
     f = families.get_by_config(config).shape_facts(config)
     return Arch(hidden=f.hidden, intermediate=f.intermediate, layers=f.layers, heads=f.heads, vocab=f.vocab,
-                vision_hidden=f.vision_hidden, image_tokens=f.image_tokens, source=source, kv_heads=f.kv_heads)
+                vision_hidden=f.vision_hidden, image_tokens=f.image_tokens, source=source, kv_heads=f.kv_heads,
+                connector_hidden=f.connector_hidden)
 
 
 def model_config(cfg):
@@ -144,10 +150,10 @@ def head_bytes(a: Arch, tokens: int) -> tuple[int, int]:
 
 def connector_bytes(a: Arch, images: int, b: int, stage: int, num_tasks: int) -> int:
     """Per image token: the input (Cv) and, per adapter MLP, its hidden before and after the
-    GELU and its output (3 x C). Stage 1 runs 2 MLPs, stage 2 (CT-MoA) 2T - 1. Not measured:
-    at 7B width a few % of the layers' share."""
+    GELU (2 x C) and its output (N, the LLM's width). Stage 1 runs 2 MLPs, stage 2 (CT-MoA)
+    2T - 1. Not measured: at 7B width a few % of the layers' share."""
     mlps = 2 if stage == 1 else 2 * num_tasks - 1
-    return images * a.image_tokens * b * (a.vision_hidden + 3 * mlps * a.hidden)
+    return images * a.image_tokens * b * (a.vision_hidden + mlps * (2 * a.connector_mid + a.hidden))
 
 
 @dataclass

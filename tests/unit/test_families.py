@@ -224,3 +224,19 @@ def test_ct_clip_on_a_family_without_two_layer_vision_mlps_is_a_config_error(qwe
     model = QWEN2_5_VL.from_config(qwen_tiny[0])
     with pytest.raises(ConfigError, match="pilot.ct_clip"):
         attach_pilot(model, ModelConfig(), 3, 0, seed=0, pilot=PilotConfig(ct_clip=True), family=QWEN2_5_VL)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("pilot_hpc.model.families", fromlist=["FAMILIES"]).FAMILIES))
+def test_shape_facts_give_the_connector_mlp_the_model_builds(name):
+    """The planner's and the kernel plan's connector sizes (vision_hidden -> connector
+    hidden -> hidden) are those of the connector MLP the family's model really has."""
+    from pilot_hpc.config import ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model import families
+
+    spec = families.get(name)
+    config = spec.tiny(ModelConfig(), synthetic.vocabulary())[0]
+    mlp = spec.connector_mlp(spec.get_connector(spec.from_config(config)))
+    facts = spec.shape_facts(config)
+    assert (mlp.linear_1.in_features, mlp.linear_1.out_features, mlp.linear_2.out_features) == (
+        facts.vision_hidden, facts.connector_hidden or facts.hidden, facts.hidden)

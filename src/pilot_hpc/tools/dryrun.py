@@ -1,6 +1,7 @@
 """LLaVA-1.5-7B with the Pilot connector and LoRA on the meta device: parameter and byte
 counts per client per stage, without weights or memory; with --config, the memory plan
-of one client of that config (pilot_hpc/memory.py) and whether it fits --gpu-mem-gb.
+of one client of that config (pilot_hpc/memory.py) and whether it fits --gpu-mem-gb, then
+(Pilot) the CT-MoA kernel's GEMMs and tiles at its connector (tools/kernel_plan.py).
 
     python -m pilot_hpc.tools.dryrun [--lora-r 64] [--tasks 3] [--clients 9] [--dtype bfloat16]
     python -m pilot_hpc.tools.dryrun --config CONFIG [--gpu-mem-gb N] [section.key=value ...]
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text, fits = memory.report(cfg, a.gpu_mem_gb)
     print(text)
+    if cfg.fl.strategy == "pilot":
+        from pilot_hpc.tools import kernel_plan
+
+        print(kernel_plan.report(cfg))
     return 0 if fits else 1
 
 

@@ -52,6 +52,8 @@ class ShapeFacts:
     vision_hidden: int  # the connector's input width
     image_tokens: int  # visual tokens of one image at the planned resolution
     kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as heads
+    # the connector MLP's hidden width (vision_hidden -> connector_hidden -> hidden); 0: hidden
+    connector_hidden: int = 0
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,7 @@ class Qwen25VL(FamilySpec):
                           heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or 0,
                           vocab=t.vocab_size,
                           vision_hidden=self._vision_width(v) * v.spatial_merge_size ** 2,
+                          connector_hidden=self._vision_width(v) * v.spatial_merge_size ** 2,
                           image_tokens=self.num_image_tokens(config))
 
 
