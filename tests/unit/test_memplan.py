@@ -129,6 +129,44 @@ def test_realscale_round_tiny_on_cpu(tmp_path):
         assert realscale_round.main(["--out", str(tmp_path / "gpu")]) == 2
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_realscale_round_of_a_family_tiny_on_cpu(tmp_path, family):
+    """--family: the family's model and data path (its processor, its chat template), a
+    finite round, a FLOP count (torch's counter), and no MFU where no peak is known."""
+    import json
+
+    from pilot_hpc.tools import realscale_round
+
+    assert realscale_round.main(["--out", str(tmp_path), "--tiny", "--family", family]) == 0
+    got = json.loads((tmp_path / "realscale_round.json").read_text())
+    assert got["family"] == family and got["finite"] and got["steps"] == 2 and got["useful_flops_per_step"] > 0
+    assert got["mfu"] is None  # no peak is quoted for a CPU
+    assert "MFU n/a" in (tmp_path / "realscale_round.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "qwen2_vl"])
+def test_realscale_model_has_the_7b_widths_at_reduced_depth(name):
+    """The GPU check's per-family round: the reference architecture's widths (the planner's
+    shape facts), 2 LLM layers, and the image side giving the planned visual tokens."""
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model import families
+
+    spec = families.get(name)
+    config, tok, proc, side = spec.realscale(2, 2, synthetic.vocabulary())
+    ref, got = spec.shape_facts(spec.reference_config()), spec.shape_facts(config)
+    assert got.layers == 2 and (got.hidden, got.intermediate, got.heads, got.kv_heads, got.vocab, got.vision_hidden,
+                                got.connector_hidden, got.image_tokens) == (
+        ref.hidden, ref.intermediate, ref.heads, ref.kv_heads, ref.vocab, ref.vision_hidden, ref.connector_hidden,
+        ref.image_tokens)
+    from PIL import Image
+
+    inputs = spec.image_inputs(proc, Image.new("RGB", (side, side))) if spec.image_inputs else None
+    assert inputs is None or spec.tokens_of_image_inputs(inputs) == ref.image_tokens
+    with torch.device("meta"):
+        model = spec.from_config(config)
+    assert spec.connector_mlp(spec.get_connector(model)).linear_2.out_features == ref.hidden
+
+
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_kv_cache_counts_the_key_value_heads(kv_heads):
     """The planner's generation cache equals the bytes transformers' cache holds after a

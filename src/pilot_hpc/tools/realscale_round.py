@@ -74,10 +74,101 @@ class RandomSamples(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def run(args) -> dict:
-    from transformers import LlavaForConditionalGeneration
+def plan(args, config, arch, m: ModelConfig, seq: int, device, engine_accum: bool):
+    """(the planner's config for these shapes, accumulation, its estimate): the paper's
+    settings at this sequence length, with the smallest accumulation that fits the device."""
+    def config_for(accum: int):
+        return load_config(None, [f"model.dtype={m.dtype}", f"model.lora_r={m.lora_r}", f"model.lora_alpha={m.lora_alpha}",
+                                  f"data.max_length={seq}", f"train.batch_size={args.batch}", "train.eval_batch_size=1",
+                                  "train.max_new_tokens=1", "train.gradient_checkpointing=true",
+                                  f"train.grad_accum_steps={accum}", f"train.max_steps={args.steps}",
+                                  "train.lr_stage1=2e-5"])
 
-    from pilot_hpc.model.build import PilotModel, attach_pilot, num_image_tokens, quiet_checkpointing_deprecation
+    cfg, accum = config_for(1), 1
+    for d in range(1, args.batch + 1):
+        if args.batch % d == 0:
+            accum = d
+            if args.tiny or memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True,
+                                             accum=d).train_peak <= 0.9 * torch.cuda.get_device_properties(
+                                                 device).total_memory:
+                break
+    accum = accum if engine_accum else 1
+    cfg = config_for(accum)
+    return cfg, accum, memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True, accum=accum)
+
+
+def llava_setup(args, dtype: str):
+    """The default round: LLaVA-1.5 at 7B width from build_config, random ids as samples."""
+    config = build_config(args.tiny, args.layers, args.vision_layers)
+    image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    data = RandomSamples(args.batch * args.steps, image_tokens, config.image_token_index, args.text_tokens,
+                         config.text_config.vocab_size, config.vision_config.image_size)
+    return config, data, image_tokens, 1 + image_tokens + args.text_tokens, 0
+
+
+def family_setup(args, dtype: str, workdir: str):
+    """--family: the family's 7B-class architecture at reduced depth (FamilySpec.realscale;
+    with --tiny its built-in tiny model), and samples through the family's own data path:
+    random images of the planned side through its image processor, random words of the
+    synthetic vocabulary through its chat template (InstructionDataset, as a run's)."""
+    import numpy as np
+    from PIL import Image
+
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.data.records import InstructionDataset, Sample
+    from pilot_hpc.model import families
+
+    spec = families.get(args.family)
+    words = synthetic.vocabulary()
+    if args.tiny:
+        m = ModelConfig(family=args.family)
+        (config, tok, proc), side = spec.tiny(m, words), m.image_size
+    else:
+        config, tok, proc, side = spec.realscale(args.layers, args.vision_layers, words)
+    rng = np.random.default_rng(0)
+    plain = [w for w in words if w.isalpha()]
+    samples = []
+    for i in range(args.batch * args.steps):
+        path = os.path.join(workdir, f"image_{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+        answer = max(1, args.text_tokens // 4)
+        samples.append(Sample(id=str(i), image_path=path, turns=[(" ".join(rng.choice(plain, args.text_tokens - answer)),
+                                                                   " ".join(rng.choice(plain, answer)))]))
+    image_tokens = spec.num_image_tokens(config)
+    data = InstructionDataset(samples, tok, proc, image_tokens, 4 * (image_tokens + args.text_tokens) + 64,
+                              **spec.dataset_options(tok))
+    seq = len(data[0]["input_ids"])
+    return config, data, image_tokens, seq, tok.pad_token_id
+
+
+def useful_flops(model, data, micro_batch: int, pad_id: int, device) -> int:
+    """FLOPs of one forward and backward of a micro-batch with nothing recomputed
+    (torch.utils.flop_counter, checkpointing off for the count): the forward, the
+    activation gradients and the trainable weights' gradients (the frozen weights get
+    none). Attention's matmuls count as the counter sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pilot_hpc.data.records import collate_train
+
+    batch = collate_train([data[i] for i in range(micro_batch)], pad_id)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    was = getattr(model, "is_gradient_checkpointing", False)
+    if was:
+        model.gradient_checkpointing_disable()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**{k: v for k, v in batch.items() if k != "unreadable"}).loss.backward()
+    model.zero_grad(set_to_none=True)
+    if was:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return counter.get_total_flops()
+
+
+def run(args) -> dict:
+    import tempfile
+
+    from pilot_hpc.model import families
+    from pilot_hpc.model.build import PilotModel, attach_pilot, quiet_checkpointing_deprecation
     from pilot_hpc.progress import resident_bytes
     from pilot_hpc.train.engines import train_steps
     from pilot_hpc.train.spec import Hooks, TrainSpec
@@ -85,51 +176,35 @@ def run(args) -> dict:
     quiet_checkpointing_deprecation()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = "float32" if args.tiny else "bfloat16"
-    config = build_config(args.tiny, args.layers, args.vision_layers)
+    workdir = tempfile.mkdtemp(prefix="realscale-")
+    if args.family:
+        config, data, image_tokens, seq, pad_id = family_setup(args, dtype, workdir)
+    else:
+        config, data, image_tokens, seq, pad_id = llava_setup(args, dtype)
+    spec = families.get_by_config(config)
     arch = memory.llava_arch(config, "built from config by realscale_round")
-    image_tokens = num_image_tokens(config)
-    seq = 1 + image_tokens + args.text_tokens
     m = ModelConfig(lora_r=8 if args.tiny else 64, lora_alpha=16 if args.tiny else 128, lora_dropout=0.05,
                     dtype=dtype)
-    # The planner's config for these shapes: the paper's settings at this sequence length.
-    cfg = load_config(None, [f"model.dtype={dtype}", f"model.lora_r={m.lora_r}", f"model.lora_alpha={m.lora_alpha}",
-                             f"data.max_length={seq}", f"train.batch_size={args.batch}", "train.eval_batch_size=1",
-                             "train.max_new_tokens=1", "train.gradient_checkpointing=true"])
-    accum = 1
-    for d in range(1, args.batch + 1):  # the planner's accumulation: the smallest that fits the device
-        if args.batch % d == 0:
-            accum = d
-            if args.tiny or memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True,
-                                             accum=d).train_peak <= 0.9 * torch.cuda.get_device_properties(
-                                                 device).total_memory:
-                break
     fields = {f.name for f in dataclasses.fields(TrainSpec)}
     engine_ckpt, engine_accum = "gradient_checkpointing" in fields, "grad_accum_steps" in fields
-    accum = accum if engine_accum else 1
-    cfg = load_config(None, [f"model.dtype={dtype}", f"model.lora_r={m.lora_r}", f"model.lora_alpha={m.lora_alpha}",
-                             f"data.max_length={seq}", f"train.batch_size={args.batch}", "train.eval_batch_size=1",
-                             "train.max_new_tokens=1", "train.gradient_checkpointing=true",
-                             f"train.grad_accum_steps={accum}", f"train.max_steps={args.steps}", "train.lr_stage1=2e-5"])
-    est = memory.estimate(cfg, arch, memory.parameter_bytes(cfg, config), checkpointing=True, accum=accum)
+    cfg, accum, est = plan(args, config, arch, m, seq, device, engine_accum)
 
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
         with device:
-            model = LlavaForConditionalGeneration(config)
+            model = spec.from_config(config)
     finally:
         torch.set_default_dtype(old)
-    peft_model, connector = attach_pilot(model, m, 3, 0, seed=0, pilot=PilotConfig())
+    peft_model, connector = attach_pilot(model, m, 3, 0, seed=0, pilot=PilotConfig(), family=spec)
     peft_model.to(device)
-    pm = PilotModel(peft_model, connector, None, None, image_tokens)
+    pm = PilotModel(peft_model, connector, None, None, image_tokens, spec)
     pm.set_stage(1)
     config.text_config.use_cache = False  # training: no KV cache (and no notice about it per step)
     if not engine_ckpt:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    data = RandomSamples(args.batch * args.steps, image_tokens, config.image_token_index, args.text_tokens,
-                         config.text_config.vocab_size, config.vision_config.image_size)
-    spec = TrainSpec.for_round(cfg.train, stage=1, seed=0)
+    tspec = TrainSpec.for_round(cfg.train, stage=1, seed=0)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     stamps: list[float] = []
 
@@ -141,13 +216,14 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    res = train_steps(peft_model, data, params, spec, pad_id=0, device=device,
+    res = train_steps(peft_model, data, params, tspec, pad_id=pad_id, device=device,
                       hooks=Hooks(aux_loss=lambda: {k: 0.1 * v for k, v in connector.aux.items()}, progress=progress))
     # Steady state: from the end of the first step (warm-up, kernel selection) to the last.
     steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else res.seconds
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--tiny)",
-        "tiny": args.tiny, "llm_layers": arch.layers, "hidden": arch.hidden, "vision_layers": args.vision_layers,
+        "family": spec.name, "tiny": args.tiny, "llm_layers": arch.layers, "hidden": arch.hidden,
+        "vision_layers": args.vision_layers,
         "image_tokens": image_tokens, "tokens_per_sample": seq, "batch": args.batch, "micro_batch": est.micro_batch,
         "grad_accum_steps": accum, "dtype": dtype, "lora_r": m.lora_r, "steps": res.steps,
         "checkpointing": "engine (TrainSpec)" if engine_ckpt else "set on the model (this TrainSpec has no switch)",
@@ -160,7 +236,23 @@ def run(args) -> dict:
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
         out["resident_bytes"] = resident_bytes()
+    # MFU: useful FLOPs per step (a micro-batch's count times the batch's micro-batches) over
+    # the step's time and the device's dense bf16 peak (none on CPU).
+    flops = useful_flops(peft_model, data, min(est.micro_batch, len(data)), pad_id, device)
+    out["useful_flops_per_step"] = flops * args.batch / min(est.micro_batch, len(data))
+    out["useful_tflops_per_s"] = out["useful_flops_per_step"] / steady / 1e12
+    peak = peak_tflops(out["device"], getattr(torch, dtype))
+    out["mfu"] = None if peak is None else out["useful_tflops_per_s"] / peak
     return out
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The device's dense peak (TFLOP/s) in `dtype`, as the kernel benchmark reads it."""
+    try:
+        from pilot_hpc_kernels.benchmark_ctmoa import peak_tflops as peak
+    except ImportError:
+        return None
+    return peak(device_name, dtype)
 
 
 def markdown(r: dict) -> str:
@@ -168,13 +260,16 @@ def markdown(r: dict) -> str:
     measured = (f"torch.cuda.max_memory_allocated {r['peak_allocated_bytes'] / gib:.2f} GiB"
                 if "peak_allocated_bytes" in r else f"resident set {r['resident_bytes'] / gib:.2f} GiB (CPU)")
     rows = [("device", r["device"]),
-            ("model", f"{'reduced width (--tiny)' if r['tiny'] else 'LLaVA-7B width'}, {r['llm_layers']} LLM layers (hidden {r['hidden']}), {r['vision_layers']} "
+            ("model", f"{r['family']}, {'reduced width (--tiny)' if r['tiny'] else '7B-class width'}, {r['llm_layers']} LLM layers (hidden {r['hidden']}), {r['vision_layers']} "
                       f"vision layers, {r['dtype']}, LoRA r {r['lora_r']}, stage 1"),
             ("shapes", f"batch {r['batch']} = {r['grad_accum_steps']} x micro-batch {r['micro_batch']}, "
                        f"{r['tokens_per_sample']} tokens per sample ({r['image_tokens']} image)"),
             ("checkpointing", r["checkpointing"]), ("accumulation", r["accumulation"]),
             ("steps", f"{r['steps']} ({r['seconds_per_step']:.3f} s per step after the first)"),
             ("throughput", f"{r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.0f} tokens/s"),
+            ("useful compute", f"{r['useful_tflops_per_s']:.2f} TFLOP/s (forward, activation and trainable-weight "
+                               "gradients, nothing recomputed); MFU "
+                               + ("n/a (no peak known for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}")),
             ("peak memory", measured),
             ("planner's training peak", f"{r['planner_train_peak_bytes'] / gib:.2f} GiB")]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -190,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--text-tokens", type=int, default=100)
+    ap.add_argument("--family", default="", help="a model family (model/families): its 7B-class widths at reduced "
+                                                 "depth through its own data path; default: LLaVA-1.5 with random ids")
     a = ap.parse_args(argv)
     if a.tiny:
         a.steps, a.batch, a.text_tokens = min(a.steps, 2), min(a.batch, 4), min(a.text_tokens, 16)

@@ -167,6 +167,16 @@ class FamilySpec:
     def shape_facts(self, config) -> ShapeFacts:
         raise NotImplementedError
 
+    # -- the GPU check's reduced-depth round at real width (tools/realscale_round.py)
+    def realscale(self, layers: int, vision_layers: int, words: list[str]):
+        """(config, tokenizer, image processor, image side): the family's 7B-class
+        reference architecture with `layers` LLM and `vision_layers` vision layers, the
+        tiny word-level tokenizer over `words` (the model keeps the 7B vocabulary size:
+        the tokenizer's ids are a subset), the family's image processor at the real
+        patch settings, and the square image side that gives the planner's visual-token
+        count."""
+        raise NotImplementedError(f"{self.display}: no real-width round is prepared for this family")
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""

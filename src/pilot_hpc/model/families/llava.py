@@ -81,6 +81,16 @@ class Llava15(FamilySpec):
                            projector_hidden_act="gelu", vision_feature_layer=-2,
                            vision_feature_select_strategy="default")
 
+    def realscale(self, layers, vision_layers, words):
+        tok = self.tiny_tokenizer(words)
+        config = self.reference_config()
+        config.text_config.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = max(vision_layers, 2)  # features from layer -2
+        config.image_token_index = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        config.text_config.pad_token_id = tok.pad_token_id
+        side = config.vision_config.image_size
+        return config, tok, self.tiny_image_processor(side), side
+
     def tiny_tokenizer(self, words):
         from pilot_hpc.data.tokenizer import build_word_tokenizer
 

@@ -165,6 +165,26 @@ class Qwen25VL(FamilySpec):
         tok.chat_template = CHAT_TEMPLATE
         return tok
 
+    def realscale(self, layers, vision_layers, words):
+        tok = self.tiny_tokenizer(words)
+        config = self.reference_config()
+        config.text_config.num_hidden_layers = layers
+        v = config.vision_config
+        v.depth = vision_layers
+        if getattr(v, "fullatt_block_indexes", None):  # Qwen2.5-VL: the last block attends globally
+            v.fullatt_block_indexes = [vision_layers - 1]
+        ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+        config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+        config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        config.text_config.eos_token_id, config.text_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        side = PLAN_IMAGE_SIDE  # 448 px at patch 14, merge 2: 256 visual tokens
+        proc = Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                        temporal_patch_size=v.temporal_patch_size,
+                                        size={"shortest_edge": side * side, "longest_edge": side * side})
+        return config, tok, proc, side
+
     def tiny_image_processor(self, image_size: int):
         """The family's image processor at the tiny model's patch 8: images are resized
         to multiples of 16 between 32 x 32 and 64 x 64 pixels."""
