@@ -180,6 +180,12 @@ def cmd_realscale(ctx: Context) -> Command:
     return Command([ctx.python, "-m", REALSCALE_MODULE, "--out", str(out)], outputs=[out])
 
 
+def cmd_families(ctx: Context) -> Command:
+    out = ctx.work / "families"
+    return Command([ctx.python, "-m", REALSCALE_MODULE, "--out", str(out), "--family", "all", "--steps", "6"],
+                   outputs=[out])
+
+
 # ------------------------------------------------------------------------- the steps
 
 STEP_BUDGETS = {  # seconds; see STEPS for what each buys
@@ -218,6 +224,17 @@ STEPS: list[Step] = [
          f"python -m {REALSCALE_MODULE}: one reduced-depth LLaVA-7B-width client round with activation "
          "checkpointing; tokens/s and peak memory next to the memory planner's estimate",
          gate=gate_realscale, command=cmd_realscale, judge=judge_realscale),
+]
+
+
+# On request only (--steps families): the whole check already fills its 8 minutes, so the
+# per-family rounds are a second call of their own (README, "GPU check").
+EXTRA_STEPS: list[Step] = [
+    Step("families", 240,
+         f"python -m {REALSCALE_MODULE} --family all: one reduced-depth real-width round per model family "
+         "(its processor and chat template), tokens/s, useful TFLOP/s and MFU, peak memory next to the planner's",
+         gate=gate_realscale, command=cmd_families, judge=lambda rc, text, ctx, cmd: judge_realscale(
+             rc, text, ctx, cmd, name="families")),
 ]
 
 
@@ -422,17 +439,19 @@ def select_steps(only: str | None) -> list[Step]:
     if not only:
         return list(STEPS)
     names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = sorted(set(names) - {s.name for s in STEPS})
+    every = STEPS + EXTRA_STEPS
+    unknown = sorted(set(names) - {s.name for s in every})
     if unknown:
-        raise SystemExit(f"gpu_check: --steps: unknown step(s) {unknown}; steps: {[s.name for s in STEPS]}")
-    return [s for s in STEPS if s.name == "setup" or s.name in names]
+        raise SystemExit(f"gpu_check: --steps: unknown step(s) {unknown}; steps: {[s.name for s in every]}")
+    return [s for s in every if s.name == "setup" or s.name in names]
 
 
 def list_steps() -> str:
     rows = [f"{s.name:15s} {s.budget_s:4d} s  {s.what}" for s in STEPS]
     total = sum(s.budget_s for s in STEPS)
+    extra = [f"{s.name:15s} {s.budget_s:4d} s  (on request: --steps {s.name}) {s.what}" for s in EXTRA_STEPS]
     return "\n".join(rows + [f"{'total':15s} {total:4d} s  (+ {RESERVE_S} s reserve; the whole stays under "
-                                     f"{TOTAL_S} s wall)"])
+                                     f"{TOTAL_S} s wall)"] + extra)
 
 
 def run_check(out: Path, wheel_dir: Path, only: str | None, environ: dict[str, str]) -> int:

@@ -352,11 +352,11 @@ def judge_federation(rc: int, text: str, ctx: Context, cmd: Command) -> StepResu
     return res
 
 
-def judge_realscale(rc: int, text: str, ctx: Context, cmd: Command) -> StepResult:
-    res = _base("realscale", cmd)
+def judge_realscale(rc: int, text: str, ctx: Context, cmd: Command, name: str = "realscale") -> StepResult:
+    res = _base(name, cmd)
     folder = cmd.outputs[0]
     files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".md")) if folder.is_dir() else []
-    dest = ctx.out / "realscale"
+    dest = ctx.out / name
     # At most two files come back from it (the device returns 8 files in all).
     for p in files[:2]:
         dest.mkdir(exist_ok=True)

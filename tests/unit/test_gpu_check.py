@@ -428,3 +428,14 @@ def test_exchange_driver_falls_back_to_quick_when_the_benchmark_changed(monkeypa
     assert g.exchange_bench_main(str(tmp_path / "x.md"), ranks=9, device="cpu") == 0
     assert got["argv"][:3] == ["--quick", "--device", "cpu"]
     assert "QUICK FALLBACK" in capsys.readouterr().out
+
+
+def test_families_step_runs_only_on_request():
+    """The per-family real-width rounds do not fit the 8-minute check: a step of their own,
+    selected by --steps families (after setup), listed as on request."""
+    assert "families" not in [s.name for s in g.STEPS]
+    assert [s.name for s in g.select_steps("families")] == ["setup", "families"]
+    assert "(on request: --steps families)" in g.list_steps()
+    ctx = g.Context(repo=g.REPO, out=g.REPO, work=g.REPO / "w", wheel_dir=g.REPO, env={})
+    argv = g.cmd_families(ctx).argv
+    assert argv[-4:] == ["--family", "all", "--steps", "6"] and g.REALSCALE_MODULE in argv

@@ -129,19 +129,24 @@ def test_realscale_round_tiny_on_cpu(tmp_path):
         assert realscale_round.main(["--out", str(tmp_path / "gpu")]) == 2
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl"])
-def test_realscale_round_of_a_family_tiny_on_cpu(tmp_path, family):
-    """--family: the family's model and data path (its processor, its chat template), a
-    finite round, a FLOP count (torch's counter), and no MFU where no peak is known."""
+def test_realscale_round_of_every_family_tiny_on_cpu(tmp_path):
+    """--family all (the GPU check's families step, shrunk): each prepared family's model and
+    data path (its processor, its chat template), a finite round, a FLOP count (torch's
+    counter), no MFU where no peak is known; one table row per family."""
     import json
 
     from pilot_hpc.tools import realscale_round
 
-    assert realscale_round.main(["--out", str(tmp_path), "--tiny", "--family", family]) == 0
-    got = json.loads((tmp_path / "realscale_round.json").read_text())
-    assert got["family"] == family and got["finite"] and got["steps"] == 2 and got["useful_flops_per_step"] > 0
-    assert got["mfu"] is None  # no peak is quoted for a CPU
-    assert "MFU n/a" in (tmp_path / "realscale_round.md").read_text()
+    names = realscale_round.prepared_families()
+    assert {"llava", "qwen2_5_vl", "qwen2_vl"} <= set(names)
+    assert realscale_round.main(["--out", str(tmp_path), "--tiny", "--family", "all"]) == 0
+    got = json.loads((tmp_path / "realscale_families.json").read_text())
+    assert [r["family"] for r in got] == names
+    for r in got:
+        assert r["finite"] and r["steps"] == 2 and r["useful_flops_per_step"] > 0 and r["mfu"] is None
+        assert r["tokens_per_sample"] > r["image_tokens"] > 0
+    table = (tmp_path / "realscale_families.md").read_text()
+    assert all(f"| {n} | 2 x 128 |" in table for n in names) and "| n/a |" in table
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "qwen2_vl"])

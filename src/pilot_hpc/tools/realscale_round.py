@@ -135,6 +135,8 @@ def family_setup(args, dtype: str, workdir: str):
         samples.append(Sample(id=str(i), image_path=path, turns=[(" ".join(rng.choice(plain, args.text_tokens - answer)),
                                                                    " ".join(rng.choice(plain, answer)))]))
     image_tokens = spec.num_image_tokens(config)
+    if spec.image_inputs is not None:  # a count that follows the image: this side's
+        image_tokens = spec.tokens_of_image_inputs(spec.image_inputs(proc, Image.open(samples[0].image_path)))
     data = InstructionDataset(samples, tok, proc, image_tokens, 4 * (image_tokens + args.text_tokens) + 64,
                               **spec.dataset_options(tok))
     seq = len(data[0]["input_ids"])
@@ -276,6 +278,59 @@ def markdown(r: dict) -> str:
     return f"# Real-scale client round\n\n| | |\n|---|---|\n{body}\n"
 
 
+def prepared_families() -> list[str]:
+    """The families whose FamilySpec prepares a real-width round (FamilySpec.realscale)."""
+    from pilot_hpc.model import families
+
+    return [name for name, spec in families.FAMILIES.items()
+            if type(spec).realscale is not families.FamilySpec.realscale]
+
+
+def run_all(a) -> int:
+    """--family all: one round per prepared family, one after the other, into one JSON
+    (a list) and one Markdown table (the GPU check brings back few files)."""
+    import gc
+
+    results = []
+    for name in prepared_families():
+        print(f"realscale_round: {name} ...", flush=True)
+        try:
+            results.append(run(argparse.Namespace(**{**vars(a), "family": name})))
+        except Exception as err:  # one family's failure must not hide the others' numbers
+            results.append({"family": name, "error": f"{type(err).__name__}: {err}", "finite": False})
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "realscale_families.json"), "w") as fh:
+        jsonout.dump(results, fh, indent=1)
+    gib = 2 ** 30
+    rows = ["| family | LLM layers x hidden | tokens per sample (image) | batch = accum x micro | tokens/s | "
+            "useful TFLOP/s | MFU | peak memory GiB | planner's training peak GiB |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['family']} | failed: {r['error'][:200]} | | | | | | | |")
+            continue
+        peak = r.get("peak_allocated_bytes", r.get("resident_bytes", 0)) / gib
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        rows.append(f"| {r['family']} | {r['llm_layers']} x {r['hidden']} | {r['tokens_per_sample']} "
+                    f"({r['image_tokens']}) | {r['batch']} = {r['grad_accum_steps']} x {r['micro_batch']} | "
+                    f"{r['tokens_per_s']:.0f} | {r['useful_tflops_per_s']:.2f} | {mfu} | {peak:.2f} | "
+                    f"{r['planner_train_peak_bytes'] / gib:.2f} |")
+    done = next((r for r in results if "device" in r), {"device": "?", "dtype": "?", "lora_r": "?", "tiny": a.tiny})
+    width = "reduced widths (--tiny)" if done["tiny"] else "7B-class widths"
+    text = (f"# Real-width client round per family\n\nDevice: {done['device']}. Stage 1, reduced depth, {width}, "
+            f"{done['dtype']}, LoRA r {done['lora_r']}, activation checkpointing; MFU = useful FLOPs (forward, "
+            "activation and trainable-weight gradients; nothing recomputed) per second over the device's dense "
+            "bf16 peak.\n\n"
+            + "\n".join(rows) + "\n")
+    with open(os.path.join(a.out, "realscale_families.md"), "w") as fh:
+        fh.write(text)
+    print(text)
+    return 0 if all(r["finite"] for r in results) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pilot_hpc.tools.realscale_round", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for realscale_round.json and .md")
@@ -286,13 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--text-tokens", type=int, default=100)
     ap.add_argument("--family", default="", help="a model family (model/families): its 7B-class widths at reduced "
-                                                 "depth through its own data path; default: LLaVA-1.5 with random ids")
+                                                 "depth through its own data path; 'all': every family that "
+                                                 "prepares one; default: LLaVA-1.5 with random ids")
     a = ap.parse_args(argv)
     if a.tiny:
         a.steps, a.batch, a.text_tokens = min(a.steps, 2), min(a.batch, 4), min(a.text_tokens, 16)
     elif not torch.cuda.is_available():
         print("realscale_round: no CUDA device visible; run it on a GPU node, or with --tiny on CPU")
         return 2
+    if a.family == "all":
+        return run_all(a)
     result = run(a)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "realscale_round.json"), "w") as fh:
