@@ -327,15 +327,6 @@ SECURE_SUM_REFUSED = {
 
 @dataclass
 class PrivacyConfig:
-    """Privacy of the clients' updates (fl/secagg.py, docs/method.md)."""
-
-    # true: pairwise-masked secure aggregation: the server (rank 0) sees only masked
-    # fixed-point rows and their weighted sum (SECURE_SUM_STRATEGIES only).
-    secure_aggregation: bool = False
-
-
-@dataclass
-class PrivacyConfig:
     """Client-level differential privacy (pilot_hpc.fl.privacy; docs/method.md, Privacy).
     where=none (the default) changes nothing."""
 
@@ -356,7 +347,8 @@ class PrivacyConfig:
     accountant: Literal["rdp", "pld"] = "rdp"
     # > 0: the run stops before the first round whose cumulative epsilon would exceed it.
     epsilon_budget: float = 0.0
-    # Secure aggregation (another component's key: pairwise masks for sum-only strategies).
+    # true: pairwise-masked secure aggregation (fl/secagg.py): the server (rank 0) sees only
+    # masked fixed-point rows and their weighted sum (SECURE_SUM_STRATEGIES only).
     secure_aggregation: bool = False
 
     def __post_init__(self):
