@@ -7,9 +7,14 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
   /                     attrs: format, round, complete, history (JSON: the metrics rows so far),
                         config (YAML), config_hash, result_hash, versions (JSON), git_commit
   /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
+  /installs/            (lazy installs only) attrs round, shape, dtype, rounds (JSON {row: round}),
+                        personal_round (-1: none); row_<t>, personal: the latest finite rows;
+      mark_BBB/         the same as they stood after stage entry BBB (fl/installs.py)
   /clients/client_KK/   attrs: task, num_samples, status (pending|partial|done), steps, finite,
                         losses (JSON), skipped (unreadable samples its round left out;
                         absent in files written before data.on_bad_sample: 0)
+                        installed_round (lazy installs, fl/installs.py: the last round whose
+                        broadcast rows its state holds; /installs has the newer ones)
       state/<key>       the client's personal state: connector.* (task, client, foreign and
                         cross-task adapters, router) and lora.* (its LoRA A/B)
       pre_state/<key>   (status partial, or done in an interrupted round) its state at the round's start: the "last good"
@@ -86,6 +91,9 @@ class ClientCheckpoint:
     # A lossy fl.codec: the client's error-feedback residual per part (what its last
     # encoding left out), carried into its next update; None otherwise.
     residual: dict[str, torch.Tensor] | None = None
+    # Lazy installs (fl/installs.py): the last round whose broadcast rows the state holds;
+    # None when they are off (every state holds every round's).
+    installed: int | None = None
 
 
 @dataclass
@@ -97,6 +105,8 @@ class Checkpoint:
     history: list
     server: dict[str, torch.Tensor]
     clients: dict[int, ClientCheckpoint]
+    # Lazy installs: the rows the clients may still lack (fl/installs.PendingRows.to_record).
+    installs: dict | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -164,7 +174,7 @@ def _read_dict(group: h5py.Group, where: str) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------ writing
 def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
-           server: dict[str, torch.Tensor]) -> None:
+           server: dict[str, torch.Tensor], installs: dict | None = None) -> None:
     """Starts a checkpoint file with the run's identity and the server state (rank 0)."""
     with h5py.File(tmp_path, "w", libver=LIBVER) as f:
         f.attrs["format"] = FORMAT
@@ -179,16 +189,70 @@ def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
         if cfg.model.lora_ranks or cfg.model.lora_task_ranks:  # heterogeneous ranks: each client's own
             f.attrs["lora_ranks"] = json.dumps(client_lora_ranks(cfg))
         _write_dict(f, "server", server)
+        if installs is not None:
+            _write_installs(f, installs)
         f.create_group("clients")
 
 
-def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
-    """Adds clients' records (one rank at a time: an HDF5 file has one writer)."""
+def _write_rows(g: h5py.Group, rows: dict, personal) -> None:
+    g.attrs.update(rounds=json.dumps({str(t): r for t, (r, _) in sorted(rows.items())}),
+                   personal_round=-1 if personal is None else personal[0])
+    for t, (_, values) in sorted(rows.items()):
+        _write_tensor(g, f"row_{t}", values)
+    if personal is not None:
+        _write_tensor(g, "personal", personal[1])
+
+
+def _read_rows(g: h5py.Group, where: str) -> tuple[dict, tuple | None]:
+    for key in ("rounds", "personal_round"):
+        if key not in g.attrs:
+            raise CheckpointError(f"{where}: missing attribute {key!r}")
+    rows = {int(t): (int(r), _read_tensor(g[f"row_{t}"], f"{where}/row_{t}"))
+            for t, r in json.loads(g.attrs["rounds"]).items()}
+    p_round = int(g.attrs["personal_round"])
+    return rows, None if p_round < 0 else (p_round, _read_tensor(g["personal"], f"{where}/personal"))
+
+
+def _write_installs(f: h5py.File, rec: dict) -> None:
+    """/installs (lazy installs, fl/installs.PendingRows.to_record)."""
+    g = f.create_group("installs")
+    g.attrs.update(round=rec["round"], shape=json.dumps(rec["shape"]), dtype=rec["dtype"])
+    _write_rows(g, rec["rows"], rec["personal"])
+    for b, mark in sorted(rec["marks"].items()):
+        _write_rows(g.create_group(f"mark_{b:03d}"), mark["rows"], mark["personal"])
+
+
+def _read_installs(g: h5py.Group, where: str) -> dict:
+    for key in ("round", "shape", "dtype"):
+        if key not in g.attrs:
+            raise CheckpointError(f"{where}: missing attribute {key!r}")
+    rows, personal = _read_rows(g, where)
+    marks = {}
+    for name in g:
+        if name.startswith("mark_"):
+            m_rows, m_personal = _read_rows(g[name], f"{where}/{name}")
+            marks[int(name[len("mark_"):])] = {"rows": m_rows, "personal": m_personal}
+    return {"round": int(g.attrs["round"]), "shape": json.loads(g.attrs["shape"]), "dtype": str(g.attrs["dtype"]),
+            "rows": rows, "personal": personal, "marks": marks}
+
+
+def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint], copied: list[int] = (),
+                   copy_from: str | None = None) -> None:
+    """Adds clients' records (one rank at a time: an HDF5 file has one writer); the clients
+    in `copied` are copied whole from the earlier checkpoint `copy_from` (their records
+    have not changed since: HDF5 copies the groups' stored bytes, checksums included, and
+    finalize's digest reads them back like every other group)."""
     with h5py.File(tmp_path, "a", libver=LIBVER) as f:
+        if copied:
+            with h5py.File(copy_from, "r") as src:
+                for k in copied:
+                    src.copy(src["clients"][f"client_{k:02d}"], f["clients"], name=f"client_{k:02d}")
         for k, c in sorted(clients.items()):
             g = f["clients"].create_group(f"client_{k:02d}")
             g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status.value, steps=c.steps,
                            skipped=c.skipped, finite=int(c.finite), losses=json.dumps(c.losses))
+            if c.installed is not None:
+                g.attrs["installed_round"] = c.installed
             _write_dict(g, "state", c.state)
             if c.pre_state is not None:
                 _write_dict(g, "pre_state", c.pre_state)
@@ -333,6 +397,8 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
                          state=_read_dict(g["state"], f"{where}/state"), status=Status(str(g.attrs["status"])),
                          steps=int(g.attrs["steps"]), finite=bool(g.attrs["finite"]),
                          losses=json.loads(g.attrs["losses"]), skipped=int(g.attrs.get("skipped", 0)))
+    if "installed_round" in g.attrs:
+        c.installed = int(g.attrs["installed_round"])
     if "pre_state" in g:
         c.pre_state = _read_dict(g["pre_state"], f"{where}/pre_state")
     if "residual" in g:
@@ -394,7 +460,9 @@ def _read(path: str, clients: list[int] | None) -> Checkpoint:
             records[int(name.split("_")[1])] = _client(f["clients"][name], f"checkpoint {path}: /clients/{name}")
         return Checkpoint(path=path, round=int(attrs["round"]), complete=bool(attrs["complete"]), attrs=attrs,
                           history=json.loads(attrs["history"]),
-                          server=_read_dict(f["server"], f"checkpoint {path}: /server"), clients=records)
+                          server=_read_dict(f["server"], f"checkpoint {path}: /server"), clients=records,
+                          installs=_read_installs(f["installs"], f"checkpoint {path}: /installs")
+                          if "installs" in f else None)
 
 
 def validate(ck: Checkpoint, num_clients: int, expected: dict[str, tuple[int, ...]]) -> None:

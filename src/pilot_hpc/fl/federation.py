@@ -29,6 +29,7 @@ from pilot_hpc.fl import participation, privacy
 from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
+from pilot_hpc.fl.installs import Installs
 from pilot_hpc.fl.stream import Exchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.fl.transforms import Chain
@@ -121,6 +122,10 @@ class Federation:
         self.exchange_stats: tuple[int, float] | None = None  # this round's exchange bytes and seconds
         # data.on_bad_sample=fail: the unreadable sample a client of this rank stopped at
         self.bad_sample: str | None = None
+        self.installs = Installs(cfg, self.policy, self.aggregator)  # sitting-out clients install when next hosted
+        for slot in slots if self.installs.active else ():
+            slot.installs = self.installs
+        self.last_complete: str | None = None  # this run's newest complete checkpoint (Federation.checkpoint)
 
     # ------------------------------------------------------------------ the run
     def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
@@ -377,6 +382,8 @@ class Federation:
         # A client that sat the round out takes what every client receives: the broadcast
         # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
         # keeps its own) and, for a global model, the global personal row (docs/method.md).
+        if self.installs.active:  # lazily: fl/installs.py
+            return self.installs.after_exchange(round_, got, self.slots, selected)
         for slot in self.slots:
             if not bool(selected[slot.k]):
                 with hosting(pm, slot):
@@ -530,9 +537,19 @@ class Federation:
         their leader's states and write nothing): its path, "" on a member."""
         if not self.leader:
             return ""
-        return resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
+        # A complete round's file copies the clients unchanged since this run's last one.
+        prev = self.last_complete if complete and self.last_complete and os.path.exists(self.last_complete) else None
+        copied = [s.k for s in self.slots if prev and not s.changed]
+        path = resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
                            server=self.aggregator.server_state() if self.aggregator is not None else {},
-                           clients={s.k: s.record(complete) for s in self.slots})
+                           clients={s.k: s.record(complete) for s in self.slots if s.k not in copied},
+                           installs=self.installs.pending.to_record() if self.installs.active else None,
+                           copied=copied, copy_from=prev)
+        if complete:
+            self.last_complete = path
+            for slot in self.slots:
+                slot.changed = False
+        return path
 
     def locate(self, expected: dict[str, tuple[int, ...]]) -> resume.ResumePoint | None:
         """The resume point on the leaders, with their clients and the server state restored."""
@@ -542,6 +559,8 @@ class Federation:
         if start is not None:
             for slot in self.slots:
                 slot.restore(start.clients[slot.k], start.complete)
+            if self.installs.active:
+                self.installs.restore(start.installs, self.slots, {k: c.installed for k, c in start.clients.items()})
             if self.aggregator is not None:
                 self.aggregator.load_server_state(start.server)
             elif start.server:
