@@ -175,3 +175,23 @@ def test_installs_and_copied_clients_read_back_exactly(tmp_path):
     # A file without lazy installs has neither the group nor the attribute.
     plain = checkpoint.read(_write(str(tmp_path), 4, {0: ClientCheckpoint("vqa", 5, states[0])}))
     assert plain.installs is None and plain.clients[0].installed is None
+
+
+def test_a_copied_group_damaged_on_disk_stops_the_new_file(tmp_path):
+    import h5py
+    import pytest
+
+    from pilot_hpc.checkpoint import CheckpointError
+
+    rec = ClientCheckpoint(task="vqa", num_samples=5, state={"lora.a": torch.arange(64, dtype=torch.float32)})
+    first = _write(str(tmp_path), 1, {0: rec})
+    with h5py.File(first, "r") as f:
+        offset = f["clients/client_00/state/lora.a"].id.get_chunk_info(0).byte_offset
+    with open(first, "r+b") as fh:  # one flipped byte of the tensor's stored chunk
+        fh.seek(offset + 9)
+        byte = fh.read(1)
+        fh.seek(offset + 9)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _write(str(tmp_path), 2, {}, copied=[0], copy_from=first)
+    assert not os.path.exists(os.path.join(str(tmp_path), checkpoint.file_name(2, True)))
