@@ -142,56 +142,76 @@ def test_a_slot_is_changed_only_by_what_its_checkpoint_records():
     assert slot.changed
 
 
-def _write(folder, round_, clients, installs=None, copied=(), copy_from=None):
+def _write(folder, round_, clients, installs=None, linked=(), link_to=None):
     cfg = load_config(SMOKE)
     final = os.path.join(folder, checkpoint.file_name(round_, True))
     checkpoint.create(final + ".tmp", cfg, round_, complete=True, history=[], server={}, installs=installs)
-    checkpoint.append_clients(final + ".tmp", clients, copied, copy_from)
+    checkpoint.append_clients(final + ".tmp", clients, linked, link_to, seal=installs is not None)
     checkpoint.finalize(final + ".tmp", final)
     return final
 
 
-def test_installs_and_copied_clients_read_back_exactly(tmp_path):
+def _records():
     torch.manual_seed(0)
     states = [{"lora.a": torch.randn(3, 2), "lora.b": torch.randn(2).to(torch.bfloat16)} for _ in range(2)]
-    recs = {k: ClientCheckpoint(task="vqa", num_samples=5, state=states[k], installed=k, losses={"ce": 0.25})
-            for k in (0, 1)}
+    return states, {k: ClientCheckpoint(task="vqa", num_samples=5, state=states[k], installed=k,
+                                        losses={"ce": 0.25}) for k in (0, 1)}
+
+
+def test_installs_and_linked_clients_read_back_exactly(tmp_path, monkeypatch):
+    import h5py
+
+    states, recs = _records()
     p = PendingRows()
     p.record(2, rows([1.5, 2.5], [NAN, NAN]), None, mark=True)
     first = _write(str(tmp_path), 2, recs, installs=p.to_record())
     p.record(3, rows([NAN, NAN], [4.0, 4.0]), rows(1.0, 2.0))
-    # Round 3: client 1 unchanged (copied from round 2), client 0 rewritten.
-    second = _write(str(tmp_path), 3, {0: recs[0]}, installs=p.to_record(), copied=[1], copy_from=first)
-    ck = checkpoint.read(second)  # the whole file: digest checked, client 1 included
-    assert sorted(ck.clients) == [0, 1] and ck.clients[1].installed == 1 and ck.clients[1].losses == {"ce": 0.25}
-    for k in (0, 1):
-        for key, t in states[k].items():
-            assert torch.equal(ck.clients[k].state[key].view(torch.uint8), t.view(torch.uint8))
-    q = PendingRows.from_record(ck.installs)
+    # Round 3: client 1 unchanged (linked to round 2), client 0 written again; round 4
+    # links client 1 to round 2 as well (one hop), not to round 3.
+    second = _write(str(tmp_path), 3, {0: recs[0]}, installs=p.to_record(), linked=[1], link_to=first)
+    third = _write(str(tmp_path), 4, {0: recs[0]}, installs=p.to_record(), linked=[1], link_to=second)
+    with h5py.File(third, "r") as f:
+        assert f["clients"].get("client_01", getlink=True).filename == os.path.basename(first)
+    monkeypatch.chdir("/")  # links resolve next to the file, whatever the working folder
+    for path in (second, third):
+        ck = checkpoint.read(path)  # the whole file: root digest, then every client's (through links)
+        assert sorted(ck.clients) == [0, 1] and ck.clients[1].installed == 1 and ck.clients[1].losses == {"ce": 0.25}
+        for k in (0, 1):
+            for key, t in states[k].items():
+                assert torch.equal(ck.clients[k].state[key].view(torch.uint8), t.view(torch.uint8))
+    q = PendingRows.from_record(checkpoint.read(second).installs)
     assert q.round == 3 and {t: r for t, (r, _) in q.rows.items()} == {0: 2, 1: 3} and q.personal[0] == 3
     assert torch.equal(q.rows[0][1], rows(1.5, 2.5)) and torch.equal(q.personal[1], rows(1.0, 2.0))
     assert list(q.marks) == [2] and list(q.marks[2][0]) == [0] and q.marks[2][1] is None
     assert torch.equal(q.since(0, at=2)[0][0], rows(1.5, 2.5)) and torch.isnan(q.since(0, at=2)[0][1]).all()
-    # A file without lazy installs has neither the group nor the attribute.
-    plain = checkpoint.read(_write(str(tmp_path), 4, {0: ClientCheckpoint("vqa", 5, states[0])}))
-    assert plain.installs is None and plain.clients[0].installed is None
+    # A file without lazy installs has neither the group, nor the attribute, nor sealed clients.
+    plain = _write(str(tmp_path / "plain"), 4, {0: ClientCheckpoint("vqa", 5, states[0])}) if os.makedirs(
+        str(tmp_path / "plain")) is None else None
+    assert checkpoint.read(plain).installs is None and checkpoint.read(plain).clients[0].installed is None
+    with h5py.File(plain, "r") as f:
+        assert "client_digests" not in f.attrs
 
 
-def test_a_copied_group_damaged_on_disk_stops_the_new_file(tmp_path):
+def test_a_linked_record_damaged_or_gone_makes_the_file_unusable(tmp_path):
     import h5py
     import pytest
 
     from pilot_hpc.checkpoint import CheckpointError
 
-    rec = ClientCheckpoint(task="vqa", num_samples=5, state={"lora.a": torch.arange(64, dtype=torch.float32)})
-    first = _write(str(tmp_path), 1, {0: rec})
+    _, recs = _records()
+    table = PendingRows().to_record()
+    first = _write(str(tmp_path), 1, recs, installs=table)
+    second = _write(str(tmp_path), 2, {0: recs[0]}, installs=table, linked=[1], link_to=first)
     with h5py.File(first, "r") as f:
-        offset = f["clients/client_00/state/lora.a"].id.get_chunk_info(0).byte_offset
-    with open(first, "r+b") as fh:  # one flipped byte of the tensor's stored chunk
+        offset = f["clients/client_01/state/lora.a"].id.get_chunk_info(0).byte_offset
+    with open(first, "r+b") as fh:  # one flipped byte of client 1's stored tensor, in round 1's file
         fh.seek(offset + 9)
         byte = fh.read(1)
         fh.seek(offset + 9)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(CheckpointError, match="corrupt"):
-        _write(str(tmp_path), 2, {}, copied=[0], copy_from=first)
-    assert not os.path.exists(os.path.join(str(tmp_path), checkpoint.file_name(2, True)))
+    for path in (first, second):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            checkpoint.read(path)
+    os.remove(first)
+    with pytest.raises(CheckpointError, match="missing or unreadable"):
+        checkpoint.read(second)

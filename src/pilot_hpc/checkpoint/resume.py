@@ -43,11 +43,12 @@ def folder_of(cfg) -> str:
 
 
 def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[str, torch.Tensor],
-         clients: dict[int, store.ClientCheckpoint], installs: dict | None = None, copied: list[int] = (),
-         copy_from: str | None = None) -> str:
-    """Collective over comm: every rank passes its own clients' records (or, in `copied`,
-    the clients whose records are unchanged since the complete checkpoint `copy_from`,
-    copied from it); returns the path. installs: the lazy installs' rows (rank 0's)."""
+         clients: dict[int, store.ClientCheckpoint], installs: dict | None = None, linked: list[int] = (),
+         link_to: str | None = None) -> str:
+    """Collective over comm: every rank passes its own clients' records; returns the path.
+    installs (lazy installs, the same on every rank; rank 0's are written): the table,
+    and the clients are sealed, those in `linked` (unchanged since the complete
+    checkpoint `link_to`) linked to their record there (store.append_clients)."""
     folder = folder_of(cfg)
     final = os.path.join(folder, store.file_name(round_, complete))
     tmp = final + ".tmp"
@@ -57,7 +58,7 @@ def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[
     for r in range(comm.size):
         comm.barrier()
         if r == comm.rank:
-            store.append_clients(tmp, clients, copied, copy_from)
+            store.append_clients(tmp, clients, linked, link_to, seal=installs is not None)
     comm.barrier()
     if comm.rank == 0:
         store.finalize(tmp, final)

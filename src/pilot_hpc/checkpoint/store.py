@@ -36,6 +36,19 @@ content read back from the file: every group and dataset by path, every attribut
 (name and value) and every dataset's dtype, shape and bytes (see `content_digest`).
 `read(path)` of the whole file recomputes it and refuses a mismatch; any failure to
 open or parse a file, of any exception type, is a CheckpointError naming the file.
+
+Sealed clients (lazy installs, fl/installs.py, i.e. under client sampling): each client
+group's own digest (`group_digest`, the same definition over the group alone) is in the
+root attribute `client_digests` (JSON {client_KK: digest}), and the root digest covers
+that map in place of the groups' content, so sealing a round costs what its changed
+clients hold, not K. A client unchanged since the previous complete round is an HDF5
+external link to the group holding its record in an earlier round's file of the same
+folder (one hop: a link is never linked to). The file is still one verifiable whole for
+resume and export: `read(path)` checks the root digest, then every client's content
+(through its link) against its digest; a link whose target is gone, moved or damaged
+makes the file unusable. Checkpoints depend on the earlier rounds' files they link to:
+keep the folder whole (moving an unusable file aside also makes the files that link to
+it unusable, and resume goes back to an older one).
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from pilot_hpc.train.spec import TrainProgress
 # 4: the root attribute `digest` over the whole content (a file without it is refused).
 FORMAT = "pilot_hpc-checkpoint-4"
 DIGEST_ATTR = "digest"
+CLIENT_DIGESTS = "client_digests"
 LIBVER = ("earliest", "v110")
 _NAME = re.compile(r"^round_(\d{3,})(\.preempt)?\.h5$")
 
@@ -236,17 +250,25 @@ def _read_installs(g: h5py.Group, where: str) -> dict:
             "rows": rows, "personal": personal, "marks": marks}
 
 
-def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint], copied: list[int] = (),
-                   copy_from: str | None = None) -> None:
-    """Adds clients' records (one rank at a time: an HDF5 file has one writer); the clients
-    in `copied` are copied whole from the earlier checkpoint `copy_from` (their records
-    have not changed since: HDF5 copies the groups' stored bytes, checksums included, and
-    finalize's digest reads them back like every other group)."""
+def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint], linked: list[int] = (),
+                   link_to: str | None = None, seal: bool = False) -> None:
+    """Adds clients' records (one rank at a time: an HDF5 file has one writer).
+
+    seal: each group written gets its digest in the root's client_digests (module
+    docstring: sealed clients), and the clients in `linked`, unchanged since the complete
+    checkpoint `link_to` (itself sealed, in the same folder), become external links to
+    the group that holds their record there (the file it links to, if it links too)."""
     with h5py.File(tmp_path, "a", libver=LIBVER) as f:
-        if copied:
-            with h5py.File(copy_from, "r") as src:
-                for k in copied:
-                    src.copy(src["clients"][f"client_{k:02d}"], f["clients"], name=f"client_{k:02d}")
+        digests = json.loads(f.attrs.get(CLIENT_DIGESTS, "{}"))
+        if linked:
+            with h5py.File(link_to, "r") as src:
+                before = json.loads(src.attrs[CLIENT_DIGESTS])
+                for k in linked:
+                    name = f"client_{k:02d}"
+                    link = src["clients"].get(name, getlink=True)
+                    target = link.filename if isinstance(link, h5py.ExternalLink) else os.path.basename(link_to)
+                    f["clients"][name] = h5py.ExternalLink(target, f"/clients/{name}")
+                    digests[name] = before[name]
         for k, c in sorted(clients.items()):
             g = f["clients"].create_group(f"client_{k:02d}")
             g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status.value, steps=c.steps,
@@ -264,6 +286,10 @@ def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint], copied: 
                                skipped=c.progress.skipped)
                 _write_tensor(p, "torch_rng", c.progress.torch_rng)
                 _write_dict(p, "optimizer", c.progress.optimizer)
+            if seal:
+                digests[g.name.split("/")[-1]] = group_digest(g, f"checkpoint {tmp_path}")
+        if seal:
+            f.attrs[CLIENT_DIGESTS] = json.dumps(digests, sort_keys=True)
 
 
 def finalize(tmp_path: str, final_path: str) -> None:
@@ -313,13 +339,19 @@ def _feed_attrs(h, obj) -> None:
         _feed_value(h, obj.attrs[name])
 
 
-def _feed_group(h, g: h5py.Group, where: str) -> None:
+def _feed_group(h, g: h5py.Group, where: str, sealed: dict | None = None) -> None:
     _feed(h, b"G", g.name.encode())
     _feed_attrs(h, g)
     for name in sorted(g):
+        if sealed is not None and g.name == "/clients":  # a sealed client: its own digest stands for it
+            if name not in sealed:
+                raise CheckpointError(f"{where}: /clients/{name} has no entry in {CLIENT_DIGESTS}")
+            _feed(h, b"C", name.encode())
+            _feed_value(h, sealed[name])
+            continue
         obj = g[name]
         if isinstance(obj, h5py.Group):
-            _feed_group(h, obj, where)
+            _feed_group(h, obj, where, sealed)
         elif isinstance(obj, h5py.Dataset):
             _feed(h, b"N", obj.name.encode())
             _feed_attrs(h, obj)
@@ -339,8 +371,37 @@ def content_digest(f: h5py.File, where: str = "checkpoint") -> str:
     load ~8); it is paid once per candidate on rank 0 and once at each finalize."""
     h = hashlib.sha256()
     _feed(h, b"F", FORMAT.encode())
-    _feed_group(h, f, where)
+    _feed_group(h, f, where, json.loads(f.attrs[CLIENT_DIGESTS]) if CLIENT_DIGESTS in f.attrs else None)
     return "sha256:" + h.hexdigest()
+
+
+def group_digest(g: h5py.Group, where: str) -> str:
+    """A sealed client group's digest: as content_digest, over the group alone (by its
+    path in the file, so the same in the file it was written to and through a link)."""
+    h = hashlib.sha256()
+    _feed(h, b"F", FORMAT.encode())
+    _feed_group(h, g, where)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_sealed(f: h5py.File, where: str) -> None:
+    """Every sealed client group (linked ones read through their link) against its digest
+    in the root's client_digests; nothing for a file without sealed clients."""
+    if CLIENT_DIGESTS not in f.attrs:
+        return
+    sealed = json.loads(f.attrs[CLIENT_DIGESTS])
+    if sorted(sealed) != sorted(f["clients"]):
+        raise CheckpointError(f"{where}: {CLIENT_DIGESTS} lists {len(sealed)} clients, /clients has {len(f['clients'])}")
+    for name, digest in sorted(sealed.items()):
+        try:
+            g = f["clients"][name]
+        except KeyError:
+            link = f["clients"].get(name, getlink=True)
+            raise CheckpointError(f"{where}: /clients/{name} links to {getattr(link, 'filename', '?')}, which is "
+                                  "missing or unreadable (an earlier round's file moved or deleted)") from None
+        if group_digest(g, where) != digest:
+            raise CheckpointError(f"{where}: /clients/{name}: content digest mismatch (its data changed after it "
+                                  "was written)")
 
 
 def file_name(round_: int, complete: bool) -> str:
@@ -445,6 +506,8 @@ def _read(path: str, clients: list[int] | None) -> Checkpoint:
         if clients is None and stored != content_digest(f, f"checkpoint {path}"):
             raise CheckpointError(f"checkpoint {path}: content digest mismatch (the file changed after it was "
                                   "written: damaged on disk or in transfer)")
+        if clients is None:
+            verify_sealed(f, f"checkpoint {path}")
         for group in ("server", "clients"):
             if group not in f:
                 raise CheckpointError(f"checkpoint {path}: missing group /{group}")

@@ -537,14 +537,15 @@ class Federation:
         their leader's states and write nothing): its path, "" on a member."""
         if not self.leader:
             return ""
-        # A complete round's file copies the clients unchanged since this run's last one.
-        prev = self.last_complete if complete and self.last_complete and os.path.exists(self.last_complete) else None
-        copied = [s.k for s in self.slots if prev and not s.changed]
+        # Lazy installs: a complete round's file links the clients unchanged since this run's last one.
+        prev = self.last_complete if complete and self.installs.active and self.last_complete else None
+        prev = prev if prev and os.path.exists(prev) else None
+        linked = [s.k for s in self.slots if prev and not s.changed]
         path = resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
                            server=self.aggregator.server_state() if self.aggregator is not None else {},
-                           clients={s.k: s.record(complete) for s in self.slots if s.k not in copied},
+                           clients={s.k: s.record(complete) for s in self.slots if s.k not in linked},
                            installs=self.installs.pending.to_record() if self.installs.active else None,
-                           copied=copied, copy_from=prev)
+                           linked=linked, link_to=prev)
         if complete:
             self.last_complete = path
             for slot in self.slots:
