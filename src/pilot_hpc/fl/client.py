@@ -52,6 +52,7 @@ def hosting(pm, slot: "ClientSlot"):
     if slot.installs is not None:  # the broadcast rows of rounds it sat out (fl/installs.py)
         slot.installs.catch_up(pm, slot)
     yield slot
+    slot.release()
     _hosted = None
 
 
@@ -108,6 +109,9 @@ class ClientSlot:
         if value is None or old is None:
             return old is value
         return type(old) is type(value) and old == value
+
+    def release(self) -> None:
+        """After each hosting: what the client keeps only while hosted (nothing here)."""
 
     @property
     def n(self) -> int:
