@@ -89,7 +89,7 @@ def _install_pending(policy, pm, client: int, task_id: int, record, installs: di
     from pilot_hpc.fl.client import hosting
     from pilot_hpc.fl.installs import PendingRows, catch_up
 
-    slot = SimpleNamespace(k=client, task_id=task_id, state=record.state, installs=None)
+    slot = SimpleNamespace(k=client, task_id=task_id, state=record.state, installs=None, release=lambda: None)
     with hosting(pm, slot):  # names the client (a zero_pad truncation needs it)
         catch_up(policy, pm, PendingRows.from_record(installs), record.installed)
 

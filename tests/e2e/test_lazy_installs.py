@@ -2,8 +2,10 @@
 a sampled run whose sitting-out clients install the broadcast rows only when next hosted
 is bitwise the run that installs them every round, and a run preempted while installs are
 pending resumes bitwise. One client of three takes part per round and only participants
-are evaluated, so clients go several rounds without being hosted (and their checkpoint
-groups are copied from the round before)."""
+are evaluated, so clients go several rounds without training (their checkpoint groups
+then link to an earlier round's file), and export installs what the last one lacks."""
+
+import os
 
 import pytest
 import torch
@@ -25,27 +27,31 @@ def lazy_and_eager(small_world, cache_dir, tmp_path_factory):
     return out
 
 
-def _states(folder, round_):
-    ck = checkpoint.read(str(folder / "checkpoints" / f"round_{round_:03d}.h5"))
-    return ck, {k: c.state for k, c in ck.clients.items()}
+def _exported(run, k, out):
+    """Client k's model as pilot_hpc.export writes it: every tensor of its safetensors files."""
+    from safetensors.torch import load_file
+
+    from pilot_hpc.export import export_client
+
+    export_client(str(run), k, str(out))
+    return {f"{os.path.relpath(os.path.join(d, name), out)}:{key}": t for d, _, names in os.walk(out)
+            for name in names if name.endswith(".safetensors") for key, t in load_file(os.path.join(d, name)).items()}
 
 
-def test_lazy_installs_give_the_eager_run_bitwise(lazy_and_eager):
+def test_lazy_installs_give_the_eager_run_bitwise(lazy_and_eager, tmp_path):
     out = lazy_and_eager
     ref, got = load_metrics(out / "eager"), load_metrics(out / "lazy")
     assert got["rounds"] == ref["rounds"] and got["final"] == ref["final"]
-    # Round 3: a client that sat it out and was not evaluated still lacks its rows, which
-    # the file holds (/installs); the last round evaluates everyone, so all have caught up.
-    ck3, _ = _states(out / "lazy", 3)
-    assert ck3.installs is not None and any(c.installed < 3 for c in ck3.clients.values())
-    ck4, lazy4 = _states(out / "lazy", 4)
-    assert all(c.installed == 4 for c in ck4.clients.values())
-    eager_ck, eager4 = _states(out / "eager", 4)
-    assert eager_ck.installs is None
-    for k in eager4:
-        assert lazy4[k].keys() == eager4[k].keys()
-        for key in eager4[k]:
-            assert torch.equal(lazy4[k][key], eager4[k][key]), (k, key)
+    # A client that sat round 4 out, and was evaluated only, still lacks the rows of rounds
+    # it did not train in: the file holds them (/installs), and export installs them.
+    lazy = checkpoint.read(str(out / "lazy" / "checkpoints" / "round_004.h5"))
+    assert lazy.installs is not None and any(c.installed < 4 for c in lazy.clients.values())
+    assert checkpoint.read(str(out / "eager" / "checkpoints" / "round_004.h5")).installs is None
+    for k in range(3):
+        a, b = _exported(out / "lazy", k, tmp_path / f"lazy{k}"), _exported(out / "eager", k, tmp_path / f"eager{k}")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), (k, key)
 
 
 def test_a_run_preempted_with_installs_pending_resumes_bitwise(lazy_and_eager, cache_dir, tmp_path):

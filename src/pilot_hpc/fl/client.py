@@ -40,17 +40,19 @@ def hosted_client() -> int | None:
 
 
 @contextlib.contextmanager
-def hosting(pm, slot: "ClientSlot"):
+def hosting(pm, slot: "ClientSlot", persist: bool = True):
     """Puts slot's personal state (and task) into the shared model for the block's body.
 
-    The record of the hosted client is cleared on a normal exit only: when the body
-    raises, the abort handler still finds the client it failed in."""
+    With lazy installs the rows it lacks are installed too; persist=False (a body that
+    only reads the model, as evaluation) keeps them out of the slot, which then stays
+    unchanged (fl/installs.py). The record of the hosted client is cleared on a normal
+    exit only: when the body raises, the abort handler still finds the client it failed in."""
     global _hosted
     _hosted = slot.k
     pm.set_task(slot.task_id)
     pm.set_state(slot.state)
     if slot.installs is not None:  # the broadcast rows of rounds it sat out (fl/installs.py)
-        slot.installs.catch_up(pm, slot)
+        slot.installs.catch_up(pm, slot, persist)
     yield slot
     slot.release()
     _hosted = None

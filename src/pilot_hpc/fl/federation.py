@@ -419,7 +419,7 @@ class Federation:
                 rows.append(self.stat_row(slot, float("nan"), round_) + [float("nan")] * len(subsets))
                 continue
             data = eval_view(slot.eval, self.cfg.data.eval_interim_samples, final=round_ == self.cfg.fl.rounds)
-            with hosting(self.pm, slot):
+            with hosting(self.pm, slot, persist=False):  # evaluation changes no client (fl/installs.py)
                 self.pm.set_stage(stage)
                 ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
                                      t.eval_batch_size, t.max_new_tokens, self.device,

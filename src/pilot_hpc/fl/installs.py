@@ -11,7 +11,9 @@ Instead each rank keeps, once for all its clients, the latest finite value of ev
 and the round it came from (`PendingRows`), and each client the last round whose answer it
 holds (`ClientSlot.installed`). When the client is next hosted (to train, be evaluated,
 or by export) it installs the rows newer than that round, then `sat_out` of the newest
-round. This is bitwise the eager sequence (install round r's rows, sat_out(r), for every
+round. Evaluation installs them into the model only: the client stays as it was (its
+checkpoint record unchanged), and the next catch-up from its older round installs the
+same values, each row's latest. This is bitwise the eager sequence (install round r's rows, sat_out(r), for every
 round r it sat out) because:
   - install overwrites a fixed set of parameters with each finite row and keeps them for
     a NaN one, so of rounds a..b only each row's last finite value matters;
@@ -128,11 +130,14 @@ class Installs:
                        and cfg.run.ranks_per_client == 1 and os.environ.get(EAGER_ENV) != "1")
         self.pending = PendingRows()
 
-    def catch_up(self, pm, slot) -> None:
-        """Called by fl.client.hosting once the slot's state is in the model."""
-        if catch_up(self.policy, pm, self.pending, slot.installed):
+    def catch_up(self, pm, slot, persist: bool = True) -> None:
+        """Called by fl.client.hosting once the slot's state is in the model. persist=False
+        (evaluation): into the model only; the slot keeps its state and installed round,
+        and a later catch-up from there installs the same values (each row's latest)."""
+        if catch_up(self.policy, pm, self.pending, slot.installed) and persist:
             slot.state = pm.get_state()
-        slot.installed = self.pending.round
+        if persist:
+            slot.installed = self.pending.round
 
     def after_exchange(self, round_: int, got, slots: list, selected) -> None:
         """Round `round_`'s answer recorded for the clients that sat it out (the participants
