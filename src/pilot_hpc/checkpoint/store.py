@@ -7,7 +7,8 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
   /                     attrs: format, round, complete, history (JSON: the metrics rows so far),
                         config (YAML), config_hash, result_hash, versions (JSON), git_commit
   /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
-  /installs/            (lazy installs only) attrs round, shape, dtype, rounds (JSON {row: round}),
+  /installs/            (lazy installs only) attrs round, shape, dtype, tasks (the run's, in id order),
+                        rounds (JSON {row: round}),
                         personal_round (-1: none); row_<t>, personal: the latest finite rows;
       mark_BBB/         the same as they stood after stage entry BBB (fl/installs.py)
   /clients/client_KK/   attrs: task, num_samples, status (pending|partial|done), steps, finite,
@@ -230,7 +231,8 @@ def _read_rows(g: h5py.Group, where: str) -> tuple[dict, tuple | None]:
 def _write_installs(f: h5py.File, rec: dict) -> None:
     """/installs (lazy installs, fl/installs.PendingRows.to_record)."""
     g = f.create_group("installs")
-    g.attrs.update(round=rec["round"], shape=json.dumps(rec["shape"]), dtype=rec["dtype"])
+    g.attrs.update(round=rec["round"], shape=json.dumps(rec["shape"]), dtype=rec["dtype"],
+                   tasks=json.dumps(rec.get("tasks", [])))
     _write_rows(g, rec["rows"], rec["personal"])
     for b, mark in sorted(rec["marks"].items()):
         _write_rows(g.create_group(f"mark_{b:03d}"), mark["rows"], mark["personal"])
@@ -247,6 +249,7 @@ def _read_installs(g: h5py.Group, where: str) -> dict:
             m_rows, m_personal = _read_rows(g[name], f"{where}/{name}")
             marks[int(name[len("mark_"):])] = {"rows": m_rows, "personal": m_personal}
     return {"round": int(g.attrs["round"]), "shape": json.loads(g.attrs["shape"]), "dtype": str(g.attrs["dtype"]),
+            "tasks": json.loads(g.attrs.get("tasks", "[]")),
             "rows": rows, "personal": personal, "marks": marks}
 
 

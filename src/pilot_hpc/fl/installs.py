@@ -55,6 +55,9 @@ class PendingRows:
         self.shape: tuple[int, int] = (0, 0)  # the broadcast matrix's [S, P]
         self.dtype = torch.float32
         self.round = 0
+        # The run's tasks in id order (Config.tasks): row t is task t's, and a stored
+        # config reloads its task_metrics in another order (export reads this instead).
+        self.tasks: list[str] = []
 
     def record(self, round_: int, shared: torch.Tensor, personal: torch.Tensor | None, mark: bool = False) -> None:
         """Round `round_`'s answer: shared [S, P] (NaN row: no answer), personal [P] or None;
@@ -85,6 +88,7 @@ class PendingRows:
     def to_record(self) -> dict:
         """What a checkpoint stores (checkpoint/store.py, /installs)."""
         return {"round": self.round, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+                "tasks": self.tasks,
                 "rows": self.rows, "personal": self.personal,
                 "marks": {b: {"rows": rows, "personal": personal} for b, (rows, personal) in self.marks.items()}}
 
@@ -93,7 +97,7 @@ class PendingRows:
         out = cls()
         if rec:
             out.round, out.shape = int(rec["round"]), tuple(int(n) for n in rec["shape"])
-            out.dtype = getattr(torch, rec["dtype"])
+            out.dtype, out.tasks = getattr(torch, rec["dtype"]), list(rec.get("tasks", []))
             out.rows, out.personal = dict(rec["rows"]), rec["personal"]
             out.marks = {int(b): (dict(m["rows"]), m["personal"]) for b, m in rec["marks"].items()}
         return out
@@ -129,6 +133,7 @@ class Installs:
         self.active = (cfg.fl.clients_per_round != 0 and aggregator is not None and not cfg.fl.sends_changes()
                        and cfg.run.ranks_per_client == 1 and os.environ.get(EAGER_ENV) != "1")
         self.pending = PendingRows()
+        self.pending.tasks = list(cfg.tasks)
 
     def catch_up(self, pm, slot, persist: bool = True) -> None:
         """Called by fl.client.hosting once the slot's state is in the model. persist=False
@@ -152,7 +157,9 @@ class Installs:
     def restore(self, record: dict | None, slots: list, installed: dict[int, int | None]) -> None:
         """From a checkpoint: the table, and each client's installed round (None: it held
         everything the table holds)."""
+        tasks = self.pending.tasks
         self.pending = PendingRows.from_record(record)
+        self.pending.tasks = tasks
         for slot in slots:
             got = installed.get(slot.k)
             slot.installed = self.pending.round if got is None else got
