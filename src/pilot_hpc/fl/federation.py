@@ -537,15 +537,11 @@ class Federation:
         their leader's states and write nothing): its path, "" on a member."""
         if not self.leader:
             return ""
-        # Lazy installs: a complete round's file links the clients unchanged since this run's last one.
-        prev = self.last_complete if complete and self.installs.active and self.last_complete else None
-        prev = prev if prev and os.path.exists(prev) else None
-        linked = [s.k for s in self.slots if prev and not s.changed]
+        linked, link_to = self.installs.linkable(self.slots, self.last_complete if complete else None)
         path = resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
                            server=self.aggregator.server_state() if self.aggregator is not None else {},
                            clients={s.k: s.record(complete) for s in self.slots if s.k not in linked},
-                           installs=self.installs.pending.to_record() if self.installs.active else None,
-                           linked=linked, link_to=prev)
+                           installs=self.installs.record(), linked=linked, link_to=link_to)
         if complete:
             self.last_complete = path
             for slot in self.slots:

@@ -154,6 +154,18 @@ class Installs:
             if bool(selected[slot.k]):
                 slot.installed = round_  # its answer is in (or, a bad update, it takes none of this round)
 
+    def record(self) -> dict | None:
+        """The checkpoint's /installs (None when off: the file is as without lazy installs)."""
+        return self.pending.to_record() if self.active else None
+
+    def linkable(self, slots: list, previous: str | None) -> tuple[list[int], str | None]:
+        """(the clients a complete round's checkpoint links instead of writing, the file they
+        link to): those unchanged since this run's previous complete checkpoint, when lazy
+        installs are on and that file is still there (checkpoint/store.py, sealed clients)."""
+        if not self.active or not previous or not os.path.exists(previous):
+            return [], None
+        return [s.k for s in slots if not s.changed], previous
+
     def restore(self, record: dict | None, slots: list, installed: dict[int, int | None]) -> None:
         """From a checkpoint: the table, and each client's installed round (None: it held
         everything the table holds)."""
