@@ -28,12 +28,13 @@ def lazy_and_eager(small_world, cache_dir, tmp_path_factory):
 
 
 def _exported(run, k, out):
-    """Client k's model as pilot_hpc.export writes it: every tensor of its safetensors files."""
+    """Client k's model after round 3 as pilot_hpc.export writes it: every tensor of its
+    safetensors files."""
     from safetensors.torch import load_file
 
     from pilot_hpc.export import export_client
 
-    export_client(str(run), k, str(out))
+    export_client(str(run), k, str(out), round_=3)
     return {f"{os.path.relpath(os.path.join(d, name), out)}:{key}": t for d, _, names in os.walk(out)
             for name in names if name.endswith(".safetensors") for key, t in load_file(os.path.join(d, name)).items()}
 
@@ -42,11 +43,14 @@ def test_lazy_installs_give_the_eager_run_bitwise(lazy_and_eager, tmp_path):
     out = lazy_and_eager
     ref, got = load_metrics(out / "eager"), load_metrics(out / "lazy")
     assert got["rounds"] == ref["rounds"] and got["final"] == ref["final"]
-    # A client that sat round 4 out, and was evaluated only, still lacks the rows of rounds
-    # it did not train in: the file holds them (/installs), and export installs them.
-    lazy = checkpoint.read(str(out / "lazy" / "checkpoints" / "round_004.h5"))
-    assert lazy.installs is not None and any(c.installed < 4 for c in lazy.clients.values())
-    assert checkpoint.read(str(out / "eager" / "checkpoints" / "round_004.h5")).installs is None
+    # After round 3 a client that sat rounds out (evaluated or not) still lacks their rows:
+    # the file holds them (/installs), and export installs them. The last round's
+    # evaluation (everyone) leaves every client installed in round 4's file.
+    lazy = checkpoint.read(str(out / "lazy" / "checkpoints" / "round_003.h5"))
+    assert lazy.installs is not None and any(c.installed < 3 for c in lazy.clients.values())
+    last = checkpoint.read(str(out / "lazy" / "checkpoints" / "round_004.h5"))
+    assert all(c.installed == 4 for c in last.clients.values())
+    assert checkpoint.read(str(out / "eager" / "checkpoints" / "round_003.h5")).installs is None
     for k in range(3):
         a, b = _exported(out / "lazy", k, tmp_path / f"lazy{k}"), _exported(out / "eager", k, tmp_path / f"eager{k}")
         assert a.keys() == b.keys() and a

@@ -419,7 +419,8 @@ class Federation:
                 rows.append(self.stat_row(slot, float("nan"), round_) + [float("nan")] * len(subsets))
                 continue
             data = eval_view(slot.eval, self.cfg.data.eval_interim_samples, final=round_ == self.cfg.fl.rounds)
-            with hosting(self.pm, slot, persist=False):  # evaluation changes no client (fl/installs.py)
+            # Evaluation changes no client (fl/installs.py), but the last round's: its file holds them installed.
+            with hosting(self.pm, slot, persist=round_ >= self.cfg.fl.rounds):
                 self.pm.set_stage(stage)
                 ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
                                      t.eval_batch_size, t.max_new_tokens, self.device,
