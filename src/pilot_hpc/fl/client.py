@@ -28,11 +28,11 @@ class TransitionError(RuntimeError):
     """A client asked to move between statuses in a way the round does not allow."""
 
 
-_hosted: int | None = None
+_hosted: int | None = None  # the client this rank works on (for the abort message)
 # The fields ClientSlot.record puts into a checkpoint (their change marks the slot changed).
 _RECORDED = frozenset({"state", "pre_state", "residual", "status", "steps", "skipped", "finite", "losses",
                        "progress", "installed"})
-_MISSING = object()  # the client this rank works on (for the abort message)
+_MISSING = object()
 
 
 def hosted_client() -> int | None:
