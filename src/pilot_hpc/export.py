@@ -81,6 +81,19 @@ def base_model_folder(cfg) -> str:
     return folder
 
 
+def _install_pending(policy, pm, client: int, task_id: int, record, installs: dict) -> None:
+    """The broadcast rows newer than the client's installed round, as its next hosting
+    in the run would install them."""
+    from types import SimpleNamespace
+
+    from pilot_hpc.fl.client import hosting
+    from pilot_hpc.fl.installs import PendingRows, catch_up
+
+    slot = SimpleNamespace(k=client, task_id=task_id, state=record.state, installs=None, release=lambda: None)
+    with hosting(pm, slot):  # names the client (a zero_pad truncation needs it)
+        catch_up(policy, pm, PendingRows.from_record(installs), record.installed)
+
+
 def export_client(run_dir: str, client: int, out: str, round_: int | None = None, merged: bool = True) -> dict:
     """Writes DIR (see the module docstring); returns connector.json's content."""
     import torch
@@ -116,6 +129,11 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
     if missing:
         raise ExportError(f"checkpoint {path}: /clients/client_{client:02d}/state lacks {missing[:5]}")
     pm.set_state(record.state)
+    if ck.installs is not None and record.installed is not None:  # rows it sat out for (fl/installs.py)
+        # Row t is task t in the run's task order, which /installs keeps (the stored config
+        # reloads its task_metrics sorted by name, so cfg.tasks may be in another order).
+        tasks = ck.installs.get("tasks") or cfg.tasks
+        _install_pending(strategy.policy, pm, client, tasks.index(task), record, ck.installs)
     pm.set_stage(stage)
 
     os.makedirs(out, exist_ok=True)

@@ -67,3 +67,33 @@ def test_a_new_run_does_not_read_an_earlier_runs_files(tmp_path):
     files.put(2, "state", {k: v + 7 for k, v in init.items()})
     again = StateFiles(str(tmp_path), 0, init)
     assert equal(again.get(2, "state"), init)
+
+
+def test_a_hosted_client_keeps_its_decoded_images_only_while_hosted(tmp_path):
+    from pilot_hpc.fl.client import hosting
+
+    class Data(list):
+        """A dataset with a decoded-image cache, as InstructionDataset (data.cache_images)."""
+
+        def __init__(self, n):
+            super().__init__(range(n))
+            self.cache = {i: torch.zeros(2) for i in range(n)}  # the load-time check decoded them
+
+        def drop_cached_images(self):
+            self.cache.clear()
+
+    class Model:
+        def set_task(self, t):
+            pass
+
+        def set_state(self, state):
+            pass
+
+    init = initial()
+    train, evals = Data(5), Data(2)
+    s = DiskClientSlot(0, "vqa", 0, train=train, eval=evals, state=init, files=StateFiles(str(tmp_path), 0, init))
+    assert train.cache == {} and evals.cache == {}  # emptied once loaded
+    with hosting(Model(), s):
+        train.cache[0] = torch.ones(2)  # training decodes an image again
+        assert train.cache
+    assert train.cache == {}

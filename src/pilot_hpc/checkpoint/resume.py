@@ -35,6 +35,7 @@ class ResumePoint:
     history: list  # metrics rows of the rounds done (meaningful on rank 0)
     clients: dict[int, store.ClientCheckpoint] = field(default_factory=dict)  # this rank's clients
     server: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's server state
+    installs: dict | None = None  # lazy installs' rows (store.Checkpoint.installs)
 
 
 def folder_of(cfg) -> str:
@@ -42,18 +43,22 @@ def folder_of(cfg) -> str:
 
 
 def save(comm, cfg, round_: int, *, complete: bool, history: list, server: dict[str, torch.Tensor],
-         clients: dict[int, store.ClientCheckpoint]) -> str:
-    """Collective over comm: every rank passes its own clients' records; returns the path."""
+         clients: dict[int, store.ClientCheckpoint], installs: dict | None = None, linked: list[int] = (),
+         link_to: str | None = None) -> str:
+    """Collective over comm: every rank passes its own clients' records; returns the path.
+    installs (lazy installs, the same on every rank; rank 0's are written): the table,
+    and the clients are sealed, those in `linked` (unchanged since the complete
+    checkpoint `link_to`) linked to their record there (store.append_clients)."""
     folder = folder_of(cfg)
     final = os.path.join(folder, store.file_name(round_, complete))
     tmp = final + ".tmp"
     if comm.rank == 0:
         os.makedirs(folder, exist_ok=True)
-        store.create(tmp, cfg, round_, complete=complete, history=history, server=server)
+        store.create(tmp, cfg, round_, complete=complete, history=history, server=server, installs=installs)
     for r in range(comm.size):
         comm.barrier()
         if r == comm.rank:
-            store.append_clients(tmp, clients)
+            store.append_clients(tmp, clients, linked, link_to, seal=installs is not None)
     comm.barrier()
     if comm.rank == 0:
         store.finalize(tmp, final)
@@ -220,4 +225,4 @@ def locate(comm, cfg, expected: dict[str, tuple[int, ...]], my_clients: list[int
                           f"resume: another rank could not read its clients from {path} (see its message); "
                           "move the file aside or add run.restart=true")
     return ResumePoint(path=path, round=round_, complete=complete, history=ck.history, clients=ck.clients,
-                       server=ck.server)
+                       server=ck.server, installs=ck.installs)

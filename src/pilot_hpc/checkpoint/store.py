@@ -7,9 +7,15 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
   /                     attrs: format, round, complete, history (JSON: the metrics rows so far),
                         config (YAML), config_hash, result_hash, versions (JSON), git_commit
   /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
+  /installs/            (lazy installs only) attrs round, shape, dtype, tasks (the run's, in id order),
+                        rounds (JSON {row: round}),
+                        personal_round (-1: none); row_<t>, personal: the latest finite rows;
+      mark_BBB/         the same as they stood after stage entry BBB (fl/installs.py)
   /clients/client_KK/   attrs: task, num_samples, status (pending|partial|done), steps, finite,
                         losses (JSON), skipped (unreadable samples its round left out;
                         absent in files written before data.on_bad_sample: 0)
+                        installed_round (lazy installs, fl/installs.py: the last round whose
+                        broadcast rows its state holds; /installs has the newer ones)
       state/<key>       the client's personal state: connector.* (task, client, foreign and
                         cross-task adapters, router) and lora.* (its LoRA A/B)
       pre_state/<key>   (status partial, or done in an interrupted round) its state at the round's start: the "last good"
@@ -31,6 +37,19 @@ content read back from the file: every group and dataset by path, every attribut
 (name and value) and every dataset's dtype, shape and bytes (see `content_digest`).
 `read(path)` of the whole file recomputes it and refuses a mismatch; any failure to
 open or parse a file, of any exception type, is a CheckpointError naming the file.
+
+Sealed clients (lazy installs, fl/installs.py, i.e. under client sampling): each client
+group's own digest (`group_digest`, the same definition over the group alone) is in the
+root attribute `client_digests` (JSON {client_KK: digest}), and the root digest covers
+that map in place of the groups' content, so sealing a round costs what its changed
+clients hold, not K. A client unchanged since the previous complete round is an HDF5
+external link to the group holding its record in an earlier round's file of the same
+folder (one hop: a link is never linked to). The file is still one verifiable whole for
+resume and export: `read(path)` checks the root digest, then every client's content
+(through its link) against its digest; a link whose target is gone, moved or damaged
+makes the file unusable. Checkpoints depend on the earlier rounds' files they link to:
+keep the folder whole (moving an unusable file aside also makes the files that link to
+it unusable, and resume goes back to an older one).
 """
 
 from __future__ import annotations
@@ -58,6 +77,7 @@ from pilot_hpc.train.spec import TrainProgress
 # 4: the root attribute `digest` over the whole content (a file without it is refused).
 FORMAT = "pilot_hpc-checkpoint-4"
 DIGEST_ATTR = "digest"
+CLIENT_DIGESTS = "client_digests"
 LIBVER = ("earliest", "v110")
 _NAME = re.compile(r"^round_(\d{3,})(\.preempt)?\.h5$")
 
@@ -86,6 +106,9 @@ class ClientCheckpoint:
     # A lossy fl.codec: the client's error-feedback residual per part (what its last
     # encoding left out), carried into its next update; None otherwise.
     residual: dict[str, torch.Tensor] | None = None
+    # Lazy installs (fl/installs.py): the last round whose broadcast rows the state holds;
+    # None when they are off (every state holds every round's).
+    installed: int | None = None
 
 
 @dataclass
@@ -97,6 +120,8 @@ class Checkpoint:
     history: list
     server: dict[str, torch.Tensor]
     clients: dict[int, ClientCheckpoint]
+    # Lazy installs: the rows the clients may still lack (fl/installs.PendingRows.to_record).
+    installs: dict | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -164,7 +189,7 @@ def _read_dict(group: h5py.Group, where: str) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------ writing
 def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
-           server: dict[str, torch.Tensor]) -> None:
+           server: dict[str, torch.Tensor], installs: dict | None = None) -> None:
     """Starts a checkpoint file with the run's identity and the server state (rank 0)."""
     with h5py.File(tmp_path, "w", libver=LIBVER) as f:
         f.attrs["format"] = FORMAT
@@ -179,16 +204,80 @@ def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
         if cfg.model.lora_ranks or cfg.model.lora_task_ranks:  # heterogeneous ranks: each client's own
             f.attrs["lora_ranks"] = json.dumps(client_lora_ranks(cfg))
         _write_dict(f, "server", server)
+        if installs is not None:
+            _write_installs(f, installs)
         f.create_group("clients")
 
 
-def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
-    """Adds clients' records (one rank at a time: an HDF5 file has one writer)."""
+def _write_rows(g: h5py.Group, rows: dict, personal) -> None:
+    g.attrs.update(rounds=json.dumps({str(t): r for t, (r, _) in sorted(rows.items())}),
+                   personal_round=-1 if personal is None else personal[0])
+    for t, (_, values) in sorted(rows.items()):
+        _write_tensor(g, f"row_{t}", values)
+    if personal is not None:
+        _write_tensor(g, "personal", personal[1])
+
+
+def _read_rows(g: h5py.Group, where: str) -> tuple[dict, tuple | None]:
+    for key in ("rounds", "personal_round"):
+        if key not in g.attrs:
+            raise CheckpointError(f"{where}: missing attribute {key!r}")
+    rows = {int(t): (int(r), _read_tensor(g[f"row_{t}"], f"{where}/row_{t}"))
+            for t, r in json.loads(g.attrs["rounds"]).items()}
+    p_round = int(g.attrs["personal_round"])
+    return rows, None if p_round < 0 else (p_round, _read_tensor(g["personal"], f"{where}/personal"))
+
+
+def _write_installs(f: h5py.File, rec: dict) -> None:
+    """/installs (lazy installs, fl/installs.PendingRows.to_record)."""
+    g = f.create_group("installs")
+    g.attrs.update(round=rec["round"], shape=json.dumps(rec["shape"]), dtype=rec["dtype"],
+                   tasks=json.dumps(rec.get("tasks", [])))
+    _write_rows(g, rec["rows"], rec["personal"])
+    for b, mark in sorted(rec["marks"].items()):
+        _write_rows(g.create_group(f"mark_{b:03d}"), mark["rows"], mark["personal"])
+
+
+def _read_installs(g: h5py.Group, where: str) -> dict:
+    for key in ("round", "shape", "dtype"):
+        if key not in g.attrs:
+            raise CheckpointError(f"{where}: missing attribute {key!r}")
+    rows, personal = _read_rows(g, where)
+    marks = {}
+    for name in g:
+        if name.startswith("mark_"):
+            m_rows, m_personal = _read_rows(g[name], f"{where}/{name}")
+            marks[int(name[len("mark_"):])] = {"rows": m_rows, "personal": m_personal}
+    return {"round": int(g.attrs["round"]), "shape": json.loads(g.attrs["shape"]), "dtype": str(g.attrs["dtype"]),
+            "tasks": json.loads(g.attrs.get("tasks", "[]")),
+            "rows": rows, "personal": personal, "marks": marks}
+
+
+def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint], linked: list[int] = (),
+                   link_to: str | None = None, seal: bool = False) -> None:
+    """Adds clients' records (one rank at a time: an HDF5 file has one writer).
+
+    seal: each group written gets its digest in the root's client_digests (module
+    docstring: sealed clients), and the clients in `linked`, unchanged since the complete
+    checkpoint `link_to` (itself sealed, in the same folder), become external links to
+    the group that holds their record there (the file it links to, if it links too)."""
     with h5py.File(tmp_path, "a", libver=LIBVER) as f:
+        digests = json.loads(f.attrs.get(CLIENT_DIGESTS, "{}"))
+        if linked:
+            with h5py.File(link_to, "r") as src:
+                before = json.loads(src.attrs[CLIENT_DIGESTS])
+                for k in linked:
+                    name = f"client_{k:02d}"
+                    link = src["clients"].get(name, getlink=True)
+                    target = link.filename if isinstance(link, h5py.ExternalLink) else os.path.basename(link_to)
+                    f["clients"][name] = h5py.ExternalLink(target, f"/clients/{name}")
+                    digests[name] = before[name]
         for k, c in sorted(clients.items()):
             g = f["clients"].create_group(f"client_{k:02d}")
             g.attrs.update(task=c.task, num_samples=c.num_samples, status=c.status.value, steps=c.steps,
                            skipped=c.skipped, finite=int(c.finite), losses=json.dumps(c.losses))
+            if c.installed is not None:
+                g.attrs["installed_round"] = c.installed
             _write_dict(g, "state", c.state)
             if c.pre_state is not None:
                 _write_dict(g, "pre_state", c.pre_state)
@@ -200,6 +289,10 @@ def append_clients(tmp_path: str, clients: dict[int, ClientCheckpoint]) -> None:
                                skipped=c.progress.skipped)
                 _write_tensor(p, "torch_rng", c.progress.torch_rng)
                 _write_dict(p, "optimizer", c.progress.optimizer)
+            if seal:
+                digests[g.name.split("/")[-1]] = group_digest(g, f"checkpoint {tmp_path}")
+        if seal:
+            f.attrs[CLIENT_DIGESTS] = json.dumps(digests, sort_keys=True)
 
 
 def finalize(tmp_path: str, final_path: str) -> None:
@@ -249,13 +342,19 @@ def _feed_attrs(h, obj) -> None:
         _feed_value(h, obj.attrs[name])
 
 
-def _feed_group(h, g: h5py.Group, where: str) -> None:
+def _feed_group(h, g: h5py.Group, where: str, sealed: dict | None = None) -> None:
     _feed(h, b"G", g.name.encode())
     _feed_attrs(h, g)
     for name in sorted(g):
+        if sealed is not None and g.name == "/clients":  # a sealed client: its own digest stands for it
+            if name not in sealed:
+                raise CheckpointError(f"{where}: /clients/{name} has no entry in {CLIENT_DIGESTS}")
+            _feed(h, b"C", name.encode())
+            _feed_value(h, sealed[name])
+            continue
         obj = g[name]
         if isinstance(obj, h5py.Group):
-            _feed_group(h, obj, where)
+            _feed_group(h, obj, where, sealed)
         elif isinstance(obj, h5py.Dataset):
             _feed(h, b"N", obj.name.encode())
             _feed_attrs(h, obj)
@@ -275,8 +374,37 @@ def content_digest(f: h5py.File, where: str = "checkpoint") -> str:
     load ~8); it is paid once per candidate on rank 0 and once at each finalize."""
     h = hashlib.sha256()
     _feed(h, b"F", FORMAT.encode())
-    _feed_group(h, f, where)
+    _feed_group(h, f, where, json.loads(f.attrs[CLIENT_DIGESTS]) if CLIENT_DIGESTS in f.attrs else None)
     return "sha256:" + h.hexdigest()
+
+
+def group_digest(g: h5py.Group, where: str) -> str:
+    """A sealed client group's digest: as content_digest, over the group alone (by its
+    path in the file, so the same in the file it was written to and through a link)."""
+    h = hashlib.sha256()
+    _feed(h, b"F", FORMAT.encode())
+    _feed_group(h, g, where)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_sealed(f: h5py.File, where: str) -> None:
+    """Every sealed client group (linked ones read through their link) against its digest
+    in the root's client_digests; nothing for a file without sealed clients."""
+    if CLIENT_DIGESTS not in f.attrs:
+        return
+    sealed = json.loads(f.attrs[CLIENT_DIGESTS])
+    if sorted(sealed) != sorted(f["clients"]):
+        raise CheckpointError(f"{where}: {CLIENT_DIGESTS} lists {len(sealed)} clients, /clients has {len(f['clients'])}")
+    for name, digest in sorted(sealed.items()):
+        try:
+            g = f["clients"][name]
+        except KeyError:
+            link = f["clients"].get(name, getlink=True)
+            raise CheckpointError(f"{where}: /clients/{name} links to {getattr(link, 'filename', '?')}, which is "
+                                  "missing or unreadable (an earlier round's file moved or deleted)") from None
+        if group_digest(g, where) != digest:
+            raise CheckpointError(f"{where}: /clients/{name}: content digest mismatch (its data changed after it "
+                                  "was written)")
 
 
 def file_name(round_: int, complete: bool) -> str:
@@ -333,6 +461,8 @@ def _client(g: h5py.Group, where: str) -> ClientCheckpoint:
                          state=_read_dict(g["state"], f"{where}/state"), status=Status(str(g.attrs["status"])),
                          steps=int(g.attrs["steps"]), finite=bool(g.attrs["finite"]),
                          losses=json.loads(g.attrs["losses"]), skipped=int(g.attrs.get("skipped", 0)))
+    if "installed_round" in g.attrs:
+        c.installed = int(g.attrs["installed_round"])
     if "pre_state" in g:
         c.pre_state = _read_dict(g["pre_state"], f"{where}/pre_state")
     if "residual" in g:
@@ -379,6 +509,8 @@ def _read(path: str, clients: list[int] | None) -> Checkpoint:
         if clients is None and stored != content_digest(f, f"checkpoint {path}"):
             raise CheckpointError(f"checkpoint {path}: content digest mismatch (the file changed after it was "
                                   "written: damaged on disk or in transfer)")
+        if clients is None:
+            verify_sealed(f, f"checkpoint {path}")
         for group in ("server", "clients"):
             if group not in f:
                 raise CheckpointError(f"checkpoint {path}: missing group /{group}")
@@ -394,7 +526,9 @@ def _read(path: str, clients: list[int] | None) -> Checkpoint:
             records[int(name.split("_")[1])] = _client(f["clients"][name], f"checkpoint {path}: /clients/{name}")
         return Checkpoint(path=path, round=int(attrs["round"]), complete=bool(attrs["complete"]), attrs=attrs,
                           history=json.loads(attrs["history"]),
-                          server=_read_dict(f["server"], f"checkpoint {path}: /server"), clients=records)
+                          server=_read_dict(f["server"], f"checkpoint {path}: /server"), clients=records,
+                          installs=_read_installs(f["installs"], f"checkpoint {path}: /installs")
+                          if "installs" in f else None)
 
 
 def validate(ck: Checkpoint, num_clients: int, expected: dict[str, tuple[int, ...]]) -> None:

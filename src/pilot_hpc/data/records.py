@@ -268,6 +268,12 @@ class InstructionDataset(torch.utils.data.Dataset):
             self._pixels[i] = px
         return px
 
+    def drop_cached_images(self) -> None:
+        """Empties the decoded-image cache (data.cache_images); pixels() decodes again, to
+        the same values, when next asked."""
+        if self._pixels:
+            self._pixels.clear()
+
     def image_tokens(self, i: int) -> int:
         """Visual tokens of sample i's image: fixed, or the family's count of that image."""
         if self._image_inputs is None:

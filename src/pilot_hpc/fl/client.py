@@ -29,6 +29,10 @@ class TransitionError(RuntimeError):
 
 
 _hosted: int | None = None  # the client this rank works on (for the abort message)
+# The fields ClientSlot.record puts into a checkpoint (their change marks the slot changed).
+_RECORDED = frozenset({"state", "pre_state", "residual", "status", "steps", "skipped", "finite", "losses",
+                       "progress", "installed"})
+_MISSING = object()
 
 
 def hosted_client() -> int | None:
@@ -36,16 +40,21 @@ def hosted_client() -> int | None:
 
 
 @contextlib.contextmanager
-def hosting(pm, slot: "ClientSlot"):
+def hosting(pm, slot: "ClientSlot", persist: bool = True):
     """Puts slot's personal state (and task) into the shared model for the block's body.
 
-    The record of the hosted client is cleared on a normal exit only: when the body
-    raises, the abort handler still finds the client it failed in."""
+    With lazy installs the rows it lacks are installed too; persist=False (a body that
+    only reads the model, as evaluation) keeps them out of the slot, which then stays
+    unchanged (fl/installs.py). The record of the hosted client is cleared on a normal
+    exit only: when the body raises, the abort handler still finds the client it failed in."""
     global _hosted
     _hosted = slot.k
     pm.set_task(slot.task_id)
     pm.set_state(slot.state)
+    if slot.installs is not None:  # the broadcast rows of rounds it sat out (fl/installs.py)
+        slot.installs.catch_up(pm, slot, persist)
     yield slot
+    slot.release()
     _hosted = None
 
 
@@ -79,6 +88,32 @@ class ClientSlot:
     # A lossy fl.codec: its error-feedback residual per part name (fl/coded.py), kept across
     # rounds and in the checkpoint; None until its first encoded update.
     residual: dict[str, torch.Tensor] | None = None
+    # The last round whose server answer it holds (fl/installs.py; lazy installs only).
+    installed: int = 0
+
+    # Not fields: the rank's lazy installs (fl/installs.Installs, set by the federation when
+    # they are on), and whether anything a checkpoint records of it changed since the last
+    # complete checkpoint (True until one is written; Federation.checkpoint clears it).
+    installs = None
+    changed = True
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _RECORDED and not self._same(name, value):
+            object.__setattr__(self, "changed", True)
+        object.__setattr__(self, name, value)
+
+    def _same(self, name: str, value) -> bool:
+        """Whether assigning `value` leaves the checkpointed record as it is (a state
+        assigned counts as new: comparing tensors would cost what writing them does)."""
+        if name == "state" or (value is not None and name in ("pre_state", "residual", "progress")):
+            return False
+        old = getattr(self, name, _MISSING)
+        if value is None or old is None:
+            return old is value
+        return type(old) is type(value) and old == value
+
+    def release(self) -> None:
+        """After each hosting: what the client keeps only while hosted (nothing here)."""
 
     @property
     def n(self) -> int:
@@ -148,7 +183,8 @@ class ClientSlot:
                                 status=Status.PENDING if complete else self.status, steps=self.steps,
                                 skipped=self.skipped, finite=self.finite, losses=self.losses,
                                 pre_state=self.pre_state if keep_start else None,
-                                progress=self.progress if partial else None, residual=self.residual)
+                                progress=self.progress if partial else None, residual=self.residual,
+                                installed=self.installed if self.installs is not None else None)
 
     def restore(self, rec: ClientCheckpoint, complete: bool) -> None:
         self.state, self.losses, self.steps, self.finite = rec.state, rec.losses, rec.steps, rec.finite
@@ -156,3 +192,5 @@ class ClientSlot:
         self.status = Status.PENDING if complete else rec.status
         self.pre_state, self.progress = rec.pre_state, rec.progress
         self.residual = rec.residual
+        if rec.installed is not None:
+            self.installed = rec.installed

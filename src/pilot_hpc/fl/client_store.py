@@ -10,7 +10,9 @@ these files one client at a time), and a resumed run restores them from it. safe
 stores the tensors' bytes as they are, so a state read back is bitwise the one written.
 
 A client that has not changed since the start has no file: it reads the shared initial
-state, which every client starts from (as fl.client_state=memory shares it).
+state, which every client starts from (as fl.client_state=memory shares it). Its
+datasets' decoded-image cache (data.cache_images) is emptied after every hosting, so
+that it too lives only while the client is hosted.
 """
 
 from __future__ import annotations
@@ -79,6 +81,16 @@ class DiskClientSlot(ClientSlot):
     def __init__(self, *args, files: StateFiles, **kwargs):
         self.files = files
         super().__init__(*args, **kwargs)
+        self.release()  # the load-time check decoded every image
+
+    def release(self) -> None:
+        """Its datasets' decoded images (data.cache_images) are kept only while it is hosted:
+        they were most of what a client cost its rank (BENCHMARKS.md, "Many clients"). The
+        images decode again to the same values when it is next hosted."""
+        for data in (self.train, self.eval):
+            drop = getattr(data, "drop_cached_images", None)
+            if drop is not None:
+                drop()
 
     @property
     def state(self) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from pilot_hpc.fl import participation, privacy
 from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
+from pilot_hpc.fl.installs import Installs
 from pilot_hpc.fl.stream import Exchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.fl.transforms import Chain
@@ -121,6 +122,10 @@ class Federation:
         self.exchange_stats: tuple[int, float] | None = None  # this round's exchange bytes and seconds
         # data.on_bad_sample=fail: the unreadable sample a client of this rank stopped at
         self.bad_sample: str | None = None
+        self.installs = Installs(cfg, self.policy, self.aggregator)  # sitting-out clients install when next hosted
+        for slot in slots if self.installs.active else ():
+            slot.installs = self.installs
+        self.last_complete: str | None = None  # this run's newest complete checkpoint (Federation.checkpoint)
 
     # ------------------------------------------------------------------ the run
     def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
@@ -377,6 +382,8 @@ class Federation:
         # A client that sat the round out takes what every client receives: the broadcast
         # rows (Pilot: the latest task adapters; a NaN row, a task without participant,
         # keeps its own) and, for a global model, the global personal row (docs/method.md).
+        if self.installs.active:  # lazily: fl/installs.py
+            return self.installs.after_exchange(round_, got, self.slots, selected)
         for slot in self.slots:
             if not bool(selected[slot.k]):
                 with hosting(pm, slot):
@@ -412,7 +419,8 @@ class Federation:
                 rows.append(self.stat_row(slot, float("nan"), round_) + [float("nan")] * len(subsets))
                 continue
             data = eval_view(slot.eval, self.cfg.data.eval_interim_samples, final=round_ == self.cfg.fl.rounds)
-            with hosting(self.pm, slot):
+            # Evaluation changes no client (fl/installs.py), but the last round's: its file holds them installed.
+            with hosting(self.pm, slot, persist=round_ >= self.cfg.fl.rounds):
                 self.pm.set_stage(stage)
                 ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
                                      t.eval_batch_size, t.max_new_tokens, self.device,
@@ -530,9 +538,16 @@ class Federation:
         their leader's states and write nothing): its path, "" on a member."""
         if not self.leader:
             return ""
-        return resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
+        linked, link_to = self.installs.linkable(self.slots, self.last_complete if complete else None)
+        path = resume.save(self.comm, self.cfg, round_, complete=complete, history=history,
                            server=self.aggregator.server_state() if self.aggregator is not None else {},
-                           clients={s.k: s.record(complete) for s in self.slots})
+                           clients={s.k: s.record(complete) for s in self.slots if s.k not in linked},
+                           installs=self.installs.record(), linked=linked, link_to=link_to)
+        if complete:
+            self.last_complete = path
+            for slot in self.slots:
+                slot.changed = False
+        return path
 
     def locate(self, expected: dict[str, tuple[int, ...]]) -> resume.ResumePoint | None:
         """The resume point on the leaders, with their clients and the server state restored."""
@@ -542,6 +557,8 @@ class Federation:
         if start is not None:
             for slot in self.slots:
                 slot.restore(start.clients[slot.k], start.complete)
+            if self.installs.active:
+                self.installs.restore(start.installs, self.slots, {k: c.installed for k, c in start.clients.items()})
             if self.aggregator is not None:
                 self.aggregator.load_server_state(start.server)
             elif start.server:

@@ -56,7 +56,20 @@ def run(k: int, state: str, cache: str, root: str, mpiexec: str) -> dict:
         raise RuntimeError(f"K={k} {state}: exit {proc.returncode}\n{text[-3000:]}")
     rss = int(re.search(r"BENCH rank0 maxrss_kib (\d+)", text).group(1)) * 1024
     rounds = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"round (\d+)/\d+ stage \d+ \| ([\d.]+) s", text)}
-    return {"k": k, "state": state, "rss": rss, "round2": rounds[2], "wall": wall}
+    return {"k": k, "state": state, "rss": rss, "round2": rounds[2], "wall": wall, "spread": spread(k, cache, out)}
+
+
+def spread(k: int, cache: str, out: str, round_: int = 2) -> list[int]:
+    """How many of the round's sampled clients each of the 3 ranks trains (the slowest
+    rank sets the round's training time; with K = 9, every rank trains 3)."""
+    from pilot_hpc.config import load_config
+    from pilot_hpc.fl import participation
+    from pilot_hpc.fl.comm import block_ranges
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    cfg = load_config(os.path.join(repo, "configs", "smoke_9client.yaml"), overrides(k, "disk", cache, out))
+    chosen = participation.selected(cfg, round_)
+    return [int(chosen[list(b)].sum()) for b in block_ranges(k, 3)]
 
 
 def main(argv=None) -> int:
@@ -75,14 +88,14 @@ def main(argv=None) -> int:
                 rows.append(run(k, state, args.cache, root, mpiexec))
                 r = rows[-1]
                 print(f"K={k:4d} {state:6s} rank 0 peak rss {r['rss'] / 2**20:8.1f} MiB  round 2 {r['round2']:6.2f} s  "
-                      f"whole run {r['wall']:6.1f} s", flush=True)
+                      f"whole run {r['wall']:6.1f} s  round 2's sampled clients per rank {r['spread']}", flush=True)
     base = {s: next(r for r in rows if r["state"] == s and r["k"] == args.ks[0]) for s in ("disk", "memory")}
-    lines = ["| K | client_state | rank 0 peak RSS | vs K = %d | round 2 wall | vs K = %d |" % (args.ks[0], args.ks[0]),
-             "|---|---|---|---|---|---|"]
+    lines = ["| K | client_state | rank 0 peak RSS | vs K = %d | round 2 wall | vs K = %d | round 2 trainees per rank |"
+             % (args.ks[0], args.ks[0]), "|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base[r["state"]]
         lines.append(f"| {r['k']} | {r['state']} | {r['rss'] / 2**20:.1f} MiB | {r['rss'] / b['rss']:.3f} | "
-                     f"{r['round2']:.2f} s | {r['round2'] / b['round2']:.2f} |")
+                     f"{r['round2']:.2f} s | {r['round2'] / b['round2']:.2f} | {r['spread']} |")
     mem = [r for r in rows if r["state"] == "memory"]
     if len(mem) > 1:
         per = (mem[-1]["rss"] - mem[0]["rss"]) / (mem[-1]["k"] - mem[0]["k"])

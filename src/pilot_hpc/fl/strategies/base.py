@@ -97,7 +97,8 @@ class ClientPolicy:
         task's row), `personal` [P_personal] (this client's row; None: it has none this
         round, a client that did not take part under an aggregator without a global
         personal row). A NaN row means "no answer for it this round": the client keeps
-        what it has."""
+        what it has. Each finite row overwrites what it installs into (lazy installs,
+        fl/installs.py, install only each row's latest value)."""
         raise NotImplementedError
 
     def install_start(self, pm, rows: int) -> torch.Tensor:
@@ -110,7 +111,9 @@ class ClientPolicy:
     def sat_out(self, pm, round_: int) -> None:
         """After a round the hosted client did not take part in, once the server's answer
         is installed: bring it to the round's stage, so that it is evaluated (and later
-        trains) as a participant would be (Pilot: enter stage 2)."""
+        trains) as a participant would be (Pilot: enter stage 2). Lazy installs
+        (fl/installs.py) call it once for several rounds: it must depend only on the
+        round's stage, and in a stage's later rounds only repeat what it did in the first."""
 
 
 class Aggregator:
