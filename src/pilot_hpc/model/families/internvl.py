@@ -57,6 +57,9 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 # The tiny model: 32-px tiles of 8-px patches, so 2 x 2 tokens per tile after the pixel
 # shuffle; the synthetic 48 x 48 images become a 2 x 2 grid plus the thumbnail.
 TINY_TILE, TINY_PATCH, TINY_MAX_TILES = 32, 8, 4
+# The planner's image: InternVL3's image processor default, max_patches 12, plus the
+# thumbnail; a 4:3 photo (COCO, GQA) takes all of them (a 4 x 3 grid).
+PLAN_TILES = 12 + 1
 
 
 class ProjectorMLPView(nn.Module):
@@ -276,7 +279,7 @@ class InternVL(FamilySpec):
         return ShapeFacts(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
                           heads=t.num_attention_heads, vocab=t.vocab_size,
                           vision_hidden=v.hidden_size * int(1 / config.downsample_ratio) ** 2,
-                          image_tokens=self.num_image_tokens(config))
+                          image_tokens=PLAN_TILES * tokens_per_tile(config))
 
 
 INTERNVL = InternVL()
