@@ -238,6 +238,19 @@ def internvl_tiny():
     return INTERNVL.tiny(ModelConfig(), synthetic.vocabulary())
 
 
+def test_internvl_detected_and_its_original_code_folders_refused(tmp_path):
+    """The -hf conversions' model_type is this family; the original-code folders
+    (InternVLChatModel, model_type internvl_chat) are not, and say so at config time."""
+    from pilot_hpc.config import ConfigError
+    from pilot_hpc.model import families
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    assert families.detect(str(tmp_path)).name == "internvl"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(ConfigError, match="internvl_chat"):
+        families.detect(str(tmp_path))
+
+
 def test_internvl_prompt_is_its_chat_template_token_for_token(internvl_tiny):
     """The training prompt equals tokenizer.apply_chat_template's with <IMG_CONTEXT>
     expanded by InternVLProcessor's own replace_image_token (the image's tiles, as the
