@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "internvl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -92,21 +92,39 @@ folder, data, root = sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
 model = AutoModelForImageTextToText.from_pretrained(folder).eval()
 tok, proc = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
 out = []
+#MODEL_INPUTS#
 for rec in data:
     q = rec["conversations"][0]["value"].replace("<image>", "").strip()
-    px = proc(images=[Image.open(f"{root}/{rec['image']}").convert("RGB")], return_tensors="pt")
-    n = int(px["image_grid_thw"].prod()) // proc.merge_size ** 2
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
-    # What the processor returns beside input_ids: where the image tokens are (M-RoPE).
-    ids["mm_token_type_ids"] = (ids["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).long()
+    ids, px = model_inputs(model, tok, proc, Image.open(f"{root}/{rec['image']}").convert("RGB"), text)
     with torch.no_grad():
         gen = model.generate(**ids, **px, max_new_tokens=int(sys.argv[5]), do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     out.append([rec["id"], tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()])
 print(json.dumps(out))
 """
+
+# What each family's processor does with one image and the chat template's text.
+_QWEN_INPUTS = r"""
+def model_inputs(model, tok, proc, image, text):
+    px = proc(images=[image], return_tensors="pt")
+    n = int(px["image_grid_thw"].prod()) // proc.merge_size ** 2
+    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
+    # What the processor returns beside input_ids: where the image tokens are (M-RoPE).
+    ids["mm_token_type_ids"] = (ids["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).long()
+    return ids, px
+"""
+_INTERNVL_INPUTS = r"""
+def model_inputs(model, tok, proc, image, text):
+    # InternVLProcessor's expansion: the image's tiles (crop_to_patches, the processor's
+    # default), image_seq_length context tokens each, between <img> and </img>.
+    px = proc(images=[image], crop_to_patches=True, return_tensors="pt")
+    n = int(px.pop("num_patches")[0]) * model.config.image_seq_length
+    ids = tok(text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>"), return_tensors="pt")
+    return ids, px
+"""
+MODEL_INPUTS = {"qwen2_5_vl": _QWEN_INPUTS, "qwen2_vl": _QWEN_INPUTS, "internvl": _INTERNVL_INPUTS}
 
 
 def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_world):
@@ -121,7 +139,8 @@ def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_w
                                "0", "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
     data = os.path.join(small_world[1], "client_00_eval.json")
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _STOCK, site.getsitepackages()[0], str(folder / "merged"),
+    script = _STOCK.replace("#MODEL_INPUTS#", MODEL_INPUTS[family])
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, site.getsitepackages()[0], str(folder / "merged"),
                            data, small_world[1], "12"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = load_metrics(runs["fedavg"])["rounds"][-1]["round"]

@@ -240,3 +240,163 @@ def test_shape_facts_give_the_connector_mlp_the_model_builds(name):
     facts = spec.shape_facts(config)
     assert (mlp.linear_1.in_features, mlp.linear_1.out_features, mlp.linear_2.out_features) == (
         facts.vision_hidden, facts.connector_hidden or facts.hidden, facts.hidden)
+
+
+# ------------------------------------------------------------------ InternVL
+@pytest.fixture(scope="module")
+def internvl_tiny():
+    """A reduced InternVL from its real config classes, its family's tokenizer and image
+    processor (tiny: word-level, 32-px tiles of 8-px patches, 4 tokens per tile)."""
+    from pilot_hpc.config import ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.families.internvl import INTERNVL
+
+    return INTERNVL.tiny(ModelConfig(), synthetic.vocabulary())
+
+
+def test_internvl_detected_and_its_original_code_folders_refused(tmp_path):
+    """The -hf conversions' model_type is this family; the original-code folders
+    (InternVLChatModel, model_type internvl_chat) are not, and say so at config time."""
+    from pilot_hpc.config import ConfigError
+    from pilot_hpc.model import families
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    assert families.detect(str(tmp_path)).name == "internvl"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(ConfigError, match="internvl_chat"):
+        families.detect(str(tmp_path))
+
+
+def test_internvl_prompt_is_its_chat_template_token_for_token(internvl_tiny):
+    """The training prompt equals tokenizer.apply_chat_template's with <IMG_CONTEXT>
+    expanded by InternVLProcessor's own replace_image_token (the image's tiles, as the
+    image processor counts them, times image_seq_length); the first label is the
+    answer's first token, the last the turn's <|im_end|>."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    from pilot_hpc.data.records import IGNORE_INDEX, InstructionDataset, Sample
+    from pilot_hpc.model.families.internvl import INTERNVL, internvl_image_inputs, tokens_per_tile
+
+    config, tok, proc = internvl_tiny
+    q = "what color is the circle ?"
+    image = Image.new("RGB", (96, 48), (200, 10, 10))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The processor itself cannot be built without torchvision (its video processor);
+    # its expansion is a method that reads these four attributes.
+    fields = SimpleNamespace(start_image_token=tok.start_image_token, end_image_token=tok.end_image_token,
+                             image_token=tok.context_image_token, image_seq_length=config.image_seq_length)
+    tiles = proc.get_number_of_image_patches(48, 96, {"crop_to_patches": True})
+    assert tiles == 3  # a 2 x 1 grid and the thumbnail
+    rendered = rendered.replace(tok.context_image_token,
+                                InternVLProcessor.replace_image_token(fields, {"num_patches": [tiles]}, 0))
+    n = internvl_image_inputs(proc, image, tokens_per_tile(config))["num_image_tokens"]
+    assert n == tiles * config.image_seq_length
+    assert rendered == INTERNVL.prompt(q, True, n)
+    ds = InstructionDataset([Sample(id="x", image_path="", turns=[(q, "red")])], tok, None, n, 200,
+                            prompt=INTERNVL.prompt, answer_sep=INTERNVL.answer_sep)
+    ids, labels = ds.encode_train(0)
+    expanded = tok(rendered, add_special_tokens=True)["input_ids"]
+    assert ids[:len(expanded)] == expanded
+    first = labels.index(next(label for label in labels if label != IGNORE_INDEX))
+    assert first == len(expanded) and labels[first] == tok.convert_tokens_to_ids("red")
+    assert labels[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_internvl_images_of_different_tile_counts_share_a_batch(internvl_tiny):
+    """A square image (2 x 2 tiles and the thumbnail) and a wide one (2 x 1 and the
+    thumbnail) in one batch: the connector sees every tile's tokens as one list, learns
+    each image's rows from input_ids, and its difference loss is the mean over the
+    images of the loss over all of that image's tiles' tokens."""
+    import torch
+    from PIL import Image
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.data.records import collate_images
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import difference_loss
+    from pilot_hpc.model.families.internvl import INTERNVL
+
+    config, tok, proc = internvl_tiny
+    images = [Image.new("RGB", (48, 48), (200, 10, 10)), Image.new("RGB", (96, 48), (10, 200, 10))]
+    image_inputs = INTERNVL.dataset_options(tok, config)["image_inputs"]
+    inputs = [image_inputs(proc, im) for im in images]
+    counts = [x["num_image_tokens"] for x in inputs]
+    assert counts == [5 * 4, 3 * 4]
+    torch.manual_seed(0)
+    model = INTERNVL.from_config(config)
+    peft_model, conn = attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0, pilot=PilotConfig(),
+                                    family=INTERNVL)
+    assert INTERNVL.get_connector(peft_model) is conn
+    conn.set_stage(1)
+    prompts = [INTERNVL.prompt("what ?", True, n) for n in counts]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **collate_images(inputs)}
+    assert batch["pixel_values"].shape[0] == 5 + 3
+    seen = {}
+    hook = conn.register_forward_hook(lambda m, args, out: seen.update(h=args[0].detach(), segments=m.segments))
+    with torch.no_grad():
+        peft_model(**batch)
+    hook.remove()
+    assert seen["segments"] == counts and seen["h"].shape[0] == sum(counts)
+    assert conn.segments is None  # told for one forward only
+    h = seen["h"].float()
+    x_t, x_s = conn.task_adapter(h), conn.client_adapter(h)
+    per_image = [difference_loss(a[None], b[None]) for a, b in zip(x_t.split(counts), x_s.split(counts))]
+    assert torch.allclose(conn.aux["diff"], torch.stack(per_image).mean())
+    per_tile = difference_loss(x_t.view(8, 4, -1), x_s.view(8, 4, -1))
+    assert not torch.allclose(conn.aux["diff"], per_tile)  # not the tiles one by one
+
+
+def test_internvl_stock_connector_is_the_projector_again(internvl_tiny):
+    """The merged folder's projector: the frozen LayerNorm and an adapter's Linear-GELU-
+    Linear as transformers' own module, with its keys, computing what the Pilot
+    connector's plain stage computes (both float32: equal to rounding of the reshape)."""
+    import copy
+
+    import torch
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import PLAIN
+    from pilot_hpc.model.families.internvl import INTERNVL
+
+    config = internvl_tiny[0]
+    torch.manual_seed(0)
+    model = INTERNVL.from_config(config)
+    stock = copy.deepcopy(model.model.multi_modal_projector)
+    x = torch.randn(3, 4, stock.layer_norm.normalized_shape[0])
+    _, conn = attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0, pilot=PilotConfig(),
+                           family=INTERNVL)
+    conn.set_stage(PLAIN)
+    with torch.no_grad():
+        want = stock(x)
+        assert torch.allclose(model.model.multi_modal_projector(x), want, atol=1e-6)
+        INTERNVL.set_connector(model, INTERNVL.stock_connector(copy.deepcopy(conn.task_adapter)))
+        back = model.model.multi_modal_projector
+        assert type(back) is type(stock)
+        assert sorted(back.state_dict()) == sorted(stock.state_dict())
+        assert torch.equal(back(x), want)
+
+
+def test_internvl_ct_clip_adapts_every_vision_mlp(internvl_tiny):
+    """CT-CLIP is offered: InternViT's MLPs are fc1, GELU, fc2; each becomes a connector
+    inside its block's layer scale."""
+    import torch
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import PilotConnector
+    from pilot_hpc.model.families.internvl import INTERNVL
+
+    config = internvl_tiny[0]
+    model = INTERNVL.from_config(config)
+    attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0, pilot=PilotConfig(ct_clip=True),
+                 family=INTERNVL)
+    layers = INTERNVL.vision_tower(model).encoder.layer
+    assert len(layers) == config.vision_config.num_hidden_layers
+    assert all(isinstance(layer.mlp, PilotConnector) and layer.mlp.activation == "gelu" for layer in layers)
+    assert all(isinstance(layer.lambda_2, torch.nn.Parameter) for layer in layers)
