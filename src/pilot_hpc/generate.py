@@ -35,7 +35,7 @@ def dataset_of(model, samples: list):
 
     gen = model.pilot_export["generation"]
     family = getattr(model, "pilot_family", None)
-    options = {} if family is None else family.dataset_options(model.tokenizer)
+    options = {} if family is None else family.dataset_options(model.tokenizer, model.config)
     return InstructionDataset(samples, model.tokenizer, model.image_processor, gen["num_image_tokens"],
                               gen["max_length"], cache_pixels=False,
                               image_aspect_ratio=gen.get("image_aspect_ratio", "crop"), **options)

@@ -101,7 +101,7 @@ class PilotModel:
 
     def dataset_options(self) -> dict:
         """InstructionDataset's arguments that come from the family (prompt, image inputs)."""
-        return self.family.dataset_options(self.tokenizer)
+        return self.family.dataset_options(self.tokenizer, families.unwrap(self.model).config)
 
     def __post_init__(self):
         # CT-CLIP's connectors (one per CLIP encoder MLP), found in the model in layer

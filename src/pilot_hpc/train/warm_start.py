@@ -58,7 +58,7 @@ def build_base(cfg: Config, data_folder: str, out_folder: str) -> None:
     samples = load_records(os.path.join(data_folder, "pretrain.json"))
     n_image = spec.num_image_tokens(config)
     dataset = InstructionDataset(samples, tokenizer, processor, n_image, cfg.data.max_length,
-                                 **spec.dataset_options(tokenizer))
+                                 **spec.dataset_options(tokenizer, config))
     # The vision tower stays frozen and random (as CLIP stays frozen in LLaVA); the
     # projector and the whole LLM are trained, as in LLaVA-1.5's own instruction tuning.
     for p in spec.vision_tower(model).parameters():

@@ -151,8 +151,9 @@ class FamilySpec:
     # tokens whose modality type the model wants as mm_token_type_ids (1: image); () none
     mm_tokens: tuple[str, ...] = ()
 
-    def dataset_options(self, tokenizer) -> dict:
-        """InstructionDataset's family-given arguments (picklable: DataLoader workers)."""
+    def dataset_options(self, tokenizer, config=None) -> dict:
+        """InstructionDataset's family-given arguments (picklable: DataLoader workers);
+        `config` the model's, for families whose image inputs depend on it."""
         types = {tokenizer.convert_tokens_to_ids(t): 1 for t in self.mm_tokens} if self.mm_tokens else None
         return {"prompt": self.prompt, "image_inputs": self.image_inputs, "answer_sep": self.answer_sep,
                 "mm_token_types": types}
