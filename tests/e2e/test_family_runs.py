@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -108,6 +108,36 @@ for rec in data:
 print(json.dumps(out))
 """
 
+# The same for the any-resolution families: the image's placeholder count is the length
+# of the features the model itself packs for it (get_image_features).
+_STOCK_ANYRES = r"""
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("pilot_hpc") is None, "pilot_hpc is importable"
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+folder, data, root = sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+tok, proc = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+out = []
+for rec in data:
+    q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+    px = proc(images=[Image.open(f"{root}/{rec['image']}").convert("RGB")], return_tensors="pt")
+    px = {"pixel_values": px["pixel_values"], "image_sizes": px["image_sizes"]}
+    with torch.no_grad():
+        n = model.model.get_image_features(**px).pooler_output[0].shape[0]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok(text.replace("<image>", "<image>" * n), return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, **px, max_new_tokens=int(sys.argv[5]), do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out.append([rec["id"], tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()])
+print(json.dumps(out))
+"""
+_STOCK_OF = {"llava_onevision": _STOCK_ANYRES}
+
 
 def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_world):
     import site
@@ -121,7 +151,8 @@ def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_w
                                "0", "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
     data = os.path.join(small_world[1], "client_00_eval.json")
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _STOCK, site.getsitepackages()[0], str(folder / "merged"),
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _STOCK_OF.get(family, _STOCK), site.getsitepackages()[0],
+                           str(folder / "merged"),
                            data, small_world[1], "12"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = load_metrics(runs["fedavg"])["rounds"][-1]["round"]
