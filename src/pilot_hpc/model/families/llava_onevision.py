@@ -261,4 +261,90 @@ class LlavaOnevision(FamilySpec):
                           image_tokens=self.num_image_tokens(config))
 
 
+# llava-hf/llava-v1.6-mistral-7b-hf's chat template (its chat_template.json): a user turn
+# is "[INST] ", "<image>\n" per image, the text, " [/INST]"; an assistant turn " " + text
+# + "</s> ". It has no generation prompt: the prompt ends with " [/INST]".
+NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+class LlavaNext(LlavaOnevision):
+    """LLaVA-NeXT (v1.6): the same projector and any-resolution packing (without
+    OneVision's cap on the unpadded grid), a CLIP tower whose CLS token the 'default'
+    strategy drops, a Llama/Mistral language model, [INST] prompts (Mistral's template)."""
+
+    name = "llava_next"
+    model_types = ("llava_next",)
+    # CLIP, as LLaVA-1.5's: CT-CLIP finds that family's (identical) MLP layout first.
+    vision_model_types = ("clip_vision_model",)
+    display = "LLaVA-NeXT"
+    example_folder = "llava-hf/llava-v1.6-mistral-7b-hf"
+    chat_template = NEXT_CHAT_TEMPLATE
+    answer_sep = " "  # the template's " " + answer
+    processor_kind = "next"
+
+    def _classes(self):
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        return LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    def reference_config(self):
+        """llava-v1.6-mistral-7b-hf's architecture (its config.json): CLIP ViT-L/14 at
+        336 px, Mistral-7B-Instruct-v0.2."""
+        vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                      num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = dict(model_type="mistral", vocab_size=32064, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+        return self._classes()[0](vision_config=vision, text_config=text, image_token_index=32000,
+                                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
+    def tiny_tokenizer(self, words: list[str]):
+        """LLaVA-1.5's word-level tokenizer (<s> first, </s> the EOS) with the template's
+        [INST] markers as whole tokens, and the template."""
+        from pilot_hpc.data.tokenizer import build_word_tokenizer
+
+        tok = build_word_tokenizer(words)
+        tok.add_tokens(["[INST]", "[/INST]"])
+        tok.chat_template = NEXT_CHAT_TEMPLATE
+        return tok
+
+    def _tiny_grid(self, side: int) -> list[list[int]]:
+        """The real pinpoints' pattern (no single-crop grid), here up to 2 x 2 crops."""
+        return [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+
+    def tiny_config(self, m, vocab_size: int, tokenizer):
+        vision = dict(model_type="clip_vision_model", hidden_size=m.vision_hidden,
+                      intermediate_size=4 * m.vision_hidden, num_hidden_layers=m.vision_layers,
+                      num_attention_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size,
+                      projection_dim=m.vision_hidden)
+        text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=m.text_hidden,
+                    intermediate_size=m.text_intermediate, num_hidden_layers=m.text_layers,
+                    num_attention_heads=m.text_heads, num_key_value_heads=m.text_heads, max_position_embeddings=512,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        return self._classes()[0](vision_config=vision, text_config=text,
+                                  image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                  image_grid_pinpoints=self._tiny_grid(m.image_size), tie_word_embeddings=False)
+
+    def tiny_image_processor(self, image_size: int):
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                          crop_size={"height": image_size, "width": image_size},
+                                          image_grid_pinpoints=self._tiny_grid(image_size))
+
+    def prompt(self, question, first, image_tokens):
+        image = (IMAGE_TOKEN * image_tokens + "\n") if first else ""
+        return f"[INST] {image}{question} [/INST]"
+
+
 LLAVA_ONEVISION = LlavaOnevision()
+LLAVA_NEXT = LlavaNext()
