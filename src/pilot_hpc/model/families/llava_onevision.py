@@ -11,7 +11,7 @@ image's aspect ratio, appends `image_newline` to each row and packs them behind 
 crop. The number of visual tokens therefore varies per image; it is the processor's own
 count (`_get_number_of_features`), which the model checks against the features it packs.
 
-Pilot's connector here (docs/method.md, "Families"): the projector is the two-layer
+Pilot's connector here (docs/method.md, "Other model families"): the projector is the two-layer
 perceptron the connector copies; it mixes per token of every crop, and the difference
 loss is taken per image over all of that image's crop tokens, told the images' crop
 counts from `image_sizes` where the model computes its image features.
@@ -108,9 +108,13 @@ def _image_features(multimodal: nn.Module, pixel_values, image_sizes, vision_fea
     if hasattr(mlp, "segments"):
         modeling = importlib.import_module(type(multimodal).__module__)
         config = multimodal.config
+        # OneVision gives the images of a multi-image sample one crop each (never here:
+        # one image per sample, batch_num_images None).
+        many = kwargs.get("batch_num_images")
+        cut = [True] * len(image_sizes) if many is None else [n == 1 for n in many for _ in range(n)]
         mlp.segments = [modeling.image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
-                                                           patch_size=config.vision_config.image_size)
-                        for s in image_sizes]
+                                                           patch_size=config.vision_config.image_size) if c else 1
+                        for s, c in zip(image_sizes, cut)]
     return type(multimodal).get_image_features(multimodal, pixel_values, image_sizes,
                                                vision_feature_layer=vision_feature_layer,
                                                vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
