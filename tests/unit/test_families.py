@@ -230,7 +230,7 @@ def test_ct_clip_on_a_family_without_two_layer_vision_mlps_is_a_config_error(qwe
 @pytest.fixture(scope="module", params=["llava_onevision", "llava_next"])
 def anyres_tiny(request):
     """(family, config, tokenizer, image processor): a reduced LLaVA-OneVision (SigLIP,
-    Qwen2) or LLaVA-NeXT (CLIP, Llama) from its real config classes, its family's
+    Qwen2) or LLaVA-NeXT (CLIP, Mistral) from its real config classes, its family's
     tokenizer (word-level, its chat template) and image processor (crops of 48 px, a grid
     of up to 2 x 2 crops)."""
     from pilot_hpc.config import ModelConfig
@@ -343,3 +343,18 @@ def test_anyres_ct_clip_adapts_every_vision_mlp(anyres_tiny):
     with torch.no_grad():
         out = peft_model(**enc, **collate_images(inputs))
     assert torch.isfinite(out.logits).all() and all("balance" in m.aux for m in mlps)
+
+
+def test_llava_next_with_another_template_is_refused(anyres_tiny, tmp_path):
+    """Only the Mistral variant's prompt is written: a NeXT folder with a Llama (Vicuna)
+    language model is a ConfigError, not a run on the wrong template."""
+    from pilot_hpc.config import ConfigError
+
+    spec, config, _, _ = anyres_tiny
+    if spec.name != "llava_next":
+        pytest.skip("LLaVA-NeXT's variants")
+    other = type(config).from_dict({**config.to_dict(), "text_config": {**config.text_config.to_dict(),
+                                                                         "model_type": "llama"}})
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="Mistral variant"):
+        spec.load(str(tmp_path), None, "sdpa")

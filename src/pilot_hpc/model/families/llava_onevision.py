@@ -1,7 +1,8 @@
 """LLaVA-OneVision (transformers' LlavaOnevisionForConditionalGeneration: a SigLIP vision
 tower, the two-layer GELU projector `model.multi_modal_projector`, a Qwen2 language
 model) and LLaVA-NeXT (LlavaNextForConditionalGeneration: CLIP, the same projector, a
-Llama/Mistral language model), which share the any-resolution path.
+Mistral language model in the variant whose template is written here), which share the
+any-resolution path.
 
 Any resolution: the image processor cuts each image into a base crop (the whole image
 resized) and a grid of crops chosen among `image_grid_pinpoints` by the image's size;
@@ -282,7 +283,8 @@ NEXT_CHAT_TEMPLATE = (
 class LlavaNext(LlavaOnevision):
     """LLaVA-NeXT (v1.6): the same projector and any-resolution packing (without
     OneVision's cap on the unpadded grid), a CLIP tower whose CLS token the 'default'
-    strategy drops, a Llama/Mistral language model, [INST] prompts (Mistral's template)."""
+    strategy drops, the Mistral variant's language model and [INST] prompts (its chat
+    template); the Vicuna and Hermes-Yi variants are refused at load."""
 
     name = "llava_next"
     model_types = ("llava_next",)
@@ -298,6 +300,16 @@ class LlavaNext(LlavaOnevision):
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
         return LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    def load(self, path, dtype, attn_implementation):
+        # The prompt is Mistral's template; the Vicuna and Hermes-Yi variants write others.
+        text = self.config_from_folder(path).text_config.model_type
+        if text != "mistral":
+            from pilot_hpc.config import ConfigError
+
+            raise ConfigError(f"{path}: a LLaVA-NeXT with a {text} language model; pilot_hpc writes the prompts of "
+                              "the Mistral variant's chat template only (llava-v1.6-mistral-7b-hf)")
+        return super().load(path, dtype, attn_implementation)
 
     def reference_config(self):
         """llava-v1.6-mistral-7b-hf's architecture (its config.json): CLIP ViT-L/14 at
@@ -329,7 +341,7 @@ class LlavaNext(LlavaOnevision):
                       intermediate_size=4 * m.vision_hidden, num_hidden_layers=m.vision_layers,
                       num_attention_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size,
                       projection_dim=m.vision_hidden)
-        text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=m.text_hidden,
+        text = dict(model_type="mistral", vocab_size=vocab_size, hidden_size=m.text_hidden,
                     intermediate_size=m.text_intermediate, num_hidden_layers=m.text_layers,
                     num_attention_heads=m.text_heads, num_key_value_heads=m.text_heads, max_position_embeddings=512,
                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
