@@ -345,14 +345,14 @@ def test_anyres_ct_clip_adapts_every_vision_mlp(anyres_tiny):
     assert torch.isfinite(out.logits).all() and all("balance" in m.aux for m in mlps)
 
 
-def test_llava_next_with_another_template_is_refused(anyres_tiny, tmp_path):
+def test_llava_next_with_another_template_is_refused(tmp_path):
     """Only the Mistral variant's prompt is written: a NeXT folder with a Llama (Vicuna)
     language model is a ConfigError, not a run on the wrong template."""
-    from pilot_hpc.config import ConfigError
+    from pilot_hpc.config import ConfigError, ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.families.llava_onevision import LLAVA_NEXT as spec
 
-    spec, config, _, _ = anyres_tiny
-    if spec.name != "llava_next":
-        pytest.skip("LLaVA-NeXT's variants")
+    config = spec.tiny(ModelConfig(), synthetic.vocabulary())[0]
     other = type(config).from_dict({**config.to_dict(), "text_config": {**config.text_config.to_dict(),
                                                                          "model_type": "llama"}})
     other.save_pretrained(tmp_path)
