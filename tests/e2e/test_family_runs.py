@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl", "internvl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision", "internvl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -124,7 +124,18 @@ def model_inputs(model, tok, proc, image, text):
     ids = tok(text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>"), return_tensors="pt")
     return ids, px
 """
-MODEL_INPUTS = {"qwen2_5_vl": _QWEN_INPUTS, "qwen2_vl": _QWEN_INPUTS, "internvl": _INTERNVL_INPUTS}
+# The any-resolution families: the image's placeholder count is the length of the
+# features the model itself packs for it (get_image_features).
+_ANYRES_INPUTS = r"""
+def model_inputs(model, tok, proc, image, text):
+    px = proc(images=[image], return_tensors="pt")
+    px = {"pixel_values": px["pixel_values"], "image_sizes": px["image_sizes"]}
+    with torch.no_grad():
+        n = model.model.get_image_features(**px).pooler_output[0].shape[0]
+    return tok(text.replace("<image>", "<image>" * n), return_tensors="pt"), px
+"""
+MODEL_INPUTS = {"qwen2_5_vl": _QWEN_INPUTS, "qwen2_vl": _QWEN_INPUTS, "internvl": _INTERNVL_INPUTS,
+                "llava_onevision": _ANYRES_INPUTS}
 
 
 def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_world):

@@ -400,3 +400,137 @@ def test_internvl_ct_clip_adapts_every_vision_mlp(internvl_tiny):
     assert len(layers) == config.vision_config.num_hidden_layers
     assert all(isinstance(layer.mlp, PilotConnector) and layer.mlp.activation == "gelu" for layer in layers)
     assert all(isinstance(layer.lambda_2, torch.nn.Parameter) for layer in layers)
+
+
+# ------------------------------------------------------------------ LLaVA-OneVision, LLaVA-NeXT
+@pytest.fixture(scope="module", params=["llava_onevision", "llava_next"])
+def anyres_tiny(request):
+    """(family, config, tokenizer, image processor): a reduced LLaVA-OneVision (SigLIP,
+    Qwen2) or LLaVA-NeXT (CLIP, Mistral) from its real config classes, its family's
+    tokenizer (word-level, its chat template) and image processor (crops of 48 px, a grid
+    of up to 2 x 2 crops)."""
+    from pilot_hpc.config import ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model import families
+
+    spec = families.get(request.param)
+    return (spec, *spec.tiny(ModelConfig(), synthetic.vocabulary()))
+
+
+def test_anyres_prompt_is_its_chat_template_token_for_token(anyres_tiny):
+    """The training prompt equals tokenizer.apply_chat_template's (with <image> expanded
+    to the image's tokens, as the family's processor expands it); the first label is the
+    answer's first token, the last the tokenizer's EOS (OneVision's <|im_end|>, NeXT's </s>)."""
+    from pilot_hpc.data.records import IGNORE_INDEX, InstructionDataset, Sample
+
+    spec, config, tok, _ = anyres_tiny
+    n, q = 9, "what color is the circle ?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.replace("<image>", "<image>" * n) == spec.prompt(q, True, n)
+    assert tok.unk_token_id not in tok(spec.prompt(q, True, n))["input_ids"]  # the template's words known
+    ds = InstructionDataset([Sample(id="x", image_path="", turns=[(q, "red")])], tok, None, n, 200,
+                            prompt=spec.prompt, answer_sep=spec.answer_sep)
+    ids, labels = ds.encode_train(0)
+    # As the processor tokenises the rendered text: with the tokenizer's special tokens
+    # (NeXT's <s>; OneVision's tokenizer adds none).
+    expanded = tok(rendered.replace("<image>", "<image>" * n))["input_ids"]
+    assert ids[:len(expanded)] == expanded
+    first = labels.index(next(label for label in labels if label != IGNORE_INDEX))
+    assert first == len(expanded) and labels[first] == tok.convert_tokens_to_ids("red")
+    assert labels[-1] == tok.eos_token_id
+
+
+def test_anyres_images_of_different_sizes_share_a_batch(anyres_tiny, tmp_path):
+    """Three image shapes -> different crop grids and visual-token counts in one batch.
+    The processor's count is what the model packs for each image; the connector is told
+    each image's crops, and its difference loss is the mean over the images of the loss
+    over all of an image's crop tokens (not the loss per crop)."""
+    import torch
+    from PIL import Image
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.data.records import collate_images
+    from pilot_hpc.model import families
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import difference_loss
+
+    spec, config, tok, proc = anyres_tiny
+    images = [Image.new("RGB", (48, 48), (200, 10, 10)), Image.new("RGB", (96, 48), (10, 200, 10)),
+              Image.new("RGB", (40, 90), (10, 10, 200))]
+    to_inputs = spec.dataset_options(tok, config)["image_inputs"]
+    inputs = [to_inputs(proc, im) for im in images]
+    counts = [x["num_image_tokens"] for x in inputs]
+    crops = [x["pixel_values"].shape[0] for x in inputs]
+    # OneVision's tiny grid has a single crop for a square image; NeXT's, as its real
+    # pinpoints, none: the square takes a 1 x 2 grid (as much detail, least padding).
+    assert len(set(counts)) == 3 and crops == ([2, 3, 3] if spec.name == "llava_onevision" else [3, 3, 3])
+    torch.manual_seed(0)
+    model = spec.from_config(config)
+    with torch.no_grad():
+        packed = model.model.get_image_features(**{k: v for k, v in collate_images(inputs).items()}).pooler_output
+    assert [p.shape[0] for p in packed] == counts
+    model.save_pretrained(tmp_path)  # detected from its config.json
+    assert families.detect(str(tmp_path)) is spec
+    peft_model, conn = attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0, pilot=PilotConfig(),
+                                    family=spec)
+    conn.set_stage(1)
+    enc = tok([spec.prompt("what ?", True, n) for n in counts], return_tensors="pt", padding=True)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **collate_images(inputs)}
+    seen = {}
+    hook = conn.register_forward_hook(lambda m, args, out: seen.update(h=args[0].detach()))
+    with torch.no_grad():
+        peft_model(**batch)
+    hook.remove()
+    assert conn.segments == crops and seen["h"].shape[0] == sum(crops)
+    h = seen["h"].float()
+    x_t, x_s = conn.task_adapter(h), conn.client_adapter(h)
+    per_image = [difference_loss(a.reshape(1, -1, a.shape[-1]), b.reshape(1, -1, b.shape[-1]))
+                 for a, b in zip(x_t.split(crops), x_s.split(crops))]
+    assert torch.allclose(conn.aux["diff"], torch.stack(per_image).mean())
+    assert not torch.allclose(conn.aux["diff"], difference_loss(x_t, x_s))  # not per crop
+
+
+def test_anyres_ct_clip_adapts_every_vision_mlp(anyres_tiny):
+    """SigLIP's and CLIP's encoder MLPs are two-layer (fc1, GELU-tanh / quick GELU, fc2):
+    CT-CLIP puts a connector on each, and the model still runs (stage 2: the eager
+    mixture)."""
+    import torch
+    from PIL import Image
+
+    from pilot_hpc.config import ModelConfig, PilotConfig
+    from pilot_hpc.data.records import collate_images
+    from pilot_hpc.model.build import attach_pilot
+    from pilot_hpc.model.connector import PilotConnector
+
+    spec, config, tok, proc = anyres_tiny
+    torch.manual_seed(0)
+    model = spec.from_config(config)
+    peft_model, conn = attach_pilot(model, ModelConfig(ctmoa_impl="reference"), 3, 0, seed=0,
+                                    pilot=PilotConfig(ct_clip=True), family=spec)
+    tower = spec.vision_tower(model)
+    mlps = [m for m in tower.modules() if isinstance(m, PilotConnector)]
+    assert len(mlps) == config.vision_config.num_hidden_layers
+    assert all(m.activation == config.vision_config.hidden_act != "gelu" for m in mlps)
+    inputs = [spec.dataset_options(tok, config)["image_inputs"](proc, Image.new("RGB", (48, 48)))]
+    for m in mlps + [conn]:
+        m.set_stage(2)
+    enc = tok([spec.prompt("what ?", True, inputs[0]["num_image_tokens"])], return_tensors="pt")
+    with torch.no_grad():
+        out = peft_model(**enc, **collate_images(inputs))
+    assert torch.isfinite(out.logits).all() and all("balance" in m.aux for m in mlps)
+
+
+def test_llava_next_with_another_template_is_refused(tmp_path):
+    """Only the Mistral variant's prompt is written: a NeXT folder with a Llama (Vicuna)
+    language model is a ConfigError, not a run on the wrong template."""
+    from pilot_hpc.config import ConfigError, ModelConfig
+    from pilot_hpc.data import synthetic
+    from pilot_hpc.model.families.llava_onevision import LLAVA_NEXT as spec
+
+    config = spec.tiny(ModelConfig(), synthetic.vocabulary())[0]
+    other = type(config).from_dict({**config.to_dict(), "text_config": {**config.text_config.to_dict(),
+                                                                         "model_type": "llama"}})
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="Mistral variant"):
+        spec.load(str(tmp_path), None, "sdpa")

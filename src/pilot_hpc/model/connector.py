@@ -153,10 +153,17 @@ class PilotConnector(nn.Module):
 
         A flattened token list ([N, Cv], every image's tokens one after another) is
         mixed per token like a batch of one; the difference loss is then taken per image
-        over that image's tokens (self.segments) and averaged over the images."""
+        over that image's tokens (self.segments) and averaged over the images. With a
+        batch of crops ([crops, N, Cv], any-resolution families) self.segments counts
+        each image's crops, and the loss is per image over all its crops' tokens."""
         dtype = h.dtype
         if h.dim() == 2:
             return self._forward(h.to(self.router.weight.dtype)[None], self.segments)[0].to(dtype)
+        if self.segments is not None:  # [crops, N, Cv]: self.segments crops (rows) per image
+            if sum(self.segments) != h.shape[0]:
+                raise ValueError(f"the connector was told {sum(self.segments)} rows of images, got {h.shape[0]}")
+            tokens = [n * h.shape[1] for n in self.segments]
+            return self._forward(h.to(self.router.weight.dtype), tokens).to(dtype)
         return self._forward(h.to(self.router.weight.dtype)).to(dtype)
 
     def _forward(self, h: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
@@ -170,8 +177,9 @@ class PilotConnector(nn.Module):
                 self.aux = {}
             elif segments is None:
                 self.aux = {"diff": difference_loss(x_t, x_s)}
-            else:  # [1, N, C] holding several images: the loss per image, then their mean
-                parts = zip(x_t[0].split(segments), x_s[0].split(segments))
+            else:  # the loss per image over its tokens (of all its rows), then their mean
+                c = x_t.shape[-1]
+                parts = zip(x_t.reshape(-1, c).split(segments), x_s.reshape(-1, c).split(segments))
                 self.aux = {"diff": torch.stack([difference_loss(a[None], b[None]) for a, b in parts]).mean()}
             return x_t + x_s
         mlps, expert_of = self.ctmoa_adapters()

@@ -10,9 +10,11 @@ from pilot_hpc.config import ConfigError
 from pilot_hpc.model.families.base import DTYPES, FamilySpec, ShapeFacts, VisionMLP, unwrap
 from pilot_hpc.model.families.internvl import INTERNVL
 from pilot_hpc.model.families.llava import LLAVA15
+from pilot_hpc.model.families.llava_onevision import LLAVA_NEXT, LLAVA_ONEVISION
 from pilot_hpc.model.families.qwen_vl import QWEN2_5_VL, QWEN2_VL
 
-FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLAVA15, QWEN2_5_VL, QWEN2_VL, INTERNVL)}
+FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLAVA15, QWEN2_5_VL, QWEN2_VL, LLAVA_ONEVISION,
+                                                        LLAVA_NEXT, INTERNVL)}
 # The built-in tiny model (model.path empty) is a LLaVA-1.5.
 DEFAULT = LLAVA15
 
