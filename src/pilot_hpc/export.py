@@ -130,8 +130,8 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         raise ExportError(f"checkpoint {path}: /clients/client_{client:02d}/state lacks {missing[:5]}")
     pm.set_state(record.state)
     if ck.installs is not None and record.installed is not None:  # rows it sat out for (fl/installs.py)
-        # Row t is task t in the run's task order, which /installs keeps (the stored config
-        # reloads its task_metrics sorted by name, so cfg.tasks may be in another order).
+        # Row t is task t in the run's task order, which /installs keeps (checkpoints
+        # written before the config kept its key order reload task_metrics sorted).
         tasks = ck.installs.get("tasks") or cfg.tasks
         _install_pending(strategy.policy, pm, client, tasks.index(task), record, ck.installs)
     pm.set_stage(stage)

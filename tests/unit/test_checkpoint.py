@@ -69,6 +69,18 @@ def test_round_trip_is_exact_including_bf16_and_progress(tmp_path):
         assert ds.fletcher32 and ds.attrs["dtype"] == "bfloat16"
 
 
+def test_stored_config_reloads_with_the_same_task_ids(tmp_path):
+    """Task ids are positions in fl.task_metrics (vqa, caption, grounding by default, not
+    alphabetical): the checkpoint's config reloads with the same order, so export builds
+    each client with the own-task id it trained with."""
+    from pilot_hpc.export import run_config
+
+    cfg, final = write(str(tmp_path), states_pair())
+    assert cfg.tasks != sorted(cfg.tasks)  # the check below could not fail otherwise
+    again = run_config(checkpoint.read(final, clients=[]).attrs, final)
+    assert again.tasks == cfg.tasks and again.hash() == cfg.hash()
+
+
 def test_candidates_newest_first(tmp_path):
     for name in ("round_001.h5", "round_002.preempt.h5", "round_002.h5", "round_003.preempt.h5", "x.h5",
                  "round_004.h5.tmp"):

@@ -196,7 +196,9 @@ def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
         f.attrs["round"] = round_
         f.attrs["complete"] = int(complete)
         f.attrs["history"] = json.dumps(history)
-        f.attrs["config"] = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+        # Keys in the config's own order: task ids are positions in fl.task_metrics, so a
+        # sorted dump would reload (export, tools) with other ids for the same tasks.
+        f.attrs["config"] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         f.attrs["config_hash"] = cfg.hash()
         f.attrs["result_hash"] = cfg.result_hash()
         f.attrs["versions"] = json.dumps(_versions(), sort_keys=True)

@@ -55,8 +55,8 @@ class PendingRows:
         self.shape: tuple[int, int] = (0, 0)  # the broadcast matrix's [S, P]
         self.dtype = torch.float32
         self.round = 0
-        # The run's tasks in id order (Config.tasks): row t is task t's, and a stored
-        # config reloads its task_metrics in another order (export reads this instead).
+        # The run's tasks in id order (Config.tasks): row t is task t's, whatever order an
+        # older checkpoint's sorted config reloads (export reads this instead).
         self.tasks: list[str] = []
 
     def record(self, round_: int, shared: torch.Tensor, personal: torch.Tensor | None, mark: bool = False) -> None:
