@@ -14,6 +14,11 @@ accumulation; where this version's TrainSpec has no checkpointing switch it is s
 the model here (non-reentrant), and without an accumulation switch the engine takes the
 whole batch at once: the JSON says which, and the planner's estimate uses the same.
 
+With --family the planner's estimate takes the round's visual tokens per image, which
+the JSON gives beside the family's planned image's (planned_image_tokens); they differ
+only where the round's square image cannot have the planned count (InternVL's 4 x 3
+tiles: the round's image has 3 x 3 and the thumbnail).
+
 Writes DIR/realscale_round.json and DIR/realscale_round.md. Exit 2 without CUDA (unless --tiny).
 """
 
@@ -127,18 +132,23 @@ def family_setup(args, dtype: str, workdir: str):
         config, tok, proc, side = spec.realscale(args.layers, args.vision_layers, words)
     rng = np.random.default_rng(0)
     plain = [w for w in words if w.isalpha()]
+    # A few random images, shared round-robin: the shapes, not the pixels, set the cost,
+    # and encoding a large PNG per sample (InternVL's 1344 px) would eat the check's time.
+    paths = [os.path.join(workdir, f"image_{i}.png") for i in range(min(4, args.batch * args.steps))]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
     samples = []
     for i in range(args.batch * args.steps):
-        path = os.path.join(workdir, f"image_{i:04d}.png")
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
         answer = max(1, args.text_tokens // 4)
-        samples.append(Sample(id=str(i), image_path=path, turns=[(" ".join(rng.choice(plain, args.text_tokens - answer)),
-                                                                   " ".join(rng.choice(plain, answer)))]))
+        samples.append(Sample(id=str(i), image_path=paths[i % len(paths)],
+                              turns=[(" ".join(rng.choice(plain, args.text_tokens - answer)),
+                                      " ".join(rng.choice(plain, answer)))]))
+    options = spec.dataset_options(tok, config)
     image_tokens = spec.num_image_tokens(config)
-    if spec.image_inputs is not None:  # a count that follows the image: this side's
-        image_tokens = spec.tokens_of_image_inputs(spec.image_inputs(proc, Image.open(samples[0].image_path)))
+    if options["image_inputs"] is not None:  # a count that follows the image: this side's
+        image_tokens = spec.tokens_of_image_inputs(options["image_inputs"](proc, Image.open(paths[0])))
     data = InstructionDataset(samples, tok, proc, image_tokens, 4 * (image_tokens + args.text_tokens) + 64,
-                              **spec.dataset_options(tok))
+                              **options)
     seq = len(data[0]["input_ids"])
     return config, data, image_tokens, seq, tok.pad_token_id
 
@@ -184,7 +194,11 @@ def run(args) -> dict:
     else:
         config, data, image_tokens, seq, pad_id = llava_setup(args, dtype)
     spec = families.get_by_config(config)
-    arch = memory.llava_arch(config, "built from config by realscale_round")
+    # The planner's sizes for the round's own shapes: its per-image visual tokens are the
+    # round's image's, which differ from the family's planned image where a square image
+    # cannot have that count (InternVL: FamilySpec.realscale).
+    planned = memory.llava_arch(config, "built from config by realscale_round")
+    arch = dataclasses.replace(planned, image_tokens=image_tokens)
     m = ModelConfig(lora_r=8 if args.tiny else 64, lora_alpha=16 if args.tiny else 128, lora_dropout=0.05,
                     dtype=dtype)
     fields = {f.name for f in dataclasses.fields(TrainSpec)}
@@ -226,7 +240,8 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--tiny)",
         "family": spec.name, "tiny": args.tiny, "llm_layers": arch.layers, "hidden": arch.hidden,
         "vision_layers": args.vision_layers,
-        "image_tokens": image_tokens, "tokens_per_sample": seq, "batch": args.batch, "micro_batch": est.micro_batch,
+        "image_tokens": image_tokens, "planned_image_tokens": planned.image_tokens, "tokens_per_sample": seq,
+        "batch": args.batch, "micro_batch": est.micro_batch,
         "grad_accum_steps": accum, "dtype": dtype, "lora_r": m.lora_r, "steps": res.steps,
         "checkpointing": "engine (TrainSpec)" if engine_ckpt else "set on the model (this TrainSpec has no switch)",
         "accumulation": "engine" if engine_accum else "none (this TrainSpec has no switch): whole batch at once",
@@ -257,6 +272,12 @@ def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
     return peak(device_name, dtype)
 
 
+def planned_note(r: dict) -> str:
+    """The family's planned image's visual tokens, where the round's image has others."""
+    planned = r.get("planned_image_tokens", r["image_tokens"])
+    return "" if planned == r["image_tokens"] else f"; planned image: {planned}"
+
+
 def markdown(r: dict) -> str:
     gib = 2 ** 30
     measured = (f"torch.cuda.max_memory_allocated {r['peak_allocated_bytes'] / gib:.2f} GiB"
@@ -265,7 +286,7 @@ def markdown(r: dict) -> str:
             ("model", f"{r['family']}, {'reduced width (--tiny)' if r['tiny'] else '7B-class width'}, {r['llm_layers']} LLM layers (hidden {r['hidden']}), {r['vision_layers']} "
                       f"vision layers, {r['dtype']}, LoRA r {r['lora_r']}, stage 1"),
             ("shapes", f"batch {r['batch']} = {r['grad_accum_steps']} x micro-batch {r['micro_batch']}, "
-                       f"{r['tokens_per_sample']} tokens per sample ({r['image_tokens']} image)"),
+                       f"{r['tokens_per_sample']} tokens per sample ({r['image_tokens']} image{planned_note(r)})"),
             ("checkpointing", r["checkpointing"]), ("accumulation", r["accumulation"]),
             ("steps", f"{r['steps']} ({r['seconds_per_step']:.3f} s per step after the first)"),
             ("throughput", f"{r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.0f} tokens/s"),
@@ -315,7 +336,7 @@ def run_all(a) -> int:
         peak = r.get("peak_allocated_bytes", r.get("resident_bytes", 0)) / gib
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         rows.append(f"| {r['family']} | {r['llm_layers']} x {r['hidden']} | {r['tokens_per_sample']} "
-                    f"({r['image_tokens']}) | {r['batch']} = {r['grad_accum_steps']} x {r['micro_batch']} | "
+                    f"({r['image_tokens']}{planned_note(r)}) | {r['batch']} = {r['grad_accum_steps']} x {r['micro_batch']} | "
                     f"{r['tokens_per_s']:.0f} | {r['useful_tflops_per_s']:.2f} | {mfu} | {peak:.2f} | "
                     f"{r['planner_train_peak_bytes'] / gib:.2f} |")
     done = next((r for r in results if "device" in r), {"device": "?", "dtype": "?", "lora_r": "?", "tiny": a.tiny})

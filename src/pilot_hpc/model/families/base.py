@@ -179,6 +179,15 @@ class FamilySpec:
         raise NotImplementedError(f"{self.display}: no real-width round is prepared for this family")
 
 
+def vision_depth(vision_layers: int, feature_layer) -> int:
+    """Vision layers for a reduced-depth tower (FamilySpec.realscale) whose features come
+    from `feature_layer` (an index into hidden_states, or a list of them): hidden_states
+    holds the embeddings, then each layer's output, so index -k (or k) is a layer's
+    output, not the embeddings or out of range, only with k layers or more."""
+    indexes = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    return max([vision_layers] + [abs(int(i)) for i in indexes])
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -30,7 +30,7 @@ import functools
 import torch
 from torch import nn
 
-from pilot_hpc.model.families.base import FamilySpec, ShapeFacts, VisionMLP, unwrap
+from pilot_hpc.model.families.base import FamilySpec, ShapeFacts, VisionMLP, unwrap, vision_depth
 from pilot_hpc.model.families.llava import CLIPMLPView
 
 # InternVL3-*-hf's chat template (chat_template.json of the converted folders), used for
@@ -57,9 +57,17 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 # The tiny model: 32-px tiles of 8-px patches, so 2 x 2 tokens per tile after the pixel
 # shuffle; the synthetic 48 x 48 images become a 2 x 2 grid plus the thumbnail.
 TINY_TILE, TINY_PATCH, TINY_MAX_TILES = 32, 8, 4
+# InternVL3-*-hf's preprocessor_config.json normalisation
+IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The planner's image: InternVL3's image processor default, max_patches 12, plus the
 # thumbnail; a 4:3 photo (COCO, GQA) takes all of them (a 4 x 3 grid).
 PLAN_TILES = 12 + 1
+# The real-width round's image (realscale): the contract's square image cannot take the
+# planner's 4 x 3 grid, since crop_to_patches keeps the aspect ratio (a square gets 1 x 1,
+# 2 x 2 or 3 x 3 tiles). It takes the square grid nearest the planner's, 3 x 3 tiles and
+# the thumbnail (10 tiles, 2,560 tokens at 7B; a side over 950 px picks it), at three
+# tiles a side; tools/realscale_round.py plans for the round's own count.
+ROUND_GRID = 3
 
 
 class ProjectorMLPView(nn.Module):
@@ -183,6 +191,22 @@ class InternVL(FamilySpec):
                                   image_seq_length=per_tile, downsample_ratio=0.5, projector_hidden_act="gelu",
                                   tie_word_embeddings=False)
 
+    def realscale(self, layers, vision_layers, words):
+        tok = self.tiny_tokenizer(words)
+        config = self.reference_config()
+        config.text_config.num_hidden_layers = layers
+        v = config.vision_config
+        v.num_hidden_layers = vision_depth(vision_layers, config.vision_feature_layer)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+        config.image_token_id = ids[IMAGE_CONTEXT]
+        config.text_config.eos_token_id, config.text_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        tile = v.image_size[0]
+        proc = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
+                                        max_patches=PLAN_TILES - 1, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+        return config, tok, proc, ROUND_GRID * tile
+
     def tiny_tokenizer(self, words: list[str]):
         """A word-level tokenizer with the family's special tokens and chat template."""
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -204,12 +228,12 @@ class InternVL(FamilySpec):
 
     def tiny_image_processor(self, image_size: int):
         """The family's image processor at the tiny tile: up to 4 tiles of 32 x 32 pixels
-        (plus the thumbnail), CLIP's mean and std as InternVL's."""
+        (plus the thumbnail), ImageNet's mean and std as InternVL's."""
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         return GotOcr2ImageProcessorPil(size={"height": TINY_TILE, "width": TINY_TILE}, crop_to_patches=True,
                                         min_patches=1, max_patches=TINY_MAX_TILES,
-                                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+                                        image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
 
     def dataset_options(self, tokenizer, config=None) -> dict:
         options = super().dataset_options(tokenizer)

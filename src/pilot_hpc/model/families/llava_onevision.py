@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pilot_hpc.model.families.base import FamilySpec, ShapeFacts, VisionMLP, unwrap
+from pilot_hpc.model.families.base import FamilySpec, ShapeFacts, VisionMLP, unwrap, vision_depth
 from pilot_hpc.model.families.llava import CLIPMLPView
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf's chat template (its chat_template.json), for the
@@ -52,8 +52,9 @@ TEMPLATE_WORDS = ["user", "assistant"]
 
 # LoRA on the language model's linears only: SigLIP's attention has q/k/v_proj too.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# The planner's image: one crop's side (384 px at 7B), the smallest any-resolution grid
-# (a base crop and one grid crop); larger images yield up to about ten crops' tokens.
+# The planner's image: one crop's side (384 px at 7B; NeXT's 336), the smallest
+# any-resolution grid (a base crop and one grid crop's features: NeXT's 1 x 2 grid unpads
+# to one crop for a square image); larger images yield up to about ten crops' tokens.
 PLAN_GRID = 1
 
 
@@ -195,15 +196,38 @@ class LlavaOnevision(FamilySpec):
                                   tie_word_embeddings=False)
 
     def tiny_image_processor(self, image_size: int):
-        """The family's image processor (the PIL variant) at the tiny crop size, SigLIP's
+        return self._image_processor(image_size, self._tiny_grid(image_size))
+
+    def _image_processor(self, side: int, pinpoints: list[list[int]]):
+        """The family's image processor (the PIL variant) at crops of `side` pixels, SigLIP's
         normalisation as the real folder's preprocessor_config.json has it."""
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
 
-        return LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
-                                               image_grid_pinpoints=self._tiny_grid(image_size),
+        return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side}, image_grid_pinpoints=pinpoints,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+    # -- the GPU check's real-width round
+    def realscale(self, layers, vision_layers, words):
+        tok = self.tiny_tokenizer(words)
+        config = self.reference_config()
+        config.text_config.num_hidden_layers = layers
+        v = config.vision_config
+        # the projector reads hidden_states[vision_feature_layer]: that many layers at least
+        v.num_hidden_layers = vision_depth(vision_layers, config.vision_feature_layer)
+        self._set_token_ids(config, tok)
+        # One crop a side is the planner's image (num_image_tokens): a base crop and a
+        # 1 x 1 grid for OneVision, the 1 x 2 grid unpadded to one crop's features for NeXT.
+        side = v.image_size
+        return config, tok, self._image_processor(side, config.image_grid_pinpoints), side
+
+    def _set_token_ids(self, config, tok) -> None:
+        """The special tokens' ids of the word-level tokenizer, set as tiny_config does."""
+        ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+        config.image_token_index, config.video_token_index = ids[IMAGE_TOKEN], ids["<video>"]
+        t = config.text_config
+        t.bos_token_id, t.eos_token_id, t.pad_token_id = None, ids["<|im_end|>"], ids["<|endoftext|>"]
 
     # -- images
     def anyres_images(self, config) -> AnyResImages:
@@ -351,12 +375,18 @@ class LlavaNext(LlavaOnevision):
                                   image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                                   image_grid_pinpoints=self._tiny_grid(m.image_size), tie_word_embeddings=False)
 
-    def tiny_image_processor(self, image_size: int):
+    def _image_processor(self, side: int, pinpoints: list[list[int]]):
+        """Crops of `side` pixels (size and crop_size as llava-v1.6-mistral-7b-hf's
+        preprocessor_config.json has them), CLIP's normalisation (the class defaults)."""
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-        return LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
-                                          crop_size={"height": image_size, "width": image_size},
-                                          image_grid_pinpoints=self._tiny_grid(image_size))
+        return LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                          image_grid_pinpoints=pinpoints)
+
+    def _set_token_ids(self, config, tok) -> None:
+        config.image_token_index = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        t = config.text_config
+        t.pad_token_id, t.bos_token_id, t.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
 
     def prompt(self, question, first, image_tokens):
         image = (IMAGE_TOKEN * image_tokens + "\n") if first else ""
