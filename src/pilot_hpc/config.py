@@ -194,6 +194,8 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "privacy.where": "none", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 0.0,
                        "privacy.target_epsilon": 0.0, "privacy.delta": 1e-5, "privacy.accountant": "rdp",
                        "privacy.epsilon_budget": 0.0, "privacy.secure_aggregation": False,
+                       "privacy.adaptive_clip": False, "privacy.clip_quantile": 0.5, "privacy.clip_lr": 0.2,
+                       "privacy.clip_count_stddev": 0.0,
                        "fl.codec": "float32", "fl.codec_down": "", "pilot.distance": "params",
                        "model.lora_ranks": [], "model.lora_task_ranks": {}, "fl.lora_rank_rule": "zero_pad"}
 
@@ -233,7 +235,8 @@ BOUNDS = {
     "train.max_new_tokens": ">= 1", "train.max_local_seconds": ">= 0",
     "train.grad_accum_steps": ">= 1", "train.warmup_ratio": "[0, 1)", "data.num_workers": ">= 0",
     "privacy.clip_norm": "> 0", "privacy.noise_multiplier": ">= 0", "privacy.target_epsilon": ">= 0",
-    "privacy.epsilon_budget": ">= 0",
+    "privacy.epsilon_budget": ">= 0", "privacy.clip_quantile": "[0, 1]", "privacy.clip_lr": ">= 0",
+    "privacy.clip_count_stddev": ">= 0",
 }
 
 
@@ -254,6 +257,14 @@ def check_privacy(cfg: "Config") -> None:
     if p.where == "client" and strategy in NO_EXCHANGE_STRATEGIES:
         raise ConfigError(f"privacy.where=client noises the updates that leave the clients, but fl.strategy={strategy} "
                           "sends none: set privacy.where=none")
+    if p.adaptive_clip and p.secure_aggregation:
+        raise ConfigError("privacy.adaptive_clip=true needs each participant's clip bit (its change within C or "
+                          "not) in the server's clear view, which privacy.secure_aggregation=true hides by design: "
+                          "set privacy.adaptive_clip=false (a fixed privacy.clip_norm) or drop the secure aggregation")
+    if p.adaptive_clip and p.where != "server":
+        raise ConfigError(f"privacy.adaptive_clip=true adapts C on a trusted server from a noisy count of the "
+                          f"participants within it, but privacy.where={p.where}: set privacy.where=server (fedavg, "
+                          "fedprox, fedadam) or privacy.adaptive_clip=false")
     if p.secure_aggregation and p.where == "server":
         raise ConfigError("privacy.secure_aggregation=true with privacy.where=server is not supported (untested "
                           "together: the server's noise needs equal public weights of the masked rows); use "

@@ -96,8 +96,12 @@ def privacy_note(history: list[dict]) -> str:
         return ""
     eps = p["epsilon"]
     eps = "inf (no noise: no guarantee)" if eps is None or eps != eps or eps == float("inf") else f"{eps:.4g}"
+    clip = f"clipped to {p['clip_norm']:g}"
+    if "clip_norm_next" in p:  # adaptive clipping: the last round's C
+        clip = (f"clipped to an adaptive bound ({p['clip_norm']:g} in the last round; updates' noise multiplier "
+                f"{p['update_noise_multiplier']:.6g}, count noise std {p['clip_count_stddev']:.6g})")
     return (f"\nPrivacy ({p['where']}-side client-level DP): epsilon {eps} at delta {p['delta']:g} after round "
-            f"{history[-1]['round']} ({p['accountant']} accountant; each round's change clipped to {p['clip_norm']:g} "
+            f"{history[-1]['round']} ({p['accountant']} accountant; each round's change {clip} "
             f"in L2, noise multiplier {p['noise_multiplier']:.6g}, sampling rate {p['sampling_rate']:.4g}, accounted "
             "as Poisson sampling). The client-specific parts that never leave a client (Pilot's client adapter, "
             "FedDPA's local LoRA) are outside this guarantee.\n")

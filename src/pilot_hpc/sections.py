@@ -350,6 +350,15 @@ class PrivacyConfig:
     # true: pairwise-masked secure aggregation (fl/secagg.py): the server (rank 0) sees only
     # masked fixed-point rows and their weighted sum (SECURE_SUM_STRATEGIES only).
     secure_aggregation: bool = False
+    # Adaptive clipping (Andrew et al. 2021; where=server only): clip_norm is then C_0 and
+    # after each round C <- C exp(-clip_lr (b - clip_quantile)), b the noisy share of the
+    # participants whose change was within C. clip_count_stddev is the std of the noise on
+    # that count (0: expected participants per round / 20, the paper's choice); the updates'
+    # noise then grows so that the two together are still accounted as multiplier z.
+    adaptive_clip: bool = False
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_stddev: float = 0.0
 
     def __post_init__(self):
         if self.where != "none" and self.noise_multiplier > 0 and self.target_epsilon > 0:

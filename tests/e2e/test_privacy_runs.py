@@ -1,9 +1,11 @@
 """Client-level DP in whole runs (pilot_hpc.fl.privacy): one FedAvg run with server-side
-noise under mpiexec -n 3 (sampled participation, a chunked exchange), the same
-configuration on one rank, preempted mid-round and resumed, which must end bitwise equal
-to it; and Pilot with client-side noise on one rank, stopped by its epsilon budget."""
+noise and adaptive clipping under mpiexec -n 3 (sampled participation, a chunked
+exchange), the same configuration on one rank, preempted mid-round and resumed, which must
+end bitwise equal to it; and Pilot with client-side noise on one rank, stopped by its
+epsilon budget."""
 
 import json
+import math
 import os
 
 import pytest
@@ -12,9 +14,11 @@ from helpers import SMOKE, args_for, load_metrics, run_main, small_overrides
 from pilot_hpc.config import load_config
 from pilot_hpc.fl import participation, privacy
 
-CLIP = 0.05
+CLIP = 0.05  # C_0: adaptive clipping moves it every round
+# sigma_b 1 (the default, 2 participants / 20, is refused with z = 1): z_delta = (1 - 1/4)^-1/2.
 SERVER_DP = ["fl.strategy=fedavg", "fl.clients_per_round=2", "privacy.where=server", "privacy.noise_multiplier=1.0",
-             f"privacy.clip_norm={CLIP}", "fl.transforms=[transform_probe:ChangeProbe]"]
+             f"privacy.clip_norm={CLIP}", "privacy.adaptive_clip=true", "privacy.clip_count_stddev=1.0",
+             "fl.transforms=[transform_probe:ChangeProbe]"]
 
 
 def probe_env(path):
@@ -42,15 +46,49 @@ def server_dp(small_world, cache_dir, tmp_path_factory):
 
 def test_every_change_that_left_a_client_is_within_the_clip(server_dp, cache_dir):
     """ChangeProbe runs after the privacy transform: the change as sent, in float64, is at
-    most C plus the float32 rounding of start + change (2^-24 of the sent row's norm)."""
+    most the round's C (metrics.json) plus the float32 rounding of start + change (2^-24 of
+    the sent row's norm); the metrics row holds the participant's change before the clip."""
     out, _ = server_dp
     cfg = load_config(SMOKE, small_overrides(cache_dir, str(out)) + ["fl.clients_per_round=2"])
+    doc = load_metrics(out / "w3")
     rows = [json.loads(x) for x in (out / "w3.jsonl").read_text().splitlines()]
     expected = {(r, k) for r in (1, 2) for k in participation.selected(cfg, r).nonzero().flatten().tolist()}
     assert {(x["round"], x["client"]) for x in rows} == expected
+    assert {(e["round"], c["client"]) for e in doc["rounds"] for c in e["clients"] if "change_norm" in c} == expected
+    active = 0
     for x in rows:
-        assert x["status"] == "participated" and x["change"] <= CLIP + 2.0 ** -24 * x["sent"], x
-    assert max(x["change"] for x in rows) > 0.99 * CLIP  # the clip was active
+        clip = doc["rounds"][x["round"]]["privacy"]["clip_norm"]
+        before = doc["rounds"][x["round"]]["clients"][x["client"]]["change_norm"]
+        assert x["status"] == "participated" and x["change"] <= clip + 2.0 ** -24 * x["sent"], x
+        assert abs(x["change"] - min(before, clip)) <= 2.0 ** -24 * x["sent"] + 2e-6 * clip, (x, before, clip)
+        active += x["change"] > 0.99 * clip
+    assert active > 0  # the clip was active
+
+
+def test_the_clip_adapts_by_the_geometric_rule_on_the_noisy_count(server_dp, cache_dir):
+    """C_{t+1} = C_t exp(-0.2 (b - 0.5)), b = (the participants within C_t + sigma_b N(0, 1)) / 2,
+    the normal drawn from (run.seed, round); the next round clips to it."""
+    out, three = server_dp
+    seed = load_config(SMOKE, small_overrides(cache_dir, str(out))).run.seed
+    doc = load_metrics(out / "w3")
+    entries = [e["privacy"] for e in doc["rounds"]]
+    assert entries[0]["clip_norm"] == entries[0]["clip_norm_next"] == entries[1]["clip_norm"] == CLIP
+    for entry, following in zip(doc["rounds"][1:], entries[2:] + [None]):
+        p = entry["privacy"]
+        norms = [c["change_norm"] for c in entry["clients"] if c.get("participation") == "participated"]
+        count = sum(n <= p["clip_norm"] for n in norms) + 1.0 * privacy.count_noise(seed, entry["round"])
+        assert len(norms) == p["clip_participants"] == 2 and p["clip_count"] == count
+        assert p["clip_norm_next"] == p["clip_norm"] * math.exp(-0.2 * (count / 2 - 0.5)) != p["clip_norm"]
+        assert p["update_noise_multiplier"] == 0.75 ** -0.5 and p["clip_count_stddev"] == 1.0
+        if following is not None:
+            assert following["clip_norm"] == p["clip_norm_next"]
+        line = [ln for ln in (three.stdout + three.stderr).splitlines() if f"round {entry['round']}/2" in ln][0]
+        assert f"clip norm {p['clip_norm']:.6g} -> {p['clip_norm_next']:.6g} (adaptive)" in line
+    from pilot_hpc.tensorboard import read_scalars
+
+    board = read_scalars(str(out / "w3" / "tensorboard"))
+    assert [v for _, v in board["privacy/clip_norm"]] == pytest.approx([p["clip_norm"] for p in entries[1:]],
+                                                                       rel=1e-6)
 
 
 def test_epsilon_in_the_outputs_is_the_accountants_own(server_dp):

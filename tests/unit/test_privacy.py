@@ -65,6 +65,7 @@ def test_the_transform_bounds_every_clients_change_over_both_parts():
             params = {p: start[p] + scale * torch.randn(start[p].numel(), generator=gen) for p in PARTS}
             before = math.sqrt(sum(float((params[p].double() - start[p].double()).square().sum()) for p in PARTS))
             sent = chain.encode(an_update(client, round_, start, params))
+            assert sent.change_norm == pytest.approx(before, rel=1e-6, abs=0)  # the metrics row's, before the clip
             change = torch.cat([sent.parts[p].double() - start[p].double() for p in PARTS])
             slack = 2.0 ** -24 * float(torch.cat([sent.parts[p].double() for p in PARTS]).norm())
             assert float(change.norm()) <= 0.5 + slack
@@ -237,6 +238,92 @@ def test_the_budget_stops_before_the_round_that_would_exceed_it():
     assert f"round {last + 1} would bring epsilon to" in message and f"stops after round {last} of 5" in message
 
 
+# ---------------------------------------------------------------- adaptive clipping
+
+ADAPTIVE = ("fl.strategy=fedavg", "privacy.where=server", "privacy.adaptive_clip=true", "privacy.noise_multiplier=1",
+            "privacy.clip_count_stddev=1", "fl.clients_per_round=2")
+
+
+def test_the_geometric_rule_moves_c_toward_the_target_quantile():
+    """C exp(-eta (b - gamma)), b the (noisy) share of norms within C: C grows when fewer
+    than gamma are within it, shrinks when more are, stays when exactly gamma are."""
+    grown, count = privacy.next_clip(1.0, [2.0, 3.0, 0.5, 4.0], 0.5, 0.2, 0.0)  # 1 of 4 within
+    assert count == 1.0 and grown == 1.0 * math.exp(-0.2 * (0.25 - 0.5)) and grown > 1.0
+    shrunk, count = privacy.next_clip(2.0, [0.1, 0.2, 2.0, 3.0], 0.5, 0.2, 0.7)  # 3 within (<= C), noise 0.7
+    assert count == 3.7 and shrunk == 2.0 * math.exp(-0.2 * (3.7 / 4 - 0.5)) and shrunk < 2.0
+    assert privacy.next_clip(1.5, [1.0, 2.0], 0.5, 0.2, 0.0)[0] == 1.5
+    assert privacy.next_clip(1.0, [0.1, 0.2], 0.9, 0.0, 0.3)[0] == 1.0  # clip_lr 0: C fixed
+
+
+def test_the_updates_noise_and_the_count_noise_compose_to_z():
+    """Andrew et al. 2021, Thm 1: (z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z."""
+    for z, sigma_b in ((1.0, 1.0), (0.5, 5.0), (2.0, 1.01)):
+        z_delta = privacy.update_multiplier(z, sigma_b)
+        assert z_delta == (z ** -2 - (2 * sigma_b) ** -2) ** -0.5 and z_delta > z
+        assert (z_delta ** -2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    assert privacy.update_multiplier(0.0, 0.1) == 0.0  # no noise: clipping only
+    with pytest.raises(ValueError):
+        privacy.update_multiplier(1.0, 0.5)
+    cfg = cfg_with(*ADAPTIVE)
+    assert privacy.update_noise_multiplier(cfg) == privacy.update_multiplier(1.0, 1.0)
+    # The server's noise uses z_delta; the accountant, z.
+    assert get_strategy("fedavg", cfg).aggregator.dp_z == privacy.update_multiplier(1.0, 1.0)
+    assert privacy.epsilon_after(cfg, 2) == pytest.approx(direct_epsilon(1.0, 2 / 3, 2, 1e-5, "rdp"), rel=1e-9)
+    # sigma_b 0: the paper's expected participants / 20 = 2 / 20, too little for z = 1.
+    low = cfg_with(*ADAPTIVE[:-2], "fl.clients_per_round=2")
+    assert privacy.count_stddev(low) == 0.1
+    with pytest.raises(ConfigError, match=r"sigma_b = 0.1 .* must exceed half the noise multiplier z = 1.*"
+                                          r"set privacy.clip_count_stddev above 0.5"):
+        privacy.check(low)
+    privacy.check(cfg)
+
+
+def test_the_count_noise_is_seeded_by_seed_and_round():
+    """The next C is a pure function of (seed, round, norms, C): a resumed round gets it again."""
+    cfg = cfg_with(*ADAPTIVE)
+    rows = [{"participation": "participated", "change_norm": 0.3}, {"participation": "not_selected"},
+            {"participation": "participated", "change_norm": 0.05, "evaluated": False}]
+    one = privacy.round_fields(cfg, 3, rows, 0.1)["privacy"]
+    assert one == privacy.round_fields(cfg, 3, rows, 0.1)["privacy"]
+    noise = privacy.count_stddev(cfg) * privacy.count_noise(cfg.run.seed, 3)
+    assert one["clip_norm"] == 0.1 and one["clip_participants"] == 2 and one["clip_count"] == 1 + noise
+    assert one["clip_norm_next"] == 0.1 * math.exp(-0.2 * ((1 + noise) / 2 - 0.5))
+    assert privacy.round_fields(cfg, 4, rows, 0.1)["privacy"]["clip_norm_next"] != one["clip_norm_next"]
+    assert privacy.count_noise(1, 3) != privacy.count_noise(0, 3)
+    # Round 0 (no participant): C stays, nothing drawn.
+    assert privacy.round_fields(cfg, 0, [{"value": 1.0}], 0.1)["privacy"]["clip_norm_next"] == 0.1
+
+
+def test_every_rank_takes_c_from_the_last_round_of_rank_0s_history():
+    class World:  # one rank: bcast_object hands back rank 0's value
+        rank = 0
+
+        def bcast_object(self, value, root=0):
+            return value
+
+    cfg = cfg_with(*ADAPTIVE)
+    chain, aggregator = chain_for(cfg), get_strategy("fedavg", cfg).aggregator
+    history = [{"round": 0, "privacy": {"clip_norm_next": 1.0}}, {"round": 1, "privacy": {"clip_norm_next": 0.37}}]
+    assert privacy.share_clip(cfg, World(), history, chain, aggregator) == 0.37
+    assert chain.transforms[0].clip == 0.37 and aggregator.dp_clip == 0.37
+    assert aggregator.dp_std == privacy.update_multiplier(1.0, 1.0) * 0.37
+    fixed = cfg_with("fl.strategy=fedavg", "privacy.where=server", "privacy.clip_norm=0.2")
+    assert privacy.share_clip(fixed, None, history, chain_for(fixed), None) == 0.2  # no collective
+
+
+def test_adaptive_clipping_is_refused_where_the_server_cannot_see_the_bits():
+    for where in ("client", "none"):
+        with pytest.raises(ConfigError, match=f"privacy.adaptive_clip=true adapts C on a trusted server .* but "
+                                              f"privacy.where={where}: set privacy.where=server"):
+            cfg_with("fl.strategy=fedavg", f"privacy.where={where}", "privacy.adaptive_clip=true")
+    with pytest.raises(ConfigError, match="privacy.adaptive_clip=true needs each participant's clip bit .* "
+                                          "privacy.secure_aggregation=true hides"):
+        cfg_with("fl.strategy=fedavg", "privacy.where=server", "privacy.adaptive_clip=true",
+                 "privacy.secure_aggregation=true")
+    with pytest.raises(ConfigError, match=r"privacy.clip_quantile must lie in \[0, 1\], got 1.5"):
+        cfg_with(*ADAPTIVE, "privacy.clip_quantile=1.5")
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -275,6 +362,7 @@ def test_privacy_keys_are_checked_with_the_key_named():
 def test_without_privacy_nothing_changes():
     cfg = cfg_with()
     assert cfg.privacy.where == "none" and privacy.round_fields(cfg, 2) == {} and privacy.log_suffix(cfg, 2) == ""
+    assert privacy.norm_width(cfg) == 0 and privacy.norm_field(cfg, 1.0) == {}  # no change_norm in the rows
     assert [type(t).__name__ for t in chain_for(cfg).transforms] == ["WireDtype"]
     assert type(get_strategy("fedavg", cfg_with("fl.strategy=fedavg")).aggregator).__name__ == "FedAvgServer"
     assert cfg.hash() == load_config(SMOKE, ["fl.num_clients=3", "fl.client_tasks=[vqa, caption, grounding]",

@@ -90,6 +90,9 @@ class ClientSlot:
     residual: dict[str, torch.Tensor] | None = None
     # The last round whose server answer it holds (fl/installs.py; lazy installs only).
     installed: int = 0
+    # privacy.where != none: the pre-clip norm of the change it sent in its last round
+    # (the metrics row's change_norm; fl/privacy.py:norm_column).
+    change_norm: float | None = None
 
     # Not fields: the rank's lazy installs (fl/installs.Installs, set by the federation when
     # they are on), and whether anything a checkpoint records of it changed since the last

@@ -126,6 +126,7 @@ class Federation:
         for slot in slots if self.installs.active else ():
             slot.installs = self.installs
         self.last_complete: str | None = None  # this run's newest complete checkpoint (Federation.checkpoint)
+        self.clip = cfg.privacy.clip_norm  # the round's privacy clip (adaptive: privacy.share_clip)
 
     # ------------------------------------------------------------------ the run
     def run(self, start: resume.ResumePoint | None = None) -> list[dict]:
@@ -150,6 +151,7 @@ class Federation:
                 if self.world.rank == 0:
                     log.warning("%s", budget)
                 break
+            self.clip = privacy.share_clip(self.cfg, self.world, history, self.transforms, self.aggregator)
             t0 = time.perf_counter()
             stage = self.policy.stage(round_)
             stopped = self.train_clients(round_, stage)
@@ -165,8 +167,8 @@ class Federation:
             self.sync_group()
             rows = self.evaluate(stage, round_=round_)
             if rows is not None:
-                history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_),
-                                **round_entry(self.exchanger)})
+                entry = privacy.round_fields(self.cfg, round_, rows, self.clip)
+                history.append({"round": round_, "clients": rows, **entry, **round_entry(self.exchanger)})
             self.checkpoint(round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)
@@ -182,7 +184,8 @@ class Federation:
 
     def record_round(self, history: list, round_: int, stage: int, rows: list[dict] | None, t0: float) -> None:
         if rows is not None:
-            history.append({"round": round_, "clients": rows, **privacy.round_fields(self.cfg, round_)})
+            history.append({"round": round_, "clients": rows,
+                            **privacy.round_fields(self.cfg, round_, rows, self.clip)})
             self.log_round(round_, stage, rows, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ local training
@@ -359,6 +362,7 @@ class Federation:
                 if self.transforms.codec is not None:  # its error-feedback residual in, the new one out
                     update.residual = slot.residual
                 updates.append(self.transforms.encode(update))
+                slot.change_norm = update.change_norm
                 if self.transforms.codec is not None:
                     slot.residual = update.residual
         widths = part_widths(self.policy, pm)  # parameter shapes: the same whichever client is hosted
@@ -434,8 +438,9 @@ class Federation:
                     log.info("client %d: %d of %d answers name no option (scored as wrong)", slot.k, unparsed,
                              len(ev.predictions))
             rows.append(self.stat_row(slot, value, round_) + subset_values(data, ev.items, subsets))
+        rows = [row + privacy.norm_column(self.cfg, slot) for row, slot in zip(rows, self.slots)]
         local = np.array(rows, dtype=np.float64).reshape(-1)
-        width = len(STAT_KEYS) + len(subsets)
+        width = len(STAT_KEYS) + len(subsets) + privacy.norm_width(self.cfg)
         got = self.comm.gatherv(local, [len(b) * width for b in self.blocks], tag="metrics", fast=False)
         table = None if got is None else got.reshape(self.num_clients, width)
         errors = {}
@@ -451,7 +456,7 @@ class Federation:
                  **{key: float(table[k, i]) for i, key in enumerate(STAT_KEYS[1:-1], start=1)},
                  # How it took part in this round (round 0 trains nothing: no key).
                  **participation.row_fields(int(table[k, len(STAT_KEYS) - 1]), errors.get(k)),
-                 **({} if bool(chosen[k]) else {"evaluated": False}),
+                 **({} if bool(chosen[k]) else {"evaluated": False}), **privacy.norm_field(self.cfg, table[k, -1]),
                  **{f"value_{name}": round(100.0 * float(table[k, len(STAT_KEYS) + i]), 4)
                     for i, name in enumerate(subsets)}}
                 for k in range(self.num_clients)]
@@ -512,7 +517,7 @@ class Federation:
             if not np.all(np.isnan([r[k] for r in rows])))
         log.info("round %d/%d stage %d | %.1f s (elapsed %.1f s)%s | %s%s", round_, self.cfg.fl.rounds, stage, seconds,
                  time.perf_counter() - self.t_start, losses, scores,
-                 participation.log_suffix(rows) + privacy.log_suffix(self.cfg, round_)
+                 participation.log_suffix(rows) + privacy.log_suffix(self.cfg, round_, rows, self.clip)
                  + (log_suffix(self.exchanger) if round_ > 0 else ""))
         skipped = {r["client"]: int(r["bad_samples"]) for r in rows if r.get("bad_samples", 0) > 0}
         if skipped:
@@ -523,7 +528,7 @@ class Federation:
                                  self.traces, self.exchange_stats, seconds,
                                  lr=self.scheduled_lr(stage), batch_size=self.cfg.train.batch_size,
                                  codec=round_entry(self.exchanger).get("bytes") if round_ > 0 else None)
-            privacy.log_board(self.board, self.cfg, round_)
+            privacy.log_board(self.board, self.cfg, round_, self.clip)
             self.exchange_stats = None
 
     def scheduled_lr(self, stage: int):

@@ -62,6 +62,8 @@ class ClientUpdate:
     # A lossy fl.codec: the client's error-feedback residual by part name (the Codec
     # transform reads and replaces it); None otherwise.
     residual: dict[str, torch.Tensor] | None = None
+    # The L2 norm of its change over all parts before the privacy clip (set by ClientDP).
+    change_norm: float | None = None
 
     def widths(self) -> tuple[int, ...]:
         return tuple(self.parts[p].numel() for p in PARTS)
