@@ -76,14 +76,19 @@ class FamilySpec:
     example_folder: str = ""  # a Hub name whose download is such a folder
 
     # -- build and load
-    def load(self, path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    def _classes(self):
+        """(config class, model class) of the family's transformers implementation,
+        imported when first needed (importing every family's classes costs seconds)."""
         raise NotImplementedError
+
+    def load(self, path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+        return self._classes()[1].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
 
     def from_config(self, config) -> nn.Module:
-        raise NotImplementedError
+        return self._classes()[1](config)
 
     def config_from_folder(self, path: str):
-        raise NotImplementedError
+        return self._classes()[0].from_pretrained(path)
 
     def reference_config(self):
         raise NotImplementedError

@@ -149,15 +149,6 @@ class InternVL(FamilySpec):
 
         return InternVLConfig, InternVLForConditionalGeneration
 
-    def load(self, path, dtype, attn_implementation):
-        return self._classes()[1].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-
-    def from_config(self, config):
-        return self._classes()[1](config)
-
-    def config_from_folder(self, path):
-        return self._classes()[0].from_pretrained(path)
-
     def reference_config(self):
         """InternVL3-8B-hf's architecture (its config.json): InternViT-300M at 448 px and
         a Qwen2.5-7B language model."""

@@ -138,15 +138,6 @@ class LlavaOnevision(FamilySpec):
 
         return LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    def load(self, path, dtype, attn_implementation):
-        return self._classes()[1].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-
-    def from_config(self, config):
-        return self._classes()[1](config)
-
-    def config_from_folder(self, path):
-        return self._classes()[0].from_pretrained(path)
-
     def reference_config(self):
         """llava-onevision-qwen2-7b-ov-hf's architecture (its config.json): SigLIP
         so400m/14 at 384 px (the config class's defaults), Qwen2-7B."""

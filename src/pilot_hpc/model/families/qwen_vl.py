@@ -102,15 +102,6 @@ class Qwen25VL(FamilySpec):
 
         return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    def load(self, path, dtype, attn_implementation):
-        return self._classes()[1].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-
-    def from_config(self, config):
-        return self._classes()[1](config)
-
-    def config_from_folder(self, path):
-        return self._classes()[0].from_pretrained(path)
-
     def reference_config(self):
         """Qwen2.5-VL-7B-Instruct's architecture (its config.json)."""
         config_class = self._classes()[0]
