@@ -365,7 +365,7 @@ def find_start(cfg, comm, fed, initial: dict):
 def federate(cfg, comm, fed, start) -> int:
     """The rounds from `start`, then the run's outputs; the exit code."""
     from pilot_hpc import report
-    from pilot_hpc.fl.federation import BadSampleStop, NoFiniteUpdate, Preempted
+    from pilot_hpc.fl.stops import BadSampleStop, NoFiniteUpdate, Preempted
 
     if comm.rank == 0:  # one event file per run, written by rank 0 (pilot_hpc.tensorboard)
         from pilot_hpc.tensorboard import open_board

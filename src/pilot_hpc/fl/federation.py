@@ -23,13 +23,14 @@ import torch
 from pilot_hpc import faults
 from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
-from pilot_hpc.errors import CheckpointError, DataError
+from pilot_hpc.errors import CheckpointError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
 from pilot_hpc.fl import participation, privacy
 from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
 from pilot_hpc.fl.installs import Installs
+from pilot_hpc.fl.stops import BadSampleStop, NoFiniteUpdate, Preempted
 from pilot_hpc.fl.stream import Exchange
 from pilot_hpc.fl.strategies import Strategy
 from pilot_hpc.fl.transforms import Chain
@@ -52,43 +53,6 @@ LOSS_KEYS = STAT_KEYS[1:-3]
 # Per-step numbers each client keeps during its local round (for TensorBoard, run.tensorboard),
 # gathered by the leader with the round's statistics: step, its loss terms, its seconds.
 TRACE_KEYS = ("step", "ce", "diff", "balance", "z", "prox", "seconds")
-
-
-class Preempted(Exception):
-    """All ranks agreed to stop (SIGTERM/SIGUSR2): a mid-round checkpoint was written."""
-
-    def __init__(self, path: str):
-        super().__init__(f"preempted: checkpoint {path} written; rerun the same command to resume")
-        self.path = path
-
-
-class BadSampleStop(DataError):
-    """data.on_bad_sample=fail: a client met an unreadable sample, every rank stopped as
-    for a preemption and the round's checkpoint is written; `sample` is the message
-    (file, record, why) on the rank that met it, None on the others. Bad input (exit 2),
-    not a preemption (exit 75)."""
-
-    def __init__(self, path: str, sample: str | None):
-        super().__init__(f"unreadable sample (data.on_bad_sample=fail); the round so far is in checkpoint {path}")
-        self.path = path
-        self.sample = sample
-
-
-class NoFiniteUpdate(RuntimeError):
-    """No client of the round produced a finite update: every one was excluded, so there is
-    nothing to aggregate, and going on would repeat the round's start state as if it had
-    trained. Raised on every rank (they learn it in the stop vote) before the exchange;
-    the round writes no checkpoint, so the previous one stays the newest."""
-
-    def __init__(self, round_: int, clients: list[int], lr_key: str, lr: float, newest: str | None):
-        where = (f"{newest} is still the newest checkpoint (once the data is fixed, rerunning the same command "
-                 "resumes there; a changed learning rate changes results, so it needs another run.output_dir or "
-                 "run.resume=never)" if newest
-                 else "no checkpoint was written before this round")
-        super().__init__(f"round {round_}: the update of every client ({clients}) was non-finite (NaN/Inf), so all "
-                         f"were excluded and nothing could be aggregated; the run stops without a checkpoint of "
-                         f"round {round_}. Lower the learning rate ({lr_key}={lr!r} in this round's stage) or check "
-                         f"the clients' data; {where}")
 
 
 class Federation:
