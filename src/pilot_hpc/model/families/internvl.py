@@ -200,22 +200,9 @@ class InternVL(FamilySpec):
 
     def tiny_tokenizer(self, words: list[str]):
         """A word-level tokenizer with the family's special tokens and chat template."""
-        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from pilot_hpc.data.tokenizer import build_chatml_word_tokenizer
 
-        vocab = {}
-        for w in SPECIAL + TEMPLATE_WORDS + list(words):
-            vocab.setdefault(w, len(vocab))
-        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Split(Regex(r"\d+\.\d+|[\[\],.?:]"), behavior="isolated"),
-        ])
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>",
-                                      eos_token="<|im_end|>", additional_special_tokens=SPECIAL[2:],
-                                      extra_special_tokens=EXTRA_SPECIAL)
-        tok.chat_template = CHAT_TEMPLATE
-        return tok
+        return build_chatml_word_tokenizer(words, SPECIAL, TEMPLATE_WORDS, CHAT_TEMPLATE, EXTRA_SPECIAL)
 
     def tiny_image_processor(self, image_size: int):
         """The family's image processor at the tiny tile: up to 4 tiles of 32 x 32 pixels

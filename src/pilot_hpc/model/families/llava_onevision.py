@@ -149,21 +149,9 @@ class LlavaOnevision(FamilySpec):
     # -- the tiny model
     def tiny_tokenizer(self, words: list[str]):
         """A word-level tokenizer with the family's special tokens and chat template."""
-        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from pilot_hpc.data.tokenizer import build_chatml_word_tokenizer
 
-        vocab = {}
-        for w in SPECIAL + TEMPLATE_WORDS + list(words):
-            vocab.setdefault(w, len(vocab))
-        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Split(Regex(r"\d+\.\d+|[\[\],.?:]"), behavior="isolated"),
-        ])
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>",
-                                      eos_token="<|im_end|>", additional_special_tokens=SPECIAL[2:])
-        tok.chat_template = CHAT_TEMPLATE
-        return tok
+        return build_chatml_word_tokenizer(words, SPECIAL, TEMPLATE_WORDS, CHAT_TEMPLATE)
 
     def _tiny_grid(self, side: int) -> list[list[int]]:
         """The real pinpoints' pattern (multiples of the crop, here up to 2 x 2)."""

@@ -140,21 +140,9 @@ class Qwen25VL(FamilySpec):
 
     def tiny_tokenizer(self, words: list[str]):
         """A word-level tokenizer with the family's special tokens and chat template."""
-        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from pilot_hpc.data.tokenizer import build_chatml_word_tokenizer
 
-        vocab = {}
-        for w in SPECIAL + TEMPLATE_WORDS + list(words):
-            vocab.setdefault(w, len(vocab))
-        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Split(Regex(r"\d+\.\d+|[\[\],.?:]"), behavior="isolated"),
-        ])
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>",
-                                      eos_token="<|im_end|>", additional_special_tokens=SPECIAL[2:])
-        tok.chat_template = CHAT_TEMPLATE
-        return tok
+        return build_chatml_word_tokenizer(words, SPECIAL, TEMPLATE_WORDS, CHAT_TEMPLATE)
 
     def realscale(self, layers, vision_layers, words):
         tok = self.tiny_tokenizer(words)
