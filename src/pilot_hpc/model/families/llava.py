@@ -44,7 +44,37 @@ class CLIPMLPView(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class Llava15(FamilySpec):
+class LlavaLayout(FamilySpec):
+    """Where the LLaVA-style models (LLaVA-1.5, -NeXT, -OneVision) keep their parts: the
+    projector (linear_1, act, linear_2) and the vision tower and language model under
+    `.model`; the vision encoder's MLPs as CLIP's (fc1, act, fc2)."""
+
+    # -- the connector: transformers >= 4.52 keeps the projector under `.model`
+    def get_connector(self, model):
+        return unwrap(model).model.multi_modal_projector
+
+    def connector_mlp(self, connector):
+        return connector  # LlavaMultiModalProjector: linear_1, act, linear_2 already
+
+    def stock_connector(self, adapter):
+        return adapter  # a copy of the projector itself
+
+    def language_model(self, model):
+        return unwrap(model).model.language_model
+
+    def vision_tower(self, model):
+        return unwrap(model).model.vision_tower
+
+    def vision_mlps(self, vision_tower):
+        # transformers 5 keeps the encoder on the vision model itself; 4.x under .vision_model.
+        layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+        return [VisionMLP(layer, "mlp") for layer in layers]
+
+    def vision_mlp_view(self, mlp, vision_tower):
+        return CLIPMLPView(mlp, vision_tower.config.hidden_act)
+
+
+class Llava15(LlavaLayout):
     name = "llava"
     model_types = ("llava",)
     vision_model_types = ("clip_vision_model",)
@@ -127,32 +157,8 @@ class Llava15(FamilySpec):
         return CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                      crop_size={"height": image_size, "width": image_size})
 
-    # -- the connector: transformers >= 4.52 keeps the projector under `.model`
-    def get_connector(self, model):
-        return unwrap(model).model.multi_modal_projector
-
     def set_connector(self, model, module):
         unwrap(model).model.multi_modal_projector = module
-
-    def connector_mlp(self, connector):
-        return connector  # LlavaMultiModalProjector: linear_1, act, linear_2 already
-
-    def stock_connector(self, adapter):
-        return adapter  # a copy of the projector itself
-
-    def language_model(self, model):
-        return unwrap(model).model.language_model
-
-    def vision_tower(self, model):
-        return unwrap(model).model.vision_tower
-
-    def vision_mlps(self, vision_tower):
-        # transformers 5 keeps the encoder on the vision model itself; 4.x under .vision_model.
-        layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
-        return [VisionMLP(layer, "mlp") for layer in layers]
-
-    def vision_mlp_view(self, mlp, vision_tower):
-        return CLIPMLPView(mlp, vision_tower.config.hidden_act)
 
     def prompt(self, question, first, image_tokens):
         # The chat template's text with <image> already expanded to the image's tokens,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pilot_hpc.model.families.base import FamilySpec, ShapeFacts, VisionMLP, unwrap, vision_depth
-from pilot_hpc.model.families.llava import CLIPMLPView
+from pilot_hpc.model.families.base import ShapeFacts, unwrap, vision_depth
+from pilot_hpc.model.families.llava import LlavaLayout
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf's chat template (its chat_template.json), for the
 # tiny model's tokenizer; a real folder brings its own. Each turn opens with
@@ -122,7 +122,7 @@ def _image_features(multimodal: nn.Module, pixel_values, image_sizes, vision_fea
                                                vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
 
 
-class LlavaOnevision(FamilySpec):
+class LlavaOnevision(LlavaLayout):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     vision_model_types = ("siglip_vision_model",)
@@ -221,33 +221,11 @@ class LlavaOnevision(FamilySpec):
         return {**super().dataset_options(tokenizer, config), "image_inputs": self.anyres_images(config)}
 
     # -- the connector: the projector, as LLaVA-1.5's
-    def get_connector(self, model):
-        return unwrap(model).model.multi_modal_projector
-
     def set_connector(self, model, module):
         multimodal = unwrap(model).model
         multimodal.multi_modal_projector = module
         # a bound method: deepcopy (the export's merged copy) binds it to the copy
         multimodal.get_image_features = types.MethodType(_image_features, multimodal)
-
-    def connector_mlp(self, connector):
-        return connector  # linear_1, act, linear_2 already
-
-    def stock_connector(self, adapter):
-        return adapter  # a copy of the projector itself
-
-    def language_model(self, model):
-        return unwrap(model).model.language_model
-
-    def vision_tower(self, model):
-        return unwrap(model).model.vision_tower
-
-    def vision_mlps(self, vision_tower):
-        layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
-        return [VisionMLP(layer, "mlp") for layer in layers]
-
-    def vision_mlp_view(self, mlp, vision_tower):
-        return CLIPMLPView(mlp, vision_tower.config.hidden_act)
 
     # -- prompts
     def prompt(self, question, first, image_tokens):
