@@ -271,19 +271,24 @@ def submit(grid: Grid, elements: list[Element]) -> list:
     return jobs
 
 
-def run_local(grid: Grid, elements: list[Element]) -> int:
-    """The same runs without Slurm: mpiexec per element, at most local_parallel at once."""
+def run_local(grid: Grid, elements: list[Element], ranks: int | None = None, parallel: int | None = None) -> int:
+    """The same runs without Slurm: mpiexec -n ranks (the grid's slurm.ntasks by default)
+    per element, at most `parallel` (the grid's local_parallel) at once. A run's numbers
+    do not depend on its rank count (W = 1 and W = 9 are bitwise equal), so on a small
+    machine `ranks=1, parallel=cores` trades no result for throughput: 9 ranks on 2 cores
+    spend their time switching and polling."""
     mpiexec = find_mpiexec()
+    ranks = grid.slurm.ntasks if ranks is None else ranks
 
     def one(e: Element) -> int:
         os.makedirs(e.output_dir, exist_ok=True)
         with open(os.path.join(e.output_dir, "launch.log"), "ab") as log:
-            cmd = [mpiexec, "-n", str(grid.slurm.ntasks), sys.executable, "-m", "pilot_hpc.main"] + e.argv
+            cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "pilot_hpc.main"] + e.argv
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         print(f"{e.name}: exit {code} ({e.output_dir})", flush=True)
         return code
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, grid.local_parallel)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel or grid.local_parallel)) as pool:
         codes = list(pool.map(one, elements))
     return max(codes, default=0)
 
@@ -349,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         mode.add_argument("--local", action="store_true", help="run the grid here with mpiexec, no Slurm")
         mode.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script only")
         mode.add_argument("--wait", action="store_true", help="submit, then wait for every element")
+        ap.add_argument("--ranks", type=int, default=None,
+                        help="--local: MPI ranks per run (default the grid's slurm.ntasks; the numbers do not "
+                             "depend on it)")
+        ap.add_argument("--parallel", type=int, default=None,
+                        help="--local: runs at once (default the grid's local_parallel)")
     args = ap.parse_args(argv[1:] if command == "collect" else argv)
     try:
         grid = load_grid(args.grid)
@@ -361,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "collect":
         print(collect(grid, elements, args.group_by))
         return 0
+    if (args.ranks is not None or args.parallel is not None) and not args.local:
+        print("pilot_hpc.launch: --ranks and --parallel apply to --local runs only (on Slurm the grid's slurm "
+              "section sizes each job)", file=sys.stderr)
+        return 2
+    if args.ranks is not None and args.ranks < 1 or args.parallel is not None and args.parallel < 1:
+        print("pilot_hpc.launch: --ranks and --parallel must be >= 1", file=sys.stderr)
+        return 2
     if args.dry_run:
         for e in elements:
             print(f"{e.name}: python -m pilot_hpc.main {' '.join(e.argv)}")
@@ -376,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             todo.remove(e)
             print(f"{e.name}: reuses {source} (the same configuration, finished by another grid)", flush=True)
     if args.local:
-        code = run_local(grid, todo)
+        code = run_local(grid, todo, args.ranks, args.parallel)
         print(collect(grid, elements, args.group_by))
         return code
     if not todo:

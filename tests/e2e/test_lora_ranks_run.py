@@ -1,7 +1,7 @@
 """Clients of different LoRA ranks (zero_pad) with ATA on the LoRA products, through a
 whole 3-rank run: the checkpoint records the ranks, every client's components beyond its
 rank stay exactly zero while the others train, export writes the client's own rank, and
-W = 1 gives the same numbers bitwise."""
+W = 1, preempted and resumed, gives the same numbers bitwise."""
 
 import json
 
@@ -51,12 +51,16 @@ def test_zero_pad_ranks_with_product_distance(cache_dir, tmp_path):
         b_exp = tensors[a_name.replace("lora_A", "lora_B")]
         torch.testing.assert_close(b_exp @ tensors[a_name], b @ a, rtol=0, atol=0)
     assert info["client"] == 0
-    # W = 1, unchunked: the same numbers bitwise (the product Gram is computed per module on
-    # the assembled factors, whatever the chunking and the ranks).
+    # W = 1, unchunked, preempted mid-round 2 and resumed: the same numbers bitwise (the
+    # product Gram is computed per module on the assembled factors, whatever the chunking
+    # and the ranks; the checkpoint restores every client's padded factors).
     one = tmp_path / "w1"
-    proc = run_main(args_for(cache_dir, one) + [f"model.lora_ranks={RANKS}", "pilot.distance=product",
-                                                "fl.chunk_mb=0"], timeout=600)
+    args = args_for(cache_dir, one) + [f"model.lora_ranks={RANKS}", "pilot.distance=product", "fl.chunk_mb=0"]
+    proc = run_main(args, timeout=600, env={"PILOT_HPC_INJECT": "sigterm:rank=0,round=2,step=2"})
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_main(args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interrupted mid-round" in proc.stdout
     assert load_metrics(one)["final"] == load_metrics(out)["final"]
     ck1 = read(find_checkpoint(str(one), None))
     for k in range(len(RANKS)):

@@ -160,3 +160,40 @@ def test_the_grid_command_runs_nothing_when_every_run_is_reused(tmp_path, capsys
     assert out.count("reuses") == 2 and "runs without metrics.json" not in out
     assert launch.main(["--grid", str(tmp_path / "b.yaml"), "--local"]) == 0  # the rerun: both finished
     assert "2 of 2 runs already finished" in capsys.readouterr().out
+
+
+def test_local_ranks_and_parallel_override_the_grid(tmp_path, monkeypatch, capsys):
+    """--ranks sets every run's mpiexec -n, --parallel how many run at once; both only with --local."""
+    import threading
+
+    cfg = f"{REPO}/configs/smoke_9client.yaml"
+    (tmp_path / "g.yaml").write_text(f"name: g\nconfig: {cfg}\noutput_root: {tmp_path}/g\n"
+                                     "grid:\n  run.seed: [0, 1, 2]\nslurm:\n  ntasks: 9\n")
+    seen, lock, live, peak = [], threading.Lock(), [0], [0]
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, **kw):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            seen.append(cmd)
+        threading.Event().wait(0.2)  # long enough for a second worker to start if there is one
+        with lock:
+            live[0] -= 1
+        return Done()
+
+    monkeypatch.setattr(launch, "find_mpiexec", lambda: "mpiexec")
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    assert launch.main(["--grid", str(tmp_path / "g.yaml"), "--local", "--ranks", "1", "--parallel", "2"]) == 0
+    assert len(seen) == 3 and all(cmd[:3] == ["mpiexec", "-n", "1"] for cmd in seen)
+    assert peak[0] == 2
+    seen.clear()
+    peak[0] = 0
+    for e in launch.expand(launch.load_grid(str(tmp_path / "g.yaml"))):  # nothing was written: all rerun
+        assert not launch.finished(e)
+    assert launch.main(["--grid", str(tmp_path / "g.yaml"), "--local"]) == 0  # the grid's own: 9 ranks, one at once
+    assert len(seen) == 3 and all(cmd[:3] == ["mpiexec", "-n", "9"] for cmd in seen) and peak[0] == 1
+    assert launch.main(["--grid", str(tmp_path / "g.yaml"), "--dry-run", "--ranks", "1"]) == 2
+    assert "apply to --local runs only" in capsys.readouterr().err
