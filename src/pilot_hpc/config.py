@@ -149,10 +149,7 @@ def client_lora_ranks(cfg: "Config") -> list[int]:
 def check_lora_ranks(cfg: "Config") -> None:
     m, fl = cfg.model, cfg.fl
     if fl.lora_rank_rule == "stack":
-        raise ConfigError("fl.lora_rank_rule=stack (FLoRA: A and B stacked along the rank, so the aggregate is the "
-                          "weighted sum of the clients' products) is implemented as a function "
-                          "(pilot_hpc.fl.lora_distance.stack_factors) but not yet wired into the exchange, which would "
-                          "merge the stacked product into the base weights every round; use fl.lora_rank_rule=zero_pad")
+        check_stack(cfg)
     if cfg.pilot.distance == "product" and fl.sends_changes():
         raise ConfigError(f"pilot.distance=product compares the clients' LoRA products B A, but with fl.codec / "
                           f"fl.codec_down = {fl.codecs()} the rows travel as changes over the round, whose factors "
@@ -175,9 +172,46 @@ def check_lora_ranks(cfg: "Config") -> None:
         raise ConfigError(f"model.lora_r ({m.lora_r}) must be the largest client rank ({max(ranks)}): the shared "
                           f"model holds every client's LoRA padded to it (fl.lora_rank_rule=zero_pad); set "
                           f"model.lora_r={max(ranks)}")
-    if fl.strategy != "pilot" and len(set(ranks)) > 1:
+    if fl.strategy != "pilot" and len(set(ranks)) > 1 and fl.lora_rank_rule != "stack":
         raise ConfigError(f"model.lora_ranks: clients of different ranks are wired for fl.strategy=pilot (its "
-                          f"per-client LoRA rows), got fl.strategy={fl.strategy}")
+                          f"per-client LoRA rows, fl.lora_rank_rule=zero_pad) and for fl.strategy=fedavg / fedprox "
+                          f"with fl.lora_rank_rule=stack, got fl.strategy={fl.strategy}")
+
+
+# The strategies whose LoRA is one global model: FLoRA's stacked product, merged into the
+# base weights that every client of a rank shares, is then every client's exact answer.
+STACK_STRATEGIES = ("fedavg", "fedprox")
+
+
+def check_stack(cfg: "Config") -> None:
+    """fl.lora_rank_rule=stack (fl/stack.py) where it composes, with the reason and fix named."""
+    fl = cfg.fl
+    if fl.strategy not in STACK_STRATEGIES:
+        raise ConfigError(f"fl.lora_rank_rule=stack merges the stacked LoRA product into the base weights, which "
+                          f"all clients of a rank share, so it needs one global LoRA (fl.strategy fedavg or fedprox); "
+                          f"fl.strategy={fl.strategy} gives clients their own LoRA, and each would need its own dense "
+                          "residual the size of the full weights: use fl.lora_rank_rule=zero_pad")
+    if fl.codecs() != ("float32", "float32"):
+        raise ConfigError(f"fl.lora_rank_rule=stack sends the clients' LoRA factors, whose exact product is merged; "
+                          f"with fl.codec / fl.codec_down / fl.wire_dtype = {fl.codecs()} they would travel rounded "
+                          "(or as changes, whose factors do not multiply to a change of the product): set "
+                          "fl.codec=float32, fl.codec_down unset and fl.wire_dtype=float32, or fl.lora_rank_rule=zero_pad")
+    if cfg.privacy.secure_aggregation:
+        raise ConfigError("fl.lora_rank_rule=stack needs every participant's LoRA factors on the server (the "
+                          "product of a sum is not the sum of the products), which secure aggregation hides: set "
+                          "privacy.secure_aggregation=false or fl.lora_rank_rule=zero_pad")
+    if cfg.privacy.where != "none":
+        raise ConfigError(f"fl.lora_rank_rule=stack with privacy.where={cfg.privacy.where}: clipping and noise act on "
+                          "the update's parameters, not on the merged product, so the privacy guarantee would not "
+                          "cover what is merged; set privacy.where=none or fl.lora_rank_rule=zero_pad")
+    if cfg.run.ranks_per_client > 1:
+        raise ConfigError(f"fl.lora_rank_rule=stack with run.ranks_per_client={cfg.run.ranks_per_client}: the members "
+                          "of a client group take their leader's client states, not its merged base weights; set "
+                          "run.ranks_per_client=1")
+    if cfg.model.dtype != "float32":
+        raise ConfigError(f"fl.lora_rank_rule=stack with model.dtype={cfg.model.dtype}: each round's product is added "
+                          "to the base weights, and in a 16-bit base most of it rounds away (a change below half an "
+                          "ulp of the weight is lost); set model.dtype=float32 or fl.lora_rank_rule=zero_pad")
 
 
 # Keys whose listed default does what a config without the key does: left out of both

@@ -11,6 +11,9 @@ DIR then holds
                         (tasks, own task, stage, switches, base model, generation settings)
   ct_clip.safetensors   (pilot.ct_clip runs) every CLIP MLP's connector, "<layer>.<name>"
   tokenizer and image processor files (the base model's)
+  stack_base.safetensors (fl.lora_rank_rule=stack) the base weights of the LoRA target
+                        modules with every round's stacked product merged in (the adapter
+                        applies on top of them; load_client puts them in first)
   merged/               (when the evaluated connector is a plain LLaVA projector: FedAvg,
                         FedProx, FedAdam, Shepherd, local, centralized, FedDPA, and any
                         round-0 model) a stock Hugging Face LLaVA folder, LoRA merged, that
@@ -35,6 +38,7 @@ CONNECTOR_FILE = "connector.safetensors"
 CONNECTOR_CONFIG = "connector.json"
 CT_CLIP_FILE = "ct_clip.safetensors"  # pilot.ct_clip runs: the CLIP MLPs' connectors
 MERGED = "merged"
+STACK_BASE_FILE = "stack_base.safetensors"  # fl.lora_rank_rule=stack: the merged base weights
 
 
 def find_checkpoint(run_dir: str, round_: int | None) -> str:
@@ -135,8 +139,9 @@ def export_client(run_dir: str, client: int, out: str, round_: int | None = None
         tasks = ck.installs.get("tasks") or cfg.tasks
         _install_pending(strategy.policy, pm, client, tasks.index(task), record, ck.installs)
     pm.set_stage(stage)
-
     os.makedirs(out, exist_ok=True)
+    if cfg.fl.lora_rank_rule == "stack":  # the merged base weights, into the model and beside the adapter
+        write_stack_base(strategy, pm, ck.server, out)
     adapters = list(pm.model.peft_config)
     pm.model.save_pretrained(out, selected_adapters=adapters)
     mix = lora_mix(pm.model)
@@ -201,6 +206,24 @@ def own_rank_adapter(cfg, client: int, out: str) -> None:
     adapter["r"], adapter["lora_alpha"] = rank, adapter["lora_alpha"] * rank / full
     with open(cfg_path, "w") as fh:
         jsonout.dump(adapter, fh, indent=2, sort_keys=True)
+
+
+def write_stack_base(strategy, pm, server: dict, out: str) -> None:
+    """fl.lora_rank_rule=stack: every round's stacked LoRA product is merged into the base
+    weights of the LoRA target modules (fl/stack.py), the checkpoint's server state. They go
+    into `pm` (so merged/ holds them) and into DIR/stack_base.safetensors under the base
+    model's own names, which load_client puts into the base before the adapter."""
+    from safetensors.torch import save_file
+
+    agg = strategy.aggregator
+    agg.attach(pm)
+    try:
+        agg.load_server_state(server)
+    except BadInput as err:
+        raise ExportError(str(err)) from None
+    prefix = "base_model.model."
+    save_file({f"{path.removeprefix(prefix)}.weight": w.detach().cpu().contiguous()
+               for path, w in agg.bases.items()}, os.path.join(out, STACK_BASE_FILE))
 
 
 def lora_mix(peft_model) -> dict[str, float]:
@@ -270,6 +293,11 @@ def load_client(folder: str, device: str = "cpu"):
             m.load_state_dict({k[len(f"{i}."):]: v for k, v in clip.items() if k.startswith(f"{i}.")})
             m.to(torch.float32)
             m.set_stage(info["stage"])
+    stack_base = os.path.join(folder, STACK_BASE_FILE)
+    if os.path.isfile(stack_base):  # fl.lora_rank_rule=stack: the rounds' merged products, in the base
+        with torch.no_grad():
+            for name, t in load_file(stack_base).items():
+                model.get_parameter(name).copy_(t)
     peft_model = PeftModel.from_pretrained(model, folder)
     for name in info["adapters"]:
         if name != "default":

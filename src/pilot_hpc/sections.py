@@ -233,8 +233,9 @@ class FLConfig:
     client_state: Literal["memory", "disk"] = "memory"
     # Clients of different LoRA ranks (model.lora_ranks): zero_pad (HetLoRA) mixes the rows
     # padded to the largest rank and truncates each client's back to its rank on install;
-    # stack (FLoRA) is implemented as a function (fl/lora_distance.py) and refused here
-    # until it is wired into the exchange.
+    # stack (FLoRA, fl/stack.py; fl.strategy fedavg / fedprox only) stacks the clients'
+    # factors so that their weighted product is exact, merges it into the shared base
+    # weights every round and restarts each client's LoRA at B = 0.
     lora_rank_rule: Literal["zero_pad", "stack"] = "zero_pad"
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"

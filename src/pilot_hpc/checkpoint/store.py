@@ -6,7 +6,8 @@ Files in <output_dir>/checkpoints/ (README "Checkpoint layout" shows a dump):
 
   /                     attrs: format, round, complete, history (JSON: the metrics rows so far),
                         config (YAML), config_hash, result_hash, versions (JSON), git_commit
-  /server/<name>        the strategy's server state (e.g. FedAdam moments; empty for Pilot)
+  /server/<name>        the strategy's server state (e.g. FedAdam moments; fl.lora_rank_rule=stack:
+                        stack_base.<module>, the merged base weights; empty for Pilot)
   /installs/            (lazy installs only) attrs round, shape, dtype, tasks (the run's, in id order),
                         rounds (JSON {row: round}),
                         personal_round (-1: none); row_<t>, personal: the latest finite rows;
@@ -205,6 +206,8 @@ def create(tmp_path: str, cfg, round_: int, *, complete: bool, history: list,
         f.attrs["git_commit"] = _git_commit()
         if cfg.model.lora_ranks or cfg.model.lora_task_ranks:  # heterogeneous ranks: each client's own
             f.attrs["lora_ranks"] = json.dumps(client_lora_ranks(cfg))
+        if cfg.fl.lora_rank_rule != "zero_pad":  # stack: /server holds the merged base weights (fl/stack.py)
+            f.attrs["lora_rank_rule"] = cfg.fl.lora_rank_rule
         _write_dict(f, "server", server)
         if installs is not None:
             _write_installs(f, installs)

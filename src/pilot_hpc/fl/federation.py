@@ -25,7 +25,7 @@ from pilot_hpc.checkpoint import candidates, resume
 from pilot_hpc.config import Config
 from pilot_hpc.errors import CheckpointError
 from pilot_hpc.fl.client import ClientSlot, Status, hosting
-from pilot_hpc.fl import participation, privacy
+from pilot_hpc.fl import participation, privacy, stack
 from pilot_hpc.fl.coded import install_rows, log_suffix, round_entry
 from pilot_hpc.fl.comm import Comm, block_ranges
 from pilot_hpc.fl.flat import flatten, to_wire
@@ -341,6 +341,8 @@ class Federation:
             log.warning("round %d: client(s) %s excluded from aggregation (non-finite update%s)", round_, got.excluded,
                         "" if self.cfg.fl.on_client_error == "abort" else ", or dropped after an error")
         log.debug("round %d: exchange and aggregation %.3f s on %s", round_, time.perf_counter() - t0, self.device)
+        if got.stacked is not None:  # fl.lora_rank_rule=stack: the exact product into this rank's shared base
+            stack.merge(self.aggregator.bases, self.aggregator.spans, got.stacked)
         for i, slot in enumerate(sending):
             if slot.finite:  # a client with a bad update keeps its last good parameters
                 with hosting(pm, slot):

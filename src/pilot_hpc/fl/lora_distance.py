@@ -158,19 +158,19 @@ def product_sq_distances(modules, scales) -> torch.Tensor:
     return d2
 
 
-class ProductGram:
-    """The product Gram matrix of K personal rows that arrive in column chunks.
+class ModuleFactors:
+    """Reassembles the LoRA modules of K personal rows that arrive in column chunks, and
+    hands each module's factors to `module()` as soon as both are complete.
 
     feed(block [K, c], col) with col the block's first column in the personal row; the
     chunks must come in order and cover the row. A factor that straddles chunks is
-    assembled in a [K, numel] buffer; once a module has both factors its contribution
-    is added and its buffers dropped, so at most one module (plus the factor being
-    assembled) of the K clients is held. Scaling: the module's, the same for every client
-    (under zero_pad every client holds the model's rank R and its scaling alpha / R)."""
+    assembled in a [K, numel] buffer; once a module has both factors they are handed on
+    and dropped, so at most one module (plus the factor being assembled) of the K
+    clients is held. Subclasses: ProductGram (ATA's distances on products) and
+    fl/stack.py's StackedFactors (FLoRA's stacking)."""
 
     def __init__(self, spans: Sequence[ModuleSpan], k: int, device: torch.device | str = "cpu"):
         self.spans, self.k, self.device = list(spans), k, torch.device(device)
-        self.gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         # (start, numel, span index, "a" | "b") of every factor, in row order
         self.factors = sorted([(s.a_off, s.a_shape[0] * s.a_shape[1], i, "a") for i, s in enumerate(spans)] +
                               [(s.b_off, s.b_shape[0] * s.b_shape[1], i, "b") for i, s in enumerate(spans)])
@@ -181,7 +181,7 @@ class ProductGram:
 
     def feed(self, block: torch.Tensor, col: int) -> None:
         if col != self.seen:
-            raise ValueError(f"ProductGram: chunk at column {col}, expected {self.seen} (chunks in order)")
+            raise ValueError(f"{type(self).__name__}: chunk at column {col}, expected {self.seen} (chunks in order)")
         c = block.shape[1]
         self.seen += c
         f = self.next
@@ -215,12 +215,33 @@ class ProductGram:
         got[role] = flat.to(device=self.device, dtype=work, copy=True).reshape(self.k, *shape)
         if len(got) == 2:
             del self.done[span]
-            scales = torch.full((self.k,), s.scale, dtype=torch.float64)
-            self.gram += module_gram(got["a"], got["b"], scales).to(self.device)
+            self.module(s, got["a"], got["b"])
+
+    def module(self, span: ModuleSpan, a: torch.Tensor, b: torch.Tensor) -> None:
+        """One module complete: a [K, r, in], b [K, out, r] of the K clients."""
+        raise NotImplementedError
+
+    def check_complete(self) -> None:
+        if self.filling or self.done or self.next != len(self.factors):
+            raise RuntimeError(f"{type(self).__name__}: the row ended at column {self.seen} with modules incomplete")
+
+
+class ProductGram(ModuleFactors):
+    """The product Gram matrix of K personal rows that arrive in column chunks (each
+    module's contribution added as it completes, ModuleFactors). Scaling: the module's,
+    the same for every client (under zero_pad every client holds the model's rank R and
+    its scaling alpha / R)."""
+
+    def __init__(self, spans: Sequence[ModuleSpan], k: int, device: torch.device | str = "cpu"):
+        super().__init__(spans, k, device)
+        self.gram = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+
+    def module(self, span: ModuleSpan, a: torch.Tensor, b: torch.Tensor) -> None:
+        scales = torch.full((self.k,), span.scale, dtype=torch.float64)
+        self.gram += module_gram(a, b, scales).to(self.device)
 
     def result(self) -> torch.Tensor:
-        if self.filling or self.done or self.next != len(self.factors):
-            raise RuntimeError(f"ProductGram: the row ended at column {self.seen} with modules incomplete")
+        self.check_complete()
         return self.gram
 
 

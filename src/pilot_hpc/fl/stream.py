@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pilot_hpc.fl import aggregate
+from pilot_hpc.fl import aggregate, stack
 from pilot_hpc.fl.flat import from_wire, to_wire
 from pilot_hpc.fl.strategies.base import MixPlan
 from pilot_hpc.fl.update import ClientUpdate, Part, Participation
@@ -161,6 +161,9 @@ class Received:
     # The rows are mixed changes from the round's start (a lossy fl.codec, fl/coded.py),
     # which each client adds to its own round-start values; False: parameters.
     change: bool = False
+    # fl.lora_rank_rule=stack: the round's stacked LoRA factors (every rank), which the
+    # federation merges into the shared base (fl/stack.py); `personal` then has no columns.
+    stacked: stack.Stacked | None = None
 
 
 class Exchange:
@@ -224,9 +227,11 @@ class StreamedExchange(Exchange):
         if self.server:
             plan = self.plan_for(aggregator, n, good, gram, ids, sel)
         shared = torch.empty(aggregator.shared_rows(), p_shared, dtype=dtype)
-        personal = torch.empty(self.sizes[comm.rank], width - p_shared, dtype=dtype)
+        stacking = aggregator.stacks_lora
+        personal = torch.empty(self.sizes[comm.rank], 0 if stacking else width - p_shared, dtype=dtype)
         # Only when someone sat out: with every client sending, the bytes are as before.
-        spread = torch.empty(width - p_shared, dtype=dtype) if aggregator.global_personal and k < k_all else None
+        spread = (torch.empty(width - p_shared, dtype=dtype)
+                  if aggregator.global_personal and k < k_all and not stacking else None)
         if not self.server:  # receive buffers, reused by every chunk (fresh ones per chunk
             # grew the clients' resident memory by ~1 GB per 7B exchange, measured)
             self.shared_in = host_buffer(shared.shape[0] * min(cols, max(p_shared, 1)), dtype, False)
@@ -237,11 +242,30 @@ class StreamedExchange(Exchange):
                 block = (a, self._decoded(decode, Part.SHARED_BY_TASK, block[1], a))
             self._send_shared(block, plan, aggregator, shared, a, b)
         part_cols = spans(p_shared, width, cols)
+        if stacking:
+            got = self.stack_personal(local, part_cols, recv, decode, p_shared, plan, aggregator, ids)
+            return Received(shared, personal, plan.excluded if plan is not None else None, None, stacked=got)
         for (a, b), block in zip(part_cols, self.gather_blocks(local, part_cols, recv, "update")):
             if block is not None:
                 block = (a, self._decoded(decode, Part.PERSONAL, block[1], a - p_shared))
             self._send_personal(block, plan, aggregator, personal, a - p_shared, b - p_shared, spread)
         return Received(shared, personal, plan.excluded if plan is not None else None, spread)
+
+    def stack_personal(self, local, part_cols, recv, decode, p_shared: int, plan, aggregator,
+                       ids) -> stack.Stacked:
+        """fl.lora_rank_rule=stack: the personal chunks gathered as for a mix, but packed
+        module by module into the stacked factors (fl/stack.py), which go to every rank in
+        one broadcast; nothing is scattered back (each participant restarts its B at zero).
+        The server holds one module's factors of the K senders at a time, plus the packed
+        result (sum r_k (in + out) values per module)."""
+        packer = None
+        if self.server:  # the plan's personal rows are the FedAvg weights of the senders (all rows alike)
+            packer = stack.StackedFactors(aggregator.spans, ids, plan.personal[0], aggregator.ranks, self.device)
+        for block in self.gather_blocks(local, part_cols, recv, "update"):
+            if block is not None:
+                packer.feed(self._decoded(decode, Part.PERSONAL, block[1], block[0] - p_shared), block[0] - p_shared)
+        return stack.broadcast(self.comm, packer.result() if packer is not None else None, aggregator.spans,
+                               aggregator.ranks, self.num_clients, root=self.root)
 
     def begin_round(self, updates: list[ClientUpdate], selected: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The round's rows per rank (its selected clients: every rank knows them without a

@@ -127,6 +127,11 @@ class Aggregator:
     # so that a client which sat the round out holds the global model, as a client
     # sampled later must start from it. Per-client rows (Pilot's ATA) are not spread.
     global_personal = False
+    # fl.lora_rank_rule=stack (fl/stack.py): the exchange packs the personal rows (the LoRA)
+    # into stacked factors that every rank merges into its base, instead of mixing them;
+    # such an aggregator has `spans` (the LoRA modules) and `ranks` (every client's rank).
+    stacks_lora = False
+
     def __init__(self, cfg):
         # The exchange mixes the clients' changes from the round's start, not their
         # parameters (a lossy fl.codec, fl/coded.py): finish() then sees mixed changes.
