@@ -52,7 +52,7 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-benchmark>=4.0"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-benchmark>=4.0", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["pilot-hpc=pilot_hpc.main:cli"]},
 )
