@@ -62,7 +62,9 @@ def test_w3_through_model_path_preempted_and_resumed_equals_w1(family_runs, cach
     assert all(c["diff"] == c["diff"] for c in stage1)  # the difference loss was computed (not NaN)
 
 
-@pytest.mark.parametrize("name,k", [("pilot", 1), ("fedavg", 0)])
+# Pilot's export through pilot_hpc (load_client, generate); FedAvg's export is checked where
+# it matters more, its merged folder under transformers alone (below).
+@pytest.mark.parametrize("name,k", [("pilot", 1)])
 def test_exported_client_answers_as_its_predictions(family_runs, small_world, name, k):
     from pilot_hpc.metrics.generation import read_predictions
 
@@ -150,7 +152,7 @@ def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_w
 
     family, out, runs = family_runs
     folder = out / "export_fedavg"
-    if not folder.is_dir():
+    if not folder.is_dir():  # exported here (pilot_hpc.export), then read without pilot_hpc
         proc = subprocess.run([sys.executable, "-m", "pilot_hpc.export", "--run", str(runs["fedavg"]), "--client",
                                "0", "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
