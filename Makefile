@@ -45,11 +45,12 @@ run: install
 # The tests compare runs with each other on one machine, never with numbers made elsewhere,
 # so they take the CPU's native math paths (14% faster than the pinned ones, BENCHMARKS.md);
 # tests/unit/test_cpumath.py checks the pins themselves in fresh processes.
-# The test files run on TEST_WORKERS pytest-xdist workers (one file per worker at a time, so a
-# file's module fixtures run once; the session's small world and its two runs are built once
-# for all workers, tests/conftest.py): a sequential run leaves ~40% of a 2-core machine idle
-# while tests wait on processes, Slurm and MPI. TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= auto
+# The test files run on TEST_WORKERS pytest-xdist workers (logical: one per CPU the machine
+# shows), one file per worker at a time, so a file's module fixtures run once; the session's
+# small world and its two runs are built once for all workers (tests/conftest.py). A
+# sequential run leaves ~40% of a 2-core machine idle while tests wait on processes, Slurm
+# and MPI. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= logical
 test: install
 	PILOT_HPC_CPU_MATH=native PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) \
 		--dist loadfile tests kernels $(PYTEST_ARGS)
