@@ -22,14 +22,13 @@ from pilot_hpc.metrics.generation import read_predictions
 
 
 @pytest.fixture(scope="module")
-def result_runs(small_world, cache_dir, tmp_path_factory):
+def result_runs(runs, small_world, cache_dir, tmp_path_factory):
+    """Pilot: the session's W = 3 run (conftest `runs`); FedAvg: one round, W = 1."""
     out = tmp_path_factory.mktemp("results")
-    pilot = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "pilot")), np=3, timeout=600)
-    assert pilot.returncode == 0, pilot.stdout[-3000:] + pilot.stderr[-3000:]
     fedavg = run_main(["--config", SMOKE] + small_overrides(cache_dir, str(out / "fedavg"))
                       + ["fl.strategy=fedavg", "fl.rounds=1"], timeout=600)
     assert fedavg.returncode == 0, fedavg.stdout[-3000:] + fedavg.stderr[-3000:]
-    return {"pilot": out / "pilot", "fedavg": out / "fedavg", "out": out}
+    return {"pilot": runs[0] / "w3", "fedavg": out / "fedavg", "out": out}
 
 
 def _predictions(run, round_, k):
@@ -149,14 +148,14 @@ def test_fedavg_merged_folder_loads_with_transformers_alone(result_runs, small_w
 
 
 def test_a_resumed_run_writes_the_same_predictions(result_runs, cache_dir):
-    """Preempted in round 2 (SIGTERM on rank 2), rerun: the same files, byte for byte, as
-    the uninterrupted Pilot run of the fixture."""
+    """A W = 1 run preempted in round 2 (SIGTERM mid-step), rerun: the same files, byte for
+    byte, as the uninterrupted W = 3 Pilot run of the fixture."""
     out = str(result_runs["out"] / "pilot_resumed")
     args = ["--config", SMOKE] + small_overrides(cache_dir, out)
-    first = run_main(args, np=3, timeout=600, env={"PILOT_HPC_INJECT": "sigterm:rank=2,round=2,step=2"})
+    first = run_main(args, timeout=600, env={"PILOT_HPC_INJECT": "sigterm:rank=0,round=2,step=2"})
     assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "predictions", "round_002"))  # round 2 not evaluated yet
-    second = run_main(args, np=3, timeout=600)
+    second = run_main(args, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for round_ in range(3):
         for k in range(3):
