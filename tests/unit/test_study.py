@@ -113,3 +113,35 @@ def test_the_item_bootstrap_reads_the_runs_predictions(tmp_path):
     boot = vqa["items"]
     assert boot.items == 80 and boot.mean == pytest.approx(vqa["mean"])
     assert boot.low < boot.mean < boot.high and boot.low > 0 and boot.p < 0.01  # 0.8 against 0.5
+
+
+def test_a_subset_reads_its_values_and_only_its_items(tmp_path, capsys):
+    """--subset unseen: the tables take value_unseen, and the item test only the predictions
+    rows marked unseen (here every unseen item differs by 100 and every seen one by 0)."""
+    a = _grid(tmp_path, "a", "grid:\n  fl.strategy: [pilot, local]\n  run.seed: [0, 1]\n")
+    for e in launch.expand(launch.load_grid(a)):
+        good = "pilot" in e.name
+        folder = os.path.join(e.output_dir, "predictions", "round_000")
+        os.makedirs(folder, exist_ok=True)
+        for k in range(len(TASKS)):
+            with open(os.path.join(folder, f"client_{k:02d}.jsonl"), "w") as fh:
+                for i in range(10):
+                    unseen = i < 4
+                    fh.write(json.dumps({"id": f"q{i}", "subset": "unseen" if unseen else "seen",
+                                         "score": float(good or not unseen)}) + "\n")
+        clients = [{"client": k, "task": t, "metric": "x", "value": 100.0 if good else 60.0,
+                    "value_seen": 100.0, "value_unseen": 100.0 if good else 0.0} for k, t in enumerate(TASKS)]
+        with open(os.path.join(e.output_dir, "metrics.json"), "w") as fh:
+            json.dump({"config_hash": e.config_hash, "rounds": [{"round": 0, "clients": clients}],
+                       "final": clients}, fh)
+    groups = study.collect([(a, "fl.strategy")])
+    (vqa,) = [r for r in study.paired(study.restrict(groups, "unseen"), "pilot", "local") if r["task"] == "vqa"]
+    assert vqa["diffs"] == [100.0, 100.0] and vqa["items"].items == 8 and vqa["items"].mean == pytest.approx(100.0)
+    (vqa,) = [r for r in study.paired(study.restrict(groups, "seen"), "pilot", "local") if r["task"] == "vqa"]
+    assert vqa["diffs"] == [0.0, 0.0] and vqa["items"].items == 12 and vqa["items"].mean == pytest.approx(0.0)
+    (vqa,) = [r for r in study.paired(groups, "pilot", "local") if r["task"] == "vqa"]
+    assert vqa["diffs"] == [40.0, 40.0] and vqa["items"].items == 20  # all items: 4 of 10 differ
+    assert study.main(["--grid", a, "--group-by", "fl.strategy", "--subset", "unseen", "--pair", "pilot:local"]) == 0
+    assert "| pilot - local | vqa | +100.00 | +100.00 |" in capsys.readouterr().out
+    assert study.main(["--grid", a, "--group-by", "fl.strategy", "--subset", "rare"]) == 2
+    assert "no 'value_rare'" in capsys.readouterr().err

@@ -62,6 +62,24 @@ def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
 
 
 RUN_DIR = "_run_dir"  # where collect() found a run (its predictions files are read from there)
+SUBSET = "_subset"  # set by restrict(): only the items of that subset count (seen / unseen)
+
+
+def restrict(groups: dict[str, dict[int, dict]], subset: str) -> dict[str, dict[int, dict]]:
+    """The same runs with every final value replaced by the subset's (`value_<subset>`, the
+    share of the test items in it: data.eval_subsets) and the item tests restricted to the
+    predictions rows marked with it. A run without that subset is an error naming it."""
+    out: dict[str, dict[int, dict]] = {}
+    for label, runs in groups.items():
+        out[label] = {}
+        for seed, doc in runs.items():
+            key = f"value_{subset}"
+            if any(key not in c for c in doc["final"]):
+                raise ConfigError(f"--subset {subset}: run {doc.get(RUN_DIR, label)} (seed {seed}) has no {key!r} "
+                                  "in its final rows; its world scores no such subset (data.eval_subsets)")
+            final = [dict(c, value=c[key]) for c in doc["final"]]
+            out[label][seed] = dict(doc, final=final, **{SUBSET: subset})
+    return out
 
 
 def item_scores(doc: dict, task: str) -> dict[str, list[float]] | None:
@@ -81,6 +99,8 @@ def item_scores(doc: dict, task: str) -> dict[str, list[float]] | None:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)
+                if SUBSET in doc and row.get("subset") != doc[SUBSET]:
+                    continue
                 out.setdefault(str(row["id"]), []).append(float(row["score"]))
     return out
 
@@ -155,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-by", action="append", required=True, help="its axis or 'variant' (one per --grid)")
     ap.add_argument("--pair", action="append", default=[], help="A:B, two group labels (repeatable)")
     ap.add_argument("--plot", default=None, help="PNG: task averages per round of every group")
+    ap.add_argument("--subset", default=None,
+                    help="seen or unseen: the final values and item tests of that subset of the test items only")
     args = ap.parse_args(argv)
     try:
         if len(args.grid) != len(args.group_by):
             raise ConfigError(f"{len(args.grid)} --grid but {len(args.group_by)} --group-by: give one per grid")
         groups = collect(list(zip(args.grid, args.group_by)))
+        if args.subset:
+            groups = restrict(groups, args.subset)
         rows = [r for p in args.pair for r in paired(groups, *(p.split(":", 1) if ":" in p else (p, "")))]
     except ConfigError as err:
         print(f"pilot_hpc.tools.study: {err}", file=sys.stderr)
