@@ -146,6 +146,13 @@ def client_lora_ranks(cfg: "Config") -> list[int]:
     return [m.lora_r] * cfg.fl.num_clients
 
 
+def padded_client_ranks(cfg: "Config") -> list[int] | None:
+    """Every client's rank when some client's is below model.lora_r (its LoRA is then stored
+    padded and truncated to it); None when every client has the model's rank."""
+    ranks = client_lora_ranks(cfg)
+    return ranks if min(ranks) < cfg.model.lora_r else None
+
+
 def check_lora_ranks(cfg: "Config") -> None:
     m, fl = cfg.model, cfg.fl
     if fl.lora_rank_rule == "stack":

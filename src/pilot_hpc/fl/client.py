@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pilot_hpc.checkpoint.store import ClientCheckpoint, Status
+from pilot_hpc.fl import lora_distance
 from pilot_hpc.fl.update import Participation
 from pilot_hpc.train.spec import TrainProgress, TrainResult
 
@@ -37,6 +38,18 @@ _MISSING = object()
 
 def hosted_client() -> int | None:
     return _hosted
+
+
+def truncate_hosted(pm, ranks: list[int] | None) -> None:
+    """Clients of different ranks (config.padded_client_ranks): the hosted client's LoRA
+    components beyond its own rank to zero (ranks None: nothing to do). Zeroing is
+    idempotent, so a resumed round is unchanged."""
+    if ranks is None:
+        return
+    if _hosted is None:
+        raise RuntimeError("model.lora_ranks: a client's LoRA is truncated to its rank inside "
+                           "fl.client.hosting(pm, slot), which names the client")
+    lora_distance.truncate_(pm.lora_named_parameters(), ranks[_hosted])
 
 
 @contextlib.contextmanager

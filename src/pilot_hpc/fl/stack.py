@@ -170,20 +170,6 @@ def load_server_state(bases: dict[str, torch.Tensor], state: dict[str, torch.Ten
             w.copy_(got.to(device=w.device, dtype=w.dtype))
 
 
-def truncate_hosted(pm, ranks: Sequence[int] | None) -> None:
-    """Heterogeneous ranks: the hosted client's LoRA components beyond its own rank to zero
-    (ranks None: every client has the model's rank, nothing to do)."""
-    if ranks is None:
-        return
-    from pilot_hpc.fl.client import hosted_client
-
-    k = hosted_client()
-    if k is None:
-        raise RuntimeError("model.lora_ranks: a client's LoRA is truncated to its rank inside "
-                           "fl.client.hosting(pm, slot), which names the client")
-    lora_distance.truncate_(pm.lora_named_parameters(), ranks[k])
-
-
 def restart_(pm) -> None:
     """After the merge: the hosted client's B factors to zero (its LoRA adds nothing on top
     of the merged base; A kept, see the module docstring)."""

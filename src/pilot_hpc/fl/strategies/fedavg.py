@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pilot_hpc.config import client_lora_ranks
+from pilot_hpc.config import client_lora_ranks, padded_client_ranks
 from pilot_hpc.fl import aggregate, lora_distance, stack
+from pilot_hpc.fl.client import truncate_hosted
 from pilot_hpc.fl.flat import unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 from pilot_hpc.model.connector import PLAIN
@@ -25,13 +26,12 @@ class FedAvgClient(ClientPolicy):
         super().__init__(cfg)
         self.stack = cfg.fl.lora_rank_rule == "stack"
         # stack with model.lora_ranks: each client's rank (None when all have the model's).
-        ranks = client_lora_ranks(cfg)
-        self.ranks = ranks if self.stack and min(ranks) < cfg.model.lora_r else None
+        self.ranks = padded_client_ranks(cfg) if self.stack else None
 
     def begin_round(self, pm, round_: int, start_state) -> None:
         # A client of a smaller rank trains its own components only (zeroing is idempotent,
         # so an interrupted round that resumes is unchanged).
-        stack.truncate_hosted(pm, self.ranks)
+        truncate_hosted(pm, self.ranks)
 
     def stage(self, round_: int) -> int:
         return PLAIN

@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from pilot_hpc.config import client_lora_ranks
+from pilot_hpc.config import padded_client_ranks
 from pilot_hpc.fl import aggregate, lora_distance
-from pilot_hpc.fl.client import hosted_client
+from pilot_hpc.fl.client import truncate_hosted
 from pilot_hpc.fl.flat import flatten, unflatten_into
 from pilot_hpc.fl.strategies.base import Aggregator, ClientPolicy, MixPlan, register
 
@@ -45,20 +45,10 @@ class PilotClient(ClientPolicy):
     def __init__(self, cfg):
         super().__init__(cfg)
         # zero_pad (model.lora_ranks): each client's rank; None when every client has the model's.
-        ranks = client_lora_ranks(cfg)
-        self.ranks = ranks if min(ranks) < cfg.model.lora_r else None
+        self.ranks = padded_client_ranks(cfg)
 
     def stage(self, round_: int) -> int:
         return 1 if round_ == 1 else 2
-
-    def _truncate(self, pm) -> None:
-        """zero_pad: the hosted client's LoRA components beyond its own rank to zero."""
-        if self.ranks is not None:
-            k = hosted_client()
-            if k is None:
-                raise RuntimeError("model.lora_ranks: a client's LoRA is truncated to its rank inside "
-                                   "fl.client.hosting(pm, slot), which names the client")
-            lora_distance.truncate_(pm.lora_named_parameters(), self.ranks[k])
 
     def shared_params(self, pm) -> list[torch.Tensor]:
         # Stage 1 sends psi_t; stage 2 sends the own expert psi_1, the same module; with
@@ -71,7 +61,7 @@ class PilotClient(ClientPolicy):
     def begin_round(self, pm, round_: int, start_state) -> None:
         # Before local training: a client of a smaller rank starts from the model's padded
         # initial LoRA (and a resumed one from what it had: zeroing is idempotent).
-        self._truncate(pm)
+        truncate_hosted(pm, self.ranks)
         # Stage-2 entry: cross-task adapters from the (aggregated) own task adapter.
         if self.stage(round_) == 2:
             for m in pm.pilot_modules():
@@ -86,7 +76,7 @@ class PilotClient(ClientPolicy):
                 unflatten_into(shared[t], [p for m in pm.pilot_modules() for p in _task_module(m, t).parameters()])
         if personal is not None:  # None: it sat the round out and keeps its own LoRA
             unflatten_into(personal, self.personal_params(pm))
-            self._truncate(pm)  # zero_pad: the mix of padded rows, back to the client's rank
+            truncate_hosted(pm, self.ranks)  # zero_pad: the mix of padded rows, back to the client's rank
 
     def install_start(self, pm, rows: int) -> torch.Tensor:
         # Row t installs into the own expert (t = own task) or foreign expert t.
