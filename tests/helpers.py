@@ -47,6 +47,12 @@ def run_main(args: list[str], np: int | None = None, timeout: int = 600, cwd: st
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout + 30, env=full_env)
 
 
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """A run that must have succeeded (its output's tails in the failure message)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def load_metrics(folder) -> dict:
     """A run's metrics.json as the project reads it back: null (no value) as NaN."""
     from pilot_hpc.report import read_metrics

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import args_for, load_metrics, run_main
+from helpers import args_for, load_metrics, ok, run_main
 from pilot_hpc.checkpoint import store
 
 # Pilot (ATA's Gram pass decodes the personal part too), streamed in 16384-column chunks at W = 3.
@@ -16,11 +16,6 @@ INT8 = ["fl.codec=int8", "fl.chunk_mb=0.0625"]
 # FedAdam's step on the mean change, int4 up and int8 back, a client sitting a round out
 # (the global row travels to it too).
 INT4 = ["fl.strategy=fedadam", "fl.codec=int4", "fl.codec_down=int8", "fl.clients_per_round=2"]
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

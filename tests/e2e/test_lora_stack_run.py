@@ -11,15 +11,10 @@ import os
 import pytest
 import torch
 
-from helpers import args_for, load_metrics, run_main
+from helpers import args_for, load_metrics, ok, run_main
 
 RANKS = [2, 8, 4]  # the smoke model's model.lora_r is 8
 STACK = ["fl.strategy=fedavg", "fl.lora_rank_rule=stack", f"model.lora_ranks={RANKS}"]
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,10 @@ def test_bad_rank_settings_are_refused_with_the_key(overrides, message):
 def test_stack_is_allowed_for_the_global_strategies(strategy):
     cfg = load_config(None, [f"fl.strategy={strategy}", "fl.lora_rank_rule=stack",
                              "model.lora_ranks=[2, 8, 4, 8, 8, 8, 8, 8, 8]"])
-    assert cfg.fl.lora_rank_rule == "stack" and cfg.hash() != Config().hash()
+    assert cfg.fl.lora_rank_rule == "stack"
+    # the key is hashed: the same run without stack (equal ranks) is another config
+    assert (load_config(None, [f"fl.strategy={strategy}", "fl.lora_rank_rule=stack"]).hash() !=
+            load_config(None, [f"fl.strategy={strategy}"]).hash())
     by_task = load_config(None, [f"fl.strategy={strategy}", "fl.lora_rank_rule=stack", "model.lora_r=16",
                                  "model.lora_task_ranks={vqa: 4, caption: 16, grounding: 8}"])
     assert client_lora_ranks(by_task)[:4] == [4, 4, 4, 16]
