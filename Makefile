@@ -48,8 +48,8 @@ run: install
 # The test files run on TEST_WORKERS pytest-xdist workers (logical: one per CPU the machine
 # shows), one file per worker at a time, so a file's module fixtures run once; the session's
 # small world and its two runs are built once for all workers (tests/conftest.py). A
-# sequential run leaves ~40% of a 2-core machine idle while tests wait on processes, Slurm
-# and MPI. TEST_WORKERS=0 runs them in one process.
+# sequential run left a 2-core machine 41% idle (one minute of /proc/stat mid-run) while
+# tests waited on processes, Slurm and MPI. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= logical
 test: install
 	PILOT_HPC_CPU_MATH=native PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) \
