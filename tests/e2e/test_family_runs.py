@@ -2,8 +2,7 @@
 from the family's real config classes, saved by the warm start and loaded from its
 folder, runs Pilot and FedAvg; a preempted and resumed W = 1 and a W = 3 (through
 model.path, the family detected from config.json) agree bitwise; an exported client answers
-as its predictions file
-says, and FedAvg's merged folder loads with transformers alone."""
+as its predictions file says, and FedAvg's merged folder loads with transformers alone."""
 
 from __future__ import annotations
 
