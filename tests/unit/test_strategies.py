@@ -6,6 +6,7 @@ import torch
 
 from helpers import task_world
 from pilot_hpc.config import ConfigError, load_config
+from pilot_hpc.fl import aggregate
 from pilot_hpc.fl.strategies import REGISTRY, get_strategy
 from pilot_hpc.fl.strategies.fedadam import adam_server_step
 from pilot_hpc.fl.strategies.fedprox import proximal_term
@@ -155,3 +156,27 @@ def test_ctmoa_without_cross_task_adapters(small_world):
     torch.testing.assert_close(out, ref)
 
 
+
+
+def test_pilot_records_ata_neighbours_and_distances_by_hand():
+    # 1-d LoRA at 0, 1, 5, 9 and an excluded client: distances |a - b| among the good ones.
+    text = torch.tensor([[0.0], [1.0], [5.0], [9.0], [float("nan")]])
+    n = torch.tensor([1, 1, 1, 1, 1])
+    server = get_strategy("pilot", task_world([0, 0, 1, 1, 1], "pilot.top_m=2")).aggregator
+    assert server.round_record() == {}  # nothing chosen before the first plan
+    got = server.aggregate(torch.zeros(5, 1), text, n)
+    ata = server.round_record()["ata"]
+    # client 1 is 1 from 0 and 4 from 5; client 2 is 4 from 1 and 4 from 9: the tie goes to the lower id
+    assert ata["neighbours"] == [[1, 2], [0, 2], [1, 3], [2, 1], None]
+    assert ata["distance"] == "params"
+    assert ata["distances"][0][:4] == [0.0, 1.0, 5.0, 9.0] and ata["distances"][4] == [None] * 5
+    assert all(row[4] is None for row in ata["distances"])
+    # the neighbours are the clients each mixes with (off-diagonal nonzeros of its row)
+    coef = server.plan(n, torch.tensor([True, True, True, True, False]),
+                       aggregate.gram_matrix(aggregate.zero_bad_rows(text, aggregate.finite_rows(text))))
+    for k, near in enumerate(ata["neighbours"][:4]):
+        assert sorted(near) == [i for i in range(5) if i != k and coef.personal[k, i] > 0]
+    assert got.excluded == [4]
+    same = get_strategy("pilot", task_world([0, 0, 1, 1, 1], "pilot.selection=same_task")).aggregator
+    same.aggregate(torch.zeros(5, 1), text, n)
+    assert same.round_record() == {}  # no distances without ATA

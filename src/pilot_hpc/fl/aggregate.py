@@ -117,6 +117,14 @@ def pairwise_distances(updates: torch.Tensor) -> torch.Tensor:
     return distances_from_gram(gram_matrix(updates))
 
 
+def nearest_clients(dist: torch.Tensor, top_m: int) -> list[list[int]]:
+    """ATA's K_m: per row of [K, K] distances, the M nearest other clients, ordered by
+    (distance, index) so that ties resolve the same way everywhere."""
+    k = dist.shape[0]
+    return [sorted((i for i in range(k) if i != row), key=lambda i: (float(dist[row, i]), i))[:top_m]
+            for row in range(k)]
+
+
 def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float = 1e-12) -> torch.Tensor:
     """Mixing matrix A [K, K] of adaptive text-adapter aggregation (docs/method.md, ATA).
 
@@ -131,10 +139,7 @@ def ata_coefficients(dist: torch.Tensor, n: torch.Tensor, top_m: int, eps: float
     n = n.to(torch.float64).cpu()
     dist = dist.to(torch.float64).cpu()
     coef = torch.zeros(k, k, dtype=torch.float64)
-    for row in range(k):
-        others = [i for i in range(k) if i != row]
-        # Stable order by (distance, index): deterministic under ties.
-        nearest = sorted(others, key=lambda i: (float(dist[row, i]), i))[:top_m]
+    for row, nearest in enumerate(nearest_clients(dist, top_m)):
         inv = 1.0 / dist[row, nearest].clamp_min(eps)
         w = inv / inv.sum()
         s = n[nearest].sum()

@@ -132,7 +132,8 @@ class Federation:
             rows = self.evaluate(stage, round_=round_)
             if rows is not None:
                 entry = privacy.round_fields(self.cfg, round_, rows, self.clip)
-                history.append({"round": round_, "clients": rows, **entry, **round_entry(self.exchanger)})
+                chosen = self.aggregator.round_record() if self.aggregator is not None else {}
+                history.append({"round": round_, "clients": rows, **entry, **round_entry(self.exchanger), **chosen})
             self.checkpoint(round_, complete=True, history=history)
             if rows is not None:
                 self.log_round(round_, stage, rows, time.perf_counter() - t0)

@@ -29,18 +29,12 @@ def client_lora(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tupl
     return flat, pairs
 
 
-def top_m(dist: torch.Tensor, m: int) -> list[list[int]]:
-    """Per row, the m nearest others, ties by index (as aggregate.ata_coefficients)."""
-    k = dist.shape[0]
-    return [sorted((i for i in range(k) if i != row), key=lambda i: (float(dist[row, i]), i))[:m] for row in range(k)]
-
-
 def compare(states: list[dict[str, torch.Tensor]], m: int, scale: float) -> dict:
     rows, modules = zip(*(client_lora(s) for s in states))
     flat = aggregate.pairwise_distances(torch.stack(rows))
     per_module = [([c[j][0] for c in modules], [c[j][1] for c in modules]) for j in range(len(modules[0]))]
     prod = aggregate.distances_from_gram(product_gram(per_module, [[scale] * len(states)] * len(per_module)))
-    on_params, on_products = top_m(flat, m), top_m(prod, m)
+    on_params, on_products = aggregate.nearest_clients(flat, m), aggregate.nearest_clients(prod, m)
     return {"params": on_params, "product": on_products,
             "differ": [k for k in range(len(states)) if set(on_params[k]) != set(on_products[k])]}
 

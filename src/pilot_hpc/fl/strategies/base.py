@@ -152,6 +152,11 @@ class Aggregator:
         parameters' shapes (every client's are the same), e.g. where each LoRA module's
         factors sit in the personal row. Most aggregators need nothing."""
 
+    def round_record(self) -> dict:
+        """Rank 0, after the round's exchange: what the server chose, for the round's entry
+        in metrics.json (e.g. ATA's neighbours). Most aggregators record nothing."""
+        return {}
+
     def gram_accumulator(self, k: int, device):
         """When needs_gram: an object with feed(rows [K, c], col) over the personal part's
         column chunks in order, and result() -> [K, K] float64, that gives the "Gram"

@@ -41,6 +41,32 @@ def _task_module(conn, t: int):
     return conn.foreign[conn.foreign_tasks().index(t)]
 
 
+# Beyond this many clients a round's entry keeps ATA's neighbours but not the K x K distances.
+RECORD_DISTANCES_UP_TO = 64
+
+
+def ata_record(gram: torch.Tensor, good: torch.Tensor, top_m: int, distance: str) -> dict:
+    """ATA's choice of the round, for metrics.json: per client the M nearest good clients
+    (client ids, nearest first; None for a client left out) and the distances they were
+    chosen on (pilot.distance; None where a client was left out), as aggregate.ata_mixing
+    chooses them."""
+    k = len(good)
+    rows = good.cpu().nonzero().flatten().tolist()
+    neighbours: list = [None] * k
+    dist: list = [[None] * k for _ in range(k)]
+    if len(rows) > 1:
+        sub = aggregate.distances_from_gram(gram.cpu()[rows][:, rows])
+        for i, near in enumerate(aggregate.nearest_clients(sub, min(top_m, len(rows) - 1))):
+            neighbours[rows[i]] = [rows[j] for j in near]
+        for i, a in enumerate(rows):
+            for j, b in enumerate(rows):
+                dist[a][b] = float(sub[i, j])
+    out = {"distance": distance, "neighbours": neighbours}
+    if k <= RECORD_DISTANCES_UP_TO:
+        out["distances"] = dist
+    return {"ata": out}
+
+
 class PilotClient(ClientPolicy):
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -97,6 +123,7 @@ class PilotServer(Aggregator):
         return self.num_tasks
 
     spans: list | None = None  # pilot.distance=product: the LoRA modules in the personal row
+    record: dict = {}  # the last plan's ATA choice (round_record)
 
     @property
     def needs_gram(self) -> bool:
@@ -121,12 +148,19 @@ class PilotServer(Aggregator):
             # aggregate.ata_mixing caps M at the usable clients less one (sampling, exclusions).
             log.info("ATA: %d clients took part, so each mixes its %d nearest (pilot.top_m=%d capped)",
                      usable, usable - 1, m)
+        self.record = {}
+        if self.cfg.pilot.selection == "topm" and gram is not None:
+            self.record = ata_record(gram, good, m, self.cfg.pilot.distance)
         if good.any():
             personal = SELECTIONS[self.cfg.pilot.selection](self.cfg, n, self.tasks, self.num_tasks, good, gram)  # [K, K]
         else:
             personal = torch.zeros(len(n), len(n), dtype=torch.float64)
         personal[~good.cpu()] = float("nan")  # an excluded client installs nothing
         return MixPlan(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
+
+
+    def round_record(self) -> dict:
+        return self.record
 
 
 register("pilot", PilotClient, PilotServer)
