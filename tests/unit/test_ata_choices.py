@@ -64,3 +64,23 @@ def test_tables_from_grids_and_runs_without_records_named(tmp_path, capsys):
     # b vs a in round 2: seed 0 agrees on clients 1, 2, 3; seed 1 on none
     assert "| 1 | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) |" in out and "| 2 | 0.38 (0.00-0.75) | 0.38 (0.00-0.75) |" in out
     assert ata_choices.main(["--grid", str(grid), "--group-by", "variant", "--pair", "c:a"]) == 2
+
+
+def test_a_label_of_two_grids_is_read_where_it_has_records(tmp_path, capsys):
+    def grid(name, variants):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\nconfig: {REPO}/configs/smoke_9client.yaml\n"
+                        f"output_root: {tmp_path}/grids/{name}\nvariants:\n{variants}grid:\n  run.seed: [0]\n")
+        return str(path), {e.name: e for e in launch.expand(launch.load_grid(str(path)))}
+
+    old, old_runs = grid("old", "  pilot: [fl.strategy=pilot]\n")
+    new, new_runs = grid("new", "  pilot: [fl.strategy=pilot, pilot.top_m=1]\n  other: [fl.strategy=pilot, pilot.top_m=3]\n")
+    _run(old_runs["pilot_seed0"], [None])  # before the records
+    _run(new_runs["pilot_seed0"], [_record([[1], [0], [3], [2]])])
+    _run(new_runs["other_seed0"], [_record([[1], [0], [3], [1]])])
+    args = ["--grid", old, "--group-by", "variant", "--grid", new, "--group-by", "variant"]
+    assert ata_choices.main(args + ["--pair", "other:pilot"]) == 0
+    out = capsys.readouterr().out
+    assert "old/pilot_seed0 has no ATA records" in out and "| 1 | 0.75 | 0.75 |" in out
+    assert ata_choices.main(["--grid", new, "--group-by", "variant", "--grid", new, "--group-by", "variant"]) == 2
+    assert "has records, as a group of an earlier --grid does" in capsys.readouterr().err

@@ -87,19 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(a.grid) != len(a.group_by):
         print("error: give one --group-by per --grid", file=sys.stderr)
         return 2
-    try:
-        groups = collect(list(zip(a.grid, a.group_by)))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     recs: dict[str, dict[int, dict]] = {}
-    for label, runs in groups.items():
-        for seed, doc in runs.items():
-            got = choices(doc)
-            if got:
-                recs.setdefault(label, {})[seed] = got
-            else:
-                print(f"note: {doc[RUN_DIR]} has no ATA records (not Pilot's top-M, or from before them)")
+    for grid, by in zip(a.grid, a.group_by):
+        try:
+            groups = collect([(grid, by)])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # Grids are read one by one: a label of two grids is an error only when both hold
+        # records (e.g. a reused no-privacy run without records beside a rerun with them).
+        for label, runs in groups.items():
+            mine = {}
+            for seed, doc in runs.items():
+                got = choices(doc)
+                if got:
+                    mine[seed] = got
+                else:
+                    print(f"note: {doc[RUN_DIR]} has no ATA records (not Pilot's top-M, or from before them)")
+            if mine and label in recs:
+                print(f"error: group {label!r} of {grid} has records, as a group of an earlier --grid does",
+                      file=sys.stderr)
+                return 2
+            if mine:
+                recs[label] = mine
     rounds = sorted({r for runs in recs.values() for got in runs.values() for r in got})
     print("\n| group | seeds | " + " | ".join(f"round {r}: same-task share, separation" for r in rounds) + " |")
     print("|---|---|" + "---|" * len(rounds))
