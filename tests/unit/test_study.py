@@ -54,6 +54,10 @@ def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
     # No predictions files in these fake runs: no item test.
     assert ("| pilot - local | vqa | -5.00 | +10.00 | +5.00 | +3.33 | [-15.64, +22.31] | 0.529 | n/a | 2 / 0 / 1 |"
             in study.paired_table(rows))
+    # A pair with fewer seeds fills its own seeds' columns: seed 1 only, under "seed 1".
+    both = study.paired_table(rows + [adam])
+    assert "| difference | task | seed 0 | seed 1 | seed 2 |" in both
+    assert "| pilot - fedadam | grounding |  | -10.00 |  | -10.00 | n/a | n/a | n/a | 0 / 0 / 1 |" in both
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--grid", b, "--group-by", "fl.strategy",
                        "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out

@@ -148,13 +148,14 @@ def paired(groups: dict[str, dict[int, dict]], a: str, b: str) -> list[dict]:
 
 
 def paired_table(rows: list[dict]) -> str:
-    width = max((len(r["seeds"]) for r in rows), default=0)
-    seeds = next((r["seeds"] for r in rows if len(r["seeds"]) == width), [])
+    # One column per seed of any row; a row that lacks a seed leaves its cell empty.
+    seeds = sorted({s for r in rows for s in r["seeds"]})
     head = ["difference", "task"] + [f"seed {s}" for s in seeds] + [
         "mean", "95% CI (t, seeds)", "p (t, seeds)", "items: mean [95% CI], p (bootstrap)", "seeds A > B / = / <"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        per_seed = [f"{d:+.2f}" for d in r["diffs"]] + [""] * (width - len(r["diffs"]))
+        got = dict(zip(r["seeds"], r["diffs"]))
+        per_seed = [f"{got[s]:+.2f}" if s in got else "" for s in seeds]
         losses = len(r["diffs"]) - r["wins"] - r["ties"]
         lo, hi = r["ci"]
         ci = "n/a" if np.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
