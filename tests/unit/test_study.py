@@ -149,3 +149,23 @@ def test_a_subset_reads_its_values_and_only_its_items(tmp_path, capsys):
     assert "| pilot - local | vqa | +100.00 | +100.00 |" in capsys.readouterr().out
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--subset", "rare"]) == 2
     assert "no 'value_rare'" in capsys.readouterr().err
+
+
+def test_a_group_with_two_runs_of_a_seed_is_refused_and_where_picks_one(tmp_path, capsys):
+    g = _grid(tmp_path, "codecs", "grid:\n  fl.strategy: [pilot, fedavg]\n  fl.codec: [float32, int8]\n"
+                                  "  run.seed: [0, 1]\n")
+    for e in launch.expand(launch.load_grid(g)):
+        s = int(e.name[-1])
+        base = 70.0 if "pilot" in e.name else 60.0
+        _finish(e, {"vqa": base + s - (1.0 if "int8" in e.name else 0.0), "caption": 500.0, "grounding": 10.0})
+    with pytest.raises(ConfigError, match=r"group 'float32' of .* has two runs of seed 0: .*pilot.* and .*fedavg.*--where"):
+        study.collect([(g, "fl.codec")])
+    groups = study.collect([(g, "fl.codec")], where=("fl.strategy=pilot",))
+    assert sorted(groups) == ["float32", "int8"]
+    assert [groups["float32"][s]["final"][0]["value"] for s in (0, 1)] == [70.0, 71.0]
+    (vqa,) = [r for r in study.paired(groups, "int8", "float32") if r["task"] == "vqa"]
+    assert vqa["diffs"] == [-1.0, -1.0]
+    assert study.main(["--grid", g, "--group-by", "fl.codec", "--where", "fl.strategy=fedavg",
+                       "--pair", "int8:float32"]) == 0
+    assert "| int8 - float32 | vqa | -1.00 | -1.00 |" in capsys.readouterr().out
+    assert study.main(["--grid", g, "--group-by", "fl.codec"]) == 2

@@ -36,9 +36,11 @@ def _seed(e) -> int:
     return load_config(e.argv[1], e.argv[2:]).run.seed
 
 
-def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
-    """group label -> {seed: metrics document}, over (grid file, group-by) pairs; a label
-    met in two grids is an error (the tables would mix two different runs)."""
+def collect(grids: list[tuple[str, str]], where: tuple[str, ...] = ()) -> dict[str, dict[int, dict]]:
+    """group label -> {seed: metrics document}, over (grid file, group-by) pairs, of the
+    elements whose overrides include every KEY=VALUE of `where`; a label met in two grids,
+    or two runs of one seed in a group (another axis varies: restrict it with `where`), is
+    an error (the tables would mix different runs)."""
     from pilot_hpc import launch, report
 
     groups: dict[str, dict[int, dict]] = {}
@@ -46,14 +48,22 @@ def collect(grids: list[tuple[str, str]]) -> dict[str, dict[int, dict]]:
         grid = launch.load_grid(path)
         launch.check_group_by(grid, by)
         mine: dict[str, dict[int, dict]] = {}
+        seen: dict[str, dict[int, object]] = {}  # label -> seed -> its element (finished or not)
         for e in launch.expand(grid):
+            if not set(where) <= set(e.argv):
+                continue
             label = str(launch.group_value(e, grid, by))
             metrics = os.path.join(launch.result_dir(e), "metrics.json")
             slot = mine.setdefault(label, {})
+            seed = _seed(e)
+            twin = seen.setdefault(label, {}).setdefault(seed, e)
+            if twin is not e:
+                raise ConfigError(f"group {label!r} of {path} has two runs of seed {seed}: {twin.name} and "
+                                  f"{e.name} (another axis varies: pick one value of it with --where KEY=VALUE)")
             if launch.finished(e):
                 doc = report.read_metrics(metrics)
                 doc[RUN_DIR] = launch.result_dir(e)
-                slot[_seed(e)] = doc
+                slot[seed] = doc
         for label, runs in mine.items():
             if label in groups:
                 raise ConfigError(f"group {label!r} of {path} is already a group of an earlier --grid")
@@ -176,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-by", action="append", required=True, help="its axis or 'variant' (one per --grid)")
     ap.add_argument("--pair", action="append", default=[], help="A:B, two group labels (repeatable)")
     ap.add_argument("--plot", default=None, help="PNG: task averages per round of every group")
+    ap.add_argument("--where", action="append", default=[],
+                    help="KEY=VALUE: only the elements with this override (repeatable), e.g. fl.strategy=pilot")
     ap.add_argument("--subset", default=None,
                     help="seen or unseen: the final values and item tests of that subset of the test items only")
     args = ap.parse_args(argv)
     try:
         if len(args.grid) != len(args.group_by):
             raise ConfigError(f"{len(args.grid)} --grid but {len(args.group_by)} --group-by: give one per grid")
-        groups = collect(list(zip(args.grid, args.group_by)))
+        groups = collect(list(zip(args.grid, args.group_by)), tuple(args.where))
         if args.subset:
             groups = restrict(groups, args.subset)
         rows = [r for p in args.pair for r in paired(groups, *(p.split(":", 1) if ":" in p else (p, "")))]
