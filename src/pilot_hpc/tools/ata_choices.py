@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", action="append", required=True, help="a grid YAML (repeat for more)")
     ap.add_argument("--group-by", action="append", required=True, help="its axis or 'variant' (one per --grid)")
     ap.add_argument("--pair", action="append", default=[], help="A:B, two group labels (repeatable)")
+    ap.add_argument("--where", action="append", default=[],
+                    help="KEY=VALUE: only the elements with this override (repeatable), as tools/study")
     a = ap.parse_args(argv)
     if len(a.grid) != len(a.group_by):
         print("error: give one --group-by per --grid", file=sys.stderr)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     recs: dict[str, dict[int, dict]] = {}
     for grid, by in zip(a.grid, a.group_by):
         try:
-            groups = collect([(grid, by)])
+            groups = collect([(grid, by)], tuple(a.where))
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
