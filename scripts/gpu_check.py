@@ -47,7 +47,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check_lib beside this file
 # (the tests read some of these names through this module)
 from gpu_check_lib import (CAPTION_NOTE, Command, Context, FED_RANKS, KILL_GRACE_S, Step, StepResult, TOTAL_S, _read,
-                           append_log, base_env, judge_cuda_tests, judge_exchange_bench, judge_federation,
+                           append_log, base_env, judge_aggregation_bench, judge_cuda_tests, judge_exchange_bench, judge_federation,
                            judge_kernel_bench, judge_kernel_tests, judge_realscale, locate_prefix, make_shim,
                            parse_pytest_summary, plan_wheels, returned_files_problem, run_command, tail,
                            write_summary)
@@ -180,6 +180,15 @@ def cmd_realscale(ctx: Context) -> Command:
     return Command([ctx.python, "-m", REALSCALE_MODULE, "--out", str(out)], outputs=[out])
 
 
+def cmd_aggregation_bench(ctx: Context) -> Command:
+    # Both tools print their markdown; the judge reads it from the step's output.
+    code = ("from pilot_hpc.tools import bench_codecs, bench_product\n"
+            "rc = bench_codecs.main(['--device', 'cuda'])\n"
+            "rc = rc or bench_product.main(['--device', 'cuda', '--layers', '4'])\n"
+            "raise SystemExit(rc)")
+    return Command([ctx.python, "-c", code])
+
+
 def cmd_families(ctx: Context) -> Command:
     out = ctx.work / "families"
     return Command([ctx.python, "-m", REALSCALE_MODULE, "--out", str(out), "--family", "all", "--steps", "6"],
@@ -227,14 +236,18 @@ STEPS: list[Step] = [
 ]
 
 
-# On request only (--steps families): the whole check already fills its 8 minutes, so the
-# per-family rounds are a second call of their own (README, "GPU check").
+# On request only (--steps families, --steps aggregation_bench): the whole check already fills
+# its 8 minutes, so these are calls of their own (README, "GPU check").
 EXTRA_STEPS: list[Step] = [
     Step("families", 240,
          f"python -m {REALSCALE_MODULE} --family all: one reduced-depth real-width round per model family "
          "(its processor and chat template), tokens/s, useful TFLOP/s and MFU, peak memory next to the planner's",
          gate=gate_realscale, command=cmd_families, judge=lambda rc, text, ctx, cmd: judge_realscale(
              rc, text, ctx, cmd, name="families")),
+    Step("aggregation_bench", 120,
+         "python -m pilot_hpc.tools.bench_codecs and bench_product --device cuda: codec encode/decode of one "
+         "LLaVA-7B client row against a copy, and the product-distance Gram pass against the flat one",
+         gate=lambda ctx: None, command=cmd_aggregation_bench, judge=judge_aggregation_bench),
 ]
 
 

@@ -332,6 +332,18 @@ def judge_exchange_bench(rc: int, text: str, ctx: Context, cmd: Command) -> Step
     return res
 
 
+def judge_aggregation_bench(rc: int, text: str, ctx: Context, cmd: Command) -> StepResult:
+    """The codec throughput and the product-distance Gram pass on the GPU (issue 26's
+    benchmarks, BENCHMARKS.md on the CPU): their printed tables."""
+    res = _base("aggregation_bench", cmd)
+    res.tables += markdown_tables(text)
+    if rc != 0:
+        res.status, res.reason = "fail", f"exit {rc}"
+    elif not res.tables:
+        res.status, res.reason = "fail", "exit 0 but no table printed"
+    return res
+
+
 def judge_federation(rc: int, text: str, ctx: Context, cmd: Command) -> StepResult:
     res = _base("federation", cmd)
     rounds = parse_rounds(text)

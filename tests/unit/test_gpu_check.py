@@ -439,3 +439,14 @@ def test_families_step_runs_only_on_request():
     ctx = g.Context(repo=g.REPO, out=g.REPO, work=g.REPO / "w", wheel_dir=g.REPO, env={})
     argv = g.cmd_families(ctx).argv
     assert argv[-4:] == ["--family", "all", "--steps", "6"] and g.REALSCALE_MODULE in argv
+
+
+def test_the_aggregation_benchmarks_are_a_step_on_request_judged_by_their_tables():
+    step = next(s for s in g.EXTRA_STEPS if s.name == "aggregation_bench")
+    assert [s.name for s in g.select_steps("aggregation_bench")] == ["setup", "aggregation_bench"]
+    cmd = step.command(type("Ctx", (), {"python": "python"})())  # it needs only the interpreter
+    assert "bench_codecs.main(['--device', 'cuda'])" in cmd.argv[-1] and "bench_product.main" in cmd.argv[-1]
+    table = "| measure | product | flat (today) | ratio | target |\n|---|---|---|---|---|\n| pass | 1 s | 1 s | 1.00 | <= 1.5 |\n"
+    assert step.judge(0, table, None, cmd).status != "fail"
+    assert step.judge(0, "no table", None, cmd).reason == "exit 0 but no table printed"
+    assert step.judge(1, table, None, cmd).reason == "exit 1"
