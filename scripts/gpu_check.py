@@ -47,10 +47,10 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check_lib beside this file
 # (the tests read some of these names through this module)
 from gpu_check_lib import (CAPTION_NOTE, Command, Context, FED_RANKS, KILL_GRACE_S, Step, StepResult, TOTAL_S, _read,
-                           append_log, base_env, judge_aggregation_bench, judge_cuda_tests, judge_exchange_bench, judge_federation,
-                           judge_kernel_bench, judge_kernel_tests, judge_realscale, locate_prefix, make_shim,
-                           parse_pytest_summary, plan_wheels, returned_files_problem, run_command, tail,
-                           write_summary)
+                           append_log, base_env, cmd_aggregation_bench, judge_aggregation_bench, judge_cuda_tests,
+                           judge_exchange_bench, judge_federation, judge_kernel_bench, judge_kernel_tests,
+                           judge_realscale, locate_prefix, make_shim, parse_pytest_summary, plan_wheels,
+                           returned_files_problem, run_command, tail, write_summary)
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_NO_CUDA = 2
@@ -178,15 +178,6 @@ def cmd_federation(ctx: Context) -> Command:
 def cmd_realscale(ctx: Context) -> Command:
     out = ctx.work / "realscale"
     return Command([ctx.python, "-m", REALSCALE_MODULE, "--out", str(out)], outputs=[out])
-
-
-def cmd_aggregation_bench(ctx: Context) -> Command:
-    # Both tools print their markdown; the judge reads it from the step's output.
-    code = ("from pilot_hpc.tools import bench_codecs, bench_product\n"
-            "rc = bench_codecs.main(['--device', 'cuda'])\n"
-            "rc = rc or bench_product.main(['--device', 'cuda', '--layers', '4'])\n"
-            "raise SystemExit(rc)")
-    return Command([ctx.python, "-c", code])
 
 
 def cmd_families(ctx: Context) -> Command:

@@ -332,6 +332,15 @@ def judge_exchange_bench(rc: int, text: str, ctx: Context, cmd: Command) -> Step
     return res
 
 
+def cmd_aggregation_bench(ctx: Context) -> Command:
+    # Both tools print their markdown; the judge reads it from the step's output.
+    code = ("from pilot_hpc.tools import bench_codecs, bench_product\n"
+            "rc = bench_codecs.main(['--device', 'cuda'])\n"
+            "rc = rc or bench_product.main(['--device', 'cuda', '--layers', '4'])\n"
+            "raise SystemExit(rc)")
+    return Command([ctx.python, "-c", code])
+
+
 def judge_aggregation_bench(rc: int, text: str, ctx: Context, cmd: Command) -> StepResult:
     """The codec throughput and the product-distance Gram pass on the GPU (issue 26's
     benchmarks, BENCHMARKS.md on the CPU): their printed tables."""

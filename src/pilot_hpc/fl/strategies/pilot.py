@@ -158,7 +158,6 @@ class PilotServer(Aggregator):
         personal[~good.cpu()] = float("nan")  # an excluded client installs nothing
         return MixPlan(shared=shared, personal=personal, excluded=(~good).nonzero().flatten().tolist())
 
-
     def round_record(self) -> dict:
         return self.record
 
