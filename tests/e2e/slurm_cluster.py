@@ -63,7 +63,9 @@ class LocalSlurm:
         lines = [
             "ClusterName=pilottest", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "AuthType=auth/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again
+            # (slurm.conf(5): default 120 s); the requeue test needs no such wait.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
             f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
             f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log",

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, SMOKE, load_metrics, run_main, small_overrides
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision", "internvl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision", "llava_next", "internvl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -143,7 +143,7 @@ def model_inputs(model, tok, proc, image, text):
     return tok(text.replace("<image>", "<image>" * n), return_tensors="pt"), px
 """
 MODEL_INPUTS = {"qwen2_5_vl": _QWEN_INPUTS, "qwen2_vl": _QWEN_INPUTS, "internvl": _INTERNVL_INPUTS,
-                "llava_onevision": _ANYRES_INPUTS}
+                "llava_onevision": _ANYRES_INPUTS, "llava_next": _ANYRES_INPUTS}
 
 
 def test_merged_fedavg_folder_loads_with_transformers_alone(family_runs, small_world):
