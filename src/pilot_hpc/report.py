@@ -142,11 +142,15 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def comparison_table(groups: dict[str, list[dict]]) -> str:
+def comparison_table(groups: dict[str, list[dict]], per_client: bool = True) -> str:
+    """Each group's final values, mean ± population sd over its runs: every client's
+    (unless per_client is False: a 36-client study reads better by its task averages)
+    and each task's average."""
     first = next(doc for docs in groups.values() for doc in docs)
     clients = first["final"]
     tasks = list(dict.fromkeys(c["task"] for c in clients))
-    header = (["method", "runs"] + [f"c{c['client']} {c['task']}" for c in clients]
+    shown = clients if per_client else []
+    header = (["method", "runs"] + [f"c{c['client']} {c['task']}" for c in shown]
               + [f"avg {t} ({METRIC_LABEL.get(next(c['metric'] for c in clients if c['task'] == t), t)})"
                  for t in tasks])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -154,7 +158,7 @@ def comparison_table(groups: dict[str, list[dict]]) -> str:
         if not docs:
             lines.append(f"| {label} | 0 |" + " |" * (len(header) - 2))
             continue
-        per_client = [_cell([d["final"][i]["value"] for d in docs]) for i in range(len(clients))]
+        per_client = [_cell([d["final"][i]["value"] for d in docs]) for i in range(len(shown))]
         per_task = [_cell([float(np.mean([c["value"] for c in d["final"] if c["task"] == t])) for d in docs])
                     for t in tasks]
         lines.append("| " + " | ".join([label, str(len(docs))] + per_client + per_task) + " |")

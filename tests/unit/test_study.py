@@ -62,6 +62,13 @@ def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
                        "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     assert "| fedadam | 1 |" in out and "2 / 0 / 1" in out and (tmp_path / "p.png").stat().st_size > 0
+    assert "| c0 vqa |" in out and "| pilot | 3 | 50.0 ± 0.0 |" not in out
+    # --averages: the task averages only. pilot's VQA: 50, 60, 70 -> 60.0 ± 8.2 (population sd).
+    assert study.main(["--grid", a, "--group-by", "fl.strategy", "--averages"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | runs | avg vqa (vqa) | avg caption (caption) | avg grounding (grounding) |" in out
+    assert "c0 vqa" not in out
+    assert "| pilot | 3 | 60.0 ± 8.2 | 501.0 ± 0.8 | 10.0 ± 0.0 |" in out
 
 
 def test_a_label_in_two_grids_and_an_unknown_pair_are_errors(tmp_path):

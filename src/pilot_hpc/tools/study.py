@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="KEY=VALUE: only the elements with this override (repeatable), e.g. fl.strategy=pilot")
     ap.add_argument("--subset", default=None,
                     help="seen or unseen: the final values and item tests of that subset of the test items only")
+    ap.add_argument("--averages", action="store_true",
+                    help="the table's task averages only, no column per client (for many clients)")
     args = ap.parse_args(argv)
     try:
         if len(args.grid) != len(args.group_by):
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any(docs.values()):
         print("no run of these grids has finished yet")
         return 1
-    print(report.comparison_table(docs))
+    print(report.comparison_table(docs, per_client=not args.averages))
     print(f"\n{report.SD_CONVENTION}; the paired rows' conventions: pilot_hpc/tools/stats.py")
     missing = [label for label, d in docs.items() if not d]
     if missing:
