@@ -230,7 +230,7 @@ UNHASHED_AT_DEFAULT = {"fedadam.weighting": "samples", "run.restart": False, "fl
                        "data.eval_interim_samples": 0, "model.family": "",
                        "fl.clients_per_round": 0.0, "fl.sampling": "uniform", "fl.on_client_error": "abort",
                        "fl.eval_every": 1, "fl.eval_clients": "all", "fl.eval_sample": 0,
-                       "fl.client_state": "memory",
+                       "fl.eval_reuse": True, "fl.client_state": "memory",
                        "train.max_local_seconds": 0.0,
                        "privacy.where": "none", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 0.0,
                        "privacy.target_epsilon": 0.0, "privacy.delta": 1e-5, "privacy.accountant": "rdp",
@@ -342,13 +342,14 @@ def check_bounds(cfg: "Config") -> None:
 # DataLoader's workers load the same batches as the training thread (bitwise, tested).
 # on_bad_sample only acts on unreadable samples: a run stopped by `fail` may resume as `skip`;
 # on_client_error likewise only acts on a failing client (a run aborted by one may resume
-# with exclude). The eval_* keys choose which clients are evaluated when, never what trains;
+# with exclude). The eval_* keys choose which clients are evaluated when (eval_reuse: whether
+# two with the same model and items both generate), never what trains;
 # client_state only where the states wait (read back bitwise). privacy.epsilon_budget only
 # decides before which round a run stops, as fl.rounds does.
 NON_RESULT_FIELDS = {"run.output_dir", "run.cache_dir", "run.log_every", "run.resume", "run.restart",
                      "fl.rounds", "fl.chunk_mb",
                      "data.num_workers", "data.on_bad_sample", "fl.on_client_error",
-                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.client_state", "run.tensorboard", "run.wandb_project",
+                     "fl.eval_every", "fl.eval_clients", "fl.eval_sample", "fl.eval_reuse", "fl.client_state", "run.tensorboard", "run.wandb_project",
                      "privacy.epsilon_budget"}
 
 

@@ -240,6 +240,10 @@ class FLConfig:
     eval_every: int = 1
     eval_clients: Literal["all", "participants", "sample"] = "all"
     eval_sample: int = 0
+    # A client whose hosted model and test items equal those of a client evaluated before it
+    # on the same rank takes that client's answers instead of generating them again
+    # (fl/participation.py:answers_key): FedAvg-like strategies generate once per task.
+    eval_reuse: bool = True
 
     def __post_init__(self):
         if self.codec != "float32" and self.wire_dtype != "float32" and self.codec != self.wire_dtype:

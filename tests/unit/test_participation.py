@@ -130,3 +130,24 @@ def test_which_clients_are_evaluated_when():
         load_config(SMOKE, ["fl.eval_clients=sample"])
     with pytest.raises(ConfigError, match="fl.eval_sample"):
         load_config(SMOKE, ["fl.eval_sample=2"])
+
+
+def test_the_answers_key_changes_with_each_thing_answers_depend_on():
+    from pilot_hpc.data.records import Sample
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"connector.w": torch.randn(4, 3, generator=gen), "lora.b": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    items = [Sample("q1", "a.png", [("what colour?", "red")], subset="seen"),
+             Sample("q2", "b.png", [("where?", "left")], subset="unseen")]
+    key = participation.answers_key(state, 0, 2, items)
+    same = {k: v.clone() for k, v in reversed(list(state.items()))}  # other tensors, other order
+    assert participation.answers_key(same, 0, 2, [Sample(**vars(s)) for s in items]) == key
+    nudged = dict(state, **{"connector.w": state["connector.w"].clone()})
+    nudged["connector.w"][1, 2] = torch.nextafter(nudged["connector.w"][1, 2], torch.tensor(9.0))  # one ulp
+    signed = dict(state, **{"lora.b": -state["lora.b"]})  # -0.0: other bytes, maybe other results
+    reshaped = dict(state, **{"connector.w": state["connector.w"].reshape(3, 4)})
+    others = [participation.answers_key(nudged, 0, 2, items), participation.answers_key(signed, 0, 2, items),
+              participation.answers_key(reshaped, 0, 2, items), participation.answers_key(state, 1, 2, items),
+              participation.answers_key(state, 0, 1, items), participation.answers_key(state, 0, 2, items[:1]),
+              participation.answers_key(state, 0, 2, [items[0], Sample(**dict(vars(items[1]), subset="seen"))])]
+    assert len({key, *others}) == 1 + len(others)

@@ -384,6 +384,8 @@ class Federation:
         subsets = self.cfg.data.eval_subsets
         rows = []
         chosen = participation.evaluated(self.cfg, round_, self.selected(round_) if round_ > 0 else None)
+        answered = {}  # fl.eval_reuse: answers_key -> (client, its evaluation) on this rank
+        reuse = self.cfg.fl.eval_reuse and len(self.slots) > 1
         for slot in self.slots:
             metric = self.cfg.metric(slot.task)
             if not bool(chosen[slot.k]):  # not evaluated this round: a null value, never a stale one
@@ -393,9 +395,19 @@ class Federation:
             # Evaluation changes no client (fl/installs.py), but the last round's: its file holds them installed.
             with hosting(self.pm, slot, persist=round_ >= self.cfg.fl.rounds):
                 self.pm.set_stage(stage)
-                ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
-                                     t.eval_batch_size, t.max_new_tokens, self.device,
-                                     EvalProgressLog(client=slot.k, every=self.cfg.run.log_every, device=self.device))
+                key = participation.answers_key(self.pm.get_state(), slot.task_id, stage, data.samples) \
+                    if reuse else None
+                if key is not None and key in answered:
+                    owner, ev = answered[key]
+                    log.info("client %d: the same model and items as client %d, whose answers it takes", slot.k,
+                             owner)
+                else:
+                    ev = evaluate_client(self.pm.model, self.pm.tokenizer, data, metric,
+                                         t.eval_batch_size, t.max_new_tokens, self.device,
+                                         EvalProgressLog(client=slot.k, every=self.cfg.run.log_every,
+                                                         device=self.device))
+                    if key is not None:
+                        answered[key] = (slot.k, ev)
             value = ev.value
             model_id = f"pilot_hpc-{self.cfg.fl.strategy}-client{slot.k:02d}-round{round_:03d}"
             write_predictions(self.predictions_path(round_, slot.k), prediction_rows(data, ev, metric, model_id))

@@ -1,7 +1,8 @@
 """Which clients take part in a round (fl.clients_per_round, fl.sampling), and which are
 evaluated after it (fl.eval_every, fl.eval_clients): pure functions
 of the run's seed and the round, so every rank, a resumed run and a run on any number of
-ranks compute the same set without a message.
+ranks compute the same set without a message. Also which evaluated clients of a rank
+would give the same answers as another (fl.eval_reuse: answers_key).
 
 The draw uses its own generator, numpy's default_rng seeded with (run.seed, round,
 SALT): it consumes nothing from torch's or numpy's global streams, so with sampling off
@@ -25,6 +26,7 @@ Which (fl.sampling):
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -155,3 +157,22 @@ def evaluated(cfg, round_: int, chosen: torch.Tensor | None) -> torch.Tensor:
     if fl.eval_clients == "participants" and not edge and chosen is not None:
         return chosen.clone()
     return torch.ones(k, dtype=torch.bool)
+
+
+def answers_key(state: dict[str, torch.Tensor], task_id: int, stage: int, samples) -> bytes:
+    """What a client's evaluation depends on beyond what the clients of a rank share (the
+    frozen model, tokenizer, metric settings, batch size and token budget): its personal
+    state as hosted, its task and stage, and the items it is asked. Two clients with equal
+    keys get the same answers (greedy decoding of the same model over the same batches), so
+    under FedAvg-like strategies, whose clients all hold the global model, a rank generates
+    once per task. A 160-bit BLAKE2b digest of the bytes themselves, not of their values:
+    -0.0 and 0.0 differ, as they may in what the model computes."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"task {task_id} stage {stage}\n".encode())
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {tuple(state[name].shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    for s in samples:
+        h.update(repr((s.id, s.image_path, s.turns, s.references, s.subset)).encode())
+    return h.digest()
