@@ -62,7 +62,8 @@ def test_paired_differences_match_runs_by_seed_across_grids(tmp_path, capsys):
                        "--pair", "pilot:local", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     assert "| fedadam | 1 |" in out and "2 / 0 / 1" in out and (tmp_path / "p.png").stat().st_size > 0
-    assert "| c0 vqa |" in out and "| pilot | 3 | 50.0 ± 0.0 |" not in out
+    # By default a column per client: pilot's client 0 scored 50, 60, 70 over the seeds.
+    assert "| c0 vqa |" in out and "| pilot | 3 | 60.0 ± 8.2 | 60.0 ± 8.2 |" in out
     # --averages: the task averages only. pilot's VQA: 50, 60, 70 -> 60.0 ± 8.2 (population sd).
     assert study.main(["--grid", a, "--group-by", "fl.strategy", "--averages"]) == 0
     out = capsys.readouterr().out
