@@ -14,9 +14,9 @@ setup(
     version="0.1.0",
     description="Pilot (federated multimodal instruction tuning of LLaVA) on HPC clusters: MPI, Slurm, HDF5, Triton",
     python_requires=">=3.10",
-    # The kernels/ folder ships as `pilot_hpc_kernels`: a top-level `kernels` package
-    # would shadow an unrelated PyPI project of that name.
-    package_dir={"": "src", "pilot_hpc_kernels": "kernels"},
+    # The Triton kernels are their own package, a leaf that imports nothing of pilot_hpc;
+    # their tests and benchmark smoke live in kernels/ (`pytest kernels/`).
+    package_dir={"": "src"},
     packages=[
         "pilot_hpc",
         "pilot_hpc.data",

@@ -5,7 +5,7 @@
     python3 scripts/gpu_check.py --list           (the steps and their budgets; no GPU needed)
 
 Runs from the repository root with the machine's own python3 (the project need not be
-installed: src/ and kernels/ go on PYTHONPATH). Without a CUDA device it says so in one
+installed: src/, which holds pilot_hpc and pilot_hpc_kernels, goes on PYTHONPATH). Without a CUDA device it says so in one
 line and exits 2 before doing anything. With one it runs STEPS in order, each under its
 own timeout, goes on after a failed step, and writes into DIR:
 
@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check_lib 
 from gpu_check_lib import (CAPTION_NOTE, Command, Context, FED_RANKS, KILL_GRACE_S, Step, StepResult, TOTAL_S, _read,
                            append_log, base_env, cmd_aggregation_bench, judge_aggregation_bench, judge_cuda_tests,
                            judge_exchange_bench, judge_federation, judge_kernel_bench, judge_kernel_tests,
-                           judge_realscale, locate_prefix, make_shim, parse_pytest_summary, plan_wheels,
+                           judge_realscale, locate_prefix, parse_pytest_summary, plan_wheels,
                            returned_files_problem, run_command, tail, write_summary)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ STEPS: list[Step] = [
          gate=lambda ctx: None, command=cmd_cuda_tests, judge=judge_cuda_tests),
     Step("kernel_bench", STEP_BUDGETS["kernel_bench"],
          "python -m pilot_hpc_kernels.benchmark_ctmoa at the LLaVA-7B shapes (bf16): table and verdicts",
-         gate=gate_file("kernels/benchmark_ctmoa.py"), command=cmd_kernel_bench, judge=judge_kernel_bench),
+         gate=gate_file("src/pilot_hpc_kernels/benchmark_ctmoa.py"), command=cmd_kernel_bench, judge=judge_kernel_bench),
     Step("exchange_bench", STEP_BUDGETS["exchange_bench"],
          "the exchange/aggregation benchmark at 7B sizes: 9-rank streamed exchange, pingpong, and the server's "
          "mixing on the GPU (smoke rounds left out)",
@@ -343,7 +343,7 @@ def run_setup(step: Step, ctx: Context, timeout: float, environ: dict[str, str])
             else:
                 located = locate_prefix(prefix)
                 res.numbers["wheels"] = ", ".join(w.name.split("-")[0] + " " + w.name.split("-")[1] for w in wheels)
-        ctx.env = base_env(ctx, make_shim(ctx.work, ctx.repo), located, environ)
+        ctx.env = base_env(ctx, located, environ)
         res.command = f"pip install --no-index --no-deps --prefix {prefix} {ctx.wheel_dir}/*.whl; probes"
 
         rc, out = probe(ctx, [ctx.python, "-c", _VERSION_PROBE], max(1.0, min(60.0, deadline - time.monotonic())), log)

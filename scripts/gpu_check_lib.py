@@ -191,27 +191,17 @@ def locate_prefix(prefix: Path) -> dict[str, Path | None]:
     return {"site": site, "bin": mpiexec.parent if mpiexec else None, "libmpi": libmpi}
 
 
-def make_shim(work: Path, repo: Path) -> Path:
-    """A folder where `pilot_hpc_kernels` is kernels/ (setup.py installs it under that name)."""
-    shim = work / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    link = shim / "pilot_hpc_kernels"
-    if not link.exists():
-        link.symlink_to(repo / "kernels", target_is_directory=True)
-    return shim
-
-
 def join_path(*parts: str | Path | None) -> str:
     return os.pathsep.join(str(p) for p in parts if p)
 
 
-def base_env(ctx: Context, shim: Path, located: dict[str, Path | None], environ: dict[str, str]) -> dict[str, str]:
+def base_env(ctx: Context, located: dict[str, Path | None], environ: dict[str, str]) -> dict[str, str]:
     """The environment every step runs in."""
     env = dict(environ)
     # The kernels must be compiled, never interpreted: a TRITON_INTERPRET=1 left in the
     # caller's environment would make every kernel test pass in the CPU interpreter.
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = join_path(ctx.repo / "src", shim, located.get("site"), environ.get("PYTHONPATH"))
+    env["PYTHONPATH"] = join_path(ctx.repo / "src", located.get("site"), environ.get("PYTHONPATH"))
     env["PYTHONUNBUFFERED"] = "1"
     if located.get("bin"):
         env["PATH"] = join_path(located["bin"], environ.get("PATH"))

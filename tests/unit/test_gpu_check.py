@@ -173,15 +173,14 @@ def test_environment_points_mpi4py_at_the_wheel_libmpi(tmp_path):
     assert located == {"site": prefix / "lib/python3.12/site-packages", "bin": prefix / "bin",
                        "libmpi": prefix / "lib/libmpi.so.12"}
     ctx = ctx_for(tmp_path)
-    env = g.base_env(ctx, g.make_shim(ctx.work, REPO), located,
+    env = g.base_env(ctx, located,
                      {"PATH": "/usr/bin", "TRITON_INTERPRET": "1", "LD_LIBRARY_PATH": "/opt/x"})
     assert env["MPI4PY_LIBMPI"] == str(prefix / "lib/libmpi.so.12")
     assert env["LD_LIBRARY_PATH"] == f"{prefix / 'lib'}{os.pathsep}/opt/x"
     assert env["PATH"].split(os.pathsep)[0] == str(prefix / "bin")
-    assert env["PYTHONPATH"].split(os.pathsep)[:3] == [str(REPO / "src"), str(ctx.work / "shim"),
-                                                       str(prefix / "lib/python3.12/site-packages")]
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(REPO / "src"), str(prefix / "lib/python3.12/site-packages")]
     assert "TRITON_INTERPRET" not in env  # the kernels are compiled, never interpreted
-    assert (ctx.work / "shim" / "pilot_hpc_kernels" / "ctmoa.py").is_file()
+    assert (REPO / "src" / "pilot_hpc_kernels" / "ctmoa.py").is_file()  # src/ holds the kernels package too
 
 
 def test_this_repo_has_no_cuda_mark_yet_and_this_file_does_not_count():
@@ -220,8 +219,8 @@ def test_pytest_summary_parser_without_a_summary_line():
 
 KERNEL_LOG = """\
 ........s..........s.
-SKIPPED [1] kernels/test_ctmoa.py:362: a GPU is present: the kernel tests compile and run them for real
-SKIPPED [1] kernels/benchmark_ctmoa.py:212: a GPU is present: the CLI would run the full benchmark
+SKIPPED [1] kernels/ctmoa_tests/test_ctmoa.py:362: a GPU is present: the kernel tests compile and run them for real
+SKIPPED [1] kernels/ctmoa_tests/test_benchmark_ctmoa.py:40: a GPU is present: the CLI would run the full benchmark
 19 passed, 2 skipped in 88.12s (0:01:28)
 """
 
@@ -229,11 +228,11 @@ SKIPPED [1] kernels/benchmark_ctmoa.py:212: a GPU is present: the CLI would run 
 def test_kernel_tests_judge_lists_skips_and_counts():
     res = g.judge_kernel_tests(0, KERNEL_LOG, None, g.Command(["pytest", "kernels"]))
     assert res.status == "pass" and res.numbers["tests"] == "19 passed, 2 skipped"
-    assert "1 x kernels/test_ctmoa.py:362: a GPU is present" in res.tables[0]
+    assert "1 x kernels/ctmoa_tests/test_ctmoa.py:362: a GPU is present" in res.tables[0]
 
 
 def test_kernel_tests_fail_when_half_precision_skipped_on_the_gpu_machine():
-    log = ("SKIPPED [6] kernels/test_ctmoa.py:238: fp16/bf16 kernels are checked on a GPU only\n"
+    log = ("SKIPPED [6] kernels/ctmoa_tests/test_ctmoa.py:238: fp16/bf16 kernels are checked on a GPU only\n"
            "13 passed, 6 skipped in 9.00s\n")
     res = g.judge_kernel_tests(0, log, None, g.Command(["pytest", "kernels"]))
     assert res.status == "fail" and "half-precision cases skipped" in res.reason

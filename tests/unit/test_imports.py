@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
 from helpers import REPO
 
 # Import name -> folder of a package this repository ships.
-ROOTS = {"pilot_hpc": os.path.join(REPO, "src", "pilot_hpc"), "pilot_hpc_kernels": os.path.join(REPO, "kernels")}
+ROOTS = {"pilot_hpc": os.path.join(REPO, "src", "pilot_hpc"),
+         "pilot_hpc_kernels": os.path.join(REPO, "src", "pilot_hpc_kernels")}
 
 
 def _module_files() -> dict[str, str]:
@@ -143,9 +146,29 @@ def test_layers_import_downwards(layer):
 
 
 def test_the_kernels_are_a_leaf():
-    """kernels/ (pilot_hpc_kernels) imports nothing of pilot_hpc: its types live with it."""
+    """pilot_hpc_kernels imports nothing of pilot_hpc: its types live with it."""
     graph = import_graph()
     bad = sorted((m, d) for m, deps in graph.items() if m.startswith("pilot_hpc_kernels")
                  for d in deps if not d.startswith("pilot_hpc_kernels"))
     assert not bad, f"kernels import pilot_hpc: {bad}"
     assert "pilot_hpc_kernels.ctmoa_reference" in graph["pilot_hpc.model.ctmoa"]
+
+
+_FIND_KERNELS = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+                 "print(None if s is None else (s.origin or list(s.submodule_search_locations)))")
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    """transformers >= 5.25 requires the PyPI project `kernels` and imports it: a `kernels`
+    package at the repository root (on sys.path under `python -m ...` started there) would be
+    found first and break every model import (CI, 2026-12-03). kernels/ holds tests only."""
+    assert not os.path.exists(os.path.join(REPO, "kernels", "__init__.py"))
+    found = subprocess.run([sys.executable, "-c", _FIND_KERNELS], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    # Either the installed project (a regular package wins over a namespace folder anywhere on
+    # sys.path) or, without it, the folder as a namespace portion that nothing can import from.
+    assert os.path.join(REPO, "kernels", "__init__.py") not in found, found
+    mod = sys.modules.get("kernels")
+    assert mod is None or getattr(mod, "__file__", None) is None or not str(mod.__file__).startswith(
+        os.path.join(REPO, "kernels")), mod
+

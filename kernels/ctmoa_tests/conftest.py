@@ -1,5 +1,8 @@
-"""pytest setup for pilot_hpc_kernels: Triton's interpreter on CPU-only machines, and
-collection of the microbenchmarks (benchmark_*.py) next to the tests."""
+"""pytest setup for the kernel tests: Triton's interpreter on CPU-only machines.
+
+These tests sit in a package (`ctmoa_tests`) inside kernels/, and kernels/ itself is no
+package: a folder named `kernels` on sys.path (the repository root is, under `python -m`)
+would shadow the PyPI project of that name, which transformers imports."""
 
 from __future__ import annotations
 
@@ -27,11 +30,3 @@ if "TRITON_INTERPRET" not in os.environ and not _has_cuda():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
-
-
-def pytest_collect_file(parent, file_path):
-    # The default python_files pattern (test_*.py) would miss benchmark_ctmoa.py, which
-    # must keep its name for `python -m pilot_hpc_kernels.benchmark_ctmoa`.
-    if file_path.suffix == ".py" and file_path.name.startswith("benchmark_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None

@@ -2,7 +2,7 @@
 double-backward error, no weight copies, and what the forward keeps for the backward.
 
 Like test_ctmoa.py this runs the kernels in Triton's interpreter on a CPU machine
-(kernels/conftest.py), in fp32 at tiny shapes.
+(kernels/ctmoa_tests/conftest.py), in fp32 at tiny shapes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pilot_hpc_kernels.ctmoa_reference import AdapterWeights, ctmoa_reference
-from pilot_hpc_kernels.test_ctmoa import K, TOL, compare, leaves, loss_of, make_problem, needs_kernels, nerr
+from .test_ctmoa import K, TOL, compare, leaves, loss_of, make_problem, needs_kernels, nerr
 
 pytestmark = needs_kernels
 

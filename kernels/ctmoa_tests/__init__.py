@@ -1,0 +1,1 @@
+"""Tests of the fused CT-MoA kernels (pilot_hpc_kernels) and their benchmark: `pytest kernels/`."""
