@@ -18,7 +18,7 @@ peak of a forward+backward (torch.cuda.max_memory_allocated). The roofline refer
 the plain GEMMs on the stacked weights (torch.matmul): forward H W1s^T and S W2cat^T;
 backward the three GEMMs per trainable MLP (D = G W2, dW2, dW1).
 
-`pytest kernels/` runs it at tiny sizes (kernels/ctmoa_tests/test_benchmark_ctmoa.py): on
+`pytest kernels/` runs it at tiny sizes (kernels/tests_ctmoa/test_benchmark_ctmoa.py): on
 a CPU in Triton's interpreter, torch.compile with the "aot_eager" backend (no C++
 toolchain, seconds instead of a minute); those tests only check that every variant runs
 and that the cost model counts the launches. No test ever asserts a speed.
@@ -371,7 +371,7 @@ def render_cost_only(shape: Shape, command: str) -> str:
         "CUDA).** There are no timings, no TFLOP/s and no measured memory below: only the analytic cost "
         "model of the fused path (`cost_model`, `saved_bytes` in `benchmark_ctmoa.py`), whose launch list "
         "the tests check against the launches the launchers record. On CPU the kernels ran only in "
-        "Triton's interpreter (correctness: `kernels/ctmoa_tests/test_ctmoa*.py`) and were compiled ahead of time "
+        "Triton's interpreter (correctness: `kernels/tests_ctmoa/test_ctmoa*.py`) and were compiled ahead of time "
         "for sm_90 (`test_kernels_compile_for_sm90_without_a_gpu`, which also checks that the bf16 GEMM "
         "tiles lower to wgmma); neither says anything about speed.", "",
         f"Shape: {shape.batch} x {shape.tokens} tokens (M = {shape.m}), Cv={shape.cv}, C={shape.c}, N={shape.n}, "

@@ -3,7 +3,7 @@ up-front fallbacks of `auto`, the log line; and a federation through the fused T
 CT-MoA (forced, in Triton's interpreter on CPU) gives the reference run's results, so
 the model really goes through the dispatch.
 
-The kernels themselves are tested in kernels/ctmoa_tests/test_ctmoa.py. Here the Triton path runs
+The kernels themselves are tested in kernels/tests_ctmoa/test_ctmoa.py. Here the Triton path runs
 only in subprocesses: TRITON_INTERPRET must be set before triton is first imported,
 which this test process does not control.
 """

@@ -219,8 +219,8 @@ def test_pytest_summary_parser_without_a_summary_line():
 
 KERNEL_LOG = """\
 ........s..........s.
-SKIPPED [1] kernels/ctmoa_tests/test_ctmoa.py:362: a GPU is present: the kernel tests compile and run them for real
-SKIPPED [1] kernels/ctmoa_tests/test_benchmark_ctmoa.py:40: a GPU is present: the CLI would run the full benchmark
+SKIPPED [1] kernels/tests_ctmoa/test_ctmoa.py:362: a GPU is present: the kernel tests compile and run them for real
+SKIPPED [1] kernels/tests_ctmoa/test_benchmark_ctmoa.py:40: a GPU is present: the CLI would run the full benchmark
 19 passed, 2 skipped in 88.12s (0:01:28)
 """
 
@@ -228,11 +228,11 @@ SKIPPED [1] kernels/ctmoa_tests/test_benchmark_ctmoa.py:40: a GPU is present: th
 def test_kernel_tests_judge_lists_skips_and_counts():
     res = g.judge_kernel_tests(0, KERNEL_LOG, None, g.Command(["pytest", "kernels"]))
     assert res.status == "pass" and res.numbers["tests"] == "19 passed, 2 skipped"
-    assert "1 x kernels/ctmoa_tests/test_ctmoa.py:362: a GPU is present" in res.tables[0]
+    assert "1 x kernels/tests_ctmoa/test_ctmoa.py:362: a GPU is present" in res.tables[0]
 
 
 def test_kernel_tests_fail_when_half_precision_skipped_on_the_gpu_machine():
-    log = ("SKIPPED [6] kernels/ctmoa_tests/test_ctmoa.py:238: fp16/bf16 kernels are checked on a GPU only\n"
+    log = ("SKIPPED [6] kernels/tests_ctmoa/test_ctmoa.py:238: fp16/bf16 kernels are checked on a GPU only\n"
            "13 passed, 6 skipped in 9.00s\n")
     res = g.judge_kernel_tests(0, log, None, g.Command(["pytest", "kernels"]))
     assert res.status == "fail" and "half-precision cases skipped" in res.reason

@@ -1,8 +1,10 @@
 """pytest setup for the kernel tests: Triton's interpreter on CPU-only machines.
 
-These tests sit in a package (`ctmoa_tests`) inside kernels/, and kernels/ itself is no
+These tests sit in a package (`tests_ctmoa`) inside kernels/, and kernels/ itself is no
 package: a folder named `kernels` on sys.path (the repository root is, under `python -m`)
-would shadow the PyPI project of that name, which transformers imports."""
+would shadow the PyPI project of that name, which transformers imports. The folder's name
+starts with `test` so that pytest loads this file at start-up (it does so for the `test*`
+folders of each path it is given), before any test module imports the kernels."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The fused CT-MoA (pilot_hpc_kernels.ctmoa) against ctmoa_reference (the dispatch that
 picks it is tested in tests/test_ctmoa_dispatch_run.py: kernels/ imports nothing from pilot_hpc).
 
-On a CPU machine the kernels run in Triton's interpreter (kernels/ctmoa_tests/conftest.py sets
+On a CPU machine the kernels run in Triton's interpreter (kernels/tests_ctmoa/conftest.py sets
 TRITON_INTERPRET=1), in fp32 at small, deliberately awkward shapes; the fp16/bf16 cases
 need a GPU. Every gradient is compared: router weight, each trainable adapter's
 w1/b1/w2/b2, and H when it requires grad; frozen inputs must get no gradient at all.

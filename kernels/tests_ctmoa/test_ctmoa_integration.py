@@ -2,7 +2,7 @@
 double-backward error, no weight copies, and what the forward keeps for the backward.
 
 Like test_ctmoa.py this runs the kernels in Triton's interpreter on a CPU machine
-(kernels/ctmoa_tests/conftest.py), in fp32 at tiny shapes.
+(kernels/tests_ctmoa/conftest.py), in fp32 at tiny shapes.
 """
 
 from __future__ import annotations
