@@ -6,6 +6,15 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
+# The versions the suite last passed with: a new release of a dependency cannot change a
+# fresh machine's install (transformers 5.25 began to require the PyPI project `kernels`,
+# and CI broke on it, 2026-12-03). CONSTRAINTS= installs the newest in setup.py's ranges.
+CONSTRAINTS ?= constraints.txt
+# Triton is pinned by a CUDA torch build itself; the CPU torch leaves it free, so the default
+# install pins the one the suite passed with (constraints.txt leaves torch's own pins out).
+ifeq ($(TORCH_SPEC),torch==2.13.0)
+TORCH_PEERS ?= triton==3.9.0
+endif
 CONFIG      ?= configs/smoke_9client.yaml
 NP          ?= 9
 # MPICH's mpiexec kills the whole job after this many seconds: a hung collective can
@@ -15,13 +24,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install system-deps run test test-fast clean gpu-wheels gpu-check
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: with it present, setup.py's torch range pulls nothing more (an open
 	# range alone would download a multi-GB CUDA build on a CPU machine).
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,deepspeed]"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_PEERS)
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
