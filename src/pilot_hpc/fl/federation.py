@@ -395,7 +395,7 @@ class Federation:
             # Evaluation changes no client (fl/installs.py), but the last round's: its file holds them installed.
             with hosting(self.pm, slot, persist=round_ >= self.cfg.fl.rounds):
                 self.pm.set_stage(stage)
-                key = participation.answers_key(self.pm.get_state(), slot.task_id, stage, data.samples) \
+                key = participation.answers_key(self.pm.state_views(), slot.task_id, stage, data.samples) \
                     if reuse else None
                 if key is not None and key in answered:
                     owner, ev = answered[key]

@@ -172,7 +172,7 @@ def answers_key(state: dict[str, torch.Tensor], task_id: int, stage: int, sample
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name} {t.dtype} {tuple(state[name].shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy of a CPU tensor
     for s in samples:
         h.update(repr((s.id, s.image_path, s.turns, s.references, s.subset)).encode())
     return h.digest()

@@ -147,12 +147,17 @@ class PilotModel:
 
     # A client's personal state: the whole connector and its LoRA. Swapped in and out
     # when one rank hosts several clients; the frozen base is shared.
-    def get_state(self) -> dict[str, torch.Tensor]:
-        state = {f"connector.{k}": v.detach().clone() for k, v in self.connector.state_dict().items()}
+    def state_views(self) -> dict[str, torch.Tensor]:
+        """The personal state's tensors themselves, detached, not copied: for reading only
+        (hashing it, fl/participation.py:answers_key); get_state is the copy to keep."""
+        state = {f"connector.{k}": v.detach() for k, v in self.connector.state_dict().items()}
         for i, m in enumerate(self.clip_mlps):
-            state.update({f"ct_clip.{i}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
-        state.update({f"lora.{n}": p.detach().clone() for n, p in self.lora_named_parameters()})
+            state.update({f"ct_clip.{i}.{k}": v.detach() for k, v in m.state_dict().items()})
+        state.update({f"lora.{n}": p.detach() for n, p in self.lora_named_parameters()})
         return state
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.state_views().items()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         self.connector.load_state_dict({k[len("connector."):]: v for k, v in state.items()
