@@ -3,7 +3,8 @@
 
 PYTHON      ?= python3
 VENV        ?= .venv
-TORCH_SPEC  ?= torch==2.13.0
+CPU_TORCH   := torch==2.13.0
+TORCH_SPEC  ?= $(CPU_TORCH)
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 # The versions the suite last passed with: a new release of a dependency cannot change a
@@ -12,7 +13,7 @@ STAMP       := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 # Triton is pinned by a CUDA torch build itself; the CPU torch leaves it free, so the default
 # install pins the one the suite passed with (constraints.txt leaves torch's own pins out).
-ifeq ($(TORCH_SPEC),torch==2.13.0)
+ifeq ($(TORCH_SPEC),$(CPU_TORCH))
 TORCH_PEERS ?= triton==3.9.0
 endif
 CONFIG      ?= configs/smoke_9client.yaml

@@ -12,15 +12,7 @@ import torch
 from pilot_hpc_kernels.benchmark_ctmoa import (LLAVA_7B, TINY, Shape, build, cost_model, eager_flops, main,
                                                render_markdown, run, saved_bytes)
 
-
-def _skip_reason() -> str | None:
-    try:
-        from pilot_hpc_kernels import ctmoa
-    except ImportError as exc:
-        return f"triton unavailable: {exc}"
-    if not torch.cuda.is_available() and not ctmoa.INTERPRETED:
-        return "no GPU, and the kernels were imported without TRITON_INTERPRET=1"
-    return None
+from .test_ctmoa import needs_kernels
 
 
 def _pytest_shape_device() -> tuple[Shape, str]:
@@ -30,9 +22,8 @@ def _pytest_shape_device() -> tuple[Shape, str]:
     return TINY, "cpu"
 
 
+@needs_kernels
 def test_benchmark_all_variants_run():
-    if (reason := _skip_reason()) is not None:
-        pytest.skip(reason)
     shape, device = _pytest_shape_device()
     results = run(shape, device, reps=5)
     assert [r.name for r in results][:2] == ["fused (Triton)", "eager reference"] and len(results) == 4
@@ -70,12 +61,11 @@ def test_cost_model_at_the_7b_shapes():
     assert mem["fused"] == 5 * m * c * 2 + m * 16 and mem["fused"] <= 0.5 * mem["eager"]
 
 
+@needs_kernels
 def test_cost_model_matches_the_launches():
     """Every launch the fused forward + backward makes (recorded by the launchers with
     its grid and GEMM sizes) is in the cost model, with the same m x n x k and count;
     each Triton grid covers its GEMM's m x n output with the tile it used."""
-    if (reason := _skip_reason()) is not None:
-        pytest.skip(reason)
     import triton
     from pilot_hpc_kernels import ctmoa, ctmoa_fwd
     for h_grad, n in ((False, 0), (True, 0), (False, 11), (True, 26)):  # N = C, N < C, N > C

@@ -4,6 +4,7 @@ import downwards only (config and the kernels at the bottom, the entry points on
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -154,21 +155,21 @@ def test_the_kernels_are_a_leaf():
     assert "pilot_hpc_kernels.ctmoa_reference" in graph["pilot_hpc.model.ctmoa"]
 
 
-_FIND_KERNELS = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
-                 "print(None if s is None else (s.origin or list(s.submodule_search_locations)))")
+_FIND_KERNELS = "import importlib.util; s = importlib.util.find_spec('kernels'); print(s.origin if s else '')"
 
 
 def test_the_repository_root_shadows_no_installed_package():
     """transformers >= 5.25 requires the PyPI project `kernels` and imports it: a `kernels`
-    package at the repository root (on sys.path under `python -m ...` started there) would be
-    found first and break every model import (CI, 2026-12-03). kernels/ holds tests only."""
+    package or module at the repository root (on sys.path under `python -m ...` started
+    there) would be found first and break every model import (CI, 2026-12-03). kernels/
+    holds tests only, in no package named `kernels`."""
     assert not os.path.exists(os.path.join(REPO, "kernels", "__init__.py"))
-    found = subprocess.run([sys.executable, "-c", _FIND_KERNELS], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    # Either the installed project (a regular package wins over a namespace folder anywhere on
-    # sys.path) or, without it, the folder as a namespace portion that nothing can import from.
-    assert os.path.join(REPO, "kernels", "__init__.py") not in found, found
+    origin = subprocess.run([sys.executable, "-c", _FIND_KERNELS], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    # The installed project's file, or nothing with a file (not installed: at most the folder
+    # as a namespace portion, origin None), never a file of this repository.
+    assert origin in ("", "None") or not os.path.realpath(origin).startswith(os.path.realpath(REPO) + os.sep), origin
+    # Where the project is installed, pytest must not have put a module of ours under its name.
     mod = sys.modules.get("kernels")
-    assert mod is None or getattr(mod, "__file__", None) is None or not str(mod.__file__).startswith(
-        os.path.join(REPO, "kernels")), mod
-
+    if mod is not None and importlib.util.find_spec("kernels").origin:
+        assert getattr(mod, "__file__", None) == importlib.util.find_spec("kernels").origin, mod
