@@ -166,9 +166,12 @@ def test_the_repository_root_shadows_no_installed_package():
     assert not os.path.exists(os.path.join(REPO, "kernels", "__init__.py"))
     origin = subprocess.run([sys.executable, "-c", _FIND_KERNELS], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout.strip()
-    # The installed project's file, or nothing with a file (not installed: at most the folder
-    # as a namespace portion, origin None), never a file of this repository.
-    assert origin in ("", "None") or not os.path.realpath(origin).startswith(os.path.realpath(REPO) + os.sep), origin
+    # The installed project's file (a venv may sit inside the repository), or nothing with a
+    # file (not installed: at most the folder as a namespace portion, origin None); never a
+    # file the root itself provides (kernels.py, kernels/__init__.py).
+    root = os.path.realpath(REPO)
+    assert origin in ("", "None") or os.path.dirname(os.path.realpath(origin)) not in (root, os.path.join(
+        root, "kernels")), origin
     # Where the project is installed, pytest must not have put a module of ours under its name.
     mod = sys.modules.get("kernels")
     if mod is not None and importlib.util.find_spec("kernels").origin:
